@@ -1,0 +1,224 @@
+"""Decide, from a Snapshot, everything that keeps a device from being handed over.
+
+Pure functions: no system access here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .model import BlockDevice, DevNum, Snapshot, fmt_devnum
+
+
+def human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class Reason:
+    """One thing that keeps the device from being handed over now."""
+
+    kind: str  # mount, swap, holder, open, exclusive, dirty, unreadable
+    text: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "text": self.text, **self.details}
+
+
+@dataclass(frozen=True)
+class Findings:
+    snapshot: Snapshot
+    reasons: tuple[Reason, ...]
+
+    @property
+    def free(self) -> bool:
+        return not self.reasons
+
+
+_HOW = {
+    "fd": "open",
+    "cwd": "working directory",
+    "root": "root directory",
+    "exe": "running",
+    "mmap": "mapped",
+}
+
+
+def _ns_text(inode: int, pid: int) -> str:
+    return f"mount namespace {inode}" if inode else f"the mount namespace of pid {pid}"
+
+
+def _holder_text(holder: BlockDevice, below: BlockDevice) -> str:
+    kind = {
+        "dm-crypt": "dm-crypt mapping",
+        "lvm": "LVM logical volume",
+        "dm": "device-mapper device",
+        "md": "md RAID array",
+        "bcache": "bcache device",
+    }.get(holder.kind, "device")
+    return f"{kind} /dev/{holder.label()} is built on /dev/{below.name}"
+
+
+def inspect(snap: Snapshot) -> Findings:
+    reasons: list[Reason] = []
+    blocks = snap.blocks
+    by_devnum: dict[DevNum, BlockDevice] = {b.devnum: b for b in blocks.values()}
+    mounted: set[str] = set()
+
+    def owner(num: DevNum) -> BlockDevice | None:
+        name = snap.fs_devices.get(num)
+        return blocks.get(name) if name else None
+
+    # Mounts, in every mount namespace.
+    for ns in snap.namespaces:
+        for m in ns.mounts:
+            dev = owner(m.devnum)
+            if dev is None:
+                continue
+            name = dev.name
+            mounted.add(name)
+            reasons.append(
+                Reason(
+                    "mount",
+                    f"/dev/{name} mounted at {m.mountpoint} in {_ns_text(ns.inode, ns.pid)} "
+                    f"(pid {ns.pid} {ns.comm})",
+                    {
+                        "device": name,
+                        "mountpoint": m.mountpoint,
+                        "fstype": m.fstype,
+                        "options": m.options,
+                        "mnt_ns": ns.inode,
+                        "pid": ns.pid,
+                        "comm": ns.comm,
+                    },
+                )
+            )
+
+    # Swap.
+    for s in snap.swaps:
+        if s.devnum is None:
+            continue
+        if s.swap_type == "partition" and s.devnum in by_devnum:
+            dev = by_devnum[s.devnum]
+            mounted.add(dev.name)
+            text = f"/dev/{dev.name} is active swap ({human_bytes(s.used_kib * 1024)} in use)"
+        elif s.swap_type != "partition" and s.devnum in snap.fs_devices:
+            text = f"swap file {s.filename} is active on this device"
+        else:
+            continue
+        reasons.append(
+            Reason("swap", text, {"filename": s.filename, "used_bytes": s.used_kib * 1024})
+        )
+
+    # Holders: dm-crypt, LVM, md, bcache, loop devices backed by files on it.
+    for b in blocks.values():
+        for h in b.holders:
+            holder = blocks.get(h)
+            if holder is None:
+                continue
+            mounted.add(b.name)
+            reasons.append(
+                Reason(
+                    "holder",
+                    _holder_text(holder, b),
+                    {"device": b.name, "holder": holder.name, "holder_kind": holder.kind,
+                     "dm_name": holder.dm_name},
+                )
+            )
+    for name in snap.backed_loops:
+        loop = blocks[name]
+        reasons.append(
+            Reason(
+                "holder",
+                f"loop device /dev/{name} is backed by {loop.loop_backing_file} on this device",
+                {"device": None, "holder": name, "holder_kind": "loop",
+                 "backing_file": loop.loop_backing_file},
+            )
+        )
+
+    # Processes: one line per process and thing it holds.
+    node_paths = {(n.kind, n.devnum): n.path for n in snap.nodes}
+    for b in blocks.values():
+        node_paths.setdefault(("block", b.devnum), b.path)
+    held: dict[tuple[int, str], list[tuple[str, str]]] = {}
+    comms: dict[int, str] = {}
+    for u in snap.uses:
+        comms[u.pid] = u.comm
+        if u.node is not None:
+            what = node_paths.get(u.node, u.path)
+            held.setdefault((u.pid, what), [])
+        else:
+            assert u.fs is not None
+            dev = owner(u.fs)
+            on = f"/dev/{dev.name}" if dev else f"filesystem {fmt_devnum(u.fs)}"
+            entry = (u.how, u.path)
+            uses = held.setdefault((u.pid, on), [])
+            if entry not in uses:
+                uses.append(entry)
+    for (pid, what), uses in held.items():
+        if not uses:
+            text = f"pid {pid} ({comms[pid]}) has {what} open"
+        else:
+            shown = ", ".join(f"{_HOW[how]} {path}" for how, path in uses[:3])
+            more = f" and {len(uses) - 3} more" if len(uses) > 3 else ""
+            text = f"pid {pid} ({comms[pid]}) uses {what}: {shown}{more}"
+        reasons.append(
+            Reason("open", text, {"pid": pid, "comm": comms[pid], "device": what,
+                                  "uses": [{"how": h, "path": p} for h, p in uses]})
+        )
+
+    # Exclusive claims that nothing above explains.
+    explained = set(mounted)
+    for b in blocks.values():
+        if b.parent in mounted or b.name in mounted:
+            explained.add(b.name)
+    for name in mounted:
+        parent = blocks[name].parent if name in blocks else None
+        if parent:
+            explained.add(parent)
+    for name in snap.exclusive_busy:
+        if name not in explained:
+            reasons.append(
+                Reason(
+                    "exclusive",
+                    f"/dev/{name} is claimed exclusively by a holder safeusb cannot name",
+                    {"device": name},
+                )
+            )
+
+    # Dirty and under-writeback data.
+    bdi_names = {b.devnum: b.name for b in blocks.values() if b.devtype == "disk"}
+    for d in snap.dirty:
+        name = bdi_names.get(d.bdi, fmt_devnum(d.bdi))
+        if d.dirty_bytes is None or d.writeback_bytes is None:
+            reasons.append(
+                Reason(
+                    "unreadable",
+                    f"dirty data on {name} cannot be read ({d.error}); it may hold unwritten data",
+                    {"what": f"dirty data on {name}", "error": d.error},
+                )
+            )
+        elif d.dirty_bytes or d.writeback_bytes:
+            reasons.append(
+                Reason(
+                    "dirty",
+                    f"{human_bytes(d.dirty_bytes)} dirty, {human_bytes(d.writeback_bytes)} "
+                    f"under writeback on {name}",
+                    {"device": name, "dirty_bytes": d.dirty_bytes,
+                     "writeback_bytes": d.writeback_bytes},
+                )
+            )
+
+    for problem in snap.unreadable:
+        reasons.append(
+            Reason("unreadable", f"cannot read {problem.what}: {problem.error}",
+                   {"what": problem.what, "error": problem.error})
+        )
+    return Findings(snap, tuple(reasons))

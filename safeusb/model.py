@@ -1,0 +1,195 @@
+"""The device model: what was read from the system, as frozen dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+DevNum = tuple[int, int]
+NodeKind = Literal["block", "char"]
+
+
+def fmt_devnum(num: DevNum) -> str:
+    return f"{num[0]}:{num[1]}"
+
+
+@dataclass(frozen=True)
+class UsbInterface:
+    name: str  # "2-1:1.0"
+    interface_class: int
+    driver: str | None
+
+
+@dataclass(frozen=True)
+class UsbDevice:
+    sysname: str  # "2-1"
+    syspath: str  # real path inside the sys root
+    busnum: int
+    devnum: int
+    vendor_id: int
+    product_id: int
+    serial: str | None = None
+    manufacturer: str | None = None
+    product: str | None = None
+    device_class: int = 0
+    interfaces: tuple[UsbInterface, ...] = ()
+
+    @property
+    def vid_pid(self) -> str:
+        return f"{self.vendor_id:04x}:{self.product_id:04x}"
+
+    def describe(self) -> str:
+        name = " ".join(p for p in (self.manufacturer, self.product) if p)
+        text = f"{self.sysname} (bus {self.busnum:03d} device {self.devnum:03d}, {self.vid_pid}"
+        if name:
+            text += f" {name}"
+        if self.serial:
+            text += f", serial {self.serial}"
+        return text + ")"
+
+
+@dataclass(frozen=True)
+class Node:
+    """A device node provided by the device (block, sg, usb, tty, video, ...)."""
+
+    kind: NodeKind
+    devnum: DevNum
+    devname: str  # as under /dev: "sda1", "bus/usb/002/003", "sg0"
+    subsystem: str
+
+    @property
+    def path(self) -> str:
+        return "/dev/" + self.devname
+
+
+@dataclass(frozen=True)
+class BlockDevice:
+    name: str  # kernel name: "sda1", "dm-0"
+    devnum: DevNum
+    devtype: str  # "disk" or "partition"
+    size_bytes: int
+    parent: str | None = None  # the disk of a partition
+    holders: tuple[str, ...] = ()
+    slaves: tuple[str, ...] = ()
+    dm_name: str | None = None
+    dm_uuid: str | None = None
+    md_level: str | None = None
+    loop_backing_file: str | None = None
+    bdi: DevNum | None = None  # whose writeback statistics account for this device
+
+    @property
+    def path(self) -> str:
+        return "/dev/" + self.name
+
+    @property
+    def kind(self) -> str:
+        if self.devtype == "partition":
+            return "partition"
+        if self.dm_uuid is not None or self.name.startswith("dm-"):
+            uuid = self.dm_uuid or ""
+            if uuid.startswith("CRYPT-"):
+                return "dm-crypt"
+            if uuid.startswith("LVM-"):
+                return "lvm"
+            return "dm"
+        if self.md_level is not None or self.name.startswith("md"):
+            return "md"
+        if self.name.startswith("loop"):
+            return "loop"
+        if self.name.startswith("bcache"):
+            return "bcache"
+        return "disk"
+
+    def label(self) -> str:
+        """Name for people: "dm-0 (luks-1234)"."""
+        if self.dm_name:
+            return f"{self.name} ({self.dm_name})"
+        return self.name
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mount_id: int
+    parent_id: int
+    devnum: DevNum
+    root: str
+    mountpoint: str
+    options: str
+    fstype: str
+    source: str
+    super_options: str
+
+
+@dataclass(frozen=True)
+class MountNamespace:
+    inode: int
+    pid: int  # one process in the namespace
+    comm: str
+    mounts: tuple[MountEntry, ...]
+
+
+@dataclass(frozen=True)
+class SwapEntry:
+    filename: str
+    swap_type: str  # "partition" or "file"
+    size_kib: int
+    used_kib: int
+    devnum: DevNum | None  # the block device (partition) or the filesystem (file)
+
+
+UseKind = Literal["fd", "cwd", "root", "exe", "mmap"]
+
+
+@dataclass(frozen=True)
+class ProcessUse:
+    pid: int
+    comm: str
+    how: UseKind
+    path: str  # what the process sees: "/dev/sda", "/mnt/file"
+    node: tuple[NodeKind, DevNum] | None = None  # a device node held open
+    fs: DevNum | None = None  # a file on this filesystem
+
+
+@dataclass(frozen=True)
+class DirtyStat:
+    bdi: DevNum
+    dirty_bytes: int | None
+    writeback_bytes: int | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    what: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Target:
+    """What is to be handed over: a USB device, or (for tests) a plain block device."""
+
+    syspath: str
+    usb: UsbDevice | None
+    block: str | None = None  # the whole block device when not on USB
+
+    def describe(self) -> str:
+        if self.usb is not None:
+            return self.usb.describe()
+        return f"/dev/{self.block} (not a USB device)"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything read from the system about one target, read once."""
+
+    target: Target
+    nodes: tuple[Node, ...]
+    blocks: dict[str, BlockDevice]  # the target's block devices and their holders
+    namespaces: tuple[MountNamespace, ...]
+    swaps: tuple[SwapEntry, ...]
+    uses: tuple[ProcessUse, ...]
+    dirty: tuple[DirtyStat, ...]
+    exclusive_busy: tuple[str, ...]  # block devices that refused an O_EXCL open
+    fs_devices: dict[DevNum, str]  # filesystem device number -> block device it lives on
+    backed_loops: tuple[str, ...] = ()  # loop devices backed by a file on these filesystems
+    unreadable: tuple[Unreadable, ...] = field(default=())

@@ -1,0 +1,268 @@
+"""Read the system once, for one target, into a frozen Snapshot."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from . import sysfs
+from .model import (
+    BlockDevice,
+    DevNum,
+    DirtyStat,
+    MountNamespace,
+    NodeKind,
+    Snapshot,
+    SwapEntry,
+    Target,
+    Unreadable,
+    fmt_devnum,
+)
+from .parsers import ParseError, parse_bdi_stats
+from .procfs import list_pids, read_mount_namespaces, read_swaps, scan_processes
+from .roots import Roots
+from .run import CommandFailed, Runner
+
+
+def _under(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+class _Names:
+    """Resolves paths such as /dev/sda1, /dev/mapper/x or /dev/vg/lv to block devices."""
+
+    def __init__(self, roots: Roots, blocks: dict[str, BlockDevice]) -> None:
+        self.roots = roots
+        self.by_path: dict[str, DevNum] = {}
+        for b in blocks.values():
+            self.by_path["/dev/" + b.name] = b.devnum
+            if b.dm_name:
+                self.by_path["/dev/mapper/" + b.dm_name] = b.devnum
+                if (b.dm_uuid or "").startswith("LVM-"):
+                    vg, lv = _split_lvm_name(b.dm_name)
+                    if vg and lv:
+                        self.by_path[f"/dev/{vg}/{lv}"] = b.devnum
+
+    def resolve(self, path: str) -> DevNum | None:
+        if not path.startswith("/dev/"):
+            return None
+        found = self.by_path.get(os.path.normpath(path))
+        if found is not None:
+            return found
+        if self.roots.live:
+            try:
+                st = os.stat(self.roots.dev_path(path))
+            except OSError:
+                return None
+            if stat.S_ISBLK(st.st_mode):
+                return os.major(st.st_rdev), os.minor(st.st_rdev)
+        return None
+
+
+def _split_lvm_name(dm_name: str) -> tuple[str, str]:
+    """Split a device-mapper name "vg-lv" (dashes doubled inside names) into (vg, lv)."""
+    i = 0
+    while i < len(dm_name):
+        if dm_name[i] == "-":
+            if i + 1 < len(dm_name) and dm_name[i + 1] == "-":
+                i += 2
+                continue
+            return dm_name[:i].replace("--", "-"), dm_name[i + 1 :].replace("--", "-")
+        i += 1
+    return "", ""
+
+
+def _read_all_blocks(roots: Roots) -> dict[str, BlockDevice]:
+    blocks = {}
+    for name in sysfs.all_block_names(roots):
+        dev = sysfs.read_block_device(roots, name)
+        if dev is not None:
+            blocks[name] = dev
+    return blocks
+
+
+def _closure(start: set[str], blocks: dict[str, BlockDevice]) -> set[str]:
+    """The start devices with their partitions and holders, recursively."""
+    todo = list(start)
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in blocks:
+            continue
+        seen.add(name)
+        todo.extend(blocks[name].holders)
+        todo.extend(b.name for b in blocks.values() if b.parent == name)
+    return seen
+
+
+def _fs_devices(
+    namespaces: tuple[MountNamespace, ...], blocks: dict[DevNum, str], names: _Names
+) -> dict[DevNum, str]:
+    """Filesystems (by st_dev) that live on the given block devices, and on which one.
+
+    Most filesystems report the block device's own number; btrfs and others report an
+    anonymous one, matched through the mount source."""
+    fs = dict(blocks)
+    for ns in namespaces:
+        for m in ns.mounts:
+            if m.devnum in fs:
+                continue
+            src = names.resolve(m.source)
+            if src is not None and src in blocks:
+                fs[m.devnum] = blocks[src]
+    return fs
+
+
+def _mountpoints_of(namespaces: tuple[MountNamespace, ...], fs: set[DevNum]) -> list[str]:
+    return [m.mountpoint for ns in namespaces for m in ns.mounts if m.devnum in fs]
+
+
+def _file_on(roots: Roots, path: str, fs: set[DevNum], mountpoints: list[str]) -> bool:
+    """Whether a file named by the host path lies on one of the filesystems."""
+    if roots.live:
+        try:
+            st = os.stat(path)
+        except OSError:
+            pass
+        else:
+            return (os.major(st.st_dev), os.minor(st.st_dev)) in fs
+    return any(_under(path, mp) for mp in mountpoints)
+
+
+def _bdi_of(block: BlockDevice, blocks: dict[str, BlockDevice]) -> DevNum:
+    if block.bdi is not None:
+        return block.bdi
+    if block.parent and block.parent in blocks:
+        parent = blocks[block.parent]
+        return parent.bdi or parent.devnum
+    return block.devnum
+
+
+def _read_dirty(
+    roots: Roots, bdis: list[DevNum], runner: Runner | None
+) -> tuple[DirtyStat, ...]:
+    base = os.path.join(roots.debugfs, "bdi")
+    if roots.live and not os.path.isdir(base) and runner is not None and os.geteuid() == 0:
+        try:
+            runner.mount_debugfs(roots.debugfs)
+        except (CommandFailed, FileNotFoundError, OSError):
+            pass  # reported below as unreadable figures
+    out = []
+    for num in bdis:
+        path = os.path.join(base, fmt_devnum(num), "stats")
+        try:
+            with open(path, encoding="utf-8") as f:
+                dirty, writeback = parse_bdi_stats(f.read())
+        except FileNotFoundError:
+            why = "debugfs is not mounted" if not os.path.isdir(base) else f"{path} is missing"
+            out.append(DirtyStat(num, None, None, why))
+        except PermissionError:
+            out.append(DirtyStat(num, None, None, f"{path}: permission denied (run as root)"))
+        except (OSError, ParseError) as exc:
+            out.append(DirtyStat(num, None, None, f"{path}: {exc}"))
+        else:
+            out.append(DirtyStat(num, dirty, writeback))
+    return tuple(out)
+
+
+def _probe_exclusive(roots: Roots, names: list[str]) -> tuple[str, ...]:
+    """Block devices that some holder has claimed exclusively (an O_EXCL open fails)."""
+    if not roots.live:
+        return ()
+    busy = []
+    for name in names:
+        try:
+            fd = os.open(
+                roots.dev_path("/dev/" + name),
+                os.O_RDONLY | os.O_EXCL | os.O_NONBLOCK | os.O_CLOEXEC,
+            )
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                busy.append(name)
+            continue
+        os.close(fd)
+    return tuple(busy)
+
+
+def read_snapshot(roots: Roots, target: Target, runner: Runner | None = None) -> Snapshot:
+    """Read everything the host does with the target, once."""
+    nodes = sysfs.nodes_under(target.syspath)
+    all_blocks = _read_all_blocks(roots)
+    names = _Names(roots, all_blocks)
+    start = {os.path.basename(n.devname) for n in nodes if n.kind == "block"}
+    if target.block:
+        start.add(target.block)
+    members = _closure(start, all_blocks)
+
+    pids = list_pids(roots)
+    ns_scan = read_mount_namespaces(roots, pids)
+    namespaces = ns_scan.namespaces
+    problems: list[Unreadable] = list(ns_scan.unreadable)
+
+    # Loop devices backed by files on these filesystems hold them too: grow to a fixed point.
+    backed: set[str] = set()
+    while True:
+        fs_devices = _fs_devices(
+            namespaces, {all_blocks[n].devnum: n for n in members}, names
+        )
+        fs = set(fs_devices)
+        mountpoints = _mountpoints_of(namespaces, fs)
+        extra = {
+            b.name
+            for b in all_blocks.values()
+            if b.loop_backing_file
+            and b.name not in members
+            and _file_on(roots, b.loop_backing_file, fs, mountpoints)
+        }
+        if not extra:
+            break
+        backed |= extra
+        members = _closure(members | extra, all_blocks)
+
+    blocks = {n: all_blocks[n] for n in sorted(members)}
+    fs = set(fs_devices)
+    try:
+        swap_rows = read_swaps(roots)
+    except (OSError, ParseError) as exc:
+        swap_rows = ()
+        problems.append(Unreadable("active swap (/proc/swaps)", str(exc)))
+    swaps = []
+    for filename, kind, size, used in swap_rows:
+        devnum: DevNum | None = None
+        if kind == "partition":
+            devnum = names.resolve(filename)
+        elif _file_on(roots, filename, fs, mountpoints):
+            devnum = next(iter(fs)) if not roots.live else _stat_dev(filename)
+        swaps.append(SwapEntry(filename, kind, size, used, devnum))
+
+    node_keys: set[tuple[NodeKind, DevNum]] = {(n.kind, n.devnum) for n in nodes}
+    node_keys |= {("block", b.devnum) for b in blocks.values()}
+    skip = frozenset({os.getpid()}) if roots.live else frozenset()
+    proc_scan = scan_processes(roots, pids, frozenset(node_keys), frozenset(fs), skip)
+    problems.extend(proc_scan.unreadable)
+
+    bdis = sorted({_bdi_of(b, all_blocks) for b in blocks.values()})
+    dirty = _read_dirty(roots, bdis, runner)
+    exclusive = _probe_exclusive(roots, list(blocks))
+    return Snapshot(
+        target=target,
+        nodes=nodes,
+        blocks=blocks,
+        namespaces=namespaces,
+        swaps=tuple(swaps),
+        uses=proc_scan.uses,
+        dirty=dirty,
+        exclusive_busy=exclusive,
+        fs_devices=fs_devices,
+        backed_loops=tuple(sorted(backed)),
+        unreadable=tuple(problems),
+    )
+
+
+def _stat_dev(path: str) -> DevNum | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return os.major(st.st_dev), os.minor(st.st_dev)
