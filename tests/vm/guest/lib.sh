@@ -1,0 +1,40 @@
+# Helpers for scenario scripts; source with: . "$GUEST_LIB"
+# Each scenario runs with OUT (its output directory), PAYLOAD (its payload files),
+# SAFEUSB (the CLI under test) and NAME_DEV/NAME_USB/NAME_BUSDEV/NAME_SERIAL per stick.
+set -u
+
+# inspect TAG ARGS...: run `safeusb inspect ARGS`, keep exit code, stdout, stderr.
+inspect() {
+    local tag=$1
+    shift
+    "$SAFEUSB" inspect "$@" >"$OUT/$tag.out" 2>"$OUT/$tag.err"
+    echo $? >"$OUT/$tag.rc"
+    echo "inspect $tag ($*): exit $(cat "$OUT/$tag.rc")"
+}
+
+# note KEY VALUE: a fact for the test to read back with result.file("notes").
+note() { echo "$1=$2" >>"$OUT/notes"; }
+
+# bdi_stat DEV FIELD: a field of the per-device writeback statistics, in kB.
+bdi_stat() {
+    local mm
+    mm=$(cat "/sys/class/block/$(basename "$1")/dev")
+    awk -v f="$2" '$1 == f { print $2 }' "/sys/kernel/debug/bdi/$mm/stats"
+}
+
+# wait_for PATH [SECONDS]: until PATH exists.
+wait_for() {
+    local i
+    for i in $(seq 1 $(( ${2:-10} * 10 ))); do
+        [ -e "$1" ] && return 0
+        sleep 0.1
+    done
+    echo "timed out waiting for $1" >&2
+    return 1
+}
+
+# partition DEV N: the node of partition N of disk DEV (reread the table first).
+partition() {
+    blockdev --rereadpt "$1" 2>/dev/null || partx -u "$1" 2>/dev/null || true
+    wait_for "$1$2" 10 && echo "$1$2"
+}

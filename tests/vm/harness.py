@@ -1,0 +1,604 @@
+"""Real-kernel test harness: boot a Debian kernel under QEMU with emulated USB devices.
+
+A :class:`Boot` is one VM run: the emulated devices it gets (USB sticks built from
+image files made here, outside the guest, plus other emulated USB devices), whether
+libvirtd and a nested domain run inside, and an ordered list of :class:`Scenario`.
+Each scenario is a bash script under ``tests/vm/guest/`` that the guest driver runs
+with its own output directory in ``$OUT``; results come back through a directory
+shared read-write with the guest, never by parsing the console.
+
+After the VM has exited, :meth:`BootResult.check_stick` looks at a stick's image on
+this machine (journal replayed on a loop-mounted copy, ``e2fsck -fn``, checksums of
+files whose content was generated here) as ground truth of what reached the disk.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NoReturn
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+GUEST_DIR = Path(__file__).resolve().parent / "guest"
+VENV_BIN = REPO / ".venv" / "bin"
+SAFEUSB = VENV_BIN / "safeusb"
+MIB = 1024 * 1024
+
+#: Kernel log lines worth showing when a scenario fails.
+KERNEL_NOTABLE = re.compile(
+    r"Buffer I/O error|lost async page write|EXT4-fs (error|warning)|Aborting journal"
+    r"|I/O error|JBD2|Remounting filesystem read-only|device offline|USB disconnect"
+    r"|BUG:|WARNING:|Call Trace|segfault|Out of memory|blocked for more than"
+)
+
+
+class VmUnavailable(Exception):
+    """A prerequisite of the VM tier is missing on this machine."""
+
+
+# --------------------------------------------------------------------------- devices
+
+
+@dataclass(frozen=True)
+class Partition:
+    start_mib: int
+    size_mib: int
+    fs: Literal["ext4", "none"] = "ext4"
+
+
+@dataclass(frozen=True)
+class Image:
+    """How a stick's image file is built outside the guest.
+
+    ``fs`` formats the whole disk (no partition table); ``partitions`` writes an
+    msdos table with sfdisk and formats each partition at its offset. LUKS, LVM, md
+    and swap need the guest's kernel: scenarios make those inside.
+    """
+
+    size_mib: int = 64
+    fs: Literal["ext4", "none"] = "none"
+    partitions: tuple[Partition, ...] = ()
+
+    @classmethod
+    def raw(cls, size_mib: int = 64) -> Image:
+        return cls(size_mib=size_mib)
+
+    @classmethod
+    def ext4(cls, size_mib: int = 64) -> Image:
+        return cls(size_mib=size_mib, fs="ext4")
+
+    @classmethod
+    def msdos(cls, *partitions: Partition, size_mib: int = 64) -> Image:
+        return cls(size_mib=size_mib, partitions=partitions)
+
+    @classmethod
+    def msdos_two(cls, size_mib: int = 64) -> Image:
+        """msdos table, two ext4 partitions filling the disk after the first MiB."""
+        half = (size_mib - 1) // 2
+        return cls.msdos(Partition(1, half), Partition(1 + half, size_mib - 1 - half),
+                         size_mib=size_mib)
+
+    def build(self, path: Path) -> None:
+        with path.open("wb") as f:
+            f.truncate(self.size_mib * MIB)
+        if self.fs == "ext4":
+            _run(["mkfs.ext4", "-q", "-F", "-L", "stick", str(path)])
+        if not self.partitions:
+            return
+        table = "label: dos\n" + "".join(
+            f"start={p.start_mib * 2048}, size={p.size_mib * 2048}, type=83\n"
+            for p in self.partitions
+        )
+        _run(["sfdisk", "-q", str(path)], stdin=table)
+        for p in self.partitions:
+            if p.fs == "ext4":
+                _run(["mkfs.ext4", "-q", "-F", "-E", f"offset={p.start_mib * MIB}",
+                      str(path), f"{p.size_mib * 1024}k"])
+
+
+@dataclass(frozen=True)
+class Stick:
+    """An emulated usb-storage stick backed by an image file built outside.
+
+    Inside the guest, a stick named ``data`` is known to scenarios through
+    ``DATA_DEV`` (``/dev/sdX``), ``DATA_USB`` (sysfs name such as ``2-1``),
+    ``DATA_BUSDEV`` (``2:3``) and ``DATA_SERIAL``.
+    """
+
+    name: str
+    image: Image = field(default_factory=Image.raw)
+
+    @property
+    def var(self) -> str:
+        return re.sub(r"[^A-Za-z0-9]", "_", self.name).upper()
+
+    def serial(self, index: int) -> str:
+        return f"SU{index:02d}{self.var[:12]}"
+
+    def qemu_args(self, index: int, image: Path) -> list[str]:
+        drive = f"stick{index}"
+        return [
+            "-drive", f"if=none,id={drive},format=raw,file={image}",
+            "-device", f"usb-storage,bus=xhci.0,drive={drive},serial={self.serial(index)}",
+        ]
+
+
+@dataclass(frozen=True)
+class UsbDevice:
+    """Any other emulated USB device (keyboard, serial adapter, network adapter...)."""
+
+    driver: str
+    props: tuple[str, ...] = ()
+    backend: tuple[str, ...] = ()  # extra QEMU options the device needs (-chardev, -netdev)
+
+    @classmethod
+    def kbd(cls) -> UsbDevice:
+        return cls("usb-kbd")
+
+    @classmethod
+    def mouse(cls) -> UsbDevice:
+        return cls("usb-mouse")
+
+    @classmethod
+    def tablet(cls) -> UsbDevice:
+        return cls("usb-tablet")
+
+    @classmethod
+    def serial_port(cls, index: int = 0) -> UsbDevice:
+        return cls("usb-serial", (f"chardev=userial{index}",),
+                   ("-chardev", f"null,id=userial{index}"))
+
+    @classmethod
+    def net(cls, index: int = 0) -> UsbDevice:
+        return cls("usb-net", (f"netdev=unet{index}",),
+                   ("-netdev", f"user,id=unet{index},restrict=on"))
+
+    def qemu_args(self) -> list[str]:
+        return [*self.backend, "-device", ",".join([self.driver, "bus=xhci.0", *self.props])]
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One guest script and what it needs; reported as its own test.
+
+    ``script`` is a file under ``tests/vm/guest/``. ``payloads`` maps a file name
+    to a size: random content generated here, readable in the guest under
+    ``$PAYLOAD/<name>``, its checksum kept here for the outside check.
+    """
+
+    name: str
+    script: str
+    payloads: Mapping[str, int] = field(default_factory=dict)
+    timeout: int = 120
+
+
+@dataclass(frozen=True)
+class Boot:
+    name: str
+    scenarios: tuple[Scenario, ...]
+    sticks: tuple[Stick, ...] = ()
+    devices: tuple[UsbDevice, ...] = ()
+    libvirt: bool = False
+    modules: tuple[str, ...] = ("xhci_pci", "usb_storage", "sd_mod")
+    memory: str = "3G"
+    timeout: int = 900
+
+    def stick(self, name: str) -> Stick:
+        for s in self.sticks:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class InspectRun:
+    rc: int
+    stdout: str
+    stderr: str
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+    def reasons(self, kind: str) -> list[dict[str, Any]]:
+        data = self.json
+        return [r for r in data.get("reasons", []) if r.get("kind") == kind]
+
+    def __str__(self) -> str:
+        return f"exit {self.rc}\nstdout: {self.stdout.strip()}\nstderr: {self.stderr.strip()}"
+
+
+@dataclass(frozen=True)
+class FileState:
+    path: str
+    status: Literal["ok", "missing", "short", "mismatch"]
+    size: int | None
+    expected_size: int
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    """What an image holds, read on this machine after the VM has gone."""
+
+    mount_error: str | None
+    fsck_rc: int
+    fsck_output: str
+    files: tuple[FileState, ...]
+
+    @property
+    def intact(self) -> bool:
+        return (self.mount_error is None and self.fsck_rc == 0
+                and all(f.status == "ok" for f in self.files))
+
+    def summary(self) -> str:
+        lines = [f"mount: {self.mount_error or 'ok (journal replayed)'}",
+                 f"e2fsck -fn: exit {self.fsck_rc}"]
+        lines += [f"  {ln}" for ln in self.fsck_output.splitlines()
+                  if ln and not ln.startswith(("Pass ", "e2fsck "))][:15]
+        lines += [f"{f.path}: {f.status} (size {f.size}, expected {f.expected_size})"
+                  for f in self.files]
+        return "\n".join(lines)
+
+
+@dataclass
+class ScenarioResult:
+    name: str
+    boot: str
+    out: Path
+    rc: int | None
+    stdout: str
+    stderr: str
+    kernel: str
+    seconds: float | None
+
+    def file(self, name: str) -> str:
+        p = self.out / name
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def inspect(self, tag: str) -> InspectRun:
+        """Result of ``inspect TAG ...`` called in the guest script (see guest/lib.sh)."""
+        rc = self.file(f"{tag}.rc").strip()
+        if not rc:
+            self.fail(f"the guest script did not run inspect step {tag!r}")
+        return InspectRun(int(rc), self.file(f"{tag}.out"), self.file(f"{tag}.err"))
+
+    def notable_kernel_lines(self) -> list[str]:
+        return [ln for ln in self.kernel.splitlines() if KERNEL_NOTABLE.search(ln)]
+
+    def report(self, message: str) -> str:
+        parts = [f"[vm scenario {self.boot}/{self.name}] {message}",
+                 f"guest script exit: {self.rc}"]
+        for title, text in (("script stdout", self.stdout), ("script stderr", self.stderr)):
+            tail = text.strip().splitlines()[-20:]
+            if tail:
+                parts.append(f"--- {title} (last {len(tail)} lines)")
+                parts += tail
+        kern = self.notable_kernel_lines()[-20:]
+        if kern:
+            parts.append("--- guest kernel")
+            parts += kern
+        return "\n".join(parts)
+
+    def fail(self, message: str) -> NoReturn:
+        pytest.fail(self.report(message), pytrace=False)
+
+    def expect(self, condition: object, message: str) -> None:
+        if not condition:
+            self.fail(message)
+
+    def expect_ran(self) -> None:
+        self.expect(self.rc == 0, f"guest script failed (exit {self.rc})")
+
+
+@dataclass
+class BootResult:
+    boot: Boot
+    workdir: Path
+    rc: int | None
+    wall_seconds: float
+    error: str | None
+    timings: dict[str, float]
+    payload_sums: dict[str, dict[str, tuple[str, int]]]
+
+    @property
+    def share(self) -> Path:
+        return self.workdir / "share"
+
+    @property
+    def console(self) -> str:
+        p = self.workdir / "console.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def boot_report(self, message: str) -> str:
+        lines = self.console.splitlines()
+        notable = [ln for ln in lines if KERNEL_NOTABLE.search(ln)][-15:]
+        return "\n".join([f"[vm boot {self.boot.name}] {message}",
+                          "--- console (notable lines)", *notable,
+                          "--- console (last 25 lines)", *lines[-25:]])
+
+    def scenario(self, name: str) -> ScenarioResult:
+        if name not in {s.name for s in self.boot.scenarios}:
+            raise KeyError(name)
+        out = self.share / "out" / name
+        rc_text = (out / "rc").read_text().strip() if (out / "rc").exists() else ""
+        if not rc_text:
+            why = self.error or "the guest never ran this scenario"
+            pytest.fail(self.boot_report(f"scenario {name}: {why}"), pytrace=False)
+        start = self.timings.get(f"scenario_start:{name}")
+        end = self.timings.get(f"scenario_end:{name}")
+
+        def read(n: str) -> str:
+            p = out / n
+            return p.read_text(errors="replace") if p.exists() else ""
+
+        return ScenarioResult(
+            name=name, boot=self.boot.name, out=out, rc=int(rc_text),
+            stdout=read("stdout"), stderr=read("stderr"), kernel=read("kernel.log"),
+            seconds=None if start is None or end is None else end - start,
+        )
+
+    def image(self, stick: str) -> Path:
+        self.boot.stick(stick)
+        return self.workdir / "img" / f"{stick}.img"
+
+    def check_stick(self, stick: str, files: Mapping[str, tuple[str, str]],
+                    partition: int | None = None) -> ImageCheck:
+        """Ground truth for ``stick``: ``files`` maps a path on its filesystem to the
+        (scenario, payload) whose content it must hold. ``partition`` is 1-based."""
+        img = self.boot.stick(stick).image
+        offset, size = 0, img.size_mib * MIB
+        if partition is not None:
+            part = img.partitions[partition - 1]
+            offset, size = part.start_mib * MIB, part.size_mib * MIB
+        expected = {path: self.payload_sums[sc][name] for path, (sc, name) in files.items()}
+        return check_image(self.image(stick), expected, offset=offset, size=size)
+
+
+# --------------------------------------------------------------------------- machinery
+
+
+def _run(argv: Sequence[str], stdin: str | None = None) -> str:
+    proc = subprocess.run(list(argv), input=stdin, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv[0]} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def find_kernel() -> Path | None:
+    """Newest Debian kernel image whose modules are installed."""
+    found = []
+    for k in glob.glob("/boot/vmlinuz-*"):
+        ver = k.removeprefix("/boot/vmlinuz-")
+        if Path(f"/lib/modules/{ver}/kernel").is_dir():
+            found.append(Path(k))
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def tool_path() -> str:
+    extra = [str(VENV_BIN), "/usr/sbin", "/sbin"]
+    return os.pathsep.join([*extra, os.environ.get("PATH", "/usr/bin:/bin")])
+
+
+def missing_prerequisites() -> list[str]:
+    missing = []
+    if os.geteuid() != 0:
+        missing.append("not running as root (loop devices, mounts)")
+    if find_kernel() is None:
+        missing.append("no Debian kernel in /boot with modules in /lib/modules")
+    path = tool_path()
+    for tool in ("vng", "qemu-system-x86_64", "depmod", "mkfs.ext4", "e2fsck", "sfdisk",
+                 "losetup"):
+        if shutil.which(tool, path=path) is None:
+            missing.append(f"{tool} not found")
+    return missing
+
+
+def _make_payloads(share: Path, boot: Boot) -> dict[str, dict[str, tuple[str, int]]]:
+    sums: dict[str, dict[str, tuple[str, int]]] = {}
+    for sc in boot.scenarios:
+        d = share / "payload" / sc.name
+        d.mkdir(parents=True, exist_ok=True)
+        sums[sc.name] = {}
+        for name, size in sc.payloads.items():
+            data = os.urandom(size)
+            (d / name).write_bytes(data)
+            sums[sc.name][name] = (hashlib.sha256(data).hexdigest(), size)
+    return sums
+
+
+def _write_plan(share: Path, boot: Boot) -> None:
+    scripts = share / "scenarios"
+    scripts.mkdir(parents=True, exist_ok=True)
+    shutil.copy(GUEST_DIR / "lib.sh", share / "lib.sh")
+    plan = []
+    for sc in boot.scenarios:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", sc.name):
+            raise ValueError(f"bad scenario name {sc.name!r}")
+        shutil.copy(GUEST_DIR / sc.script, scripts / f"{sc.name}.sh")
+        plan.append(f"{sc.name} {sc.timeout}\n")
+    (share / "plan").write_text("".join(plan))
+    sticks = "".join(f"{s.var} {s.serial(i)}\n" for i, s in enumerate(boot.sticks))
+    (share / "sticks").write_text(sticks)
+    env = {
+        "MODULES": " ".join(boot.modules),
+        "LIBVIRT": "1" if boot.libvirt else "0",
+        "SAFEUSB": str(SAFEUSB),
+        "REPO": str(REPO),
+        "GUEST_DIR": str(GUEST_DIR),
+    }
+    (share / "boot.env").write_text("".join(f"{k}='{v}'\n" for k, v in env.items()))
+
+
+def _read_timings(share: Path) -> dict[str, float]:
+    timings: dict[str, float] = {}
+    p = share / "out" / "timings"
+    if p.exists():
+        for line in p.read_text().splitlines():
+            key, _, value = line.rpartition(" ")
+            try:
+                timings[key] = float(value)
+            except ValueError:
+                continue
+    return timings
+
+
+def vng_command(boot: Boot, workdir: Path) -> list[str]:
+    kernel = find_kernel()
+    if kernel is None:
+        raise VmUnavailable("no Debian kernel in /boot")
+    ports = max(4, len(boot.sticks) + len(boot.devices))
+    qemu: list[str] = ["-device", f"qemu-xhci,id=xhci,p2={min(ports, 15)},p3={min(ports, 15)}"]
+    for i, s in enumerate(boot.sticks):
+        qemu += s.qemu_args(i, workdir / "img" / f"{s.name}.img")
+    for d in boot.devices:
+        qemu += d.qemu_args()
+    share = workdir / "share"
+    return [
+        "vng", "--verbose", "--run", str(kernel), "--disable-kvm", "--disable-microvm",
+        "--force-9p", "--memory", boot.memory, "--cpus", "2",
+        "--overlay-rwdir", "/etc", "--overlay-rwdir", "/var",
+        "--rwdir", str(share),
+        f"--qemu-opts={' '.join(qemu)}",
+        "--exec", f"bash {GUEST_DIR / 'driver.sh'} {share}",
+    ]
+
+
+def run_boot(boot: Boot, workroot: Path | None = None) -> BootResult:
+    """Build images and payloads, boot, run every scenario, return once the VM is gone."""
+    names = [s.name for s in boot.sticks]
+    if len(set(names)) != len(names):
+        raise ValueError("stick names must be unique within a boot")
+    workdir = Path(tempfile.mkdtemp(prefix=f"safeusb-vm-{boot.name}-", dir=workroot))
+    share = workdir / "share"
+    (share / "out").mkdir(parents=True)
+    (workdir / "img").mkdir()
+    for s in boot.sticks:
+        s.image.build(workdir / "img" / f"{s.name}.img")
+    sums = _make_payloads(share, boot)
+    _write_plan(share, boot)
+
+    env = dict(os.environ, PATH=tool_path())
+    argv = vng_command(boot, workdir)
+    error: str | None = None
+    start = time.monotonic()
+    with (workdir / "console.log").open("wb") as console:
+        proc = subprocess.Popen(argv, stdout=console, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, cwd=workdir,
+                                start_new_session=True)
+        try:
+            rc: int | None = proc.wait(timeout=boot.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = None
+            error = f"the VM did not finish within {boot.timeout} s"
+    wall = time.monotonic() - start
+    if error is None and not (share / "out" / "done").exists():
+        error = f"the guest driver did not finish (vng exit {rc})"
+    return BootResult(boot=boot, workdir=workdir, rc=rc, wall_seconds=wall, error=error,
+                      timings=_read_timings(share), payload_sums=sums)
+
+
+def check_image(image: Path, expected: Mapping[str, tuple[str, int]], offset: int = 0,
+                size: int | None = None) -> ImageCheck:
+    """Replay the journal on a copy of ``image`` (a loop mount), compare checksums of
+    ``expected`` files (path -> (sha256, size)), then ``e2fsck -fn`` the replayed copy."""
+    with tempfile.TemporaryDirectory(prefix="safeusb-check-") as tmp:
+        copy = Path(tmp) / "copy.img"
+        _run(["cp", "--sparse=always", str(image), str(copy)])
+        loop_argv = ["losetup", "--find", "--show", "--offset", str(offset)]
+        if size is not None:
+            loop_argv += ["--sizelimit", str(size)]
+        loop = _run([*loop_argv, str(copy)]).strip()
+        try:
+            mnt = Path(tmp) / "mnt"
+            mnt.mkdir()
+            mount = subprocess.run(["mount", "-t", "ext4", loop, str(mnt)],
+                                   capture_output=True, text=True, check=False)
+            mount_error = mount.stderr.strip() or f"exit {mount.returncode}" \
+                if mount.returncode != 0 else None
+            states: list[FileState] = []
+            if mount_error is None:
+                try:
+                    states = [_file_state(mnt, p, s, n) for p, (s, n) in expected.items()]
+                finally:
+                    _run(["umount", str(mnt)])
+            else:
+                states = [FileState(p, "missing", None, n) for p, (_, n) in expected.items()]
+            fsck = subprocess.run(["e2fsck", "-fn", loop], capture_output=True, text=True,
+                                  check=False)
+        finally:
+            subprocess.run(["losetup", "-d", loop], check=False)
+    return ImageCheck(mount_error, fsck.returncode, fsck.stdout + fsck.stderr, tuple(states))
+
+
+def _file_state(root: Path, path: str, sha: str, size: int) -> FileState:
+    p = root / path.lstrip("/")
+    if not p.is_file():
+        return FileState(path, "missing", None, size)
+    data = p.read_bytes()
+    if len(data) < size:
+        return FileState(path, "short", len(data), size)
+    if hashlib.sha256(data).hexdigest() != sha:
+        return FileState(path, "mismatch", len(data), size)
+    return FileState(path, "ok", len(data), size)
+
+
+class Runner:
+    """Runs each :class:`Boot` once per pytest session and keeps its timings."""
+
+    def __init__(self, keep: bool) -> None:
+        self.keep = keep
+        self.results: dict[str, BootResult] = {}
+
+    def run(self, boot: Boot) -> BootResult:
+        if boot.name not in self.results:
+            self.results[boot.name] = run_boot(boot)
+        return self.results[boot.name]
+
+    def timing_lines(self) -> list[str]:
+        lines = []
+        for res in self.results.values():
+            t = res.timings
+            head = f"boot {res.boot.name}: {res.wall_seconds:.1f} s wall"
+            if "driver_start" in t:
+                head += f", guest ready at {t['driver_start']:.1f} s uptime"
+            if "devices_ready" in t and "driver_start" in t:
+                head += f", devices after {t['devices_ready'] - t['driver_start']:.1f} s"
+            if "libvirtd_up" in t and "libvirt_start" in t:
+                head += f", libvirtd up in {t['libvirtd_up'] - t['libvirt_start']:.1f} s"
+            if "domain_started" in t and "libvirtd_up" in t:
+                head += f", nested domain in {t['domain_started'] - t['libvirtd_up']:.1f} s"
+            if res.error:
+                head += f" [{res.error}]"
+            lines.append(head)
+            for sc in res.boot.scenarios:
+                a, b = t.get(f"scenario_start:{sc.name}"), t.get(f"scenario_end:{sc.name}")
+                took = f"{b - a:.1f} s" if a is not None and b is not None else "did not run"
+                lines.append(f"  {sc.name}: {took}")
+        return lines
+
+    def cleanup(self) -> None:
+        if self.keep:
+            return
+        for res in self.results.values():
+            shutil.rmtree(res.workdir, ignore_errors=True)
