@@ -195,6 +195,7 @@ class Boot:
     sticks: tuple[Stick, ...] = ()
     devices: tuple[UsbDevice, ...] = ()
     libvirt: bool = False
+    libvirt_hooks: Mapping[str, Path] = field(default_factory=dict)  # hook name -> file
     modules: tuple[str, ...] = ("xhci_pci", "usb_storage", "sd_mod")
     memory: str = "3G"
     timeout: int = 900
@@ -436,6 +437,10 @@ def _write_plan(share: Path, boot: Boot) -> None:
         shutil.copy(GUEST_DIR / sc.script, scripts / f"{sc.name}.sh")
         plan.append(f"{sc.name} {sc.timeout}\n")
     (share / "plan").write_text("".join(plan))
+    if boot.libvirt_hooks:
+        (share / "hooks").mkdir()
+        for hook, src in boot.libvirt_hooks.items():
+            shutil.copy(src, share / "hooks" / hook)
     sticks = "".join(f"{s.var} {s.serial(i)}\n" for i, s in enumerate(boot.sticks))
     (share / "sticks").write_text(sticks)
     env = {
@@ -534,8 +539,9 @@ def check_image(image: Path, expected: Mapping[str, tuple[str, int]], offset: in
             mnt.mkdir()
             mount = subprocess.run(["mount", "-t", "ext4", loop, str(mnt)],
                                    capture_output=True, text=True, check=False)
-            mount_error = mount.stderr.strip() or f"exit {mount.returncode}" \
-                if mount.returncode != 0 else None
+            mount_error = None
+            if mount.returncode != 0:
+                mount_error = mount.stderr.strip() or f"mount exit {mount.returncode}"
             states: list[FileState] = []
             if mount_error is None:
                 try:
