@@ -28,7 +28,7 @@ def parse_devnum(text: str) -> DevNum:
 def parse_mountinfo(text: str) -> tuple[MountEntry, ...]:
     """Parse /proc/PID/mountinfo (see proc(5))."""
     entries = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line:
             continue
         fields = line.split(" ")
@@ -60,15 +60,15 @@ def parse_mountinfo(text: str) -> tuple[MountEntry, ...]:
 
 def parse_swaps(text: str) -> tuple[tuple[str, str, int, int], ...]:
     """Parse /proc/swaps into (filename, type, size KiB, used KiB)."""
-    lines = text.splitlines()
+    lines = text.split("\n")
     if not lines or not lines[0].startswith("Filename"):
         raise ParseError("/proc/swaps: missing header")
     out = []
     for lineno, line in enumerate(lines[1:], 2):
-        if not line.strip():
+        if not line.strip(" \t"):
             continue
         # The name may contain escaped blanks only; fields are whitespace separated.
-        parts = line.split()
+        parts = _BLANKS.split(line.strip(" \t"))
         if len(parts) < 5:
             raise ParseError(f"/proc/swaps line {lineno}: too few fields")
         name, kind, size, used = parts[0], parts[1], parts[2], parts[3]
@@ -81,13 +81,14 @@ def parse_swaps(text: str) -> tuple[tuple[str, str, int, int], ...]:
     return tuple(out)
 
 
+_BLANKS = re.compile(r"[ \t]+")
 _BDI_LINE = re.compile(r"^(\w+):\s+(\d+)\s*(kB|kBps)?\s*$")
 
 
 def parse_bdi_stats(text: str) -> tuple[int, int]:
     """Dirty and under-writeback bytes from /sys/kernel/debug/bdi/MAJ:MIN/stats."""
     values: dict[str, int] = {}
-    for line in text.splitlines():
+    for line in text.split("\n"):
         m = _BDI_LINE.match(line.strip())
         if m and m.group(3) == "kB":
             values[m.group(1)] = int(m.group(2)) * 1024
@@ -111,7 +112,7 @@ def parse_ns_link(target: str, kind: str = "mnt") -> int:
 def parse_maps_devices(text: str) -> dict[DevNum, str]:
     """Device numbers (and one path each) of file-backed mappings in /proc/PID/maps."""
     found: dict[DevNum, str] = {}
-    for line in text.splitlines():
+    for line in text.split("\n"):
         parts = line.split(None, 5)
         if len(parts) < 6:
             continue
