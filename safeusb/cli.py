@@ -10,7 +10,6 @@ from collections.abc import Sequence
 
 from . import __version__
 from .errors import EXIT_FREE, EXIT_IN_USE, SafeUSBError, UsageError, XMLError, exit_code_for
-from .hostdev import usb_hostdevs
 from .inspect import inspect
 from .model import Target
 from .report import as_json, as_text
@@ -62,6 +61,8 @@ def target_from_args(args: argparse.Namespace, roots: Roots) -> Target:
                 data = f.read(16 * 1024 * 1024 + 1)
         except OSError as exc:
             raise XMLError(args.xml, exc.strerror or str(exc)) from None
+        from .hostdev import usb_hostdevs  # noqa: PLC0415 (lxml only when XML is given)
+
         hostdevs = usb_hostdevs(data, args.xml)
         if len(hostdevs) != 1:
             raise XMLError(args.xml, f"holds {len(hostdevs)} USB host devices; give one")

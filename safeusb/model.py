@@ -193,3 +193,6 @@ class Snapshot:
     fs_devices: dict[DevNum, str]  # filesystem device number -> block device it lives on
     backed_loops: tuple[str, ...] = ()  # loop devices backed by a file on these filesystems
     unreadable: tuple[Unreadable, ...] = field(default=())
+    # The kernel's per-device writeback counters are per-CPU sums read without folding:
+    # each may be off by this many bytes (WB_STAT_BATCH pages per possible CPU).
+    counter_slack_bytes: int = 0

@@ -8,7 +8,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .model import DevNum, MountNamespace, NodeKind, ProcessUse, Unreadable
+from .model import DevNum, MountNamespace, NodeKind, ProcessUse, Unreadable, UseKind
 from .parsers import ParseError, parse_maps_devices, parse_mountinfo, parse_ns_link, parse_swaps
 from .roots import Roots
 
@@ -128,7 +128,24 @@ class ProcessScan:
     unreadable: tuple[Unreadable, ...]
 
 
-_PSEUDO = ("socket:", "pipe:", "anon_inode:", "/memfd:", "mnt:", "net:")
+def _read_bytes(path: str) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        chunks: list[bytes] = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 
 
 def scan_processes(
@@ -139,89 +156,109 @@ def scan_processes(
     skip_pids: frozenset[int] = frozenset(),
 ) -> ProcessScan:
     """Find processes holding the given device nodes, or files on the given filesystems,
-    through open descriptors, working directory, root, executable or memory maps."""
-    uses: list[ProcessUse] = []
-    denied: list[int] = []
-    problems: list[Unreadable] = []
-    want_nodes = bool(nodes)
-    comms: dict[int, str] = {}
-
-    def comm(pid: int) -> str:
-        if pid not in comms:
-            comms[pid] = read_comm(roots, pid)
-        return comms[pid]
-
-    def classify(st: os.stat_result) -> tuple[tuple[NodeKind, DevNum] | None, DevNum | None]:
-        mode = st.st_mode
-        if want_nodes and (stat.S_ISBLK(mode) or stat.S_ISCHR(mode)):
-            kind: NodeKind = "block" if stat.S_ISBLK(mode) else "char"
-            key = (kind, (os.major(st.st_rdev), os.minor(st.st_rdev)))
-            if key in nodes:
-                return key, None
-        dev = (os.major(st.st_dev), os.minor(st.st_dev))
-        if dev in fs_devnums:
-            return None, dev
-        return None, None
-
-    for pid in pids:
-        if pid in skip_pids:
-            continue
-        base = roots.proc_path(str(pid))
-        # Descriptors: readlink first, so sockets and pipes cost no stat.
-        try:
-            dfd = os.open(os.path.join(base, "fd"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as exc:
-            if exc.errno == errno.EACCES:
-                denied.append(pid)
-            elif exc.errno not in _GONE:
-                problems.append(Unreadable(f"open files of pid {pid}", str(exc)))
-            continue
-        try:
-            for name in os.listdir(dfd):
-                try:
-                    target = os.readlink(name, dir_fd=dfd)
-                    if target.startswith(_PSEUDO):
-                        continue
-                    st = os.stat(name, dir_fd=dfd)
-                except OSError:
-                    continue  # closed meanwhile
-                node, fs = classify(st)
-                if node or fs:
-                    uses.append(ProcessUse(pid, comm(pid), "fd", target, node, fs))
-        except OSError as exc:
-            if exc.errno not in _GONE:
-                problems.append(Unreadable(f"open files of pid {pid}", str(exc)))
-            continue
-        finally:
-            os.close(dfd)
-        for how in ("cwd", "root", "exe"):
-            link = os.path.join(base, how)
-            try:
-                st = os.stat(link)
-            except OSError:
-                continue  # kernel threads and zombies have none
-            node, fs = classify(st)
-            if fs:
-                try:
-                    path = os.readlink(link)
-                except OSError:
-                    path = "?"
-                uses.append(ProcessUse(pid, comm(pid), how, path, None, fs))
-        if fs_devnums:
-            try:
-                with open(os.path.join(base, "maps"), encoding="utf-8", errors="replace") as f:
-                    mapped = parse_maps_devices(f.read())
-            except OSError:
-                continue
-            for dev, path in mapped.items():
-                if dev in fs_devnums:
-                    uses.append(ProcessUse(pid, comm(pid), "mmap", path, None, dev))
-    if denied:
+    through open descriptors, working directory, root directory or memory maps (which
+    include the executable)."""
+    scanner = _Scanner(roots, nodes, fs_devnums)
+    scanner.scan([p for p in pids if p not in skip_pids])
+    problems = list(scanner.problems)
+    if scanner.denied:
+        denied = sorted(scanner.denied)
         sample = ", ".join(str(p) for p in denied[:5])
         problems.append(
             Unreadable(
-                f"open files of {len(denied)} processes (pids {sample}...)",
+                f"open files of {len(denied)} processes (pids {sample})",
                 "permission denied (run as root)",
             )
         )
+    uses = sorted(scanner.uses, key=lambda u: u.pid)
     return ProcessScan(tuple(uses), tuple(problems))
+
+
+class _Scanner:
+    def __init__(
+        self,
+        roots: Roots,
+        nodes: frozenset[tuple[NodeKind, DevNum]],
+        fs_devnums: frozenset[DevNum],
+    ) -> None:
+        self.roots = roots
+        self.fs = fs_devnums
+        self.fs_raw = {os.makedev(*d): d for d in fs_devnums}
+        self.blk_raw = {os.makedev(*d): d for k, d in nodes if k == "block"}
+        self.chr_raw = {os.makedev(*d): d for k, d in nodes if k == "char"}
+        # The dev field of /proc/PID/maps, as the kernel prints it ("%02x:%02x").
+        self.maps_keys = [f" {d[0]:02x}:{d[1]:02x} ".encode() for d in fs_devnums]
+        self.uses: list[ProcessUse] = []
+        self.denied: list[int] = []
+        self.problems: list[Unreadable] = []
+
+    def classify(
+        self, st: os.stat_result
+    ) -> tuple[tuple[NodeKind, DevNum] | None, DevNum | None]:
+        mode = st.st_mode
+        if stat.S_ISBLK(mode):
+            num = self.blk_raw.get(st.st_rdev)
+            if num is not None:
+                return ("block", num), None
+        elif stat.S_ISCHR(mode):
+            num = self.chr_raw.get(st.st_rdev)
+            if num is not None:
+                return ("char", num), None
+        return None, self.fs_raw.get(st.st_dev)
+
+    def scan(self, pids: list[int]) -> None:
+        proc = self.roots.proc
+        classify = self.classify
+        for pid in pids:
+            base = f"{proc}/{pid}"
+            found: list[tuple[UseKind, str, tuple[NodeKind, DevNum] | None, DevNum | None]] = []
+            # Descriptors: one stat each (following the link); the name only for matches.
+            try:
+                dfd = os.open(f"{base}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno == errno.EACCES:
+                    self.denied.append(pid)
+                elif exc.errno not in _GONE:
+                    self.problems.append(Unreadable(f"open files of pid {pid}", str(exc)))
+                continue
+            try:
+                for name in os.listdir(dfd):
+                    try:
+                        st = os.stat(name, dir_fd=dfd)
+                    except OSError:
+                        continue  # closed meanwhile
+                    node, fs = classify(st)
+                    if node or fs:
+                        try:
+                            target = os.readlink(name, dir_fd=dfd)
+                        except OSError:
+                            continue
+                        found.append(("fd", target, node, fs))
+            except OSError as exc:
+                if exc.errno not in _GONE:
+                    self.problems.append(Unreadable(f"open files of pid {pid}", str(exc)))
+                continue
+            finally:
+                os.close(dfd)
+            for how in ("cwd", "root"):
+                link = f"{base}/{how}"
+                try:
+                    st = os.stat(link)
+                except OSError:
+                    continue  # kernel threads and zombies have none
+                if st.st_dev in self.fs_raw:
+                    try:
+                        path = os.readlink(link)
+                    except OSError:
+                        path = "?"
+                    found.append((how, path, None, self.fs_raw[st.st_dev]))
+            if self.maps_keys:
+                data = _read_bytes(f"{base}/maps")
+                if data and any(key in data for key in self.maps_keys):
+                    for dev, path in parse_maps_devices(data.decode("utf-8", "replace")).items():
+                        if dev in self.fs:
+                            found.append(("mmap", path, None, dev))
+            if found:
+                comm = read_comm(self.roots, pid)
+                for how, path, node, fs in found:
+                    self.uses.append(ProcessUse(pid, comm, how, path, node, fs))

@@ -12,10 +12,13 @@ SCHEMA_VERSION = 1
 
 def as_text(f: Findings) -> str:
     head = f.snapshot.target.describe()
+    notes = ["  note: " + n for n in f.notes]
     if f.free:
-        return f"{head}: nothing on the host uses it; it can be handed over now\n"
+        return "\n".join([f"{head}: nothing on the host uses it; it can be handed over now",
+                          *notes]) + "\n"
     lines = [f"{head}: in use, not safe to hand over ({len(f.reasons)} reasons)"]
     lines.extend("  " + r.text for r in f.reasons)
+    lines.extend(notes)
     return "\n".join(lines) + "\n"
 
 
@@ -76,4 +79,5 @@ def as_json(f: Findings) -> dict[str, Any]:
         ],
         "mount_namespaces": len(snap.namespaces),
         "reasons": [r.as_json() for r in f.reasons],
+        "notes": list(f.notes),
     }

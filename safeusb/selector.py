@@ -6,12 +6,15 @@ import os
 import re
 import stat
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import sysfs
 from .errors import AmbiguousSelector, NoSuchDevice, SelectorError
-from .hostdev import UsbHostdev
 from .model import Target, UsbDevice
 from .roots import Roots
+
+if TYPE_CHECKING:
+    from .hostdev import UsbHostdev
 
 _SYSNAME = re.compile(r"^\d+-\d+(\.\d+)*$")
 _BUSDEV = re.compile(r"^(\d{1,3}):(\d{1,3})$")

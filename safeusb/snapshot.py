@@ -257,6 +257,7 @@ def read_snapshot(roots: Roots, target: Target, runner: Runner | None = None) ->
         fs_devices=fs_devices,
         backed_loops=tuple(sorted(backed)),
         unreadable=tuple(problems),
+        counter_slack_bytes=sysfs.writeback_counter_slack(roots),
     )
 
 

@@ -203,3 +203,30 @@ def block_name_for_syspath(path: str) -> str | None:
         if _link_name(os.path.join(path, "subsystem")) == "block":
             return os.path.basename(path)
     return None
+
+
+def possible_cpus(roots: Roots) -> int:
+    """Number of possible CPUs (/sys/devices/system/cpu/possible, e.g. "0-3")."""
+    text = _read(roots.sys_path("devices", "system", "cpu", "possible"))
+    if not text:
+        return 0
+    count = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        try:
+            count += (int(hi) if hi else int(lo)) - int(lo) + 1
+        except ValueError:
+            return 0
+    return count
+
+
+def writeback_counter_slack(roots: Roots) -> int:
+    """Largest error of a per-device writeback counter as debugfs shows it, in bytes.
+
+    The kernel keeps them as per-CPU counters with a batch of 8 * (1 + ilog2(CPUs)) pages
+    and shows the global part only (mm/backing-dev.c, include/linux/backing-dev-defs.h)."""
+    cpus = possible_cpus(roots)
+    if cpus <= 0:
+        return 0
+    batch = 8 * (1 + (cpus.bit_length() - 1))
+    return batch * cpus * os.sysconf("SC_PAGE_SIZE")

@@ -131,3 +131,32 @@ def test_namespace_pinned_without_process_fails_closed(fake: FakeSystem) -> None
     fake.process(8, "y", 4026532398, ROOT_MOUNT + pin)
     f = _findings(fake)
     assert any(r.kind == "unreadable" and "4026532777" in r.text for r in f.reasons)
+
+
+def _one_disk(tmp_path: Path, dirty_kib: int, writeback_kib: int = 0) -> FakeSystem:
+    fs = FakeSystem(tmp_path)
+    usb = fs.usb_device("2-1", 0x46F4, 0x0001, busnum=2, devnum=3)
+    fs.disk(usb, "sda", 8, 0)
+    fs.process(1, "init", LINUX_NS, ROOT_MOUNT)
+    (fs.sys / "devices/system/cpu").mkdir(parents=True)
+    (fs.sys / "devices/system/cpu/possible").write_text("0-1\n")
+    fs.bdi(8, 0, dirty_kib, writeback_kib)
+    return fs
+
+
+def test_counter_drift_on_an_unopened_device_is_a_note(tmp_path: Path) -> None:
+    f = _findings(_one_disk(tmp_path, 8, 20))
+    assert f.snapshot.counter_slack_bytes == 128 * 1024
+    assert f.free and len(f.notes) == 1 and "counter error" in f.notes[0]
+
+
+def test_dirty_beyond_counter_error_is_a_reason(tmp_path: Path) -> None:
+    f = _findings(_one_disk(tmp_path, 4096))
+    assert [r.kind for r in f.reasons] == ["dirty"]
+
+
+def test_small_dirty_figure_on_a_used_device_is_a_reason(tmp_path: Path) -> None:
+    fs = _one_disk(tmp_path, 8)
+    fs.process(50, "sh", LINUX_NS, ROOT_MOUNT + mount_line(300, "8:0", "/mnt", "/dev/sda"))
+    f = _findings(fs)
+    assert sorted(r.kind for r in f.reasons) == ["dirty", "mount"]

@@ -357,6 +357,25 @@ class BootResult:
             seconds=None if start is None or end is None else end - start,
         )
 
+    def stick_vars(self, stick: str) -> dict[str, str]:
+        """What the guest found for ``stick``: DEV, USB, BUSDEV, SERIAL."""
+        prefix = f"export {self.boot.stick(stick).var}_"
+        p = self.share / "sticks.env"
+        found = {}
+        for line in p.read_text().splitlines() if p.exists() else []:
+            if line.startswith(prefix):
+                key, _, value = line.removeprefix(prefix).partition("=")
+                found[key] = value
+        return found
+
+    def stick_disk(self, stick: str) -> str:
+        """The stick's disk name in the guest (``sdb``)."""
+        dev = self.stick_vars(stick).get("DEV")
+        if dev is None:
+            pytest.fail(self.boot_report(f"stick {stick} never appeared in the guest"),
+                        pytrace=False)
+        return dev.removeprefix("/dev/")
+
     def image(self, stick: str) -> Path:
         self.boot.stick(stick)
         return self.workdir / "img" / f"{stick}.img"

@@ -1,10 +1,27 @@
-"""`safeusb inspect` on a real kernel with emulated USB sticks (the inspect issue's tier 3)."""
+"""`safeusb inspect` on a real kernel with emulated USB sticks (the inspect issue's tier 3).
+
+One boot carries a stick per scenario, so scenarios cannot disturb each other; a
+second boot has a single stick, named through every kind of selector.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from .harness import Boot, BootResult, Image, Runner, Scenario, Stick
+from .harness import (
+    MIB,
+    Boot,
+    BootResult,
+    Image,
+    InspectRun,
+    Partition,
+    Runner,
+    Scenario,
+    ScenarioResult,
+    Stick,
+)
 
 pytestmark = pytest.mark.vm
 
@@ -12,10 +29,32 @@ BOOT = Boot(
     name="inspect",
     sticks=(
         Stick("idle", Image.ext4()),
+        Stick("held", Image.ext4()),
+        Stick("ns", Image.ext4()),
+        Stick("dirty", Image.ext4()),
+        Stick("parts", Image.msdos_two()),
+        Stick("luks", Image.msdos(Partition(1, 62, fs="none"))),
+        Stick("lvm", Image.raw()),
+        Stick("swap", Image.raw()),
     ),
     scenarios=(
         Scenario("idle", "inspect-idle.sh"),
+        Scenario("held", "inspect-held.sh"),
+        Scenario("ns", "inspect-ns.sh"),
+        Scenario("dirty", "inspect-dirty.sh", payloads={"data.bin": 4 * MIB}),
+        Scenario("parts", "inspect-parts.sh"),
+        Scenario("luks", "inspect-luks.sh"),
+        Scenario("lvm", "inspect-lvm.sh"),
+        Scenario("swap", "inspect-swap.sh"),
+        Scenario("errors", "inspect-errors.sh"),
     ),
+    modules=("xhci_pci", "usb_storage", "sd_mod", "dm_mod", "dm_crypt"),
+)
+
+SELECTOR_BOOT = Boot(
+    name="selectors",
+    sticks=(Stick("sel", Image.msdos_two()),),
+    scenarios=(Scenario("selectors", "inspect-selectors.sh"),),
 )
 
 
@@ -24,9 +63,148 @@ def vm(vm_runner: Runner, safeusb_cli: str) -> BootResult:
     return vm_runner.run(BOOT)
 
 
-def test_idle_stick_is_free(vm: BootResult) -> None:
-    r = vm.scenario("idle")
+@pytest.fixture(scope="module")
+def sel_vm(vm_runner: Runner, safeusb_cli: str) -> BootResult:
+    return vm_runner.run(SELECTOR_BOOT)
+
+
+def ran(vm: BootResult, name: str) -> ScenarioResult:
+    r = vm.scenario(name)
     r.expect_ran()
+    return r
+
+
+def in_use(r: ScenarioResult, tag: str) -> tuple[InspectRun, dict[str, Any]]:
+    """The inspect step ``tag`` said exit 1 with valid JSON, free false and reasons."""
+    run = r.inspect(tag)
+    r.expect(run.rc == 1, f"expected exit 1 (in use)\n{run}")
+    try:
+        data = run.json
+    except ValueError:
+        r.fail(f"--json output is not JSON\n{run}")
+    r.expect(data.get("free") is False, f"expected \"free\": false\n{run}")
+    r.expect(data.get("reasons"), f"expected at least one reason\n{run}")
+    return run, data
+
+
+def notes(r: ScenarioResult) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in r.file("notes").splitlines() if "=" in line)
+
+
+def block_names(data: dict[str, Any]) -> set[str]:
+    return {b["name"] for b in data.get("block_devices", [])}
+
+
+def test_idle_stick_is_free(vm: BootResult) -> None:
+    r = ran(vm, "idle")
     run = r.inspect("idle")
     r.expect(run.rc == 0, f"idle stick: expected exit 0\n{run}")
-    r.expect(run.json["free"] is True, f"idle stick not reported free\n{run}")
+    data = run.json
+    r.expect(data["free"] is True and data["reasons"] == [], f"idle stick not free\n{run}")
+    disk = vm.stick_disk("idle")
+    r.expect(block_names(data) == {disk}, f"expected exactly {disk} in block_devices\n{run}")
+
+
+def test_raw_node_held_open(vm: BootResult) -> None:
+    r = ran(vm, "held")
+    run, _ = in_use(r, "held")
+    pid = int(notes(r)["pid"])
+    pids = {x.get("pid") for x in run.reasons("open")}
+    r.expect(pid in pids, f"pid {pid} holding the disk open is not in an open reason\n{run}")
+
+
+def test_mounted_in_other_namespace_only(vm: BootResult) -> None:
+    r = ran(vm, "ns")
+    run, _ = in_use(r, "ns")
+    n = notes(r)
+    mounts = run.reasons("mount")
+    r.expect(any(m.get("mountpoint") == "/tmp/nsmnt" for m in mounts),
+             f"no mount reason naming /tmp/nsmnt\n{run}")
+    r.expect(any(m.get("mnt_ns") == int(n["mnt_ns"]) for m in mounts),
+             f"no mount reason in namespace {n['mnt_ns']} (ours is {n['own_ns']})\n{run}")
+
+
+def test_mounted_with_dirty_data(vm: BootResult) -> None:
+    r = ran(vm, "dirty")
+    run, data = in_use(r, "dirty")
+    r.expect(int(notes(r).get("dirty_kb") or 0) >= 1024,
+             f"the guest kernel did not hold 1 MiB dirty (BdiReclaimable {notes(r)})")
+    dirty = sum(b.get("dirty_bytes") or 0 for b in data["block_devices"])
+    r.expect(dirty >= MIB, f"dirty_bytes add up to {dirty}, expected >= 1 MiB\n{run}")
+    r.expect(run.reasons("mount"), f"no mount reason\n{run}")
+
+
+def test_partition_mounted(vm: BootResult) -> None:
+    r = ran(vm, "parts")
+    run, data = in_use(r, "parts")
+    disk = notes(r)["mounted"].removeprefix("/dev/")[:-1]
+    names = block_names(data)
+    r.expect({disk, f"{disk}1", f"{disk}2"} <= names,
+             f"block_devices should list {disk}, {disk}1 and {disk}2, got {sorted(names)}\n{run}")
+    r.expect(any(m.get("mountpoint") == "/tmp/parts1" for m in run.reasons("mount")),
+             f"no mount reason naming /tmp/parts1\n{run}")
+    node_run, _ = in_use(r, "parts-node")
+    r.expect(node_run.reasons("mount"),
+             f"selecting the unmounted partition must still report the mount\n{node_run}")
+
+
+def test_luks_holder(vm: BootResult) -> None:
+    r = ran(vm, "luks")
+    run, data = in_use(r, "luks")
+    r.expect(notes(r).get("holders", "").startswith("dm-"),
+             f"dm-crypt did not hold the partition in the guest ({notes(r)})")
+    r.expect(run.reasons("holder"), f"no holder reason for the open LUKS mapping\n{run}")
+    r.expect(any(n.startswith("dm-") for n in block_names(data)),
+             f"the dm-crypt device is not among block_devices\n{run}")
+
+
+def test_lvm_active(vm: BootResult) -> None:
+    r = ran(vm, "lvm")
+    run, data = in_use(r, "lvm")
+    r.expect(notes(r).get("holders", "").startswith("dm-"),
+             f"LVM did not activate a volume on the stick ({notes(r)})")
+    r.expect(run.reasons("holder"), f"no holder reason for the active LV\n{run}")
+    r.expect(any(n.startswith("dm-") for n in block_names(data)),
+             f"the LV's dm device is not among block_devices\n{run}")
+
+
+def test_swap(vm: BootResult) -> None:
+    r = ran(vm, "swap")
+    run, _ = in_use(r, "swap")
+    r.expect(run.reasons("swap"), f"no swap reason\n{run}")
+
+
+@pytest.mark.parametrize("tag", ["nodevice", "nodevice-text", "nosysfs", "nonode", "garbage",
+                                 "ambiguous"])
+def test_bad_selector(vm: BootResult, tag: str) -> None:
+    r = ran(vm, "errors")
+    run = r.inspect(tag)
+    r.expect(run.rc == 2, f"{tag}: expected exit 2\n{run}")
+    r.expect("Traceback" not in run.stderr, f"{tag}: traceback on stderr\n{run}")
+    lines = run.stderr.strip().splitlines()
+    r.expect(lines, f"{tag}: no message on stderr\n{run}")
+    if tag != "ambiguous":  # an ambiguous selector lists the candidates
+        r.expect(len(lines) == 1, f"{tag}: expected a one-line message\n{run}")
+
+
+@pytest.mark.parametrize("tag", ["sysfs", "busdev", "busdev-padded", "vidpid", "disk",
+                                 "partition", "usbnode", "xml-vidpid", "xml-address"])
+def test_selector(sel_vm: BootResult, tag: str) -> None:
+    r = ran(sel_vm, "selectors")
+    if tag == "usbnode" and notes(r).get("usbnode") == "absent":
+        pytest.skip("no /dev/bus/usb node in the guest")
+    run = r.inspect(tag)
+    r.expect(run.rc == 0, f"{tag}: expected exit 0 for the idle stick\n{run}")
+    data = run.json
+    names = block_names(data)
+    disk = sel_vm.stick_disk("sel")
+    r.expect({disk, f"{disk}1", f"{disk}2"} <= names,
+             f"{tag}: selector did not resolve to the stick (block_devices {sorted(names)})\n{run}")
+
+
+def test_selector_text_output(sel_vm: BootResult) -> None:
+    r = ran(sel_vm, "selectors")
+    run = r.inspect("text")
+    r.expect(run.rc == 0, f"expected exit 0\n{run}")
+    r.expect(run.stdout.strip() and not run.stdout.lstrip().startswith("{"),
+             f"expected human text\n{run}")

@@ -19,7 +19,7 @@ note() { echo "$1=$2" >>"$OUT/notes"; }
 bdi_stat() {
     local mm
     mm=$(cat "/sys/class/block/$(basename "$1")/dev")
-    awk -v f="$2" '$1 == f { print $2 }' "/sys/kernel/debug/bdi/$mm/stats"
+    awk -v f="$2:" '$1 == f { print $2 }' "/sys/kernel/debug/bdi/$mm/stats"
 }
 
 # wait_for PATH [SECONDS]: until PATH exists.
@@ -37,4 +37,10 @@ wait_for() {
 partition() {
     blockdev --rereadpt "$1" 2>/dev/null || partx -u "$1" 2>/dev/null || true
     wait_for "$1$2" 10 && echo "$1$2"
+}
+
+# hostdev_xml BUS:DEV: a libvirt <hostdev> for the USB device at that address.
+hostdev_xml() {
+    printf "<hostdev mode='subsystem' type='usb'>\n  <source><address bus='%s' device='%s'/></source>\n</hostdev>\n" \
+        "${1%%:*}" "${1##*:}"
 }
