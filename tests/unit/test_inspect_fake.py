@@ -157,6 +157,6 @@ def test_dirty_beyond_counter_error_is_a_reason(tmp_path: Path) -> None:
 
 def test_small_dirty_figure_on_a_used_device_is_a_reason(tmp_path: Path) -> None:
     fs = _one_disk(tmp_path, 8)
-    fs.process(50, "sh", LINUX_NS, ROOT_MOUNT + mount_line(300, "8:0", "/mnt", "/dev/sda"))
+    fs.process(50, "sh", 4026532500, ROOT_MOUNT + mount_line(300, "8:0", "/mnt", "/dev/sda"))
     f = _findings(fs)
     assert sorted(r.kind for r in f.reasons) == ["dirty", "mount"]
