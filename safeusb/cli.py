@@ -5,18 +5,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import logging.handlers
+import os
 import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .act import Outcome, prepare, release, target_key
 from .errors import EXIT_FREE, EXIT_IN_USE, SafeUSBError, UsageError, XMLError, exit_code_for
 from .inspect import inspect
 from .model import Target
+from .policy import DEFAULT_PATH as DEFAULT_POLICY
+from .policy import Policy
 from .report import as_json, as_text
 from .roots import Roots
-from .run import Runner
+from .run import Runner, stderr_progress
 from .selector import Selector, resolve
 from .snapshot import read_snapshot
+from .state import DEFAULT_DIR as DEFAULT_STATE_DIR
+from .state import StateDir
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,6 +46,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_selector_arguments(ins)
     ins.add_argument("--json", action="store_true", help="machine-readable output")
+
+    for name, text in (
+        ("prepare", "make a device free for a guest by the policy (flush, unmount, tear "
+                    "down, unbind), or refuse with the reasons"),
+        ("release", "give a device back to the host: rebind its drivers and, with "
+                    "restore = true, reactivate and remount what prepare took"),
+    ):
+        sp = sub.add_parser(name, help=text.split(":")[0], description=text.capitalize() + ".")
+        add_selector_arguments(sp)
+        sp.add_argument("--policy", metavar="FILE", default=DEFAULT_POLICY,
+                        help=f"policy file (default {DEFAULT_POLICY})")
+        sp.add_argument("--domain", metavar="NAME", help="the libvirt domain it is for")
+        sp.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
+                        help=argparse.SUPPRESS)
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "prepare":
+            sp.add_argument("--dry-run", action="store_true",
+                            help="print the plan, change nothing")
+            sp.add_argument("--timeout", type=float, metavar="SECONDS",
+                            help="flush timeout (default: the policy's flush_timeout)")
     return p
 
 
@@ -81,14 +108,77 @@ def cmd_inspect(args: argparse.Namespace, roots: Roots) -> int:
     return EXIT_FREE if findings.free else EXIT_IN_USE
 
 
+def _print_outcome(verb: str, head: str, outcome: Outcome, as_json: bool) -> int:
+    if as_json:
+        json.dump(outcome.as_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EXIT_FREE if outcome.ok else EXIT_IN_USE
+    plan = outcome.plan
+    out = sys.stdout if outcome.ok else sys.stderr
+    lines: list[str] = []
+    if plan is not None and plan.refused:
+        lines.append(f"safeusb: refused to hand over {head}:")
+        lines.extend("  " + r for r in plan.refusals)
+    elif outcome.error:
+        lines.append(f"safeusb: could not {verb} {head}: {outcome.error}")
+        lines.extend("  undone: " + u for u in outcome.undone)
+        lines.extend("  NOT undone: " + u for u in outcome.not_undone)
+        lines.append(f"  host state: {outcome.host_state()}")
+    elif plan is not None and not outcome.done:
+        lines.append(f"plan for {head} ({plan.rule}):")
+        lines.extend(f"  {i}. {s.describe()}" for i, s in enumerate(plan.steps, 1))
+    else:
+        lines.append(f"{head}: " + ("ready for the guest" if verb == "prepare"
+                                    else "given back to the host"))
+        lines.extend("  done: " + d for d in outcome.done)
+        lines.extend("  NOT done: " + u for u in outcome.not_undone)
+    lines.extend("  note: " + n for n in outcome.notes)
+    out.write("\n".join(lines) + "\n")
+    return EXIT_FREE if outcome.ok else EXIT_IN_USE
+
+
+def cmd_prepare(args: argparse.Namespace, roots: Roots) -> int:
+    target = target_from_args(args, roots)
+    policy = Policy.from_file(args.policy)
+    runner = Runner(dry_run=args.dry_run, debugfs=roots.debugfs, sys_root=roots.sys,
+                    progress=stderr_progress)
+    outcome = prepare(roots, target, policy, runner, StateDir(args.state_dir),
+                      domain=args.domain, timeout=args.timeout)
+    return _print_outcome("prepare", target.describe(), outcome, args.json)
+
+
+def cmd_release(args: argparse.Namespace, roots: Roots) -> int:
+    target = target_from_args(args, roots)
+    policy = Policy.from_file(args.policy)
+    runner = Runner(debugfs=roots.debugfs, sys_root=roots.sys)
+    outcome = release(roots, target_key(target), policy, runner, StateDir(args.state_dir),
+                      usb=target.usb, domain=args.domain)
+    return _print_outcome("release", target.describe(), outcome, args.json)
+
+
+COMMANDS = {"inspect": cmd_inspect, "prepare": cmd_prepare, "release": cmd_release}
+
+
+def _setup_logging(verbose: bool, acting: bool) -> None:
+    logger = logging.getLogger("safeusb")
+    logger.setLevel(logging.INFO if (verbose or acting) else logging.WARNING)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("safeusb: %(message)s"))
+    logger.addHandler(handler)
+    if acting and os.path.exists("/dev/log"):
+        try:
+            syslog = logging.handlers.SysLogHandler(address="/dev/log")
+        except OSError:
+            return
+        syslog.setFormatter(logging.Formatter("safeusb[%(process)d]: %(message)s"))
+        logger.addHandler(syslog)
+
+
 def main(argv: Sequence[str] | None = None, roots: Roots | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        logging.basicConfig(
-            level=logging.INFO if args.verbose else logging.WARNING,
-            format="safeusb: %(message)s",
-        )
-        return cmd_inspect(args, roots or Roots.host())
+        _setup_logging(args.verbose, args.command in ("prepare", "release"))
+        return COMMANDS[args.command](args, roots or Roots.host())
     except SafeUSBError as exc:
         print(f"safeusb: {exc}", file=sys.stderr)
         return exit_code_for(exc)

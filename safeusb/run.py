@@ -1,19 +1,43 @@
-"""The one place that changes the system: every command is logged, argument lists only."""
+"""The one place that changes the system. Every action and command is logged (stderr and
+syslog); commands are argument lists with absolute paths, never a shell."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import os
+import signal
 import subprocess
-from collections.abc import Sequence
-from dataclasses import dataclass
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .errors import SafeUSBError
+from .parsers import ParseError, parse_bdi_stats, parse_mountinfo
+
+if TYPE_CHECKING:
+    from .plan import Flush
 
 log = logging.getLogger("safeusb")
 
 _TOOL_DIRS = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
+_CLONE_NEWNS = 0x00020000
 
 
-class CommandFailed(Exception):
+class StepFailed(SafeUSBError):
+    """A step of a plan could not be carried out."""
+
+    exit_code = 1
+
+
+class FlushTimeout(StepFailed):
+    pass
+
+
+class CommandFailed(StepFailed):
     def __init__(self, argv: Sequence[str], returncode: int, stderr: str) -> None:
         detail = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {returncode}"
         super().__init__(f"{' '.join(argv)}: {detail}")
@@ -28,27 +52,272 @@ def tool(name: str) -> str:
         path = os.path.join(d, name)
         if os.access(path, os.X_OK):
             return path
-    raise FileNotFoundError(f"{name} not found in {', '.join(_TOOL_DIRS)}")
+    raise StepFailed(f"{name} not found in {', '.join(_TOOL_DIRS)}")
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass
 class Runner:
-    """Executes commands and logs each one. ``dry_run`` logs without executing."""
+    """Executes commands and system calls and logs each one. ``dry_run`` only logs."""
 
     dry_run: bool = False
+    flush_timeout: float = 120.0
+    debugfs: str = "/sys/kernel/debug"
+    sys_root: str = "/sys"
+    progress: Callable[[str], None] | None = None
+    log_lines: list[str] = field(default_factory=list)
+    held: dict[str, int] = field(default_factory=dict)
 
-    def run(self, argv: Sequence[str], timeout: float | None = 60) -> str:
+    def _log(self, text: str) -> None:
+        self.log_lines.append(text)
+        log.info("%s", text)
+
+    def run(self, argv: Sequence[str], timeout: float | None = 120) -> str:
         if not argv or not os.path.isabs(argv[0]):
             raise ValueError(f"command must start with an absolute path: {argv!r}")
-        log.info("run: %s", " ".join(argv))
+        self._log("run: " + " ".join(argv))
         if self.dry_run:
             return ""
-        proc = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=timeout, check=False
-        )
+        try:
+            proc = subprocess.run(
+                list(argv), capture_output=True, text=True, timeout=timeout, check=False
+            )
+        except subprocess.TimeoutExpired:
+            raise StepFailed(f"{' '.join(argv)}: no answer in {timeout} s") from None
         if proc.returncode != 0:
             raise CommandFailed(argv, proc.returncode, proc.stderr)
         return proc.stdout
 
     def mount_debugfs(self, target: str) -> None:
         self.run([tool("mount"), "-t", "debugfs", "debugfs", target])
+
+    def write_sysfs(self, path: str, value: str) -> None:
+        self._log(f"write {value!r} to {path}")
+        if self.dry_run:
+            return
+        try:
+            with open(path, "w", encoding="ascii") as f:
+                f.write(value)
+        except OSError as exc:
+            raise StepFailed(f"writing {value!r} to {path}: {exc.strerror or exc}") from None
+
+    # -- processes ---------------------------------------------------------------------
+
+    def kill(self, pid: int, comm: str, grace: float = 5.0) -> None:
+        self._log(f"kill: pid {pid} ({comm}) with SIGTERM, SIGKILL after {grace:g} s")
+        if self.dry_run:
+            return
+        try:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                os.kill(pid, 0)
+                time.sleep(0.05)
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+
+    # -- mount namespaces --------------------------------------------------------------
+
+    def _in_namespace(self, pid: int, action: Callable[[ctypes.CDLL], int], what: str) -> None:
+        """Run a system call in the mount namespace and root of pid, in a child process."""
+        ns_fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        root_fd = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            child = os.fork()
+            if child == 0:  # pragma: no cover - runs in the child
+                code = 0
+                try:
+                    libc = _libc()
+                    if libc.setns(ns_fd, _CLONE_NEWNS) != 0:
+                        code = 100 + ctypes.get_errno()
+                    else:
+                        os.fchdir(root_fd)
+                        os.chroot(".")
+                        if action(libc) != 0:
+                            code = ctypes.get_errno() or 99
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(child, 0)
+        finally:
+            os.close(ns_fd)
+            os.close(root_fd)
+        code = os.waitstatus_to_exitcode(status)
+        if code >= 100:
+            raise StepFailed(f"{what}: cannot enter the mount namespace of pid {pid}: "
+                             f"{os.strerror(code - 100)}")
+        if code:
+            raise StepFailed(f"{what}: {os.strerror(code)}")
+
+    def _still_mounted(self, pid: int, mountpoint: str) -> bool:
+        try:
+            with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+                return any(m.mountpoint == mountpoint for m in parse_mountinfo(f.read()))
+        except (OSError, ParseError):
+            return True
+
+    def umount_in(self, pid: int, mnt_ns: int, mountpoint: str) -> None:
+        what = f"umount {mountpoint} in mount namespace {mnt_ns} (pid {pid})"
+        self._log(what)
+        if self.dry_run:
+            return
+        if not self._still_mounted(pid, mountpoint):
+            self._log(f"{mountpoint} in mount namespace {mnt_ns} is already gone (propagation)")
+            return
+        path = mountpoint.encode()
+        self._in_namespace(pid, lambda libc: int(libc.umount2(path, 0)), what)
+
+    def mount_in(self, pid: int, mnt_ns: int, source: str, mountpoint: str, fstype: str,
+                 options: str) -> None:
+        what = f"mount {source} at {mountpoint} ({fstype}, {options}) in mount namespace " \
+               f"{mnt_ns} (pid {pid})"
+        self._log(what)
+        if self.dry_run:
+            return
+        flags, data = _mount_flags(options)
+        src, mp, fs, opts = source.encode(), mountpoint.encode(), fstype.encode(), data.encode()
+        self._in_namespace(
+            pid, lambda libc: int(libc.mount(src, mp, fs, ctypes.c_ulong(flags), opts)), what
+        )
+
+    # -- flushing ----------------------------------------------------------------------
+
+    def _bdi_remaining(self, bdi: str) -> int | None:
+        try:
+            with open(os.path.join(self.debugfs, "bdi", bdi, "stats"), encoding="utf-8") as f:
+                dirty, writeback = parse_bdi_stats(f.read())
+        except (OSError, ParseError):
+            return None
+        return dirty + writeback
+
+    def flush(self, step: Flush) -> None:
+        targets = [f"/proc/{pid}/root{mp}" for pid, mp in step.filesystems]
+        self._log(f"flush {step.device}: syncfs {', '.join(targets) or '-'}; "
+                  f"fsync {', '.join(step.nodes)}")
+        if self.dry_run:
+            return
+        sync = tool("sync")
+        commands = [[sync, "--file-system", *targets]] if targets else []
+        commands.append([sync, *step.nodes])
+        procs = []
+        for argv in commands:
+            self._log("run: " + " ".join(argv))
+            procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.PIPE, text=True))
+        deadline = time.monotonic() + self.flush_timeout
+        try:
+            while any(p.poll() is None for p in procs):
+                if time.monotonic() > deadline:
+                    left = self._bdi_remaining(step.bdi)
+                    shown = "unknown" if left is None else f"{left} bytes"
+                    raise FlushTimeout(f"flushing {step.device} did not finish in "
+                                       f"{self.flush_timeout:g} s ({shown} still unwritten); "
+                                       "nothing was unmounted")
+                if self.progress:
+                    left = self._bdi_remaining(step.bdi)
+                    if left is not None:
+                        self.progress(f"flushing {step.device}: {left / 1048576:.1f} MiB left")
+                time.sleep(0.1)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        for argv, p in zip(commands, procs, strict=True):
+            if p.returncode != 0:
+                err = p.stderr.read() if p.stderr else ""
+                raise CommandFailed(argv, p.returncode, err)
+        if self.progress:
+            self.progress("")
+
+    # -- handing the device over -------------------------------------------------------
+
+    def hold(self, paths: Sequence[str]) -> list[str]:
+        """Open every free one of the given block devices with O_EXCL and keep it open, so
+        nothing can mount or claim it; return those still claimed by someone else."""
+        busy = []
+        for path in paths:
+            if path in self.held:
+                continue
+            if self.dry_run:
+                self._log(f"hold {path} exclusively")
+                self.held[path] = -1
+                continue
+            try:
+                self.held[path] = os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise StepFailed(f"cannot open {path}: {exc.strerror or exc}") from None
+                busy.append(path)
+            else:
+                self._log(f"hold {path} exclusively")
+        return busy
+
+    def release_holds(self) -> None:
+        for path, fd in sorted(self.held.items()):
+            if fd >= 0:
+                os.close(fd)
+            self._log(f"let go of {path}")
+        self.held.clear()
+
+    def handoff(self, holds: Sequence[str], interfaces: Sequence[tuple[str, str]]) -> None:
+        busy = self.hold(holds)
+        if busy:
+            raise StepFailed(f"cannot hold {', '.join(busy)} exclusively: claimed by another "
+                             "holder (a mount or a program that appeared meanwhile)")
+        try:
+            for iface, driver in interfaces:
+                self.write_sysfs(os.path.join(self.sys_root, "bus/usb/drivers", driver,
+                                              "unbind"), iface)
+            if interfaces and not self.dry_run:
+                self._wait_gone(holds)
+        finally:
+            self.release_holds()
+
+    def _wait_gone(self, disks: Sequence[str], timeout: float = 15.0) -> None:
+        names = [os.path.basename(d) for d in disks]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not any(os.path.exists(os.path.join(self.sys_root, "class/block", n))
+                       for n in names):
+                return
+            time.sleep(0.05)
+        raise StepFailed(f"{', '.join(disks)} still present {timeout:g} s after unbinding")
+
+    def bind(self, interface: str, driver: str) -> None:
+        path = os.path.join(self.sys_root, "bus/usb/drivers", driver, "bind")
+        try:
+            self.write_sysfs(path, interface)
+        except StepFailed:
+            if os.path.exists(os.path.join(self.sys_root, "bus/usb/drivers", driver, interface)):
+                self._log(f"{interface} is already bound to {driver}")
+                return
+            raise
+
+
+_FLAGS = {
+    "ro": 1, "nosuid": 2, "nodev": 4, "noexec": 8, "sync": 16, "dirsync": 128,
+    "noatime": 1024, "nodiratime": 2048, "relatime": 1 << 21, "strictatime": 1 << 24,
+    "lazytime": 1 << 25,
+}
+
+
+def _mount_flags(options: str) -> tuple[int, str]:
+    flags = 0
+    data = []
+    for opt in options.split(","):
+        if opt in _FLAGS:
+            flags |= _FLAGS[opt]
+        elif opt and opt != "rw":
+            data.append(opt)
+    return flags, ",".join(data)
+
+
+def stderr_progress(text: str) -> None:
+    """A one-line progress display on a terminal."""
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\033[K" + text)
+        sys.stderr.flush()

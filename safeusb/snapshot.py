@@ -22,7 +22,7 @@ from .model import (
 from .parsers import ParseError, parse_bdi_stats
 from .procfs import list_pids, read_mount_namespaces, read_swaps, scan_processes
 from .roots import Roots
-from .run import CommandFailed, Runner
+from .run import Runner, StepFailed
 
 
 def _under(path: str, directory: str) -> bool:
@@ -146,7 +146,7 @@ def _read_dirty(
     if roots.live and not os.path.isdir(base) and runner is not None and os.geteuid() == 0:
         try:
             runner.mount_debugfs(roots.debugfs)
-        except (CommandFailed, FileNotFoundError, OSError):
+        except (StepFailed, OSError):
             pass  # reported below as unreadable figures
     out = []
     for num in bdis:

@@ -1,0 +1,250 @@
+"""prepare and release: carry out a plan with rollback, and put back what was taken."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import sysfs
+from .errors import SafeUSBError
+from .inspect import inspect
+from .model import Target
+from .plan import (
+    CloseCrypt,
+    DeactivateLV,
+    DetachLoop,
+    Flush,
+    Handoff,
+    Kill,
+    Plan,
+    RemoveDm,
+    Step,
+    StopMd,
+    Swapoff,
+    UndoImpossible,
+    Unmount,
+    build_plan,
+    hold_targets,
+)
+from .policy import Policy
+from .roots import Roots
+from .run import Runner, StepFailed
+from .snapshot import read_snapshot
+from .state import DeviceBusy, Record, StateDir, new_record
+
+STEP_TYPES: dict[str, type[Step]] = {
+    cls.kind: cls
+    for cls in (Kill, Flush, Unmount, Swapoff, DetachLoop, CloseCrypt, DeactivateLV, StopMd,
+                RemoveDm, Handoff)
+}
+
+
+def target_key(target: Target) -> str:
+    return target.usb.sysname if target.usb else (target.block or "?")
+
+
+@dataclass
+class Outcome:
+    """What happened, in words a person can act on."""
+
+    ok: bool
+    plan: Plan | None = None
+    done: list[str] = field(default_factory=list)
+    error: str | None = None
+    undone: list[str] = field(default_factory=list)
+    not_undone: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def host_state(self) -> str:
+        if self.ok:
+            return "handed over" if self.done else "nothing to do"
+        if not self.done:
+            return "unchanged: nothing was done"
+        if not self.not_undone:
+            return "as before: every step was undone"
+        return "changed: " + "; ".join(self.not_undone)
+
+    def as_json(self) -> dict[str, Any]:
+        plan = self.plan
+        return {
+            "ok": self.ok,
+            "refused": bool(plan and plan.refused),
+            "reasons": list(plan.refusals) if plan else [],
+            "rule": plan.rule if plan else None,
+            "steps": [s.as_json() for s in plan.steps] if plan else [],
+            "done": self.done,
+            "error": self.error,
+            "undone": self.undone,
+            "not_undone": self.not_undone,
+            "host_state": self.host_state(),
+            "notes": self.notes,
+        }
+
+
+def prepare(
+    roots: Roots,
+    target: Target,
+    policy: Policy,
+    runner: Runner,
+    state: StateDir,
+    domain: str | None = None,
+    timeout: float | None = None,
+) -> Outcome:
+    """Make the device free for a guest, by the policy, or refuse with the reasons."""
+    key = target_key(target)
+    with state.lock(key):
+        record = state.load(key)
+        if record is not None:
+            if record.domain != domain:
+                who = f"domain {record.domain}" if record.domain else "an earlier prepare"
+                raise DeviceBusy(f"{key} is in use by {who} (release it first)")
+            return Outcome(True, notes=[f"{key} was already prepared for this domain"])
+        findings = inspect(read_snapshot(roots, target, runner))
+        settings, rule = policy.settings_for(target.usb, domain)
+        plan = build_plan(findings, settings, rule)
+        outcome = Outcome(False, plan, notes=list(findings.notes))
+        if plan.refused:
+            return outcome
+        runner.flush_timeout = timeout if timeout is not None else settings.flush_timeout
+        if runner.dry_run:
+            outcome.ok = True
+            return outcome
+        holds = hold_targets(findings.snapshot)
+        done: list[Step] = []
+        try:
+            runner.hold(holds)
+            for step in plan.steps:
+                step.execute(runner)
+                done.append(step)
+                outcome.done.append(step.describe())
+                if not isinstance(step, Handoff):
+                    state.save(new_record(key, domain, [s.as_json() for s in done]))
+                    runner.hold(holds)  # claim what this step freed, at once
+            state.save(new_record(key, domain, [s.as_json() for s in done]))
+        except (StepFailed, OSError) as exc:
+            runner.release_holds()
+            outcome.error = str(exc)
+            _undo(done, runner, outcome)
+            if not outcome.not_undone:
+                state.remove(key)
+            return outcome
+        outcome.ok = True
+        return outcome
+
+
+def _undo(done: list[Step], runner: Runner, outcome: Outcome) -> None:
+    for step in reversed(done):
+        if isinstance(step, Kill | Flush):
+            continue
+        try:
+            step.undo(runner)
+            outcome.undone.append(step.describe())
+        except UndoImpossible as exc:
+            outcome.not_undone.append(str(exc))
+        except (StepFailed, OSError) as exc:
+            outcome.not_undone.append(f"{step.describe()}: undo failed: {exc}")
+
+
+def step_from_json(doc: dict[str, Any]) -> Step:
+    cls = STEP_TYPES.get(doc.get("kind", ""))
+    if cls is None:
+        raise SafeUSBError(f"unknown step in state: {doc.get('kind')!r}")
+    fields = {k: v for k, v in doc.items() if k not in ("kind", "text")}
+    for k, v in list(fields.items()):
+        if isinstance(v, list):
+            fields[k] = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+    return cls(**fields)
+
+
+def release(
+    roots: Roots,
+    key: str,
+    policy: Policy,
+    runner: Runner,
+    state: StateDir,
+    usb: Any = None,
+    domain: str | None = None,
+) -> Outcome:
+    """Give back what prepare took: rebind drivers; with restore = true, reactivate
+    holders and remount. Idempotent: without a record there is nothing to do."""
+    with state.lock(key):
+        record = state.load(key)
+        outcome = Outcome(True)
+        if record is None:
+            outcome.notes.append(f"{key}: nothing recorded; nothing to release")
+            return outcome
+        settings, _ = policy.settings_for(usb, domain or record.domain)
+        steps = [step_from_json(s) for s in record.steps]
+        renames: dict[str, str] = {}
+        for recorded in reversed(steps):
+            step = _renamed(recorded, renames)
+            if isinstance(step, Kill | Flush):
+                continue
+            if not isinstance(step, Handoff) and not settings.restore:
+                outcome.notes.append(f"not restored (restore = false): {step.describe()}")
+                continue
+            try:
+                step.undo(runner)
+                outcome.done.append(f"undo: {step.describe()}")
+                if isinstance(step, Handoff) and step.interfaces:
+                    renames.update(_wait_present(roots, key, step.disks))
+            except UndoImpossible as exc:
+                outcome.not_undone.append(str(exc))
+            except (StepFailed, OSError) as exc:
+                outcome.not_undone.append(f"{step.describe()}: {exc}")
+        outcome.ok = not outcome.not_undone
+        state.remove(key)
+        return outcome
+
+
+def _disk_of(node: str) -> str:
+    name = os.path.basename(node)
+    return name.rstrip("0123456789") if name.startswith("sd") else name
+
+
+def _wait_present(roots: Roots, key: str, nodes: tuple[str, ...],
+                  timeout: float = 20.0) -> dict[str, str]:
+    """Wait for the disks to come back under the USB port after binding; the kernel may
+    give them new names (sdb for sda): return the renames of whole disks."""
+    old = sorted({_disk_of(n) for n in nodes})
+    port = roots.sys_path("bus", "usb", "devices", key)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        disks = sorted(
+            os.path.basename(n.devname) for n in sysfs.nodes_under(os.path.realpath(port))
+            if n.kind == "block" and os.path.basename(n.devname) == _disk_of(n.devname)
+        )
+        if len(disks) >= len(old) and all(
+            os.path.exists(roots.sys_path("class", "block", n.replace(o, d, 1)))
+            for o, d in zip(old, disks, strict=False) for n in
+            (os.path.basename(x) for x in nodes if _disk_of(x) == o)
+        ):
+            return {o: d for o, d in zip(old, disks, strict=False) if o != d}
+        time.sleep(0.1)
+    raise StepFailed(f"{', '.join(nodes)} did not come back within {timeout:g} s")
+
+
+def _renamed(step: Step, renames: dict[str, str]) -> Step:
+    """The step with device paths updated for disks that came back under new names."""
+    if not renames:
+        return step
+    doc = step.as_json()
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, str):
+            for old, new in renames.items():
+                if value == f"/dev/{old}" or (value.startswith(f"/dev/{old}")
+                                              and value[len(old) + 5:].isdigit()):
+                    return f"/dev/{new}" + value[len(old) + 5:]
+            return value
+        if isinstance(value, list | tuple):
+            return [fix(v) for v in value]
+        return value
+
+    return step_from_json({k: fix(v) for k, v in doc.items()})
+
+
+def load_record(state: StateDir, key: str) -> Record | None:
+    return state.load(key)

@@ -1,0 +1,423 @@
+"""Plans: the ordered steps that hand a device over safely, built by pure functions.
+
+Each step describes itself, executes through the Runner (the only code that touches the
+system) and knows how to undo itself where that is possible.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .inspect import Findings, Reason, human_bytes
+from .model import BlockDevice, DevNum, MountEntry, MountNamespace, Snapshot
+from .policy import Settings
+from .run import tool
+
+if TYPE_CHECKING:
+    from .run import Runner
+
+STORAGE_DRIVERS = ("usb-storage", "uas")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One action on the host."""
+
+    kind: ClassVar[str] = "step"
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def execute(self, runner: Runner) -> None:
+        raise NotImplementedError
+
+    def undo(self, runner: Runner) -> None:
+        """Put back what execute took; raise UndoImpossible when it cannot be done."""
+        raise UndoImpossible(f"cannot undo: {self.describe()}")
+
+    def as_json(self) -> dict[str, Any]:
+        data = {k: v for k, v in self.__dict__.items()}
+        return {"kind": self.kind, "text": self.describe(), **data}
+
+
+class UndoImpossible(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Kill(Step):
+    kind: ClassVar[str] = "kill"
+    pid: int
+    comm: str
+
+    def describe(self) -> str:
+        return f"end pid {self.pid} ({self.comm}) (TERM, then KILL)"
+
+    def execute(self, runner: Runner) -> None:
+        runner.kill(self.pid, self.comm)
+
+
+@dataclass(frozen=True)
+class Flush(Step):
+    kind: ClassVar[str] = "flush"
+    device: str  # the device whose statistics account the data: "sda"
+    bdi: str  # "8:0"
+    dirty_bytes: int
+    filesystems: tuple[tuple[int, str], ...]  # (pid in the namespace, mountpoint)
+    nodes: tuple[str, ...]  # raw nodes whose page cache to write: "/dev/sda"
+
+    def describe(self) -> str:
+        return f"flush {human_bytes(self.dirty_bytes)} on {self.device}"
+
+    def execute(self, runner: Runner) -> None:
+        runner.flush(self)
+
+    def undo(self, runner: Runner) -> None:
+        return None  # writing data back leaves nothing to undo
+
+
+@dataclass(frozen=True)
+class Unmount(Step):
+    kind: ClassVar[str] = "unmount"
+    device: str
+    source: str
+    mountpoint: str
+    fstype: str
+    options: str
+    mnt_ns: int
+    pid: int
+
+    def describe(self) -> str:
+        ns = f"mount namespace {self.mnt_ns}" if self.mnt_ns else f"the namespace of pid {self.pid}"
+        return f"unmount {self.mountpoint} in {ns}"
+
+    def execute(self, runner: Runner) -> None:
+        runner.umount_in(self.pid, self.mnt_ns, self.mountpoint)
+
+    def undo(self, runner: Runner) -> None:
+        runner.mount_in(self.pid, self.mnt_ns, self.source, self.mountpoint, self.fstype,
+                        self.options)
+
+
+@dataclass(frozen=True)
+class Swapoff(Step):
+    kind: ClassVar[str] = "swapoff"
+    path: str
+
+    def describe(self) -> str:
+        return f"swapoff {self.path}"
+
+    def execute(self, runner: Runner) -> None:
+        runner.run([tool("swapoff"), self.path])
+
+    def undo(self, runner: Runner) -> None:
+        runner.run([tool("swapon"), self.path])
+
+
+@dataclass(frozen=True)
+class DetachLoop(Step):
+    kind: ClassVar[str] = "detach-loop"
+    node: str
+    backing_file: str
+
+    def describe(self) -> str:
+        return f"detach loop device {self.node} ({self.backing_file})"
+
+    def execute(self, runner: Runner) -> None:
+        runner.run([tool("losetup"), "--detach", self.node])
+
+    def undo(self, runner: Runner) -> None:
+        runner.run([tool("losetup"), self.node, self.backing_file])
+
+
+@dataclass(frozen=True)
+class CloseCrypt(Step):
+    kind: ClassVar[str] = "close-crypt"
+    name: str
+
+    def describe(self) -> str:
+        return f"close dm-crypt {self.name}"
+
+    def execute(self, runner: Runner) -> None:
+        runner.run([tool("cryptsetup"), "close", self.name])
+
+    def undo(self, runner: Runner) -> None:
+        raise UndoImpossible(f"dm-crypt {self.name} needs its key to be opened again")
+
+
+@dataclass(frozen=True)
+class DeactivateLV(Step):
+    kind: ClassVar[str] = "deactivate-lv"
+    vg: str
+    lv: str
+
+    def describe(self) -> str:
+        return f"deactivate LVM logical volume {self.vg}/{self.lv}"
+
+    def execute(self, runner: Runner) -> None:
+        runner.run([tool("lvchange"), "--activate", "n", f"{self.vg}/{self.lv}"])
+
+    def undo(self, runner: Runner) -> None:
+        runner.run([tool("lvchange"), "--activate", "y", f"{self.vg}/{self.lv}"])
+
+
+@dataclass(frozen=True)
+class StopMd(Step):
+    kind: ClassVar[str] = "stop-md"
+    node: str
+    members: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"stop md array {self.node}"
+
+    def execute(self, runner: Runner) -> None:
+        runner.run([tool("mdadm"), "--stop", self.node])
+
+    def undo(self, runner: Runner) -> None:
+        runner.run([tool("mdadm"), "--assemble", self.node, *self.members])
+
+
+@dataclass(frozen=True)
+class RemoveDm(Step):
+    kind: ClassVar[str] = "remove-dm"
+    name: str
+
+    def describe(self) -> str:
+        return f"remove device-mapper device {self.name}"
+
+    def execute(self, runner: Runner) -> None:
+        runner.run([tool("dmsetup"), "remove", self.name])
+
+
+@dataclass(frozen=True)
+class Handoff(Step):
+    """Hold the device's partitions (or partitionless disks) with O_EXCL, so nothing can
+    mount or claim them, while the mass-storage driver is unbound from the interfaces; the
+    disks then go away. The runner takes each hold as soon as teardown frees the device."""
+
+    kind: ClassVar[str] = "handoff"
+    disks: tuple[str, ...]  # what to hold: "/dev/sda1", "/dev/sda2" (or "/dev/sda")
+    interfaces: tuple[tuple[str, str], ...]  # ("2-1:1.0", "usb-storage")
+
+    def describe(self) -> str:
+        unbind = ", ".join(f"unbind {drv} from {iface}" for iface, drv in self.interfaces)
+        hold = ", ".join(self.disks)
+        if not self.interfaces:
+            return f"hold {hold} exclusively to prove nothing claims it (not on USB)"
+        return f"hold {hold} exclusively; {unbind}" if hold else unbind
+
+    def execute(self, runner: Runner) -> None:
+        runner.handoff(self.disks, self.interfaces)
+
+    def undo(self, runner: Runner) -> None:
+        for iface, driver in self.interfaces:
+            runner.bind(iface, driver)
+
+
+@dataclass(frozen=True)
+class Plan:
+    settings: Settings
+    rule: str
+    steps: tuple[Step, ...]
+    refusals: tuple[str, ...]
+    findings: Findings
+
+    @property
+    def refused(self) -> bool:
+        return bool(self.refusals)
+
+
+def _split_lvm(dm_name: str) -> tuple[str, str]:
+    i = 0
+    while i < len(dm_name):
+        if dm_name[i] == "-":
+            if dm_name[i + 1 : i + 2] == "-":
+                i += 2
+                continue
+            return dm_name[:i].replace("--", "-"), dm_name[i + 1 :].replace("--", "-")
+        i += 1
+    return "", ""
+
+
+def _depth(path: str) -> int:
+    return path.rstrip("/").count("/")
+
+
+def build_plan(findings: Findings, settings: Settings, rule: str) -> Plan:
+    """Decide, from what inspect found and the policy, what to do; pure."""
+    snap = findings.snapshot
+    refusals: list[str] = []
+    by_kind: dict[str, list[Reason]] = {}
+    for r in findings.reasons:
+        by_kind.setdefault(r.kind, []).append(r)
+
+    def refuse(kind: str, advice: str) -> None:
+        for r in by_kind.get(kind, []):
+            refusals.append(f"{r.text}; {advice}")
+
+    for r in by_kind.get("unreadable", []):
+        refusals.append(f"{r.text}; safeusb cannot tell whether the device is in use")
+    refuse("exclusive", "safeusb does not know how to release it")
+    for kind in ("last-input", "network"):
+        refuse(kind, "the policy does not allow handing it over")
+    if settings.mount == "refuse":
+        refuse("mount", f"unmount it or set mount = \"unmount\" ({rule})")
+    if settings.swap == "refuse":
+        refuse("swap", f"swapoff it or set swap = \"unmount\" ({rule})")
+    if settings.holder == "refuse":
+        refuse("holder", f"take it down or set holder = \"unmount\" ({rule})")
+
+    # Processes: files on its filesystems keep them from unmounting unless ended.
+    kills: list[Kill] = []
+    for r in by_kind.get("open", []):
+        on_fs = bool(r.details.get("uses"))
+        if settings.open == "refuse":
+            refusals.append(f"{r.text}; close it or set open = \"force\" ({rule})")
+        elif settings.kill:
+            kills.append(Kill(r.details["pid"], r.details["comm"]))
+        elif on_fs:
+            refusals.append(f"{r.text}; it keeps the filesystem busy: close it or set "
+                            f"kill = true ({rule})")
+    if refusals:
+        return Plan(settings, rule, (), tuple(refusals), findings)
+
+    steps: list[Step] = list(kills)
+    steps.extend(_flush_steps(snap, findings))
+    steps.extend(_teardown_steps(snap))
+    steps.append(_handoff(snap))
+    return Plan(settings, rule, tuple(steps), (), findings)
+
+
+def _flush_steps(snap: Snapshot, findings: Findings) -> list[Flush]:
+    dirty = {d.bdi: d.dirty_bytes or 0 for d in snap.dirty}
+    by_bdi: dict[DevNum, BlockDevice] = {}
+    for b in snap.blocks.values():
+        if b.devtype == "disk":
+            by_bdi.setdefault(b.bdi or b.devnum, b)
+    mounts_by_block: dict[str, list[tuple[int, str]]] = {}
+    for ns, m in _our_mounts(snap):
+        mounts_by_block.setdefault(snap.fs_devices[m.devnum], []).append((ns.pid, m.mountpoint))
+    steps = []
+    for bdi, disk in sorted(by_bdi.items()):
+        members = [b for b in snap.blocks.values() if disk.name in (b.name, b.parent)]
+        fss = tuple(fs for b in members for fs in mounts_by_block.get(b.name, []))
+        nodes = tuple(b.path for b in members)
+        steps.append(Flush(disk.name, f"{bdi[0]}:{bdi[1]}", dirty.get(bdi, 0), fss, nodes))
+    return steps
+
+
+def _our_mounts(snap: Snapshot) -> list[tuple[MountNamespace, MountEntry]]:
+    return [(ns, m) for ns in snap.namespaces for m in ns.mounts if m.devnum in snap.fs_devices]
+
+
+def _teardown_steps(snap: Snapshot) -> list[Step]:
+    """Everything built on the target, top first: mounts, swap, loops, dm/LVM/md."""
+    blocks = snap.blocks
+    mounts = _our_mounts(snap)
+    swaps = {s.devnum: s for s in snap.swaps if s.devnum is not None}
+    steps: list[Step] = []
+    done: set[str] = set()
+
+    def unmounts_of(name: str) -> list[Step]:
+        fs_nums = {num for num, owner in snap.fs_devices.items() if owner == name}
+        mine = [(ns, m) for ns, m in mounts if m.devnum in fs_nums]
+        mine.sort(key=lambda nm: (nm[0].inode, -_depth(nm[1].mountpoint)))
+        return [
+            Unmount(name, m.source, m.mountpoint, m.fstype, _mount_options(m), ns.inode, ns.pid)
+            for ns, m in mine
+        ]
+
+    def teardown(name: str) -> None:
+        if name in done or name not in blocks:
+            return
+        done.add(name)
+        dev = blocks[name]
+        # Loop devices backed by files on this device's filesystems go first.
+        for loop in snap.backed_loops:
+            if loop not in done and _backed_on(snap, loop, name):
+                teardown(loop)
+                steps.append(DetachLoop(f"/dev/{loop}", blocks[loop].loop_backing_file or ""))
+        steps.extend(unmounts_of(name))
+        for num, s in swaps.items():
+            if num == dev.devnum and s.swap_type == "partition":
+                steps.append(Swapoff(s.filename))
+            elif s.swap_type != "partition" and snap.fs_devices.get(num) == name:
+                steps.insert(0, Swapoff(s.filename))  # a swap file: before its filesystem
+        for holder in dev.holders:
+            if holder in blocks and holder not in done:
+                teardown(holder)
+                steps.append(_remove_holder(blocks[holder], blocks))
+
+    for name in sorted(blocks, key=lambda n: (blocks[n].devtype != "partition", n)):
+        if blocks[name].slaves and any(s in blocks for s in blocks[name].slaves):
+            continue  # holders are reached from below
+        if name in snap.backed_loops:
+            continue
+        teardown(name)
+    return steps
+
+
+def _backed_on(snap: Snapshot, loop: str, name: str) -> bool:
+    backing = snap.blocks[loop].loop_backing_file or ""
+    fs_nums = {num for num, owner in snap.fs_devices.items() if owner == name}
+    return any(
+        backing == m.mountpoint or backing.startswith(m.mountpoint.rstrip("/") + "/")
+        for ns in snap.namespaces[:1] or snap.namespaces
+        for m in ns.mounts
+        if m.devnum in fs_nums
+    )
+
+
+def _remove_holder(holder: BlockDevice, blocks: dict[str, BlockDevice]) -> Step:
+    if holder.kind == "dm-crypt" and holder.dm_name:
+        return CloseCrypt(holder.dm_name)
+    if holder.kind == "lvm" and holder.dm_name:
+        vg, lv = _split_lvm(holder.dm_name)
+        return DeactivateLV(vg, lv)
+    if holder.kind == "md":
+        return StopMd(holder.path, tuple(f"/dev/{s}" for s in holder.slaves))
+    return RemoveDm(holder.dm_name or holder.name)
+
+
+def _mount_options(m: MountEntry) -> str:
+    """Options to mount it again: per-mount flags plus the filesystem's own."""
+    seen: list[str] = []
+    for opt in (m.options + "," + m.super_options).split(","):
+        if opt and opt not in seen and opt not in ("rw", "ro", "seclabel"):
+            seen.append(opt)
+    mode = "ro" if "ro" in m.options.split(",") else "rw"
+    return ",".join([mode, *seen])
+
+
+def hold_targets(snap: Snapshot) -> tuple[str, ...]:
+    """The nodes whose exclusive hold keeps every filesystem on the target from mounting:
+    each partition, and each disk that has none (holding a partition blocks its disk)."""
+    disks = [b for b in snap.blocks.values()
+             if b.devtype == "disk" and not b.slaves and b.name not in snap.backed_loops]
+    out = []
+    for disk in disks:
+        parts = [b.path for b in snap.blocks.values() if b.parent == disk.name]
+        out.extend(sorted(parts) if parts else [disk.path])
+    return tuple(out)
+
+
+def _handoff(snap: Snapshot) -> Handoff:
+    disks = hold_targets(snap)
+    usb = snap.target.usb
+    interfaces: tuple[tuple[str, str], ...] = ()
+    if usb is not None:
+        interfaces = tuple((i.name, i.driver) for i in usb.interfaces
+                           if i.driver in STORAGE_DRIVERS)
+    return Handoff(disks, interfaces)
+
+
+def describe_plan(plan: Plan) -> list[str]:
+    if plan.refused:
+        return list(plan.refusals)
+    return [f"{i}. {s.describe()}" for i, s in enumerate(plan.steps, 1)]
+
+
+def mount_key(step: Unmount) -> str:
+    return os.path.join(str(step.mnt_ns), step.mountpoint.lstrip("/"))

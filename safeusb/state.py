@@ -1,0 +1,125 @@
+"""What prepare took from the host, kept under /run/safeusb so release can put it back.
+
+Files are root-owned, mode 0600, written atomically; a file that is not (wrong owner or
+mode, a symlink, garbled) is not trusted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import SafeUSBError
+
+DEFAULT_DIR = "/run/safeusb"
+
+
+class StateError(SafeUSBError):
+    exit_code = 1
+
+
+class DeviceBusy(SafeUSBError):
+    """Another safeusb run, or another domain, has the device."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Record:
+    key: str  # "2-1" (USB port path) or a block device name
+    domain: str | None
+    created: float
+    steps: tuple[dict[str, Any], ...]  # Step.as_json() of every step carried out
+
+    def as_json(self) -> dict[str, Any]:
+        return {"version": 1, "key": self.key, "domain": self.domain,
+                "created": self.created, "steps": list(self.steps)}
+
+
+class StateDir:
+    def __init__(self, path: str = DEFAULT_DIR) -> None:
+        self.path = path
+
+    def _ensure(self) -> None:
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        st = os.lstat(self.path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise StateError(f"{self.path} is not a private directory owned by this user "
+                             "(owner, mode or a symlink): state is not trusted")
+
+    def _file(self, key: str, suffix: str) -> str:
+        safe = "".join(c if c.isalnum() or c in "-._:" else "_" for c in key)
+        return os.path.join(self.path, f"{safe}.{suffix}")
+
+    @contextlib.contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        """One safeusb at a time per device."""
+        self._ensure()
+        fd = os.open(self._file(key, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW |
+                     os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DeviceBusy(f"{key}: another safeusb is preparing or releasing it "
+                                 "right now") from None
+            yield
+        finally:
+            os.close(fd)
+
+    def load(self, key: str) -> Record | None:
+        path = self._file(key, "json")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise StateError(f"{path} is a symlink: state is not trusted") from None
+            raise StateError(f"{path}: {exc.strerror}") from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if st.st_uid != os.geteuid() or st.st_mode & 0o077 or not stat.S_ISREG(st.st_mode):
+                raise StateError(f"{path} has the wrong owner or mode: state is not trusted")
+            raw = f.read(1024 * 1024)
+        try:
+            doc = json.loads(raw)
+            return Record(str(doc["key"]), doc["domain"], float(doc["created"]),
+                          tuple(doc["steps"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StateError(f"{path} is garbled ({exc}): state is not trusted") from None
+
+    def save(self, record: Record) -> None:
+        self._ensure()
+        path = self._file(record.key, "json")
+        tmp = f"{path}.{os.getpid()}.tmp"
+        data = json.dumps(record.as_json(), indent=1).encode()
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                         os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise StateError(f"cannot record state in {path}: {exc.strerror or exc}") from None
+
+    def remove(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._file(key, "json"))
+
+
+def new_record(key: str, domain: str | None, steps: list[dict[str, Any]]) -> Record:
+    return Record(key, domain, time.time(), tuple(steps))
