@@ -57,6 +57,18 @@ def safeusb_cli() -> str:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter,
                             config: pytest.Config) -> None:
+    here = os.path.dirname(__file__)
+    skipped = [r for r in terminalreporter.stats.get("skipped", [])
+               if str(getattr(r, "fspath", "")).startswith(here)
+               or "tests/vm/" in getattr(r, "nodeid", "")]
+    if skipped:
+        terminalreporter.section("VM TIER NOT RUN", sep="!", red=True, bold=True)
+        reasons = sorted({(str(r.longrepr[2]) if isinstance(r.longrepr, tuple)
+                           else str(r.longrepr)).removeprefix("Skipped: ")
+                          for r in skipped})
+        terminalreporter.write_line(f"{len(skipped)} real-kernel test(s) skipped:", red=True)
+        for reason in reasons:
+            terminalreporter.write_line(f"  {reason}", red=True)
     runner = config.stash.get(_RUNNER_KEY, None)
     if runner is None or not runner.results:
         return

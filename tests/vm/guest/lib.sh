@@ -44,3 +44,15 @@ hostdev_xml() {
     printf "<hostdev mode='subsystem' type='usb'>\n  <source><address bus='%s' device='%s'/></source>\n</hostdev>\n" \
         "${1%%:*}" "${1##*:}"
 }
+
+# record_fixture: facts about the stick, then the sysfs/procfs/debugfs trees
+# safeusb reads, into $OUT/tree (tools/record-fixtures moves it to tests/fixtures/).
+record_fixture() {
+    note kernel "$(uname -r)"
+    note usb "$STICK_USB"
+    note dev "$STICK_DEV"
+    note busdev "$STICK_BUSDEV"
+    note serial "$STICK_SERIAL"
+    note recorder_ns "$(stat -L -c %i /proc/self/ns/mnt)"
+    python3 "$GUEST_DIR/record.py" "$OUT/tree"
+}

@@ -1,0 +1,4 @@
+#!/bin/bash
+# An ext4 stick nobody uses.
+. "$GUEST_LIB"
+record_fixture
