@@ -159,7 +159,7 @@ class UsbDevice:
     @classmethod
     def serial_port(cls, index: int = 0) -> UsbDevice:
         return cls("usb-serial", (f"chardev=userial{index}",),
-                   ("-chardev", f"null,id=userial{index}"))
+                   ("-chardev", f"file,id=userial{index},path=/dev/null"))
 
     @classmethod
     def net(cls, index: int = 0) -> UsbDevice:

@@ -21,6 +21,7 @@ from .harness import (
     Scenario,
     ScenarioResult,
     Stick,
+    UsbDevice,
 )
 
 pytestmark = pytest.mark.vm
@@ -54,7 +55,11 @@ BOOT = Boot(
 SELECTOR_BOOT = Boot(
     name="selectors",
     sticks=(Stick("sel", Image.msdos_two()),),
-    scenarios=(Scenario("selectors", "inspect-selectors.sh"),),
+    devices=(UsbDevice.kbd(), UsbDevice.serial_port(), UsbDevice.net()),
+    scenarios=(Scenario("devices", "devices.sh"),
+               Scenario("selectors", "inspect-selectors.sh")),
+    modules=("xhci_pci", "usb_storage", "sd_mod", "usbhid", "ftdi_sio", "cdc_ether",
+             "rndis_host"),
 )
 
 
@@ -208,3 +213,12 @@ def test_selector_text_output(sel_vm: BootResult) -> None:
     r.expect(run.rc == 0, f"expected exit 0\n{run}")
     r.expect(run.stdout.strip() and not run.stdout.lstrip().startswith("{"),
              f"expected human text\n{run}")
+
+
+@pytest.mark.parametrize(("what", "vidpid"), [("usb-kbd", "0627:0001"),
+                                              ("usb-serial", "0403:6001"),
+                                              ("usb-net", "0525:a4a2")])
+def test_other_emulated_devices_appear(sel_vm: BootResult, what: str, vidpid: str) -> None:
+    r = ran(sel_vm, "devices")
+    seen = r.file("usb")
+    r.expect(f" {vidpid} " in seen, f"{what} ({vidpid}) not on the guest's USB bus:\n{seen}")
