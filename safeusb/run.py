@@ -224,8 +224,12 @@ class Runner:
         finally:
             for p in procs:
                 if p.poll() is None:
-                    p.kill()
-                    p.wait()
+                    p.kill()  # delivered once the kernel lets it out of its wait
+                    try:
+                        p.wait(timeout=1)
+                    except subprocess.TimeoutExpired:
+                        self._log(f"pid {p.pid} (sync) is still waiting in "
+                                  "the kernel; left to finish on its own")
         for argv, p in zip(commands, procs, strict=True):
             if p.returncode != 0:
                 err = p.stderr.read() if p.stderr else ""
