@@ -183,6 +183,7 @@ class _Source:
     inode: int
     path: str  # a file to open that refers to it
     where: str
+    pid: int | None = None  # a process in it
 
 
 def namespace_sources(
@@ -202,7 +203,7 @@ def namespace_sources(
         for tid in tids:
             path = os.path.join(base, "task", tid, "ns", "net")
             try:
-                inode = parse_ns_link(os.readlink(path))
+                inode = parse_ns_link(os.readlink(path), "net")
             except OSError as exc:
                 if exc.errno == errno.EACCES:
                     denied.append(pid)
@@ -212,24 +213,53 @@ def namespace_sources(
                 problems.append(Unreadable(f"network namespace of pid {pid}", str(exc)))
                 continue
             if inode not in found:
-                found[inode] = _Source(inode, path, f"pid {pid} ({read_comm(roots, pid)})")
+                found[inode] = _Source(inode, path, f"pid {pid} ({read_comm(roots, pid)})",
+                                       pid)
     for ns in mounts:
         for m in ns.mounts:
             if m.fstype != "nsfs" or not m.root.startswith("net:["):
                 continue
             try:
-                inode = parse_ns_link(m.root)
+                inode = parse_ns_link(m.root, "net")
             except ParseError:
                 continue
             if inode not in found:
                 path = roots.proc_path(str(ns.pid), "root") + m.mountpoint
                 found[inode] = _Source(inode, path, m.mountpoint)
+    denied = _unplaced(roots, denied, found.values())
     if denied:
         sample = ", ".join(str(p) for p in sorted(set(denied))[:5])
         problems.append(
             Unreadable(f"the network namespace of pids {sample}", "permission denied (run as root)")
         )
     return sorted(found.values(), key=lambda s: s.inode), problems
+
+
+def _unplaced(roots: Roots, pids: list[int], known: Iterable[_Source]) -> list[int]:
+    """The pids, among those whose namespace link is denied, that are in none of the known
+    namespaces. Each namespace has its own /proc/net entries, so the inode of a process's
+    net/dev tells its network namespace apart where the link cannot be read."""
+    if not pids:
+        return []
+    marks = set()
+    for src in known:
+        if src.pid is not None:
+            try:
+                marks.add(os.stat(roots.proc_path(str(src.pid), "net", "dev")).st_ino)
+            except OSError:
+                continue
+    out = []
+    for pid in pids:
+        try:
+            mark = os.stat(roots.proc_path(str(pid), "net", "dev")).st_ino
+        except FileNotFoundError:
+            continue  # gone
+        except OSError:
+            out.append(pid)
+            continue
+        if mark not in marks:
+            out.append(pid)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -373,29 +403,74 @@ def read_network(
     if not roots.live:
         return NetScan(expected=match.expected, unreadable=(
             Unreadable("network namespaces", "not a live system"),))
+    pids = list(pids)
     sources, problems = namespace_sources(roots, pids, mounts)
     reads: list[_NsRead] = []
     try:
-        for src in sources:
-            try:
-                ipr = _socket_in(src.path)
-            except FileNotFoundError:
-                continue  # its last process exited meanwhile
-            except OSError as exc:
-                problems.append(Unreadable(
-                    f"network namespace {src.inode} ({src.where})", exc.strerror or str(exc)))
-                continue
-            ns = _NsRead(src, ipr=ipr)
-            reads.append(ns)
-            try:
-                ns.links = list(ipr.get_links())
-            except Exception as exc:
-                problems.append(Unreadable(f"interfaces of network namespace {src.inode}",
-                                           str(exc)))
+        _read_all(sources, reads, problems)
+        if match.expected is not None and _own_count(reads, match) < match.expected:
+            # Some interface is in a namespace that neither a process nor a mount pins:
+            # look for descriptors that hold one (slower: a readlink per descriptor).
+            known = {r.source.inode for r in reads}
+            _read_all(held_by_descriptors(roots, pids, known), reads, problems)
         return _collect(reads, match, problems)
     finally:
         for ns in reads:
             ns.ipr.close()
+
+
+def _read_all(sources: Iterable[_Source], reads: list[_NsRead],
+              problems: list[Unreadable]) -> None:
+    for src in sources:
+        try:
+            ipr = _socket_in(src.path)
+        except FileNotFoundError:
+            continue  # its last process exited meanwhile
+        except OSError as exc:
+            if exc.errno == errno.EINVAL and src.where.startswith("descriptor "):
+                continue  # a descriptor of another kind of namespace
+
+            problems.append(Unreadable(
+                f"network namespace {src.inode} ({src.where})", exc.strerror or str(exc)))
+            continue
+        ns = _NsRead(src, ipr=ipr)
+        reads.append(ns)
+        try:
+            ns.links = list(ipr.get_links())
+        except Exception as exc:
+            problems.append(Unreadable(f"interfaces of network namespace {src.inode}",
+                                       str(exc)))
+
+
+def _own_count(reads: list[_NsRead], match: NetMatch) -> int:
+    return sum(1 for ns in reads for m in ns.links
+               if match.belongs(link_id(ns.source.inode, m)))
+
+
+def held_by_descriptors(roots: Roots, pids: Iterable[int], known: set[int]) -> list[_Source]:
+    """Namespaces that an open descriptor of some process refers to (network ones, and
+    perhaps others: those fail to enter as a network namespace and are skipped)."""
+    found: dict[int, _Source] = {}
+    try:
+        nsfs = os.stat("/proc/self/ns/net").st_dev
+    except OSError:
+        return []
+    for pid in pids:
+        fd_dir = roots.proc_path(str(pid), "fd")
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(os.path.join(fd_dir, fd))
+            except OSError:
+                continue
+            inode = st.st_ino
+            if st.st_dev == nsfs and inode not in known and inode not in found:
+                found[inode] = _Source(inode, os.path.join(fd_dir, fd),
+                                       f"descriptor {fd} of pid {pid} ({read_comm(roots, pid)})")
+    return sorted(found.values(), key=lambda s: s.inode)
 
 
 def _collect(reads: list[_NsRead], match: NetMatch, problems: list[Unreadable]) -> NetScan:
