@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .classes import class_reasons, class_warnings, node_label
 from .model import BlockDevice, DevNum, Snapshot, fmt_devnum
 
 
@@ -24,7 +25,7 @@ def human_bytes(n: int) -> str:
 class Reason:
     """One thing that keeps the device from being handed over now."""
 
-    kind: str  # mount, swap, holder, open, exclusive, dirty, unreadable
+    kind: str  # mount, swap, holder, open, exclusive, dirty, network, last-input, unreadable
     text: str
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -37,6 +38,7 @@ class Findings:
     snapshot: Snapshot
     reasons: tuple[Reason, ...]
     notes: tuple[str, ...] = ()
+    warnings: tuple[Reason, ...] = ()  # never keep it from being free: mode-switch
 
     @property
     def free(self) -> bool:
@@ -146,6 +148,7 @@ def inspect(snap: Snapshot) -> Findings:
 
     # Processes: one line per process and thing it holds.
     node_paths = {(n.kind, n.devnum): n.path for n in snap.nodes}
+    labels = {n.path: node_label(n) for n in snap.nodes}
     for b in blocks.values():
         node_paths.setdefault(("block", b.devnum), b.path)
     held: dict[tuple[int, str], list[tuple[str, str]]] = {}
@@ -165,7 +168,7 @@ def inspect(snap: Snapshot) -> Findings:
                 uses.append(entry)
     for (pid, what), uses in held.items():
         if not uses:
-            text = f"pid {pid} ({comms[pid]}) has {what} open"
+            text = f"pid {pid} ({comms[pid]}) has {labels.get(what, what)} open"
         else:
             shown = ", ".join(f"{_HOW[how]} {path}" for how, path in uses[:3])
             more = f" and {len(uses) - 3} more" if len(uses) > 3 else ""
@@ -231,9 +234,16 @@ def inspect(snap: Snapshot) -> Findings:
                 )
             )
 
+    warnings: list[Reason] = []
+    if snap.classes is not None:
+        reasons.extend(Reason(*found) for found in class_reasons(snap.classes))
+        warnings.extend(
+            Reason(*found) for found in class_warnings(snap.classes, snap.target, snap.nodes)
+        )
+
     for problem in snap.unreadable:
         reasons.append(
             Reason("unreadable", f"cannot read {problem.what}: {problem.error}",
                    {"what": problem.what, "error": problem.error})
         )
-    return Findings(snap, tuple(reasons), tuple(notes))
+    return Findings(snap, tuple(reasons), tuple(notes), tuple(warnings))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from .classes import ClassSnapshot
 
 DevNum = tuple[int, int]
 NodeKind = Literal["block", "char"]
@@ -196,3 +199,5 @@ class Snapshot:
     # The kernel's per-device writeback counters are per-CPU sums read without folding:
     # each may be off by this many bytes (WB_STAT_BATCH pages per possible CPU).
     counter_slack_bytes: int = 0
+    # Network interfaces, input devices, mode switching (classes.py); None when not read.
+    classes: ClassSnapshot | None = None

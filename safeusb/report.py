@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .classes import class_json
 from .inspect import Findings
 from .model import DevNum, fmt_devnum
 
@@ -12,7 +13,7 @@ SCHEMA_VERSION = 1
 
 def as_text(f: Findings) -> str:
     head = f.snapshot.target.describe()
-    notes = ["  note: " + n for n in f.notes]
+    notes = ["  warning: " + w.text for w in f.warnings] + ["  note: " + n for n in f.notes]
     if f.free:
         return "\n".join([f"{head}: nothing on the host uses it; it can be handed over now",
                           *notes]) + "\n"
@@ -80,4 +81,6 @@ def as_json(f: Findings) -> dict[str, Any]:
         "mount_namespaces": len(snap.namespaces),
         "reasons": [r.as_json() for r in f.reasons],
         "notes": list(f.notes),
+        **class_json(snap.classes),
+        "warnings": [w.as_json() for w in f.warnings],
     }

@@ -7,6 +7,7 @@ import os
 import stat
 
 from . import sysfs
+from .classes import read_classes
 from .model import (
     BlockDevice,
     DevNum,
@@ -19,6 +20,7 @@ from .model import (
     Unreadable,
     fmt_devnum,
 )
+from .netinfo import NetMatch
 from .parsers import ParseError, parse_bdi_stats
 from .procfs import list_pids, read_mount_namespaces, read_swaps, scan_processes
 from .roots import Roots
@@ -185,8 +187,12 @@ def _probe_exclusive(roots: Roots, names: list[str]) -> tuple[str, ...]:
     return tuple(busy)
 
 
-def read_snapshot(roots: Roots, target: Target, runner: Runner | None = None) -> Snapshot:
-    """Read everything the host does with the target, once."""
+def read_snapshot(
+    roots: Roots, target: Target, runner: Runner | None = None,
+    net_match: NetMatch | None = None,
+) -> Snapshot:
+    """Read everything the host does with the target, once. ``net_match`` replaces the
+    device-to-network-interface mapping (tests)."""
     nodes = sysfs.nodes_under(target.syspath)
     all_blocks = _read_all_blocks(roots)
     names = _Names(roots, all_blocks)
@@ -258,6 +264,7 @@ def read_snapshot(roots: Roots, target: Target, runner: Runner | None = None) ->
         backed_loops=tuple(sorted(backed)),
         unreadable=tuple(problems),
         counter_slack_bytes=sysfs.writeback_counter_slack(roots),
+        classes=read_classes(roots, target, pids, namespaces, net_match),
     )
 
 

@@ -1,0 +1,120 @@
+"""Everything beyond storage: network interfaces, input devices, mode switching, and the
+names of character device nodes (serial ports, modems, cameras, sound, HID)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .found import Found
+from .inputdev import InputScan, input_reasons, read_inputs
+from .model import MountNamespace, Node, Target
+from .modeswitch import SwitchDb, modeswitch_warnings, read_switch_db
+from .netinfo import NetMatch, NetScan, device_match, net_reasons, read_network
+from .roots import Roots
+
+
+@dataclass(frozen=True)
+class ClassSnapshot:
+    net: NetScan
+    inputs: InputScan
+    switch_db: SwitchDb | None = None
+
+
+def read_classes(
+    roots: Roots,
+    target: Target,
+    pids: Iterable[int],
+    namespaces: Iterable[MountNamespace],
+    net_match: NetMatch | None = None,
+) -> ClassSnapshot:
+    """Read, once, what the per-class decisions need. ``net_match`` replaces the
+    device-to-interface mapping (tests name veth pairs with it)."""
+    if net_match is None:
+        net_match = device_match(target.syspath, target.usb.sysname if target.usb else None)
+    net = read_network(roots, pids, namespaces, net_match)
+    inputs = read_inputs(roots, target.syspath)
+    db = read_switch_db() if target.usb is not None and roots.live else None
+    return ClassSnapshot(net, inputs, db)
+
+
+def class_reasons(classes: ClassSnapshot) -> list[Found]:
+    return [*net_reasons(classes.net), *input_reasons(classes.inputs)]
+
+
+def class_warnings(classes: ClassSnapshot, target: Target, nodes: tuple[Node, ...]) -> list[Found]:
+    if target.usb is None:
+        return []
+    return modeswitch_warnings(target.usb, nodes, classes.switch_db)
+
+
+_PREFIXES = (
+    ("ttyUSB", "the serial port"),
+    ("ttyACM", "the modem"),
+    ("cdc-wdm", "the modem control port"),
+    ("video", "the camera"),
+    ("v4l-subdev", "the camera"),
+    ("media", "the camera"),
+    ("snd/pcmC", "the sound device"),
+    ("snd/controlC", "the sound card"),
+    ("snd/midiC", "the MIDI port"),
+    ("snd/", "the sound card"),
+    ("hidraw", "the HID device"),
+    ("usb/hiddev", "the HID device"),
+    ("input/event", "the input device"),
+    ("input/mouse", "the mouse"),
+    ("input/js", "the joystick"),
+    ("lp", "the printer"),
+    ("usb/lp", "the printer"),
+)
+
+
+def node_label(node: Node) -> str:
+    """How a reason names a node: "the camera /dev/video0"."""
+    if node.kind == "char":
+        for prefix, what in _PREFIXES:
+            if node.devname.startswith(prefix):
+                return f"{what} {node.path}"
+    return node.path
+
+
+def class_json(classes: ClassSnapshot | None) -> dict[str, Any]:
+    """The JSON fields for these classes (added to schema version 1)."""
+    if classes is None:
+        return {"network_interfaces": [], "input_devices": []}
+    net = classes.net
+    return {
+        "network_interfaces": [
+            {
+                "name": i.name,
+                "netns": i.netns,
+                "netns_where": net.where(i.netns),
+                "ifindex": i.link.ifindex,
+                "kind": i.kind,
+                "address": i.link.address,
+                "perm_address": i.link.perm_address,
+                "up": i.up,
+                "operstate": i.operstate,
+                "master": i.master,
+                "master_kind": i.master_kind,
+                "lower": i.lower,
+                "uppers": list(i.uppers),
+                "addresses": [str(a) for a in i.addresses],
+                "routes": [
+                    {"destination": r.dst, "gateway": r.gateway, "table": r.table,
+                     "family": r.family}
+                    for r in i.routes
+                ],
+                "rx_bytes": i.rx_bytes,
+                "tx_bytes": i.tx_bytes,
+            }
+            for i in net.interfaces
+        ],
+        "input_devices": [
+            {"sysname": d.sysname, "name": d.name, "keyboard": d.keyboard,
+             "pointer": d.pointer}
+            for d in classes.inputs.devices
+            if d.on_target
+        ],
+    }
