@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_selector_arguments(ins)
     ins.add_argument("--json", action="store_true", help="machine-readable output")
+
+    # protect / unprotect (safeusb.protect)
+    from . import protect  # noqa: PLC0415
+
+    protect.register(sub)
     return p
 
 
@@ -88,6 +93,10 @@ def main(argv: Sequence[str] | None = None, roots: Roots | None = None) -> int:
             level=logging.INFO if args.verbose else logging.WARNING,
             format="safeusb: %(message)s",
         )
+        if args.command in ("protect", "unprotect"):
+            from . import protect  # noqa: PLC0415
+
+            return protect.run(args)
         return cmd_inspect(args, roots or Roots.host())
     except SafeUSBError as exc:
         print(f"safeusb: {exc}", file=sys.stderr)
