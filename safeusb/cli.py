@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                             help="print the plan, change nothing")
             sp.add_argument("--timeout", type=float, metavar="SECONDS",
                             help="flush timeout (default: the policy's flush_timeout)")
+
+    for cmd, text in (("protect", "guard live USB hotplug into a domain with the gate"),
+                      ("unprotect", "give a protected domain its real emulator back")):
+        pp = sub.add_parser(cmd, help=text, description=text.capitalize() + ".")
+        pp.add_argument("domain")
+        pp.add_argument("-c", "--connect", metavar="URI", help="libvirt URI (default: libvirt's)")
     return p
 
 
@@ -177,7 +183,12 @@ def _setup_logging(verbose: bool, acting: bool) -> None:
 def main(argv: Sequence[str] | None = None, roots: Roots | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        _setup_logging(args.verbose, args.command in ("prepare", "release"))
+        _setup_logging(args.verbose, args.command in ("prepare", "release", "protect",
+                                                       "unprotect"))
+        if args.command in ("protect", "unprotect"):
+            from . import protect  # noqa: PLC0415
+
+            return protect.run(args)
         return COMMANDS[args.command](args, roots or Roots.host())
     except SafeUSBError as exc:
         print(f"safeusb: {exc}", file=sys.stderr)

@@ -1,0 +1,695 @@
+"""The gate: QEMU's emulator path for a protected domain, guarding its QMP monitor.
+
+libvirt starts the domain's `<emulator>` with QEMU's full argument list. The gate swaps the
+monitor's listening socket for a private one, starts a proxy process, and execs the real
+QEMU in its own process, so libvirt's pid is QEMU's: libvirt's kill, cgroups and
+statistics act on QEMU itself. The proxy passes every QMP message through unchanged,
+fds included, except `device_add` of a `usb-host` device, which reaches QEMU only if the
+decision allows it; otherwise libvirt gets a QMP error naming the reason.
+
+If the proxy dies, the guest keeps running: right after capability negotiation the proxy
+hands QEMU (with `getfd`, name `safeusb-keepalive`) a copy of its end of libvirt's
+connection, so libvirt never sees the monitor end while QEMU lives. Monitor commands then
+get no answer (no device reaches the guest: fail closed); `virsh destroy` still ends the
+guest, and when QEMU exits libvirt sees the end of the monitor as usual.
+
+Session holds the decisions about the stream and touches no socket; run_proxy does the I/O.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import selectors
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import EXIT_IN_USE, EXIT_USAGE, SafeUSBError, UsageError
+from .qemuargs import MonitorArgsError, MonitorSocket, domain_name, find_monitor, with_monitor_fd
+from .qmp import (
+    ClientStream,
+    Kind,
+    LineStream,
+    QMPParseError,
+    Segment,
+    command_name,
+    encode,
+    error_reply,
+    is_response,
+    parse_message,
+    recv_with_fds,
+    send_with_fds,
+)
+from .usbhost import (
+    Decide,
+    FdIdentity,
+    UsbHostRequest,
+    fd_identity,
+    hmp_device_add,
+    inspect_decision,
+    usb_host_request,
+)
+
+PROG = "safeusb-qemu-gate"
+GATE_ROOT = "/usr/local/lib/safeusb/gate"
+KEEPALIVE_FDNAME = "safeusb-keepalive"
+DECISION_TIMEOUT = 30.0
+
+
+# What the session asks the I/O loop to do
+
+
+@dataclass(frozen=True)
+class ToServer:
+    raw: bytes
+    fds: tuple[int, ...] = ()
+    owned: bool = True  # the gate's copies: closed once sent
+
+
+@dataclass(frozen=True)
+class ToClient:
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class Ask:
+    token: int
+    request: UsbHostRequest
+
+
+@dataclass(frozen=True)
+class CloseFds:
+    fds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Log:
+    text: str
+
+
+Action = ToServer | ToClient | Ask | CloseFds | Log
+
+
+@dataclass
+class _Expect:
+    """A response the client is owed, in order."""
+
+    kind: str  # forward | swallow | local
+    name: str | None = None
+    reply: bytes = b""
+    fdset: int | None = None
+    idents: tuple[FdIdentity, ...] = ()
+
+
+@dataclass
+class _Pending:
+    token: int
+    segment: Segment
+    message: Any
+    request: UsbHostRequest
+
+
+def _args_of(msg: Any) -> dict[str, Any]:
+    args = msg.get("arguments") if isinstance(msg, dict) else None
+    return args if isinstance(args, dict) else {}
+
+
+@dataclass
+class Session:
+    """One client connection's QMP stream, both directions.
+
+    Commands reach QEMU in the client's order; a usb-host device_add waits for its
+    decision and holds back the commands behind it (never events or responses).
+    Responses are owed in command order (QMP answers in-band commands in order), so
+    local refusals go out exactly where QEMU's answer would have.
+    """
+
+    keepalive_fd: int | None = None
+    domain: str | None = None
+    identify: Callable[[int], FdIdentity] = fd_identity
+    fdsets: dict[int, tuple[FdIdentity, ...]] = field(default_factory=dict)
+    _stream: ClientStream = field(default_factory=ClientStream)
+    _lines: LineStream = field(default_factory=LineStream)
+    _expect: deque[_Expect] = field(default_factory=deque)
+    _oob: dict[str, _Expect] = field(default_factory=dict)
+    _held: deque[Segment] = field(default_factory=deque)
+    _pending: _Pending | None = None
+    _tokens: int = 0
+    keepalive_sent: bool = False
+
+    # client -> QEMU
+
+    def from_client(self, data: bytes, fds: Sequence[int] = ()) -> list[Action]:
+        self._held.extend(self._stream.feed(data, fds))
+        return self._drain()
+
+    def decided(self, token: int, refusal: str | None) -> list[Action]:
+        """The decision for a held device_add: None allows it, a text refuses it."""
+        p = self._pending
+        if p is None or p.token != token:
+            return []
+        self._pending = None
+        what = p.request.describe()
+        if refusal is None:
+            out: list[Action] = [Log(f"allowed {what}")]
+            out += self._forward(p.segment, p.message)
+        else:
+            out = [Log(f"refused {what}: {refusal}"), CloseFds(p.segment.fds)]
+            out += self._local(error_reply(f"safeusb: {refusal}", p.message))
+        return out + self._drain()
+
+    @property
+    def waiting(self) -> int | None:
+        """The token of the decision being waited for, if any."""
+        return self._pending.token if self._pending else None
+
+    def abandon(self) -> tuple[int, ...]:
+        """The client is gone: every fd still held (the caller closes them)."""
+        fds = list(self._stream.take_pending_fds())
+        if self._pending is not None:
+            fds += self._pending.segment.fds
+        for seg in self._held:
+            fds += seg.fds
+        self._pending, self._held = None, deque()
+        return tuple(fds)
+
+    def _drain(self) -> list[Action]:
+        out: list[Action] = []
+        while self._held and self._pending is None:
+            out += self._segment(self._held.popleft())
+        return out
+
+    def _segment(self, seg: Segment) -> list[Action]:
+        if seg.kind is Kind.SPACE:
+            return [ToServer(seg.raw)]
+        if seg.kind is Kind.JUNK:
+            return [CloseFds(seg.fds), *self._local(
+                error_reply("safeusb: not a JSON object; not passed to QEMU"))]
+        if seg.kind is Kind.OVERSIZE:
+            return [CloseFds(seg.fds), *self._local(
+                error_reply("safeusb: message too large; not passed to QEMU"))]
+        try:
+            msg = parse_message(seg.raw)
+        except QMPParseError as exc:
+            return [CloseFds(seg.fds), *self._local(
+                error_reply(f"safeusb: not strict JSON ({exc}); not passed to QEMU"))]
+        try:
+            request = self._usb_host(msg)
+        except SafeUSBError as exc:
+            return [Log(f"refused device_add: {exc}"), CloseFds(seg.fds),
+                    *self._local(error_reply(f"safeusb: {exc}", msg))]
+        if request is not None:
+            self._tokens += 1
+            self._pending = _Pending(self._tokens, seg, msg, request)
+            return [Ask(self._tokens, request)]
+        return self._forward(seg, msg)
+
+    def _usb_host(self, msg: Any) -> UsbHostRequest | None:
+        name = command_name(msg)
+        args = _args_of(msg)
+        if name == "device_add" and args.get("driver") == "usb-host":
+            return usb_host_request(args, self.fdsets, self.domain)
+        if name == "human-monitor-command" and isinstance(args.get("command-line"), str):
+            props = hmp_device_add(args["command-line"])
+            if props is not None and props.get("driver") == "usb-host":
+                return usb_host_request(props, self.fdsets, self.domain,
+                                        via="human-monitor-command")
+        return None
+
+    def _forward(self, seg: Segment, msg: Any) -> list[Action]:
+        name = command_name(msg)
+        exp = _Expect("forward", name)
+        if name == "add-fd":
+            exp.idents = tuple(self.identify(fd) for fd in seg.fds)
+        if name in ("add-fd", "remove-fd"):
+            fdset = _args_of(msg).get("fdset-id")
+            exp.fdset = fdset if isinstance(fdset, int) and not isinstance(fdset, bool) else None
+        if isinstance(msg, dict) and "exec-oob" in msg and "id" in msg:
+            self._oob[encode({"id": msg["id"]}).decode()] = exp
+        else:
+            self._expect.append(exp)
+        return [ToServer(seg.raw, seg.fds)]
+
+    def _local(self, reply: bytes) -> list[Action]:
+        self._expect.append(_Expect("local", reply=reply))
+        return self._flush_local()
+
+    def _flush_local(self) -> list[Action]:
+        out: list[Action] = []
+        while self._expect and self._expect[0].kind == "local":
+            out.append(ToClient(self._expect.popleft().reply))
+        return out
+
+    # QEMU -> client
+
+    def from_server(self, data: bytes) -> list[Action]:
+        out: list[Action] = []
+        for line in self._lines.feed(data):
+            out += self._server_line(line)
+        return out
+
+    def _server_line(self, line: bytes) -> list[Action]:
+        try:
+            msg = parse_message(line)
+        except QMPParseError:
+            return [ToClient(line)]
+        if not is_response(msg):
+            return [ToClient(line)]
+        exp = None
+        if self._oob and "id" in msg:
+            exp = self._oob.pop(encode({"id": msg["id"]}).decode(), None)
+        if exp is None and self._expect:
+            exp = self._expect.popleft()
+        out: list[Action] = []
+        if exp is not None and exp.kind == "swallow":
+            if "error" in msg:
+                out.append(Log(f"keepalive getfd failed: {msg['error']}"))
+        else:
+            out.append(ToClient(line))
+            if exp is not None and "return" in msg:
+                out += self._answered(exp, msg["return"])
+        return out + self._flush_local()
+
+    def _answered(self, exp: _Expect, ret: Any) -> list[Action]:
+        if exp.name == "qmp_capabilities" and not self.keepalive_sent:
+            if self.keepalive_fd is None:
+                return []
+            self.keepalive_sent = True
+            self._expect.append(_Expect("swallow", "getfd"))
+            cmd = {"execute": "getfd", "arguments": {"fdname": KEEPALIVE_FDNAME},
+                   "id": KEEPALIVE_FDNAME}
+            return [ToServer(encode(cmd), (self.keepalive_fd,), owned=False)]
+        if exp.name == "add-fd":
+            fdset = ret.get("fdset-id") if isinstance(ret, dict) else exp.fdset
+            if isinstance(fdset, int):
+                self.fdsets[fdset] = self.fdsets.get(fdset, ()) + exp.idents
+        elif exp.name == "remove-fd" and exp.fdset is not None:
+            self.fdsets.pop(exp.fdset, None)
+        return []
+
+
+# The I/O loop
+
+
+class _Out:
+    """A non-blocking socket's queue of writes; fds go with the first byte of theirs."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.queue: deque[list[Any]] = deque()  # [data, fds, owned]
+
+    def push(self, data: bytes, fds: tuple[int, ...] = (), owned: bool = True) -> None:
+        self.queue.append([data, fds, owned])
+
+    def flush(self) -> None:
+        """Write what the socket takes now. OSError: the peer is gone."""
+        while self.queue:
+            item = self.queue[0]
+            data, fds, owned = item
+            try:
+                n = send_with_fds(self.sock, data, fds)
+            except BlockingIOError:
+                return
+            if fds:
+                if owned:
+                    _close_all(fds)
+                item[1] = ()
+            if n < len(data):
+                item[0] = data[n:]
+                return
+            self.queue.popleft()
+
+    def drop(self) -> None:
+        for _data, fds, owned in self.queue:
+            if owned:
+                _close_all(fds)
+        self.queue.clear()
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def log(text: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(f"{PROG}[{os.getpid()}]: {text}\n")
+        sys.stderr.flush()
+
+
+class _Link:
+    """One libvirt connection and the QEMU connection made for it."""
+
+    def __init__(self, client: socket.socket, server: socket.socket, session: Session) -> None:
+        self.client, self.server, self.session = client, server, session
+        self.to_client, self.to_server = _Out(client), _Out(server)
+        self.asked: dict[int, float] = {}  # token -> deadline
+
+
+@dataclass
+class Proxy:
+    """Accepts libvirt on its listening socket; for each connection, a fresh QEMU one."""
+
+    listener: socket.socket
+    qemu_path: str
+    qemu_pidfd: int | None
+    decide: Decide
+    domain: str | None = None
+    timeout: float = DECISION_TIMEOUT
+
+    def __post_init__(self) -> None:
+        self.sel = selectors.DefaultSelector()
+        self.results: queue.SimpleQueue[tuple[_Link, int, str | None]] = queue.SimpleQueue()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        self.link: _Link | None = None
+
+    def run(self) -> None:
+        self.listener.setblocking(False)
+        self.sel.register(self.listener, selectors.EVENT_READ, "accept")
+        self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
+        if self.qemu_pidfd is not None:
+            self.sel.register(self.qemu_pidfd, selectors.EVENT_READ, "exit")
+        while True:
+            for key, mask in self.sel.select(self._wait()):
+                what = key.data
+                if what == "exit":
+                    self._qemu_exited()
+                    return
+                if what == "accept":
+                    self._accept()
+                elif what == "wake":
+                    self._results()
+                elif self.link is not None:
+                    self._io(self.link, what, mask)
+            self._expire()
+
+    def _wait(self) -> float | None:
+        if self.link is None or not self.link.asked:
+            return None
+        return max(0.0, min(self.link.asked.values()) - time.monotonic())
+
+    def _accept(self) -> None:
+        if self.link is not None:
+            return
+        try:
+            client, _addr = self.listener.accept()
+        except BlockingIOError:
+            return
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            server.connect(self.qemu_path)
+        except OSError as exc:
+            log(f"cannot reach QEMU's monitor at {self.qemu_path}: {exc}")
+            server.close()
+            client.close()
+            return
+        client.setblocking(False)
+        server.setblocking(False)
+        link = _Link(client, server, Session(client.fileno(), self.domain))
+        self.link = link
+        self.sel.unregister(self.listener)
+        self.sel.register(client, selectors.EVENT_READ, "client")
+        self.sel.register(server, selectors.EVENT_READ, "server")
+
+    def _io(self, link: _Link, what: str, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush(link)
+        if self.link is not link or not mask & selectors.EVENT_READ:
+            return
+        try:
+            if what == "client":
+                data, fds = recv_with_fds(link.client)
+                if not data:
+                    _close_all(fds)
+                    self._close(link, "libvirt closed the monitor")
+                    return
+                self._apply(link, link.session.from_client(data, fds))
+            else:
+                data = link.server.recv(256 * 1024)
+                if not data:
+                    self._close(link, "QEMU closed the monitor")
+                    return
+                self._apply(link, link.session.from_server(data))
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._close(link, f"monitor connection failed: {exc}")
+            return
+        self._flush(link)
+
+    def _apply(self, link: _Link, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, ToServer):
+                link.to_server.push(a.raw, a.fds, a.owned)
+            elif isinstance(a, ToClient):
+                link.to_client.push(a.raw)
+            elif isinstance(a, CloseFds):
+                _close_all(a.fds)
+            elif isinstance(a, Log):
+                log(a.text)
+            else:
+                link.asked[a.token] = time.monotonic() + self.timeout
+                threading.Thread(
+                    target=self._decide, args=(link, a.token, a.request), daemon=True
+                ).start()
+
+    def _decide(self, link: _Link, token: int, request: UsbHostRequest) -> None:
+        refusal: str | None = None
+        try:
+            self.decide(request)
+        except SafeUSBError as exc:
+            refusal = str(exc) or type(exc).__name__
+        except Exception as exc:
+            refusal = f"the decision failed ({type(exc).__name__}: {exc})"
+        self.results.put((link, token, refusal))
+        with contextlib.suppress(OSError):
+            os.write(self.wake_w, b"x")
+
+    def _results(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.wake_r, 4096)
+        while True:
+            try:
+                link, token, refusal = self.results.get_nowait()
+            except queue.Empty:
+                return
+            if link is self.link and link.asked.pop(token, None) is not None:
+                self._apply(link, link.session.decided(token, refusal))
+                self._flush(link)
+
+    def _expire(self) -> None:
+        link = self.link
+        if link is None:
+            return
+        now = time.monotonic()
+        for token, deadline in list(link.asked.items()):
+            if deadline <= now:
+                del link.asked[token]
+                self._apply(link, link.session.decided(
+                    token, f"no decision within {self.timeout:g} s"))
+                self._flush(link)
+
+    def _flush(self, link: _Link) -> None:
+        if self.link is not link:
+            return
+        try:
+            link.to_server.flush()
+            link.to_client.flush()
+        except OSError as exc:
+            self._close(link, f"monitor connection failed: {exc}")
+            return
+        for sock, out, what in ((link.client, link.to_client, "client"),
+                                (link.server, link.to_server, "server")):
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if out.queue else 0)
+            self.sel.modify(sock, events, what)
+
+    def _close(self, link: _Link, why: str) -> None:
+        if self.link is not link:
+            return
+        log(why)
+        self.link = None
+        for sock in (link.client, link.server):
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(sock)
+        with contextlib.suppress(OSError):
+            link.client.setblocking(True)
+            link.client.settimeout(1.0)
+            link.to_client.flush()
+        link.to_client.drop()
+        link.to_server.drop()
+        _close_all(link.session.abandon())
+        link.client.close()
+        link.server.close()
+        self.sel.register(self.listener, selectors.EVENT_READ, "accept")
+
+    def _qemu_exited(self) -> None:
+        link = self.link
+        if link is not None:
+            with contextlib.suppress(OSError):
+                link.server.setblocking(True)
+                link.server.settimeout(1.0)
+                while data := link.server.recv(256 * 1024):
+                    self._apply(link, link.session.from_server(data))
+            self._close(link, "QEMU exited")
+
+
+def run_proxy(
+    listener: socket.socket,
+    qemu_path: str,
+    qemu_pidfd: int | None,
+    decide: Decide,
+    domain: str | None,
+) -> None:
+    Proxy(listener, qemu_path, qemu_pidfd, decide, domain).run()
+
+
+# The executable
+
+
+@dataclass(frozen=True)
+class GateArgs:
+    real_emulator: str
+    qemu_args: tuple[str, ...]
+    decision: str | None = None
+
+
+def launcher_path(real_emulator: str, root: str = GATE_ROOT) -> str:
+    """Where the gate's launcher for a real emulator lives: GATE_ROOT + its path."""
+    if not os.path.isabs(real_emulator) or os.path.normpath(real_emulator) != real_emulator:
+        raise UsageError(f"emulator path must be absolute and normal: {real_emulator!r}")
+    if is_gate_path(real_emulator, root):
+        raise UsageError(f"{real_emulator} is a gate already")
+    return root + real_emulator
+
+
+def is_gate_path(path: str, root: str = GATE_ROOT) -> bool:
+    return path == root or path.startswith(root + "/")
+
+
+def parse_gate_argv(argv: Sequence[str], root: str = GATE_ROOT) -> GateArgs:
+    """`GATE_ROOT/usr/bin/qemu-system-x86_64 QEMU-ARGS...` (how libvirt runs it), or
+    `safeusb-qemu-gate --real-emulator PATH [--decision MODULE:FUNCTION] -- QEMU-ARGS...`."""
+    prog = argv[0] if argv else PROG
+    if is_gate_path(prog, root):
+        real = prog[len(root):]
+        if not real.startswith("/") or os.path.normpath(real) != real or is_gate_path(real, root):
+            raise UsageError(f"{prog}: names no real emulator below {root}")
+        return GateArgs(real, tuple(argv[1:]))
+    real_emulator: str | None = None
+    decision: str | None = None
+    rest = list(argv[1:])
+    while rest and rest[0] != "--":
+        opt = rest.pop(0)
+        if opt in ("--real-emulator", "--decision") and rest:
+            value = rest.pop(0)
+            if opt == "--real-emulator":
+                real_emulator = value
+            else:
+                decision = value
+        else:
+            raise UsageError(f"{PROG}: unknown argument {opt!r}; usage: {PROG} "
+                             "--real-emulator PATH [--decision MODULE:FUNCTION] -- QEMU-ARGS")
+    if real_emulator is None:
+        raise UsageError(f"{PROG}: --real-emulator PATH is required when not run as "
+                         f"{root}/<emulator path>")
+    if not os.path.isabs(real_emulator) or is_gate_path(real_emulator, root):
+        raise UsageError(f"{PROG}: --real-emulator must be an absolute path outside {root}")
+    return GateArgs(real_emulator, tuple(rest[1:]), decision)
+
+
+def load_decision(spec: str | None) -> Decide:
+    if spec is None:
+        return inspect_decision
+    module, sep, func = spec.partition(":")
+    if not sep or not module or not func:
+        raise UsageError(f"--decision {spec!r}: give MODULE:FUNCTION")
+    import importlib  # noqa: PLC0415
+
+    fn = getattr(importlib.import_module(module), func)
+    if not callable(fn):
+        raise UsageError(f"--decision {spec!r} is not callable")
+    return fn  # type: ignore[no-any-return]
+
+
+def start_guarded(ga: GateArgs, mon: MonitorSocket, decide: Decide) -> int:
+    """Proxy in a detached grandchild; then this process becomes QEMU."""
+    private = tempfile.mkdtemp(prefix="safeusb-gate-")
+    qemu_path = os.path.join(private, "monitor.sock")
+    qemu_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    qemu_listener.bind(qemu_path)
+    qemu_listener.listen(1)
+    if mon.fd is not None:
+        client_fd = mon.fd
+    else:
+        assert mon.path is not None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(mon.path)
+        libvirt_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        libvirt_listener.bind(mon.path)
+        libvirt_listener.listen(1)
+        client_fd = libvirt_listener.detach()
+        os.set_inheritable(client_fd, True)
+    args = with_monitor_fd(ga.qemu_args, mon, qemu_listener.fileno())
+    qemu_listener.set_inheritable(True)
+    pidfd = os.pidfd_open(os.getpid())
+    domain = domain_name(ga.qemu_args)
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)
+            qemu_listener.close()
+            log(f"guards the QMP monitor of {domain or 'a domain'}")
+            listener = socket.socket(fileno=os.dup(client_fd))
+            run_proxy(listener, qemu_path, pidfd, decide, domain)
+            code = 0
+        except BaseException:
+            log("proxy failed:\n" + traceback.format_exc())
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
+            os._exit(code)
+    os.waitpid(child, 0)
+    os.close(pidfd)
+    try:
+        os.execv(ga.real_emulator, [ga.real_emulator, *args])  # noqa: S606 (argument list)
+    except OSError as exc:
+        log(f"cannot run {ga.real_emulator}: {exc}")
+    return EXIT_IN_USE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    try:
+        ga = parse_gate_argv(argv)
+        mon = find_monitor(ga.qemu_args)
+        if mon is None:
+            os.execv(ga.real_emulator, [ga.real_emulator, *ga.qemu_args])  # noqa: S606
+        decide = load_decision(ga.decision)
+    except MonitorArgsError as exc:
+        log(f"refusing to start QEMU: {exc}")
+        return EXIT_IN_USE
+    except SafeUSBError as exc:
+        log(str(exc))
+        return EXIT_USAGE
+    except OSError as exc:
+        log(f"cannot run the emulator: {exc}")
+        return EXIT_IN_USE
+    return start_guarded(ga, mon, decide)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""`safeusb protect DOMAIN`: put the gate in as the domain's emulator; `unprotect` undoes it.
+
+The domain's `<emulator>` becomes the gate's launcher for the real emulator,
+GATE_ROOT + its path (`/usr/local/lib/safeusb/gate/usr/bin/qemu-system-x86_64`, a
+symlink to `safeusb-qemu-gate`), and the real path is kept in the domain's own metadata:
+
+    <metadata>
+      <safeusb:gate xmlns:safeusb="https://safeusb.invalid/xmlns/1">
+        <safeusb:emulator>/usr/bin/qemu-system-x86_64</safeusb:emulator>
+      </safeusb:gate>
+    </metadata>
+
+The XML transforms are pure; the libvirt calls and the launcher symlink are the thin layer
+at the end. A running domain keeps its QEMU: the new emulator takes effect at next start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from typing import Any
+
+from lxml import etree
+
+from .errors import EXIT_IN_USE, SafeUSBError
+from .gate import GATE_ROOT, PROG, is_gate_path, launcher_path
+from .hostdev import parse_xml
+
+NS = "https://safeusb.invalid/xmlns/1"
+_GATE = f"{{{NS}}}gate"
+_EMULATOR = f"{{{NS}}}emulator"
+_BEFORE_METADATA = ("name", "uuid", "genid", "title", "description")
+
+
+class ProtectError(SafeUSBError):
+    """A domain that cannot be protected or unprotected as asked."""
+
+
+class LibvirtError(SafeUSBError):
+    exit_code = EXIT_IN_USE
+
+
+def _emulator(root: etree._Element, source: str) -> etree._Element:
+    if root.tag != "domain":
+        raise ProtectError(f"{source}: not a <domain>")
+    el = root.find("devices/emulator")
+    if el is None or not (el.text or "").strip():
+        raise ProtectError(f"{source}: the domain has no <devices><emulator>")
+    return el
+
+
+def real_emulator(root: etree._Element, source: str = "domain") -> str | None:
+    """The real emulator a protected domain keeps in its metadata, or None."""
+    gate = root.find(f"metadata/{_GATE}")
+    if gate is None:
+        return None
+    el = gate.find(_EMULATOR)
+    if el is None or not (el.text or "").strip():
+        raise ProtectError(f"{source}: safeusb metadata without an emulator")
+    return (el.text or "").strip()
+
+
+def protect_xml(root: etree._Element, source: str = "domain",
+                gate_root: str = GATE_ROOT) -> etree._Element:
+    """A copy of the domain whose emulator is the gate; refuses a protected domain."""
+    emulator = _emulator(root, source)
+    current = (emulator.text or "").strip()
+    if real_emulator(root, source) is not None or is_gate_path(current, gate_root):
+        raise ProtectError(f"{source}: already protected (emulator {current})")
+    new = copy.deepcopy(root)
+    _emulator(new, source).text = launcher_path(current, gate_root)
+    metadata = new.find("metadata")
+    if metadata is None:
+        metadata = etree.Element("metadata")
+        metadata.tail = root.text
+        after = [c for c in new if c.tag in _BEFORE_METADATA]
+        new.insert(new.index(after[-1]) + 1 if after else 0, metadata)
+    gate = etree.SubElement(metadata, _GATE, nsmap={"safeusb": NS})
+    etree.SubElement(gate, _EMULATOR).text = current
+    return new
+
+
+def unprotect_xml(root: etree._Element, source: str = "domain",
+                  gate_root: str = GATE_ROOT) -> etree._Element:
+    """A copy of the domain with its real emulator back and safeusb's metadata gone."""
+    current = (_emulator(root, source).text or "").strip()
+    real = real_emulator(root, source)
+    if real is None:
+        raise ProtectError(f"{source}: not protected (emulator {current})")
+    expected = launcher_path(real, gate_root)
+    if current != expected:
+        raise ProtectError(f"{source}: emulator is {current}, not the gate {expected} that "
+                           "protect set; fix <emulator> by hand")
+    new = copy.deepcopy(root)
+    _emulator(new, source).text = real
+    metadata = new.find("metadata")
+    assert metadata is not None
+    for el in metadata.findall(_GATE):
+        metadata.remove(el)
+    if len(metadata) == 0:
+        new.remove(metadata)
+    return new
+
+
+def to_text(root: etree._Element) -> str:
+    return etree.tostring(root, encoding="unicode")
+
+
+# The system layer: the launcher symlink and libvirt
+
+
+def gate_program() -> str:
+    path = os.path.join(os.path.dirname(sys.executable), PROG)
+    if not os.access(path, os.X_OK):
+        raise ProtectError(f"{path} is not installed (install safeusb into this environment)")
+    return path
+
+
+def ensure_launcher(real: str, gate_root: str = GATE_ROOT, program: str | None = None) -> str:
+    """GATE_ROOT + real as a symlink to the gate; returns its path."""
+    if not os.access(real, os.X_OK):
+        raise ProtectError(f"the emulator {real} is not an executable")
+    target = program or gate_program()
+    link = launcher_path(real, gate_root)
+    os.makedirs(os.path.dirname(link), mode=0o755, exist_ok=True)
+    if os.path.islink(link) and os.readlink(link) == target:
+        return link
+    tmp = f"{link}.{os.getpid()}.tmp"
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    return link
+
+
+def _domain_xml(dom: Any, libvirt: Any) -> etree._Element:
+    flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+    return parse_xml(dom.XMLDesc(flags).encode(), dom.name())
+
+
+def change_domain(name: str, uri: str | None, protect: bool) -> str:
+    import libvirt  # noqa: PLC0415
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    try:
+        conn = libvirt.open(uri)
+        try:
+            dom = conn.lookupByName(name)
+            if not dom.isPersistent():
+                raise ProtectError(f"{name}: a transient domain has no definition to change")
+            root = _domain_xml(dom, libvirt)
+            if protect:
+                new = protect_xml(root, name)
+                current = (_emulator(root, name).text or "").strip()
+                ensure_launcher(current)
+            else:
+                new = unprotect_xml(root, name)
+            conn.defineXML(to_text(new))
+            emulator = (_emulator(new, name).text or "").strip()
+            running = dom.isActive()
+        finally:
+            conn.close()
+    except libvirt.libvirtError as exc:
+        raise LibvirtError(f"{name}: {exc}") from None
+    later = " (the running QEMU keeps its emulator until the domain restarts)" if running else ""
+    return f"{name}: emulator {emulator}{later}"
+
+
+def run(args: argparse.Namespace) -> int:
+    print(change_domain(args.domain, args.connect, args.command == "protect"))
+    return 0
