@@ -198,7 +198,8 @@ def test_flush_timeout_refuses_and_leaves_it_mounted(loop_ext4: Loop, tmp_path: 
             run("fsfreeze", "--unfreeze", str(outer))
         Path("/proc/sys/vm/dirty_writeback_centisecs").write_text(saved)
         run("losetup", "-d", inner.node, check=False)
-        run("umount", str(outer), check=False)
+        # The stalled sync lets go of the inner device once thawed: retry for a while.
+        wait_for(lambda: run("umount", str(outer), check=False).returncode == 0, 20)
 
 
 def test_second_prepare_while_locked_is_refused(cli, loop_ext4: Loop, tmp_path: Path,
@@ -279,6 +280,11 @@ def test_mount_attempts_during_prepare_fail(loop_ext4: Loop, tmp_path: Path) -> 
         finally:
             stop.set()
             thread.join()
-        assert outcome.ok or "claimed by another holder" in (outcome.error or ""), outcome
+        # Either it was handed over with no mount getting in after the first hold, or the
+        # racer was seen (in use at inspection, or claiming it before the hold) and refused.
+        assert (outcome.ok or (outcome.plan is not None and outcome.plan.refused)
+                or "claimed by another holder" in (outcome.error or "")), outcome
         if outcome.ok:
-            assert after_hold == 0
+            assert held_from and after_hold == 0
+        else:
+            assert not outcome.host_state().startswith("changed"), outcome.host_state()
