@@ -248,3 +248,20 @@ def _renamed(step: Step, renames: dict[str, str]) -> Step:
 
 def load_record(state: StateDir, key: str) -> Record | None:
     return state.load(key)
+
+
+def release_domain(roots: Roots, domain: str, policy: Policy, runner: Runner,
+                   state: StateDir) -> Outcome:
+    """Release every device recorded as taken for the domain."""
+    total = Outcome(True)
+    for key in state.keys_for_domain(domain):
+        usb = None
+        port = roots.sys_path("bus", "usb", "devices", key)
+        if sysfs.is_usb_device_dir(port):
+            usb = sysfs.read_usb_device(port)
+        one = release(roots, key, policy, runner, state, usb=usb, domain=domain)
+        total.done.extend(one.done)
+        total.not_undone.extend(one.not_undone)
+        total.notes.extend(one.notes)
+    total.ok = not total.not_undone
+    return total

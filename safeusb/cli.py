@@ -67,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--timeout", type=float, metavar="SECONDS",
                             help="flush timeout (default: the policy's flush_timeout)")
 
+    for cmd, text in (("install-hook", "install the libvirt QEMU hook drop-in "
+                                        "(/etc/libvirt/hooks/qemu.d/safeusb)"),
+                      ("uninstall-hook", "remove the libvirt QEMU hook drop-in")):
+        hp = sub.add_parser(cmd, help=text, description=text.capitalize() + ".")
+        hp.add_argument("--root", metavar="DIR", default="/",
+                        help="install below DIR (DESTDIR-style, for packaging)")
+        if cmd == "install-hook":
+            hp.add_argument("--python", metavar="PATH",
+                            help="interpreter the hook runs (default: this one)")
+
     for cmd, text in (("protect", "guard live USB hotplug into a domain with the gate"),
                       ("unprotect", "give a protected domain its real emulator back")):
         pp = sub.add_parser(cmd, help=text, description=text.capitalize() + ".")
@@ -162,7 +172,18 @@ def cmd_release(args: argparse.Namespace, roots: Roots) -> int:
     return _print_outcome("release", target.describe(), outcome, args.json)
 
 
-COMMANDS = {"inspect": cmd_inspect, "prepare": cmd_prepare, "release": cmd_release}
+def cmd_install_hook(args: argparse.Namespace, roots: Roots) -> int:
+    from . import install  # noqa: PLC0415
+
+    if args.command == "install-hook":
+        print(install.install(args.root, args.python).describe("installed"))
+    else:
+        print(install.uninstall(args.root).describe("removed"))
+    return EXIT_FREE
+
+
+COMMANDS = {"inspect": cmd_inspect, "prepare": cmd_prepare, "release": cmd_release,
+            "install-hook": cmd_install_hook, "uninstall-hook": cmd_install_hook}
 
 
 def _setup_logging(verbose: bool, acting: bool) -> None:

@@ -263,7 +263,10 @@ def build_plan(findings: Findings, settings: Settings, rule: str) -> Plan:
     for kind in ("last-input", "network"):
         refuse(kind, "the policy does not allow handing it over")
     if settings.mount == "refuse":
-        refuse("mount", f"unmount it or set mount = \"unmount\" ({rule})")
+        unwritten = _unwritten(findings)
+        for r in by_kind.get("mount", []):
+            extra = unwritten.get(str(r.details.get("device")), "")
+            refusals.append(f"{r.text}{extra}; unmount it or set mount = \"unmount\" ({rule})")
     if settings.swap == "refuse":
         refuse("swap", f"swapoff it or set swap = \"unmount\" ({rule})")
     if settings.holder == "refuse":
@@ -288,6 +291,21 @@ def build_plan(findings: Findings, settings: Settings, rule: str) -> Plan:
     steps.extend(_teardown_steps(snap))
     steps.append(_handoff(snap))
     return Plan(settings, rule, tuple(steps), (), findings)
+
+
+def _unwritten(findings: Findings) -> dict[str, str]:
+    """" with 4.0 MiB not yet written" for each device whose disk holds dirty data."""
+    snap = findings.snapshot
+    dirty = {d.bdi: (d.dirty_bytes or 0) + (d.writeback_bytes or 0) for d in snap.dirty}
+    out = {}
+    for b in snap.blocks.values():
+        disk = snap.blocks.get(b.parent) if b.parent else b
+        if disk is None:
+            continue
+        amount = dirty.get(disk.bdi or disk.devnum, 0)
+        if amount > snap.counter_slack_bytes:
+            out[b.name] = f" with {human_bytes(amount)} not yet written"
+    return out
 
 
 def _flush_steps(snap: Snapshot, findings: Findings) -> list[Flush]:

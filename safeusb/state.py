@@ -116,6 +116,20 @@ class StateDir:
                 os.unlink(tmp)
             raise StateError(f"cannot record state in {path}: {exc.strerror or exc}") from None
 
+    def keys_for_domain(self, domain: str) -> list[str]:
+        """Devices whose records say they were taken for the domain."""
+        try:
+            names = sorted(os.listdir(self.path))
+        except FileNotFoundError:
+            return []
+        keys = []
+        for name in names:
+            if name.endswith(".json"):
+                record = self.load(name[: -len(".json")])
+                if record is not None and record.domain == domain:
+                    keys.append(record.key)
+        return keys
+
     def remove(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._file(key, "json"))

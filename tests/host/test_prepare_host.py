@@ -280,6 +280,7 @@ def test_mount_attempts_during_prepare_fail(loop_ext4: Loop, tmp_path: Path) -> 
         finally:
             stop.set()
             thread.join()
+            subprocess.run(["umount", str(race)], capture_output=True, check=False)
         # Either it was handed over with no mount getting in after the first hold, or the
         # racer was seen (in use at inspection, or claiming it before the hold) and refused.
         assert (outcome.ok or (outcome.plan is not None and outcome.plan.refused)

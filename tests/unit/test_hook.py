@@ -1,0 +1,168 @@
+"""The libvirt hook: golden domain XML to decisions, the shell drop-in, installation."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from safeusb.domain import DomainInfo, policy_for_domain
+from safeusb.hook import EXIT_REFUSED, hook
+from safeusb.install import install, render, uninstall
+from safeusb.policy import Policy, PolicyError
+from tests.unit.fakesys import LINUX_NS, ROOT_MOUNT, FakeSystem, mount_line
+
+DOMAINS = Path(__file__).parent / "data" / "domains"
+
+
+def _xml(name: str) -> bytes:
+    return (DOMAINS / name).read_bytes()
+
+
+def test_domain_parsing() -> None:
+    assert DomainInfo.from_xml(_xml("none.xml")).hostdevs == ()
+    assert DomainInfo.from_xml(_xml("pci.xml")).hostdevs == ()
+    (by_id,) = DomainInfo.from_xml(_xml("by-id.xml")).hostdevs
+    assert (by_id.vendor_id, by_id.product_id) == (0x46F4, 1)
+    (by_addr,) = DomainInfo.from_xml(_xml("by-address.xml")).hostdevs
+    assert (by_addr.bus, by_addr.device) == (2, 3)
+    info = DomainInfo.from_xml(_xml("several.xml"))
+    assert [h.startup_policy for h in info.hostdevs] == ["optional", None]
+    assert info.policy == {"mount": "unmount", "flush_timeout": "30"}
+
+
+def test_metadata_overrides_every_rule() -> None:
+    base = Policy.from_text('[defaults]\nswap = "unmount"\n[[rules]]\nport = "2-1"\n'
+                            'open = "force"\n')
+    p = policy_for_domain(base, DomainInfo.from_xml(_xml("several.xml")))
+    assert p.defaults.mount == "unmount" and p.defaults.swap == "unmount"
+    assert p.defaults.flush_timeout == 30.0
+    assert p.rules[0].settings.mount == "unmount" and p.rules[0].settings.open == "force"
+    with pytest.raises(PolicyError) as exc:
+        policy_for_domain(base, DomainInfo.from_xml(_xml("bad-metadata.xml")))
+    assert "mount must be one of" in str(exc.value) and "g4" in str(exc.value)
+
+
+@pytest.fixture
+def busy(tmp_path: Path) -> FakeSystem:
+    """A stick mounted with dirty data, as a built tree."""
+    fs = FakeSystem(tmp_path / "root")
+    usb = fs.usb_device("2-1", 0x46F4, 0x0001, busnum=2, devnum=3)
+    fs.disk(usb, "sda", 8, 0)
+    fs.process(1, "init", LINUX_NS, ROOT_MOUNT + mount_line(300, "8:0", "/srv/photos",
+                                                            "/dev/sda"))
+    fs.bdi(8, 0, 4096, 0)
+    return fs
+
+
+def _run_hook(fs: FakeSystem, tmp_path: Path, name: str, op: str = "prepare",
+              sub: str = "begin", policy: str | None = None) -> int:
+    policy_path = tmp_path / "policy.toml"
+    if policy is not None:
+        policy_path.write_text(policy)
+    return hook([name, op, sub, "-"], _xml(f"{name}.xml") if (DOMAINS / f"{name}.xml").exists()
+                else name.encode(), fs.roots, str(policy_path), str(tmp_path / "state"))
+
+
+def test_refusal_names_the_mountpoint_and_dirty_data(
+    busy: FakeSystem, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    xml = _xml("by-id.xml")
+    rc = hook(["g1", "prepare", "begin", "-"], xml, busy.roots, str(tmp_path / "none.toml"),
+              str(tmp_path / "state"))
+    err = capsys.readouterr().err
+    assert rc == EXIT_REFUSED
+    assert "no such file" in err  # an unreadable policy refuses a USB domain
+    policy = tmp_path / "p.toml"
+    policy.write_text("[defaults]\n")
+    rc = hook(["g1", "prepare", "begin", "-"], xml, busy.roots, str(policy),
+              str(tmp_path / "state"))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == EXIT_REFUSED
+    assert any("/dev/sda mounted at /srv/photos" in line and 'set mount = "unmount"' in line
+               for line in lines), lines
+    assert any("with 4.0 MiB not yet written" in line for line in lines), lines
+    assert all(line.startswith("safeusb: ") for line in lines)
+
+
+@pytest.mark.parametrize("name", ["none.xml", "pci.xml"])
+def test_domains_without_usb_pass_even_with_a_broken_policy(
+    busy: FakeSystem, tmp_path: Path, name: str
+) -> None:
+    for op, sub in (("prepare", "begin"), ("release", "end"), ("start", "begin")):
+        assert hook(["d", op, sub, "-"], _xml(name), busy.roots, "/nonexistent.toml",
+                    str(tmp_path / "state")) == 0
+
+
+def test_other_operations_never_refuse(busy: FakeSystem, tmp_path: Path) -> None:
+    for op, sub in (("reconnect", "begin"), ("started", "begin"), ("stopped", "end"),
+                    ("prepare", "end"), ("attach", "begin")):
+        assert hook(["g1", op, sub, "-"], _xml("by-id.xml"), busy.roots, "/nonexistent.toml",
+                    str(tmp_path / "state")) == 0
+
+
+def test_unreadable_xml(busy: FakeSystem, tmp_path: Path) -> None:
+    usb = b"<domain><devices><hostdev mode='subsystem' type='usb'><source>"
+    assert hook(["x", "prepare", "begin", "-"], usb, busy.roots, "/n", str(tmp_path)) == 3
+    evil = (b'<!DOCTYPE d [<!ENTITY x SYSTEM "file:///etc/shadow">]><domain><devices>'
+            b"<hostdev mode='subsystem' type='usb'><source><vendor id='&x;'/></source>"
+            b"</hostdev></devices></domain>")
+    assert hook(["x", "prepare", "begin", "-"], evil, busy.roots, "/n", str(tmp_path)) == 3
+    assert hook(["x", "prepare", "begin", "-"], b"<domain><devices>", busy.roots, "/n",
+                str(tmp_path)) == 0
+
+
+def test_missing_device_is_left_to_libvirt(busy: FakeSystem, tmp_path: Path) -> None:
+    policy = tmp_path / "p.toml"
+    policy.write_text("[defaults]\n")
+    xml = _xml("by-id.xml").replace(b"0x46f4", b"0x1111")
+    assert hook(["g1", "prepare", "begin", "-"], xml, busy.roots, str(policy),
+                str(tmp_path / "state")) == 0
+
+
+# -- the shell drop-in -------------------------------------------------------------------
+
+
+def _dropin(tmp_path: Path, python: str) -> Path:
+    path = tmp_path / "safeusb-hook"
+    path.write_text(render(python))
+    path.chmod(0o755)
+    return path
+
+
+def _call(hook_path: Path, args: list[str], xml: bytes) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([str(hook_path), *args], input=xml, capture_output=True,
+                          timeout=60, check=False, env={"PATH": "/usr/bin:/bin"})
+
+
+def test_dropin_passes_xml_through_for_migrate_and_restore(tmp_path: Path) -> None:
+    hook_path = _dropin(tmp_path, "/nonexistent/python")
+    xml = _xml("by-id.xml")
+    for op in ("migrate", "restore"):
+        p = _call(hook_path, ["g1", op, "begin", "-"], xml)
+        assert p.returncode == 0 and p.stdout == xml
+
+
+def test_dropin_with_broken_python(tmp_path: Path) -> None:
+    hook_path = _dropin(tmp_path, "/nonexistent/python")
+    for name in ("none.xml", "pci.xml"):
+        assert _call(hook_path, ["d", "prepare", "begin", "-"], _xml(name)).returncode == 0
+    p = _call(hook_path, ["g1", "prepare", "begin", "-"], _xml("by-id.xml"))
+    assert p.returncode == 1 and b"refusing to start" in p.stderr
+    assert _call(hook_path, ["g1", "release", "end", "-"], _xml("by-id.xml")).returncode == 0
+
+
+def test_install_is_idempotent_and_never_overwrites(tmp_path: Path) -> None:
+    first = install(str(tmp_path), "/usr/bin/python3")
+    assert first.changed and os.access(first.path, os.X_OK)
+    assert not install(str(tmp_path), "/usr/bin/python3").changed
+    assert install(str(tmp_path), "/opt/py/bin/python3").changed
+    assert uninstall(str(tmp_path)).changed and not Path(first.path).exists()
+    assert not uninstall(str(tmp_path)).changed
+    foreign = Path(first.path)
+    foreign.write_text("#!/bin/sh\nexit 0\n")
+    with pytest.raises(Exception, match="not safeusb's hook"):
+        install(str(tmp_path), "/usr/bin/python3")
+    assert not (tmp_path / "etc/libvirt/hooks/qemu").exists()
