@@ -56,7 +56,7 @@ from .usbhost import (
     UsbHostRequest,
     fd_identity,
     hmp_device_add,
-    inspect_decision,
+    prepare_decision,
     usb_host_request,
 )
 
@@ -611,7 +611,7 @@ def parse_gate_argv(argv: Sequence[str], root: str = GATE_ROOT) -> GateArgs:
 
 def load_decision(spec: str | None) -> Decide:
     if spec is None:
-        return inspect_decision
+        return prepare_decision
     module, sep, func = spec.partition(":")
     if not sep or not module or not func:
         raise UsageError(f"--decision {spec!r}: give MODULE:FUNCTION")

@@ -13,7 +13,7 @@ import re
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import SafeUSBError
 
@@ -25,6 +25,10 @@ _PORT = re.compile(r"^\d+(\.\d+)*$")
 
 class RequestError(SafeUSBError):
     """A usb-host device whose host device cannot be told for certain."""
+
+
+if TYPE_CHECKING:
+    from .selector import Selector
 
 
 @dataclass(frozen=True)
@@ -234,29 +238,57 @@ def hmp_device_add(command_line: str) -> dict[str, str] | None:
     return props
 
 
-def inspect_decision(request: UsbHostRequest) -> None:
-    """The default decision: refuse unless `safeusb inspect` finds the device free."""
-    from .inspect import inspect  # noqa: PLC0415 (the gate starts fast without it)
-    from .roots import Roots  # noqa: PLC0415
-    from .run import Runner  # noqa: PLC0415
-    from .selector import Selector, resolve  # noqa: PLC0415
-    from .snapshot import read_snapshot  # noqa: PLC0415
+def request_selector(request: UsbHostRequest) -> Selector:
+    """The selector naming the host device a usb-host request asks for."""
+    from .selector import Selector  # noqa: PLC0415 (the gate starts fast without it)
 
     if request.hostaddr is not None and request.hostbus is not None:
-        sel = Selector(
+        return Selector(
             f"{request.hostbus:03d}:{request.hostaddr:03d}", bus=request.hostbus,
             device=request.hostaddr, vendor_id=request.vendorid, product_id=request.productid,
         )
-    elif request.hostport is not None and request.hostbus is not None:
+    if request.hostport is not None and request.hostbus is not None:
         name = f"{request.hostbus}-{request.hostport}"
-        sel = Selector(
+        return Selector(
             name, sysname=name, vendor_id=request.vendorid, product_id=request.productid
         )
-    else:
-        sel = Selector(
-            request.describe(), bus=request.hostbus,
-            vendor_id=request.vendorid, product_id=request.productid,
-        )
+    return Selector(
+        request.describe(), bus=request.hostbus,
+        vendor_id=request.vendorid, product_id=request.productid,
+    )
+
+
+def prepare_decision(request: UsbHostRequest) -> None:
+    """The gate's decision: `safeusb prepare` under the host policy for the domain; the
+    device goes to the guest only when it is free or made free."""
+    from .act import prepare  # noqa: PLC0415
+    from .policy import DEFAULT_PATH, Policy  # noqa: PLC0415
+    from .roots import Roots  # noqa: PLC0415
+    from .run import Runner  # noqa: PLC0415
+    from .selector import resolve  # noqa: PLC0415
+    from .state import StateDir  # noqa: PLC0415
+
+    roots = Roots.host()
+    target = resolve(request_selector(request), roots)
+    outcome = prepare(roots, target, Policy.from_file(DEFAULT_PATH),
+                      Runner(debugfs=roots.debugfs, sys_root=roots.sys), StateDir(),
+                      domain=request.domain)
+    if outcome.ok:
+        return
+    if outcome.plan is not None and outcome.plan.refused:
+        raise SafeUSBError("; ".join(outcome.plan.refusals))
+    raise SafeUSBError(f"{outcome.error}; host state: {outcome.host_state()}")
+
+
+def inspect_decision(request: UsbHostRequest) -> None:
+    """Refuse unless `safeusb inspect` finds the device free (changes nothing)."""
+    from .inspect import inspect  # noqa: PLC0415 (the gate starts fast without it)
+    from .roots import Roots  # noqa: PLC0415
+    from .run import Runner  # noqa: PLC0415
+    from .selector import resolve  # noqa: PLC0415
+    from .snapshot import read_snapshot  # noqa: PLC0415
+
+    sel = request_selector(request)
     roots = Roots.host()
     findings = inspect(read_snapshot(roots, resolve(sel, roots), Runner()))
     if not findings.free:
