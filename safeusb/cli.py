@@ -67,6 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--timeout", type=float, metavar="SECONDS",
                             help="flush timeout (default: the policy's flush_timeout)")
 
+    for cmd, text in (("attach-device", "attach a device to a domain as virsh does, preparing "
+                                         "its USB host devices first"),
+                      ("detach-device", "detach a device from a domain as virsh does, then "
+                                         "give its USB host devices back to the host")):
+        ap = sub.add_parser(cmd, help=text, description=text.capitalize() + ".")
+        ap.add_argument("domain")
+        ap.add_argument("file", help="device XML, as for virsh")
+        for flag in ("live", "config", "current", "persistent"):
+            ap.add_argument(f"--{flag}", action="store_true")
+        ap.add_argument("-c", "--connect", metavar="URI", help="libvirt URI")
+        ap.add_argument("--policy", metavar="FILE", default=DEFAULT_POLICY)
+        ap.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
+                        help=argparse.SUPPRESS)
+
     for cmd, text in (("install-hook", "install the libvirt QEMU hook drop-in "
                                         "(/etc/libvirt/hooks/qemu.d/safeusb)"),
                       ("uninstall-hook", "remove the libvirt QEMU hook drop-in")):
@@ -182,7 +196,24 @@ def cmd_install_hook(args: argparse.Namespace, roots: Roots) -> int:
     return EXIT_FREE
 
 
-COMMANDS = {"inspect": cmd_inspect, "prepare": cmd_prepare, "release": cmd_release,
+def cmd_attach(args: argparse.Namespace, roots: Roots) -> int:
+    from . import attach  # noqa: PLC0415
+
+    try:
+        with open(args.file, "rb") as f:
+            xml = f.read(16 * 1024 * 1024 + 1)
+    except OSError as exc:
+        raise XMLError(args.file, exc.strerror or str(exc)) from None
+    flags = attach.Flags(args.live, args.config, args.current, args.persistent)
+    do = attach.attach if args.command == "attach-device" else attach.detach
+    lines = do(roots, args.connect, args.domain, xml, args.file, flags,
+               Policy.from_file(args.policy), StateDir(args.state_dir))
+    print("\n".join(lines))
+    return EXIT_FREE
+
+
+COMMANDS = {"attach-device": cmd_attach, "detach-device": cmd_attach,
+            "inspect": cmd_inspect, "prepare": cmd_prepare, "release": cmd_release,
             "install-hook": cmd_install_hook, "uninstall-hook": cmd_install_hook}
 
 
@@ -205,7 +236,8 @@ def main(argv: Sequence[str] | None = None, roots: Roots | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _setup_logging(args.verbose, args.command in ("prepare", "release", "protect",
-                                                       "unprotect"))
+                                                       "unprotect", "attach-device",
+                                                       "detach-device"))
         if args.command in ("protect", "unprotect"):
             from . import protect  # noqa: PLC0415
 

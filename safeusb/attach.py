@@ -1,0 +1,139 @@
+"""`safeusb attach-device` / `detach-device`: virsh's commands, guarded.
+
+attach-device prepares every USB host device of the XML under the policy before libvirt
+hands it to the running guest, and gives it back if libvirt fails; detach-device gives
+the device back to the host after libvirt has taken it from the guest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .act import Outcome, prepare, release, target_key
+from .errors import SafeUSBError, XMLError
+from .hostdev import usb_hostdevs
+from .policy import Policy
+from .roots import Roots
+from .run import Runner
+from .selector import Selector, resolve
+from .state import StateDir
+
+
+class LibvirtError(SafeUSBError):
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Flags:
+    live: bool = False
+    config: bool = False
+    current: bool = False
+    persistent: bool = False
+
+    def libvirt_flags(self, running: bool) -> int:
+        import libvirt  # noqa: PLC0415
+
+        if self.current and (self.live or self.config or self.persistent):
+            raise SafeUSBError("--current cannot be combined with --live, --config or "
+                               "--persistent")
+        flags = 0
+        if self.live:
+            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+        if self.config:
+            flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        if self.persistent:
+            flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+            if running:
+                flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+        return flags  # 0 is VIR_DOMAIN_AFFECT_CURRENT
+
+    def affects_live(self, running: bool) -> bool:
+        return running and (self.live or self.persistent or not (self.config or self.live))
+
+
+def _domain(uri: str | None, name: str) -> Any:
+    import libvirt  # noqa: PLC0415
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are raised here
+    try:
+        conn = libvirt.open(uri)
+        return conn.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        raise LibvirtError(f"libvirt: {exc.get_error_message()}") from None
+
+
+def attach(roots: Roots, uri: str | None, name: str, xml: bytes, source: str, flags: Flags,
+           policy: Policy, state: StateDir) -> list[str]:
+    import libvirt  # noqa: PLC0415
+
+    dom = _domain(uri, name)
+    running = bool(dom.isActive())
+    hostdevs = _hostdevs(xml, source)
+    taken: list[tuple[str, Any]] = []
+    lines = []
+    if flags.affects_live(running):
+        for hd in hostdevs:
+            target = resolve(Selector.from_hostdev(hd, source), roots)
+            outcome = prepare(roots, target, policy, Runner(debugfs=roots.debugfs,
+                              sys_root=roots.sys), state, domain=name)
+            if not outcome.ok:
+                _give_back(roots, taken, policy, state, name)
+                raise SafeUSBError(_refusal_text(target.describe(), outcome))
+            taken.append((target_key(target), target.usb))
+            lines.extend(outcome.done)
+    try:
+        dom.attachDeviceFlags(xml.decode(), flags.libvirt_flags(running))
+    except libvirt.libvirtError as exc:
+        _give_back(roots, taken, policy, state, name)
+        raise LibvirtError(f"libvirt: {exc.get_error_message()}") from None
+    return [*lines, "Device attached successfully"]
+
+
+def detach(roots: Roots, uri: str | None, name: str, xml: bytes, source: str, flags: Flags,
+           policy: Policy, state: StateDir) -> list[str]:
+    import libvirt  # noqa: PLC0415
+
+    dom = _domain(uri, name)
+    running = bool(dom.isActive())
+    hostdevs = _hostdevs(xml, source)
+    try:
+        dom.detachDeviceFlags(xml.decode(), flags.libvirt_flags(running))
+    except libvirt.libvirtError as exc:
+        raise LibvirtError(f"libvirt: {exc.get_error_message()}") from None
+    lines = ["Device detached successfully"]
+    if flags.affects_live(running):
+        for hd in hostdevs:
+            try:
+                target = resolve(Selector.from_hostdev(hd, source), roots)
+            except SafeUSBError as exc:
+                lines.append(f"not given back: {exc}")
+                continue
+            outcome = release(roots, target_key(target), policy,
+                              Runner(debugfs=roots.debugfs, sys_root=roots.sys), state,
+                              usb=target.usb, domain=name)
+            lines.extend(outcome.done + [f"NOT done: {n}" for n in outcome.not_undone])
+    return lines
+
+
+def _hostdevs(xml: bytes, source: str) -> tuple[Any, ...]:
+    try:
+        return usb_hostdevs(xml, source)
+    except XMLError as exc:
+        if b"<hostdev" in xml:
+            raise
+        del exc
+        return ()  # not a host device: libvirt alone decides
+
+
+def _give_back(roots: Roots, taken: list[tuple[str, Any]], policy: Policy, state: StateDir,
+               name: str) -> None:
+    for key, usb in reversed(taken):
+        release(roots, key, policy, Runner(debugfs=roots.debugfs, sys_root=roots.sys), state,
+                usb=usb, domain=name)
+
+
+def _refusal_text(head: str, outcome: Outcome) -> str:
+    if outcome.plan is not None and outcome.plan.refused:
+        return f"refused to hand over {head}: " + "; ".join(outcome.plan.refusals)
+    return f"could not hand over {head}: {outcome.error}; host state: {outcome.host_state()}"
