@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--timeout", type=float, metavar="SECONDS",
                             help="flush timeout (default: the policy's flush_timeout)")
 
+    st = sub.add_parser("status", help="every USB device, what uses it, which domains want it",
+                        description="Every USB device on the host as a tree, what the host "
+                        "does with each, whether handing it to a guest is safe now, and "
+                        "which libvirt domains reference it.")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("-c", "--connect", metavar="URI", help="libvirt URI (read-only)")
+
     for cmd, text in (("attach-device", "attach a device to a domain as virsh does, preparing "
                                          "its USB host devices first"),
                       ("detach-device", "detach a device from a domain as virsh does, then "
@@ -212,7 +219,19 @@ def cmd_attach(args: argparse.Namespace, roots: Roots) -> int:
     return EXIT_FREE
 
 
-COMMANDS = {"attach-device": cmd_attach, "detach-device": cmd_attach,
+def cmd_status(args: argparse.Namespace, roots: Roots) -> int:
+    from .status import collect  # noqa: PLC0415
+
+    status = collect(roots, args.connect)
+    if args.json:
+        json.dump(status.as_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(status.as_text())
+    return EXIT_FREE
+
+
+COMMANDS = {"status": cmd_status, "attach-device": cmd_attach, "detach-device": cmd_attach,
             "inspect": cmd_inspect, "prepare": cmd_prepare, "release": cmd_release,
             "install-hook": cmd_install_hook, "uninstall-hook": cmd_install_hook}
 

@@ -1,0 +1,47 @@
+"""safeusb status over built trees, with libvirt's test driver for domains."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+from safeusb.status import collect
+from tests.unit.fakesys import LINUX_NS, ROOT_MOUNT, FakeSystem, mount_line
+
+
+def test_tree_with_uses(tmp_path: Path) -> None:
+    fs = FakeSystem(tmp_path)
+    busy = fs.usb_device("2-1", 0x46F4, 0x0001, busnum=2, devnum=3)
+    fs.disk(busy, "sda", 8, 0)
+    free = fs.usb_device("2-2", 0x46F4, 0x0001, busnum=2, devnum=4, serial="S2")
+    fs.disk(free, "sdb", 8, 16)
+    fs.process(1, "init", LINUX_NS,
+               ROOT_MOUNT + mount_line(300, "8:0", "/srv/photos", "/dev/sda"))
+    fs.bdi(8, 0, 4096, 0)
+    status = collect(fs.roots, "test:///default")
+    text = status.as_text()
+    lines = text.splitlines()
+    assert lines[0].startswith("usb2 ") and "hub" in lines[0]
+    assert any(line.startswith("  2-1 ") and "NOT safe: mounted at /srv/photos, 4.0 MiB dirty"
+               in line and "[mass storage; usb-storage]" in line for line in lines), text
+    assert any(line.startswith("  2-2 ") and line.endswith(": safe to hand over")
+               for line in lines), text
+    assert lines[-1] == "libvirt: connected to test:///default"
+    doc = status.as_json()
+    by_name = {d["sysname"]: d for d in doc["devices"]}
+    assert by_name["2-1"]["safe_to_hand_over"] is False
+    assert by_name["2-2"]["safe_to_hand_over"] is True
+    assert by_name["usb2"]["safe_to_hand_over"] is None
+    json.dumps(doc)
+
+
+def test_without_usb(tmp_path: Path, safeusb_cmd: list[str]) -> None:
+    fs = FakeSystem(tmp_path)
+    shutil.rmtree(fs.sys / "bus" / "usb")
+    status = collect(fs.roots)
+    assert "no USB subsystem" in status.as_text() and status.as_json()["devices"] == []
+    p = subprocess.run([*safeusb_cmd, "status", "--json"], capture_output=True, text=True,
+                       check=False)
+    assert p.returncode == 0 and isinstance(json.loads(p.stdout)["devices"], list)
