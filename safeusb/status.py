@@ -113,7 +113,7 @@ class Status:
             name = " ".join(p for p in (u.manufacturer, u.product) if p) or "?"
             drivers = ", ".join(sorted({i.driver for i in u.interfaces if i.driver})) or "-"
             head = (f"{indent}{u.sysname:<10} {u.vid_pid} {name} "
-                    f"[{', '.join(class_names(u))}; {drivers}]")
+                    f"[{', '.join(class_names(u)) or '-'}; {drivers}]")
             if d.findings is not None:
                 verdict = ("safe to hand over" if d.findings.free
                            else "NOT safe: " + summary(d.findings))

@@ -45,7 +45,7 @@ class FakeSystem:
                    serial: str = "STICK1", iface_class: int = 8) -> Path:
         bus = self.sys / PCI / f"usb{busnum}"
         if not bus.exists():
-            self._usb_dir(bus, 0x1D6B, 3, busnum, 1, f"usb{busnum}")
+            self._usb_dir(bus, 0x1D6B, 3, busnum, 1, f"usb{busnum}", dev_class=9)
         path = bus / sysname
         self._usb_dir(path, vid, pid, busnum, devnum, sysname)
         _write(path / "serial", serial + "\n")
@@ -58,10 +58,10 @@ class FakeSystem:
         return path
 
     def _usb_dir(self, path: Path, vid: int, pid: int, busnum: int, devnum: int,
-                 sysname: str) -> None:
+                 sysname: str, dev_class: int = 0) -> None:
         for name, value in (("idVendor", f"{vid:04x}"), ("idProduct", f"{pid:04x}"),
                             ("busnum", str(busnum)), ("devnum", str(devnum)),
-                            ("bDeviceClass", "00")):
+                            ("bDeviceClass", f"{dev_class:02x}")):
             _write(path / name, value + "\n")
         major, minor = 189, (busnum - 1) * 128 + devnum - 1
         self._node(path, "usb", f"bus/usb/{busnum:03d}/{devnum:03d}", major, minor, "char",
