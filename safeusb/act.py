@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from .plan import (
     Unmount,
     build_plan,
     hold_targets,
+    teardown_steps,
 )
 from .policy import Policy
 from .roots import Roots
@@ -115,14 +117,20 @@ def prepare(
         done: list[Step] = []
         try:
             runner.hold(holds)
-            for step in plan.steps:
+
+            def carry_out(step: Step) -> None:
                 step.execute(runner)
                 done.append(step)
                 outcome.done.append(step.describe())
-                if not isinstance(step, Handoff):
-                    state.save(new_record(key, domain, [s.as_json() for s in done]))
-                    runner.hold(holds)  # claim what this step freed, at once
-            state.save(new_record(key, domain, [s.as_json() for s in done]))
+                state.save(new_record(key, domain, [s.as_json() for s in done]))
+                runner.hold(holds)  # claim what this step freed, at once
+
+            *teardown, handoff = plan.steps
+            for step in teardown:
+                carry_out(step)
+            for step in _late_mounts(roots, target, runner, holds):
+                carry_out(step)
+            carry_out(handoff)
         except (StepFailed, OSError) as exc:
             runner.release_holds()
             outcome.error = str(exc)
@@ -132,6 +140,21 @@ def prepare(
             return outcome
         outcome.ok = True
         return outcome
+
+
+def _late_mounts(roots: Roots, target: Target, runner: Runner, holds: tuple[str, ...],
+                 tries: int = 20) -> Iterator[Step]:
+    """Mounts made while the device was still mounted (during the flush) share its
+    filesystem and escaped the plan: yield unmounts for them, until every hold is taken.
+    Anything else that still claims the device fails the handoff, with rollback."""
+    for _ in range(tries):
+        if not runner.hold(holds):
+            return
+        late = [s for s in teardown_steps(read_snapshot(roots, target, runner))
+                if isinstance(s, Unmount)]
+        if not late:
+            time.sleep(0.02)  # a mount on its way in or out holds it for a moment
+        yield from late
 
 
 def _undo(done: list[Step], runner: Runner, outcome: Outcome) -> None:

@@ -288,7 +288,7 @@ def build_plan(findings: Findings, settings: Settings, rule: str) -> Plan:
 
     steps: list[Step] = list(kills)
     steps.extend(_flush_steps(snap, findings))
-    steps.extend(_teardown_steps(snap))
+    steps.extend(teardown_steps(snap))
     steps.append(_handoff(snap))
     return Plan(settings, rule, tuple(steps), (), findings)
 
@@ -330,7 +330,7 @@ def _our_mounts(snap: Snapshot) -> list[tuple[MountNamespace, MountEntry]]:
     return [(ns, m) for ns in snap.namespaces for m in ns.mounts if m.devnum in snap.fs_devices]
 
 
-def _teardown_steps(snap: Snapshot) -> list[Step]:
+def teardown_steps(snap: Snapshot) -> list[Step]:
     """Everything built on the target, top first: mounts, swap, loops, dm/LVM/md."""
     blocks = snap.blocks
     mounts = _our_mounts(snap)

@@ -458,7 +458,8 @@ def _write_plan(share: Path, boot: Boot) -> None:
     (share / "plan").write_text("".join(plan))
     if boot.libvirt_hooks:
         (share / "hooks").mkdir()
-        for hook, src in boot.libvirt_hooks.items():
+        for hook, src in boot.libvirt_hooks.items():  # "qemu" or "qemu.d/NAME"
+            (share / "hooks" / hook).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, share / "hooks" / hook)
     sticks = "".join(f"{s.var} {s.serial(i)}\n" for i, s in enumerate(boot.sticks))
     (share / "sticks").write_text(sticks)

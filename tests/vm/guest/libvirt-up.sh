@@ -9,8 +9,8 @@ printf 'user = "root"\ngroup = "root"\nsecurity_driver = "none"\nnamespaces = []
     >> "$lv_conf/qemu.conf"
 if [ -d "$share/hooks" ]; then
     mkdir -p "$lv_conf/hooks"
-    cp "$share/hooks/"* "$lv_conf/hooks/"
-    chmod +x "$lv_conf/hooks/"*
+    cp -r "$share/hooks/." "$lv_conf/hooks/"
+    find "$lv_conf/hooks" -type f -exec chmod +x {} +
 fi
 mkdir -p /run/libvirt /var/lib/libvirt/qemu /var/log/libvirt/qemu /var/cache/libvirt/qemu
 virtlogd -d

@@ -1,0 +1,42 @@
+#!/bin/bash
+# The libvirt hook (installed as /etc/libvirt/hooks/qemu.d/safeusb before libvirtd started):
+# a plain domain starts; a domain with the mounted, dirty stick is refused naming the
+# mountpoint, leaving it mounted; with the unmount policy in the domain's metadata it
+# starts after flush and unmount; destroying it gives the stick back, remounted.
+. "$GUEST_LIB"
+. "$GUEST_DIR/handover-lib.sh"
+domain_xml() {  # NAME [METADATA]
+    sed -e "s|<name>g1</name>|<name>$1</name>${2:-}|" \
+        -e "s|</devices>|<hostdev mode='subsystem' type='usb'><source><address bus='${HK_BUSDEV%%:*}' device='${HK_BUSDEV##*:}'/></source></hostdev></devices>|" \
+        "$GUEST_DIR/g1.xml"
+}
+sed -e "s|<name>g1</name>|<name>plain</name>|" "$GUEST_DIR/g1.xml" >/tmp/plain.xml
+virsh define /tmp/plain.xml >/dev/null
+virsh start --paused plain >"$OUT/plain.out" 2>&1
+note plain_rc $?
+virsh destroy plain >/dev/null 2>&1
+
+mkdir -p /tmp/hk
+mount -t ext4 "$HK_DEV" /tmp/hk
+cp "$PAYLOAD/data.bin" /tmp/hk/data.bin
+note dirty_kb "$(bdi_stat "$HK_DEV" BdiReclaimable)"
+domain_xml h1 >/tmp/h1.xml
+virsh define /tmp/h1.xml >/dev/null
+virsh start --paused h1 >"$OUT/refused.out" 2>&1
+note refused_rc $?
+note mounted_after_refusal "$(mounted /tmp/hk)"
+note dirty_kb_after_refusal "$(bdi_stat "$HK_DEV" BdiReclaimable)"
+
+meta="<metadata><safeusb:policy xmlns:safeusb='https://safeusb.invalid/xmlns/1' mount='unmount'/></metadata>"
+domain_xml h2 "$meta" >/tmp/h2.xml
+virsh define /tmp/h2.xml >/dev/null
+virsh start --paused h2 >"$OUT/started.out" 2>&1
+note started_rc $?
+note mounted_while_running "$(mounted /tmp/hk)"
+note in_domain "$(virsh dumpxml h2 | grep -c "<hostdev mode='subsystem' type='usb'")"
+virsh destroy h2 >"$OUT/destroy.out" 2>&1
+note destroy_rc $?
+for _ in $(seq 1 100); do [ "$(mounted /tmp/hk)" = 1 ] && break; sleep 0.1; done
+note mounted_after_destroy "$(mounted /tmp/hk)"
+note readback "$(sha /tmp/hk/data.bin 2>/dev/null)"
+note payload "$(sha "$PAYLOAD/data.bin")"
