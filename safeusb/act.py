@@ -123,7 +123,8 @@ def prepare(
                 done.append(step)
                 outcome.done.append(step.describe())
                 state.save(new_record(key, domain, [s.as_json() for s in done]))
-                runner.hold(holds)  # claim what this step freed, at once
+                if not isinstance(step, Handoff):
+                    runner.hold(holds)  # claim what this step freed, at once
 
             *teardown, handoff = plan.steps
             for step in teardown:
@@ -134,7 +135,8 @@ def prepare(
         except (StepFailed, OSError) as exc:
             runner.release_holds()
             outcome.error = str(exc)
-            _undo(done, runner, outcome)
+            _give_back(done, runner, roots, key, True, outcome.undone, outcome.not_undone,
+                       outcome.notes)
             if not outcome.not_undone:
                 state.remove(key)
             return outcome
@@ -157,17 +159,27 @@ def _late_mounts(roots: Roots, target: Target, runner: Runner, holds: tuple[str,
         yield from late
 
 
-def _undo(done: list[Step], runner: Runner, outcome: Outcome) -> None:
-    for step in reversed(done):
+def _give_back(steps: list[Step], runner: Runner, roots: Roots, key: str,
+               restore: bool, done: list[str], failed: list[str], notes: list[str]) -> None:
+    """Undo the steps in reverse; after rebinding, wait for the disks to come back and
+    follow them if the kernel named them anew."""
+    renames: dict[str, str] = {}
+    for recorded in reversed(steps):
+        step = _renamed(recorded, renames)
         if isinstance(step, Kill | Flush):
+            continue
+        if not isinstance(step, Handoff) and not restore:
+            notes.append(f"not restored (restore = false): {step.describe()}")
             continue
         try:
             step.undo(runner)
-            outcome.undone.append(step.describe())
+            if isinstance(step, Handoff) and step.interfaces and not runner.dry_run:
+                renames.update(_wait_present(roots, key, step.disks))
+            done.append(step.describe())
         except UndoImpossible as exc:
-            outcome.not_undone.append(str(exc))
+            failed.append(str(exc))
         except (StepFailed, OSError) as exc:
-            outcome.not_undone.append(f"{step.describe()}: undo failed: {exc}")
+            failed.append(f"{step.describe()}: undo failed: {exc}")
 
 
 def step_from_json(doc: dict[str, Any]) -> Step:
@@ -200,23 +212,10 @@ def release(
             return outcome
         settings, _ = policy.settings_for(usb, domain or record.domain)
         steps = [step_from_json(s) for s in record.steps]
-        renames: dict[str, str] = {}
-        for recorded in reversed(steps):
-            step = _renamed(recorded, renames)
-            if isinstance(step, Kill | Flush):
-                continue
-            if not isinstance(step, Handoff) and not settings.restore:
-                outcome.notes.append(f"not restored (restore = false): {step.describe()}")
-                continue
-            try:
-                step.undo(runner)
-                outcome.done.append(f"undo: {step.describe()}")
-                if isinstance(step, Handoff) and step.interfaces:
-                    renames.update(_wait_present(roots, key, step.disks))
-            except UndoImpossible as exc:
-                outcome.not_undone.append(str(exc))
-            except (StepFailed, OSError) as exc:
-                outcome.not_undone.append(f"{step.describe()}: {exc}")
+        undone: list[str] = []
+        _give_back(steps, runner, roots, key, settings.restore, undone, outcome.not_undone,
+                   outcome.notes)
+        outcome.done.extend(f"undo: {d}" for d in undone)
         outcome.ok = not outcome.not_undone
         state.remove(key)
         return outcome

@@ -13,6 +13,8 @@ never refused.
 from __future__ import annotations
 
 import logging
+import logging.handlers
+import os
 import sys
 from collections.abc import Sequence
 
@@ -99,8 +101,26 @@ def hook(argv: Sequence[str], xml: bytes, roots: Roots, policy_path: str = DEFAU
     return 0
 
 
+def _setup_logging() -> None:
+    """Every action to syslog; libvirt shows the hook's stderr to the user, so only the
+    reasons (and warnings) go there."""
+    logger = logging.getLogger("safeusb")
+    logger.setLevel(logging.INFO)
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    err.setFormatter(logging.Formatter("safeusb: %(message)s"))
+    logger.addHandler(err)
+    if os.path.exists("/dev/log"):
+        try:
+            syslog = logging.handlers.SysLogHandler(address="/dev/log")
+        except OSError:
+            return
+        syslog.setFormatter(logging.Formatter("safeusb-hook[%(process)d]: %(message)s"))
+        logger.addHandler(syslog)
+
+
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="safeusb: %(message)s", stream=sys.stderr)
+    _setup_logging()
     xml = sys.stdin.buffer.read(MAX_XML_BYTES + 1)
     looks_usb = _looks_usb(xml)
     try:
