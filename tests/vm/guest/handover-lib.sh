@@ -14,6 +14,6 @@ run_safeusb() {
     echo "safeusb $tag ($*): exit $(cat "$OUT/$tag.rc")"
 }
 
-mounted() { grep -c " $1 " /proc/self/mountinfo; }
+mounted() { awk -v m="$1" '$5 == m' /proc/self/mountinfo | wc -l; }
 present() { [ -e "/sys/class/block/$(basename "$1")" ] && echo 1 || echo 0; }
 sha() { sha256sum "$1" | cut -d' ' -f1; }
