@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from .model import DevNum, MountNamespace, NodeKind, ProcessUse, Unreadable, UseKind
 from .parsers import ParseError, parse_maps_devices, parse_mountinfo, parse_ns_link, parse_swaps
+from .recording import RecordedStat, Stater
 from .roots import Roots
 
 _GONE = (errno.ENOENT, errno.ESRCH)
@@ -189,11 +190,12 @@ class _Scanner:
         # The dev field of /proc/PID/maps, as the kernel prints it ("%02x:%02x").
         self.maps_keys = [f" {d[0]:02x}:{d[1]:02x} ".encode() for d in fs_devnums]
         self.uses: list[ProcessUse] = []
+        self.recorded = None if roots.live else Stater(roots)
         self.denied: list[int] = []
         self.problems: list[Unreadable] = []
 
     def classify(
-        self, st: os.stat_result
+        self, st: os.stat_result | RecordedStat
     ) -> tuple[tuple[NodeKind, DevNum] | None, DevNum | None]:
         mode = st.st_mode
         if stat.S_ISBLK(mode):
@@ -205,6 +207,15 @@ class _Scanner:
             if num is not None:
                 return ("char", num), None
         return None, self.fs_raw.get(st.st_dev)
+
+    def _stat_link(self, pid: int, link: str, dir_fd: int | None = None
+                   ) -> os.stat_result | RecordedStat:
+        if self.recorded is None:
+            return os.stat(link, dir_fd=dir_fd)
+        found = self.recorded.stat(pid, os.readlink(link, dir_fd=dir_fd))
+        if found is None:
+            raise FileNotFoundError(link)
+        return found
 
     def scan(self, pids: list[int]) -> None:
         proc = self.roots.proc
@@ -224,7 +235,7 @@ class _Scanner:
             try:
                 for name in os.listdir(dfd):
                     try:
-                        st = os.stat(name, dir_fd=dfd)
+                        st = self._stat_link(pid, name, dfd)
                     except OSError:
                         continue  # closed meanwhile
                     node, fs = classify(st)
@@ -243,7 +254,7 @@ class _Scanner:
             for how in ("cwd", "root"):
                 link = f"{base}/{how}"
                 try:
-                    st = os.stat(link)
+                    st = self._stat_link(pid, link)
                 except OSError:
                     continue  # kernel threads and zombies have none
                 if st.st_dev in self.fs_raw:

@@ -17,7 +17,8 @@ def as_text(f: Findings) -> str:
     if f.free:
         return "\n".join([f"{head}: nothing on the host uses it; it can be handed over now",
                           *notes]) + "\n"
-    lines = [f"{head}: in use, not safe to hand over ({len(f.reasons)} reasons)"]
+    count = f"{len(f.reasons)} reason" + ("s" if len(f.reasons) != 1 else "")
+    lines = [f"{head}: in use, not safe to hand over ({count})"]
     lines.extend("  " + r.text for r in f.reasons)
     lines.extend(notes)
     return "\n".join(lines) + "\n"

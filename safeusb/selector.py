@@ -8,7 +8,7 @@ import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import sysfs
+from . import recording, sysfs
 from .errors import AmbiguousSelector, NoSuchDevice, SelectorError
 from .model import Target, UsbDevice
 from .roots import Roots
@@ -91,19 +91,26 @@ def resolve(selector: Selector, roots: Roots) -> Target:
 def _resolve_node(selector: Selector, roots: Roots) -> Target:
     assert selector.path is not None
     path = selector.path
-    try:
-        st = os.stat(roots.dev_path(path))
-    except FileNotFoundError:
-        raise NoSuchDevice(selector.text, "no such device node") from None
-    except OSError as exc:
-        raise SelectorError(selector.text, exc.strerror or str(exc)) from None
-    if stat.S_ISBLK(st.st_mode):
-        kind = "block"
-    elif stat.S_ISCHR(st.st_mode):
-        kind = "char"
+    if not roots.live:
+        found = recording.node(roots, path)
+        if found is None:
+            raise NoSuchDevice(selector.text, "no such device node")
+        kind, (major, minor) = found
     else:
-        raise SelectorError(selector.text, "not a device node")
-    link = roots.sys_path("dev", kind, f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
+        try:
+            st = os.stat(roots.dev_path(path))
+        except FileNotFoundError:
+            raise NoSuchDevice(selector.text, "no such device node") from None
+        except OSError as exc:
+            raise SelectorError(selector.text, exc.strerror or str(exc)) from None
+        if stat.S_ISBLK(st.st_mode):
+            kind = "block"
+        elif stat.S_ISCHR(st.st_mode):
+            kind = "char"
+        else:
+            raise SelectorError(selector.text, "not a device node")
+        major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    link = roots.sys_path("dev", kind, f"{major}:{minor}")
     if not os.path.exists(link):
         raise NoSuchDevice(selector.text, f"no device in sysfs for {kind} {link.rsplit('/', 1)[1]}")
     real = os.path.realpath(link)

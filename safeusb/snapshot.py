@@ -6,7 +6,7 @@ import errno
 import os
 import stat
 
-from . import sysfs
+from . import recording, sysfs
 from .classes import read_classes
 from .model import (
     BlockDevice,
@@ -52,13 +52,15 @@ class _Names:
         found = self.by_path.get(os.path.normpath(path))
         if found is not None:
             return found
-        if self.roots.live:
-            try:
-                st = os.stat(self.roots.dev_path(path))
-            except OSError:
-                return None
-            if stat.S_ISBLK(st.st_mode):
-                return os.major(st.st_rdev), os.minor(st.st_rdev)
+        if not self.roots.live:
+            node = recording.node(self.roots, path)
+            return node[1] if node and node[0] == "block" else None
+        try:
+            st = os.stat(self.roots.dev_path(path))
+        except OSError:
+            return None
+        if stat.S_ISBLK(st.st_mode):
+            return os.major(st.st_rdev), os.minor(st.st_rdev)
         return None
 
 
