@@ -199,6 +199,7 @@ class Boot:
     modules: tuple[str, ...] = ("xhci_pci", "usb_storage", "sd_mod")
     memory: str = "3G"
     timeout: int = 900
+    rw_overlays: tuple[str, ...] = ()  # more of the host's directories made writable
 
     def stick(self, name: str) -> Stick:
         for s in self.sticks:
@@ -501,6 +502,7 @@ def vng_command(boot: Boot, workdir: Path) -> list[str]:
         "vng", "--verbose", "--run", str(kernel), "--disable-kvm", "--disable-microvm",
         "--force-9p", "--memory", boot.memory, "--cpus", "2",
         "--overlay-rwdir", "/etc", "--overlay-rwdir", "/var",
+        *(a for d in boot.rw_overlays for a in ("--overlay-rwdir", d)),
         "--rwdir", str(share),
         f"--qemu-opts={' '.join(qemu)}",
         "--exec", f"bash {GUEST_DIR / 'driver.sh'} {share}",
