@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import logging.handlers
-import os
 import sys
 from collections.abc import Sequence
 
@@ -19,7 +17,7 @@ from .policy import DEFAULT_PATH as DEFAULT_POLICY
 from .policy import Policy
 from .report import as_json, as_text
 from .roots import Roots
-from .run import Runner, stderr_progress
+from .run import Runner, setup_logging, stderr_progress
 from .selector import Selector, resolve
 from .snapshot import read_snapshot
 from .state import DEFAULT_DIR as DEFAULT_STATE_DIR
@@ -236,27 +234,12 @@ COMMANDS = {"status": cmd_status, "attach-device": cmd_attach, "detach-device": 
             "install-hook": cmd_install_hook, "uninstall-hook": cmd_install_hook}
 
 
-def _setup_logging(verbose: bool, acting: bool) -> None:
-    logger = logging.getLogger("safeusb")
-    logger.setLevel(logging.INFO if (verbose or acting) else logging.WARNING)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("safeusb: %(message)s"))
-    logger.addHandler(handler)
-    if acting and os.path.exists("/dev/log"):
-        try:
-            syslog = logging.handlers.SysLogHandler(address="/dev/log")
-        except OSError:
-            return
-        syslog.setFormatter(logging.Formatter("safeusb[%(process)d]: %(message)s"))
-        logger.addHandler(syslog)
-
-
 def main(argv: Sequence[str] | None = None, roots: Roots | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        _setup_logging(args.verbose, args.command in ("prepare", "release", "protect",
-                                                       "unprotect", "attach-device",
-                                                       "detach-device"))
+        acting = args.command in ("prepare", "release", "protect", "unprotect",
+                                  "attach-device", "detach-device")
+        setup_logging(logging.INFO if (args.verbose or acting) else logging.WARNING, acting)
         if args.command in ("protect", "unprotect"):
             from . import protect  # noqa: PLC0415
 

@@ -13,8 +13,6 @@ never refused.
 from __future__ import annotations
 
 import logging
-import logging.handlers
-import os
 import sys
 from collections.abc import Sequence
 
@@ -24,7 +22,7 @@ from .errors import NoSuchDevice, SafeUSBError, XMLError
 from .hostdev import MAX_XML_BYTES
 from .policy import DEFAULT_PATH, Policy
 from .roots import Roots
-from .run import Runner
+from .run import Runner, setup_logging
 from .selector import Selector, resolve
 from .state import DEFAULT_DIR, StateDir
 
@@ -101,26 +99,9 @@ def hook(argv: Sequence[str], xml: bytes, roots: Roots, policy_path: str = DEFAU
     return 0
 
 
-def _setup_logging() -> None:
-    """Every action to syslog; libvirt shows the hook's stderr to the user, so only the
-    reasons (and warnings) go there."""
-    logger = logging.getLogger("safeusb")
-    logger.setLevel(logging.INFO)
-    err = logging.StreamHandler(sys.stderr)
-    err.setLevel(logging.WARNING)
-    err.setFormatter(logging.Formatter("safeusb: %(message)s"))
-    logger.addHandler(err)
-    if os.path.exists("/dev/log"):
-        try:
-            syslog = logging.handlers.SysLogHandler(address="/dev/log")
-        except OSError:
-            return
-        syslog.setFormatter(logging.Formatter("safeusb-hook[%(process)d]: %(message)s"))
-        logger.addHandler(syslog)
-
-
 def main() -> int:
-    _setup_logging()
+    # libvirt shows the hook's stderr to the user: only reasons and warnings go there.
+    setup_logging(logging.WARNING, True, "safeusb-hook")
     xml = sys.stdin.buffer.read(MAX_XML_BYTES + 1)
     looks_usb = _looks_usb(xml)
     try:

@@ -14,6 +14,7 @@ from .inspect import Findings, Reason, human_bytes
 from .model import BlockDevice, DevNum, MountEntry, MountNamespace, Snapshot
 from .policy import Settings
 from .run import tool
+from .sysfs import split_lvm_name
 
 if TYPE_CHECKING:
     from .run import Runner
@@ -229,18 +230,6 @@ class Plan:
         return bool(self.refusals)
 
 
-def _split_lvm(dm_name: str) -> tuple[str, str]:
-    i = 0
-    while i < len(dm_name):
-        if dm_name[i] == "-":
-            if dm_name[i + 1 : i + 2] == "-":
-                i += 2
-                continue
-            return dm_name[:i].replace("--", "-"), dm_name[i + 1 :].replace("--", "-")
-        i += 1
-    return "", ""
-
-
 def _depth(path: str) -> int:
     return path.rstrip("/").count("/")
 
@@ -392,7 +381,7 @@ def _remove_holder(holder: BlockDevice, blocks: dict[str, BlockDevice]) -> Step:
     if holder.kind == "dm-crypt" and holder.dm_name:
         return CloseCrypt(holder.dm_name)
     if holder.kind == "lvm" and holder.dm_name:
-        vg, lv = _split_lvm(holder.dm_name)
+        vg, lv = split_lvm_name(holder.dm_name)
         return DeactivateLV(vg, lv)
     if holder.kind == "md":
         return StopMd(holder.path, tuple(f"/dev/{s}" for s in holder.slaves))

@@ -42,7 +42,7 @@ class _Names:
             if b.dm_name:
                 self.by_path["/dev/mapper/" + b.dm_name] = b.devnum
                 if (b.dm_uuid or "").startswith("LVM-"):
-                    vg, lv = _split_lvm_name(b.dm_name)
+                    vg, lv = sysfs.split_lvm_name(b.dm_name)
                     if vg and lv:
                         self.by_path[f"/dev/{vg}/{lv}"] = b.devnum
 
@@ -62,19 +62,6 @@ class _Names:
         if stat.S_ISBLK(st.st_mode):
             return os.major(st.st_rdev), os.minor(st.st_rdev)
         return None
-
-
-def _split_lvm_name(dm_name: str) -> tuple[str, str]:
-    """Split a device-mapper name "vg-lv" (dashes doubled inside names) into (vg, lv)."""
-    i = 0
-    while i < len(dm_name):
-        if dm_name[i] == "-":
-            if i + 1 < len(dm_name) and dm_name[i + 1] == "-":
-                i += 2
-                continue
-            return dm_name[:i].replace("--", "-"), dm_name[i + 1 :].replace("--", "-")
-        i += 1
-    return "", ""
 
 
 def _read_all_blocks(roots: Roots) -> dict[str, BlockDevice]:

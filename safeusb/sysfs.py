@@ -230,3 +230,16 @@ def writeback_counter_slack(roots: Roots) -> int:
         return 0
     batch = 8 * (1 + (cpus.bit_length() - 1))
     return batch * cpus * os.sysconf("SC_PAGE_SIZE")
+
+
+def split_lvm_name(dm_name: str) -> tuple[str, str]:
+    """Split a device-mapper name "vg-lv" (dashes doubled inside names) into (vg, lv)."""
+    i = 0
+    while i < len(dm_name):
+        if dm_name[i] == "-":
+            if i + 1 < len(dm_name) and dm_name[i + 1] == "-":
+                i += 2
+                continue
+            return dm_name[:i].replace("--", "-"), dm_name[i + 1 :].replace("--", "-")
+        i += 1
+    return "", ""
