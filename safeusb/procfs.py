@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from .model import DevNum, MountNamespace, NodeKind, ProcessUse, Unreadable, UseKind
 from .parsers import ParseError, parse_maps_devices, parse_mountinfo, parse_ns_link, parse_swaps
-from .recording import RecordedStat, Stater
+from .recording import RecordedStat, Stater, is_recording
 from .roots import Roots
 
 _GONE = (errno.ENOENT, errno.ESRCH)
@@ -190,7 +190,7 @@ class _Scanner:
         # The dev field of /proc/PID/maps, as the kernel prints it ("%02x:%02x").
         self.maps_keys = [f" {d[0]:02x}:{d[1]:02x} ".encode() for d in fs_devnums]
         self.uses: list[ProcessUse] = []
-        self.recorded = None if roots.live else Stater(roots)
+        self.recorded = Stater(roots) if is_recording(roots) else None
         self.denied: list[int] = []
         self.problems: list[Unreadable] = []
 

@@ -45,6 +45,12 @@ def node_table(dev_root: str) -> dict[str, tuple[str, DevNum]]:
     return table
 
 
+def is_recording(roots: Roots) -> bool:
+    """A tree with dev-nodes.txt; built trees for tests link to this machine's files."""
+    return not roots.live and os.path.exists(
+        os.path.join(os.path.dirname(roots.dev), "dev-nodes.txt"))
+
+
 def node(roots: Roots, path: str) -> tuple[str, DevNum] | None:
     return node_table(roots.dev).get(os.path.normpath(path))
 
