@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument("-c", "--connect", metavar="URI", help="libvirt URI (read-only)")
 
+    dm = sub.add_parser("demo", help="show the problem and the fix on a real kernel",
+                        description="Boot a Debian kernel under QEMU with two USB sticks, "
+                        "libvirtd and a guest; hand each mounted stick with fresh data to the "
+                        "guest, without and with safeusb; read both back from outside.")
+    dm.add_argument("--keep", action="store_true", help="keep the logs and images")
+
     for cmd, text in (("attach-device", "attach a device to a domain as virsh does, preparing "
                                          "its USB host devices first"),
                       ("detach-device", "detach a device from a domain as virsh does, then "
@@ -229,8 +235,15 @@ def cmd_status(args: argparse.Namespace, roots: Roots) -> int:
     return EXIT_FREE
 
 
-COMMANDS = {"status": cmd_status, "attach-device": cmd_attach, "detach-device": cmd_attach,
-            "inspect": cmd_inspect, "prepare": cmd_prepare, "release": cmd_release,
+def cmd_demo(args: argparse.Namespace, roots: Roots) -> int:
+    from . import demo  # noqa: PLC0415
+
+    return demo.main(args.keep)
+
+
+COMMANDS = {"demo": cmd_demo, "status": cmd_status, "attach-device": cmd_attach,
+            "detach-device": cmd_attach, "inspect": cmd_inspect, "prepare": cmd_prepare,
+            "release": cmd_release,
             "install-hook": cmd_install_hook, "uninstall-hook": cmd_install_hook}
 
 

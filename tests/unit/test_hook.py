@@ -166,3 +166,36 @@ def test_install_is_idempotent_and_never_overwrites(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="not safeusb's hook"):
         install(str(tmp_path), "/usr/bin/python3")
     assert not (tmp_path / "etc/libvirt/hooks/qemu").exists()
+
+
+def test_hostile_domain_documents(busy: FakeSystem, tmp_path: Path) -> None:
+    usb = b"<hostdev mode='subsystem' type='usb'><source><vendor id='0x46f4'/>" \
+          b"<product id='0x0001'/></source></hostdev>"
+    huge = b"<domain><name>x</name><devices>" + usb + b"<!--" + b"x" * (100 * 1024 * 1024)
+    assert hook(["x", "prepare", "begin", "-"], huge, busy.roots, "/n", str(tmp_path)) == 3
+    assert hook(["x", "prepare", "begin", "-"], huge.replace(b"type='usb'", b"type='pci'"),
+                busy.roots, "/n", str(tmp_path)) == 0
+    bad_utf8 = b"<domain><name>\xff\xfe</name><devices>" + usb + b"</devices></domain>"
+    assert hook(["x", "prepare", "begin", "-"], bad_utf8, busy.roots, "/n", str(tmp_path)) == 3
+    negative = usb.replace(b"0x46f4", b"-1")
+    doc = b"<domain><name>x</name><devices>" + negative + b"</devices></domain>"
+    assert hook(["x", "prepare", "begin", "-"], doc, busy.roots, "/n", str(tmp_path)) == 3
+
+
+def test_thousands_of_hostdevs_and_duplicates(busy: FakeSystem, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    policy = tmp_path / "p.toml"
+    policy.write_text("[defaults]\n")
+    one = (b"<hostdev mode='subsystem' type='usb'><source><address bus='9' device='%d'/>"
+           b"</source></hostdev>")
+    many = b"".join(one % i for i in range(1, 3001))
+    doc = b"<domain><name>x</name><devices>" + many + b"</devices></domain>"
+    assert hook(["x", "prepare", "begin", "-"], doc, busy.roots, str(policy),
+                str(tmp_path / "s")) == 0  # none of them exists: libvirt reports that
+    dup = _xml("by-id.xml").replace(b"</devices>",
+                                    b"<hostdev mode='subsystem' type='usb'><source>"
+                                    b"<vendor id='0x46f4'/><product id='0x0001'/></source>"
+                                    b"</hostdev></devices>")
+    assert hook(["g1", "prepare", "begin", "-"], dup, busy.roots, str(policy),
+                str(tmp_path / "s")) == 3
+    assert "mounted at /srv/photos" in capsys.readouterr().err

@@ -1,0 +1,17 @@
+#!/bin/bash
+# safeusb demo, with safeusb: the same handover through `safeusb attach-device`, first
+# under the built-in policy (refused), then with mount = "unmount" (flushed, unmounted).
+. "$GUEST_LIB"
+mkdir -p /tmp/su-guarded
+mount -t ext4 "$GUARDED_DEV" /tmp/su-guarded
+cp "$PAYLOAD/data.bin" /tmp/su-guarded/data.bin
+note dirty_kb "$(bdi_stat "$GUARDED_DEV" BdiReclaimable)"
+hostdev_xml "$GUARDED_BUSDEV" >/tmp/guarded-hostdev.xml
+"$SAFEUSB" attach-device g1 /tmp/guarded-hostdev.xml --live >"$OUT/refused.out" 2>&1
+note refused_rc $?
+mkdir -p /etc/safeusb
+printf '[defaults]\nmount = "unmount"\n' >/etc/safeusb/policy.toml
+"$SAFEUSB" attach-device g1 /tmp/guarded-hostdev.xml --live >"$OUT/attach.out" 2>&1
+note attach_rc $?
+sleep 3
+timeout 30 sync
