@@ -1,0 +1,190 @@
+"""`safeusb inspect` on devices that are not storage, on a real kernel: an FTDI serial
+adapter, a CDC Ethernet adapter and a USB keyboard, as QEMU emulates them.
+
+One boot, no sticks; the scenarios run in order and each uses its own device. The
+keyboard scenario runs last: it unbinds the PS/2 keyboard from atkbd.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from .harness import Boot, BootResult, InspectRun, Runner, Scenario, ScenarioResult, UsbDevice
+
+pytestmark = pytest.mark.vm
+
+BOOT = Boot(
+    name="classes",
+    devices=(UsbDevice.serial_port(), UsbDevice.net(), UsbDevice.kbd()),
+    scenarios=(
+        Scenario("serial", "classes-serial.sh"),
+        Scenario("net", "classes-net.sh"),
+        Scenario("kbd", "classes-kbd.sh"),
+    ),
+    modules=("xhci_pci", "usbhid", "hid_generic", "evdev", "ftdi_sio", "cdc_ether"),
+)
+
+
+@pytest.fixture(scope="module")
+def vm(vm_runner: Runner, safeusb_cli: str) -> BootResult:
+    return vm_runner.run(BOOT)
+
+
+def ran(vm: BootResult, name: str) -> ScenarioResult:
+    r = vm.scenario(name)
+    r.expect_ran()
+    return r
+
+
+def notes(r: ScenarioResult) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in r.file("notes").splitlines() if "=" in line)
+
+
+def inspected(r: ScenarioResult, tag: str, rc: int) -> tuple[InspectRun, dict[str, Any]]:
+    """The inspect step ``tag`` exited ``rc`` with valid JSON that agrees with it."""
+    run = r.inspect(tag)
+    r.expect(run.rc == rc, f"{tag}: expected exit {rc}\n{run}")
+    try:
+        data = run.json
+    except ValueError:
+        r.fail(f"{tag}: --json output is not JSON\n{run}")
+    r.expect(data.get("free") is (rc == 0), f"{tag}: \"free\" disagrees with exit {rc}\n{run}")
+    r.expect(bool(data.get("reasons")) is (rc == 1),
+             f"{tag}: reasons disagree with exit {rc}\n{run}")
+    return run, data
+
+
+def kinds(data: dict[str, Any]) -> set[str]:
+    return {x["kind"] for x in data.get("reasons", [])}
+
+
+# ------------------------------------------------------------------------- serial
+
+
+def test_serial_idle_is_free(vm: BootResult) -> None:
+    r = ran(vm, "serial")
+    r.expect(notes(r).get("driver") == "ftdi_sio",
+             f"the adapter's interface is not bound to ftdi_sio ({notes(r)})")
+    for tag in ("idle", "idle-vidpid"):
+        inspected(r, tag, 0)
+
+
+def test_serial_port_held_open(vm: BootResult) -> None:
+    r = ran(vm, "serial")
+    run, data = inspected(r, "held", 1)
+    pid = int(notes(r)["pid"])
+    mine = [x for x in run.reasons("open") if x.get("pid") == pid]
+    r.expect(mine, f"no open reason for pid {pid}, which holds /dev/ttyUSB0\n{run}")
+    r.expect(any(x.get("device") == "/dev/ttyUSB0" for x in mine),
+             f"the open reason does not name /dev/ttyUSB0\n{run}")
+    r.expect(kinds(data) == {"open"}, f"expected only the open reason\n{run}")
+    text = r.inspect("held-text")
+    r.expect(text.rc == 1 and f"pid {pid} (sleep) has the serial port /dev/ttyUSB0 open"
+             in text.stdout, f"the text does not name the serial port\n{text}")
+
+
+# ------------------------------------------------------------------------- network
+
+
+def interfaces(data: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(data.get("network_interfaces", []))
+
+
+def test_net_interface_down_without_address_is_free(vm: BootResult) -> None:
+    """An interface that is down and has no address carries nothing: the device is free,
+    and the interface is still listed."""
+    r = ran(vm, "net")
+    ifname = notes(r)["ifname"]
+    run, data = inspected(r, "down", 0)
+    found = interfaces(data)
+    r.expect([i["name"] for i in found] == [ifname],
+             f"expected exactly interface {ifname} listed\n{run}")
+    r.expect(found[0]["up"] is False and found[0]["addresses"] == [],
+             f"{ifname} should be listed down, without address\n{run}")
+
+
+def test_net_default_route(vm: BootResult) -> None:
+    r = ran(vm, "net")
+    ifname = notes(r)["ifname"]
+    run, _ = inspected(r, "route", 1)
+    net = run.reasons("network")
+    causes = {x.get("cause") for x in net if x.get("interface") == ifname}
+    r.expect(any(x.get("cause") == "default-route" and x.get("gateway") == "10.99.0.1"
+                 and x.get("interface") == ifname for x in net),
+             f"no network reason naming the default route via 10.99.0.1 on {ifname}\n{run}")
+    r.expect({"address", "up"} <= causes, f"expected address and up reasons too\n{run}")
+
+
+def test_net_moved_to_named_namespace(vm: BootResult) -> None:
+    r = ran(vm, "net")
+    n = notes(r)
+    ifname, netns = n["ifname"], int(n["netns"])
+    r.expect(netns != int(n["own_netns"]), f"ip netns add made no new namespace ({n})")
+    run, data = inspected(r, "netns", 1)
+    routes = [x for x in run.reasons("network")
+              if x.get("cause") == "default-route" and x.get("netns") == netns]
+    r.expect(routes, f"no default-route reason in network namespace {netns}\n{run}")
+    r.expect(routes[0].get("netns_where") == "/run/netns/x",
+             f"the namespace should be named by /run/netns/x\n{run}")
+    r.expect([(i["name"], i["netns"]) for i in interfaces(data)] == [(ifname, netns)],
+             f"expected {ifname} in {netns} only\n{run}")
+    r.expect("unreadable" not in kinds(data), f"nothing should be unreadable\n{run}")
+    down, data = inspected(r, "netns-down", 0)
+    r.expect([(i["name"], i["netns"]) for i in interfaces(data)] == [(ifname, netns)],
+             f"the interface, down in {netns}, should still be listed\n{down}")
+
+
+# ------------------------------------------------------------------------- keyboard
+
+
+def inputs(r: ScenarioResult, name: str) -> list[list[str]]:
+    """Lines of input_facts: sysname, name, phys, handlers, ev, key, sysfs path."""
+    return [ln.split("|") for ln in r.file(name).splitlines() if ln.count("|") >= 6]
+
+
+def other_keyboards(r: ScenarioResult, name: str, usb: str) -> list[list[str]]:
+    """Input devices outside the USB device that call themselves keyboards."""
+    return [i for i in inputs(r, name) if f"/{usb}/" not in i[6] and "keyboard" in i[1].lower()]
+
+
+def test_kbd_beside_ps2_keyboard_is_not_last(vm: BootResult) -> None:
+    r = ran(vm, "kbd")
+    usb = notes(r)["usb"]
+    others = other_keyboards(r, "inputs", usb)
+    run, data = inspected(r, "other", 0)
+    listed = data.get("input_devices", [])
+    r.expect(any(d["keyboard"] for d in listed),
+             f"the usb-kbd is not listed as a keyboard\n{run}\ninputs: {r.file('inputs')}")
+    if not others:
+        r.fail(f"the guest has no other keyboard to test against:\n{r.file('inputs')}")
+    r.expect(not run.reasons("last-input"),
+             f"last-input although {others[0][1]} is another keyboard\n{run}")
+
+
+def test_kbd_event_node_held_open(vm: BootResult) -> None:
+    r = ran(vm, "kbd")
+    n = notes(r)
+    r.expect(n.get("event"), f"the usb-kbd has no event node (is evdev loaded?)\n"
+             f"{r.file('inputs')}")
+    run, _ = inspected(r, "held", 1)
+    pid = int(n["pid"])
+    node = f"/dev/input/{n['event']}"
+    r.expect(any(x.get("pid") == pid and x.get("device") == node
+                 for x in run.reasons("open")),
+             f"no open reason for pid {pid} holding {node}\n{run}")
+    r.expect(not run.reasons("last-input"), f"last-input with another keyboard\n{run}")
+
+
+def test_kbd_only_keyboard_is_last_input(vm: BootResult) -> None:
+    r = ran(vm, "kbd")
+    usb = notes(r)["usb"]
+    others = other_keyboards(r, "inputs-after", usb)
+    r.expect(not others, f"another keyboard is left after unbinding atkbd: {others}")
+    run, _ = inspected(r, "last", 1)
+    last = run.reasons("last-input")
+    r.expect(last and last[0].get("input") == "keyboard",
+             f"expected a last-input reason for the keyboard\n{run}")
+    text = r.inspect("last-text")
+    r.expect("last keyboard" in text.stdout, f"the text does not say last keyboard\n{text}")
