@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .act import Outcome, prepare, release, target_key
-from .errors import SafeUSBError, XMLError
+from .errors import Refused, SafeUSBError, XMLError
 from .hostdev import usb_hostdevs
 from .policy import Policy
 from .roots import Roots
@@ -79,7 +79,7 @@ def attach(roots: Roots, uri: str | None, name: str, xml: bytes, source: str, fl
                               sys_root=roots.sys), state, domain=name)
             if not outcome.ok:
                 _give_back(roots, taken, policy, state, name)
-                raise SafeUSBError(_refusal_text(target.describe(), outcome))
+                raise Refused(_refusal_text(target.describe(), outcome))
             taken.append((target_key(target), target.usb))
             lines.extend(outcome.done)
     try:

@@ -63,6 +63,21 @@ def _first_line(text: str) -> str:
     return lines[-1] if lines else "(no output)"
 
 
+def demo_boot(harness: Any) -> Any:
+    """The demo's boot: two mounted sticks with fresh data, libvirtd and a running guest."""
+    return harness.Boot(
+        name="demo",
+        libvirt=True,
+        sticks=(harness.Stick("plain", harness.Image.ext4()),
+                harness.Stick("guarded", harness.Image.ext4())),
+        scenarios=(
+            harness.Scenario("plain", "demo-plain.sh", payloads={"data.bin": 4 * harness.MIB}),
+            harness.Scenario("guarded", "demo-guarded.sh",
+                             payloads={"data.bin": 4 * harness.MIB}),
+        ),
+    )
+
+
 def main(keep: bool = False) -> int:
     missing = missing_prerequisites()
     if missing:
@@ -75,17 +90,7 @@ def main(keep: bool = False) -> int:
     sys.path.insert(0, str(REPO))
     from tests.vm import harness  # noqa: PLC0415 (the checkout's real-kernel harness)
 
-    boot = harness.Boot(
-        name="demo",
-        libvirt=True,
-        sticks=(harness.Stick("plain", harness.Image.ext4()),
-                harness.Stick("guarded", harness.Image.ext4())),
-        scenarios=(
-            harness.Scenario("plain", "demo-plain.sh", payloads={"data.bin": 4 * harness.MIB}),
-            harness.Scenario("guarded", "demo-guarded.sh",
-                             payloads={"data.bin": 4 * harness.MIB}),
-        ),
-    )
+    boot = demo_boot(harness)
     stop = threading.Event()
     start = time.monotonic()
     ticker = threading.Thread(target=_progress, args=(stop, start), daemon=True)

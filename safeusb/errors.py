@@ -38,6 +38,12 @@ class AmbiguousSelector(SelectorError):
         self.candidates = candidates
 
 
+class Refused(SafeUSBError):
+    """The handover was refused (in use, by the policy) or could not be done safely."""
+
+    exit_code = EXIT_IN_USE
+
+
 class XMLError(SafeUSBError):
     """A libvirt XML document that cannot be read safely."""
 

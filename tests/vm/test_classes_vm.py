@@ -1,8 +1,10 @@
 """`safeusb inspect` on devices that are not storage, on a real kernel: an FTDI serial
 adapter, a CDC Ethernet adapter and a USB keyboard, as QEMU emulates them.
 
-One boot, no sticks; the scenarios run in order and each uses its own device. The
-keyboard scenario runs last: it unbinds the PS/2 keyboard from atkbd.
+Also a USB device that is only a CD-ROM drive (mode switching) and a USB tablet. One
+boot, no sticks; the scenarios run in order and each uses its own device. The network
+scenarios share the adapter and run one after the other; the tablet and keyboard
+scenarios run last, since they unbind QEMU's PS/2 mouse and keyboard.
 """
 
 from __future__ import annotations
@@ -15,15 +17,23 @@ from .harness import Boot, BootResult, InspectRun, Runner, Scenario, ScenarioRes
 
 pytestmark = pytest.mark.vm
 
+#: QEMU usb-storage with an empty CD drive: a device that is only a CD-ROM drive.
+CDROM = UsbDevice("usb-storage", ("drive=ucd0",), ("-drive", "if=none,id=ucd0,media=cdrom"))
+
 BOOT = Boot(
     name="classes",
-    devices=(UsbDevice.serial_port(), UsbDevice.net(), UsbDevice.kbd()),
+    devices=(UsbDevice.serial_port(), UsbDevice.net(), CDROM, UsbDevice.tablet(),
+             UsbDevice.kbd()),
     scenarios=(
-        Scenario("serial", "classes-serial.sh"),
-        Scenario("net", "classes-net.sh"),
-        Scenario("kbd", "classes-kbd.sh"),
+        Scenario("serial", "classes-serial.sh", timeout=300),
+        Scenario("net", "classes-net.sh", timeout=400),
+        Scenario("net-pinned", "classes-net-pinned.sh", timeout=400),
+        Scenario("cdrom", "classes-cdrom.sh", timeout=300),
+        Scenario("tablet", "classes-tablet.sh", timeout=300),
+        Scenario("kbd", "classes-kbd.sh", timeout=400),
     ),
-    modules=("xhci_pci", "usbhid", "hid_generic", "evdev", "ftdi_sio", "cdc_ether"),
+    modules=("xhci_pci", "usbhid", "hid_generic", "evdev", "ftdi_sio", "cdc_ether",
+             "usb_storage", "sr_mod"),
 )
 
 
@@ -136,6 +146,74 @@ def test_net_moved_to_named_namespace(vm: BootResult) -> None:
              f"the interface, down in {netns}, should still be listed\n{down}")
 
 
+def test_net_namespace_of_a_process(vm: BootResult) -> None:
+    r = ran(vm, "net-pinned")
+    n = notes(r)
+    netns, pinner = int(n["pinned_netns"]), int(n["pinner"])
+    run, _ = inspected(r, "process", 1)
+    routes = [x for x in run.reasons("network")
+              if x.get("cause") == "default-route" and x.get("netns") == netns]
+    r.expect(routes, f"no default-route reason in network namespace {netns}\n{run}")
+    r.expect(str(routes[0].get("netns_where", "")).startswith(f"pid {pinner} "),
+             f"the namespace should be named by pid {pinner}\n{run}")
+
+
+def test_net_namespace_held_by_a_descriptor_only(vm: BootResult) -> None:
+    r = ran(vm, "net-pinned")
+    n = notes(r)
+    netns, holder = int(n["pinned_netns"]), int(n["holder"])
+    run, data = inspected(r, "descriptor", 1)
+    routes = [x for x in run.reasons("network")
+              if x.get("cause") == "default-route" and x.get("netns") == netns]
+    r.expect(routes, f"no default-route reason in network namespace {netns}\n{run}")
+    r.expect(routes[0].get("netns_where") == f"descriptor 3 of pid {holder} (sleep)",
+             f"the namespace should be named by descriptor 3 of pid {holder}\n{run}")
+    r.expect("unreadable" not in kinds(data), f"nothing should be unreadable\n{run}")
+
+
+def test_net_namespace_held_by_a_socket_only_is_not_free(vm: BootResult) -> None:
+    """Nothing safeusb can open refers to that namespace: the interface cannot be read,
+    and the device must not pass as free."""
+    r = ran(vm, "net-pinned")
+    run, data = inspected(r, "socket", 1)
+    r.expect(interfaces(data) == [], f"the interface should be out of reach\n{run}")
+    missing = [x for x in run.reasons("unreadable") if x.get("what") == "network interfaces"]
+    r.expect(missing, f"expected an unreadable reason for the missing interface\n{run}")
+
+
+def test_net_interface_back_after_its_namespace_went(vm: BootResult) -> None:
+    r = ran(vm, "net-pinned")
+    n = notes(r)
+    run, data = inspected(r, "returned", 0)
+    own = [(i["name"], i["up"], i["addresses"]) for i in interfaces(data)]
+    r.expect(own == [(n["back"], False, [])],
+             f"expected {n['back']} back here, down and without address\n{run}")
+
+
+# ------------------------------------------------------------------------- mode switch
+
+
+def test_cdrom_only_device_with_switch_database(vm: BootResult) -> None:
+    """46f4:0001 is not in the usb_modeswitch database: no warning, and free."""
+    r = ran(vm, "cdrom")
+    n = notes(r)
+    r.expect(n.get("sr", "").startswith("sr"), f"no CD-ROM drive in the guest ({n})")
+    r.expect(int(n.get("db") or 0) >= 2,
+             f"this machine's usb_modeswitch database is not visible in the guest ({n})")
+    run, data = inspected(r, "db", 0)
+    r.expect(n["sr"] in {b["name"] for b in data["block_devices"]},
+             f"{n['sr']} is not among block_devices\n{run}")
+    r.expect(data["warnings"] == [], f"expected no warning\n{run}")
+
+
+def test_cdrom_only_device_without_switch_database(vm: BootResult) -> None:
+    r = ran(vm, "cdrom")
+    run, data = inspected(r, "nodb", 0)
+    modes = [w.get("mode") for w in data["warnings"] if w.get("kind") == "mode-switch"]
+    r.expect(modes == ["maybe-storage"],
+             f"expected one mode-switch warning (maybe-storage)\n{run}")
+
+
 # ------------------------------------------------------------------------- keyboard
 
 
@@ -188,3 +266,24 @@ def test_kbd_only_keyboard_is_last_input(vm: BootResult) -> None:
              f"expected a last-input reason for the keyboard\n{run}")
     text = r.inspect("last-text")
     r.expect("last keyboard" in text.stdout, f"the text does not say last keyboard\n{text}")
+
+
+def test_tablet_beside_ps2_mouse_is_not_last(vm: BootResult) -> None:
+    r = ran(vm, "tablet")
+    usb = notes(r)["usb"]
+    mice = [i for i in inputs(r, "inputs") if f"/{usb}/" not in i[6] and "mouse" in i[3]]
+    r.expect(mice, f"the guest has no other mouse to test against:\n{r.file('inputs')}")
+    run, data = inspected(r, "other", 0)
+    r.expect(any(d["pointer"] for d in data.get("input_devices", [])),
+             f"the tablet is not listed as a pointing device\n{run}")
+
+
+def test_tablet_only_pointer_is_last_input(vm: BootResult) -> None:
+    r = ran(vm, "tablet")
+    usb = notes(r)["usb"]
+    mice = [i for i in inputs(r, "inputs-after") if f"/{usb}/" not in i[6] and "mouse" in i[3]]
+    r.expect(not mice, f"another mouse is left after unbinding psmouse: {mice}")
+    run, _ = inspected(r, "last", 1)
+    last = run.reasons("last-input")
+    r.expect([x.get("input") for x in last] == ["pointer"],
+             f"expected one last-input reason, for the pointer\n{run}")

@@ -7,11 +7,15 @@ mount -t ext4 "$GUARDED_DEV" /tmp/su-guarded
 cp "$PAYLOAD/data.bin" /tmp/su-guarded/data.bin
 note dirty_kb "$(bdi_stat "$GUARDED_DEV" BdiReclaimable)"
 hostdev_xml "$GUARDED_BUSDEV" >/tmp/guarded-hostdev.xml
+note in_domain_before "$(virsh dumpxml g1 | grep -c "<hostdev mode='subsystem' type='usb'")"
 "$SAFEUSB" attach-device g1 /tmp/guarded-hostdev.xml --live >"$OUT/refused.out" 2>&1
 note refused_rc $?
+note mounted_after_refusal "$(awk '$5 == "/tmp/su-guarded"' /proc/self/mountinfo | wc -l)"
 mkdir -p /etc/safeusb
 printf '[defaults]\nmount = "unmount"\n' >/etc/safeusb/policy.toml
 "$SAFEUSB" attach-device g1 /tmp/guarded-hostdev.xml --live >"$OUT/attach.out" 2>&1
 note attach_rc $?
 sleep 3
 timeout 30 sync
+note mounted_after "$(awk '$5 == "/tmp/su-guarded"' /proc/self/mountinfo | wc -l)"
+note in_domain "$(virsh dumpxml g1 | grep -c "<hostdev mode='subsystem' type='usb'")"

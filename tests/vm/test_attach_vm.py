@@ -1,0 +1,50 @@
+"""`safeusb attach-device` on a real kernel, against plain `virsh attach-device --live`:
+the boot `safeusb demo` shows."""
+
+from __future__ import annotations
+
+import pytest
+
+from safeusb.demo import demo_boot
+
+from . import harness
+from .harness import BootResult, Runner, ScenarioResult
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def vm(vm_runner: Runner, safeusb_cli: str) -> BootResult:
+    return vm_runner.run(demo_boot(harness))
+
+
+def notes(r: ScenarioResult) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in r.file("notes").splitlines() if "=" in line)
+
+
+def test_plain_libvirt_loses_the_fresh_data(vm: BootResult) -> None:
+    r = vm.scenario("plain")
+    r.expect_ran()
+    n = notes(r)
+    r.expect(n.get("attach_rc") == "0", f"virsh attach-device failed\n{r.file('attach.out')}")
+    check = vm.check_stick("plain", {"data.bin": ("plain", "data.bin")})
+    r.expect(not check.intact, "the loss did not reproduce\n" + check.summary())
+
+
+def test_safeusb_attach_device_refuses_then_hands_over_safely(vm: BootResult) -> None:
+    r = vm.scenario("guarded")
+    r.expect_ran()
+    n = notes(r)
+    refused = r.file("refused.out")
+    r.expect(n.get("refused_rc") == "1" and "mounted at /tmp/su-guarded" in refused
+             and "not yet written" in refused,
+             f"expected a refusal (exit 1) naming the mountpoint and the unwritten data\n"
+             f"{n}\n{refused}")
+    r.expect(n.get("mounted_after_refusal") == "1", f"the refusal changed the host ({n})")
+    r.expect(n.get("attach_rc") == "0" and "attached successfully" in r.file("attach.out"),
+             f"with mount = \"unmount\" the attach failed\n{r.file('attach.out')}")
+    r.expect(n.get("mounted_after") == "0"
+             and int(n.get("in_domain", 0)) == int(n.get("in_domain_before", -1)) + 1,
+             f"the stick did not go to the guest unmounted ({n})")
+    check = vm.check_stick("guarded", {"data.bin": ("guarded", "data.bin")})
+    r.expect(check.intact, "safeusb attach-device lost data\n" + check.summary())

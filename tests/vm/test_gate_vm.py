@@ -1,0 +1,155 @@
+"""The hotplug gate under a real libvirtd on the real kernel (the live hotplug issue).
+
+One boot with libvirtd and the paused nested domain g1. In order: `safeusb protect g1` and
+a restart behind the gate; a plain `virsh attach-device --live` of a mounted stick with
+4 MiB dirty, refused under the built-in policy; the same attach of another stick under
+`mount = "unmount"` in /etc/safeusb/policy.toml, allowed after the flush; the gate's proxy
+killed under the running domain; `safeusb unprotect g1`. Both images are checked here
+afterwards.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from safeusb.gate import GATE_ROOT
+
+from .harness import MIB, Boot, BootResult, Image, Runner, Scenario, ScenarioResult, Stick
+
+pytestmark = pytest.mark.vm
+
+REAL = "/usr/bin/qemu-system-x86_64"
+LAUNCHER = GATE_ROOT + REAL
+
+BOOT = Boot(
+    name="gate",
+    libvirt=True,
+    rw_overlays=("/usr/local/lib",),
+    sticks=(Stick("refuse", Image.ext4()), Stick("give", Image.ext4())),
+    scenarios=(
+        Scenario("protect", "gate-protect.sh", timeout=400),
+        Scenario("refuse", "gate-refuse.sh", payloads={"data.bin": 4 * MIB}, timeout=180),
+        Scenario("give", "gate-give.sh", payloads={"data.bin": 4 * MIB}, timeout=180),
+        Scenario("kill", "gate-kill.sh", timeout=180),
+        Scenario("unprotect", "gate-unprotect.sh", timeout=300),
+    ),
+)
+
+
+@pytest.fixture(scope="module")
+def vm(vm_runner: Runner, safeusb_cli: str) -> BootResult:
+    return vm_runner.run(BOOT)
+
+
+def notes(r: ScenarioResult) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in r.file("notes").splitlines() if "=" in line)
+
+
+def ran(vm: BootResult, name: str) -> tuple[ScenarioResult, dict[str, str]]:
+    if "domain_started" not in vm.timings:
+        log = vm.share / "out" / "libvirt.log"
+        pytest.fail(vm.boot_report("libvirtd or the nested domain g1 did not start\n"
+                                   + (log.read_text() if log.exists() else "")), pytrace=False)
+    r = vm.scenario(name)
+    r.expect_ran()
+    return r, notes(r)
+
+
+def step(r: ScenarioResult, tag: str) -> str:
+    return (f"{tag}: exit {r.file(f'{tag}.rc').strip()}\n{r.file(f'{tag}.out')}"
+            f"{r.file(f'{tag}.err')}")
+
+
+def paused_reply(r: ScenarioResult) -> bool:
+    """query-status went through the gate and QEMU answered: not running."""
+    return (r.file("status.rc").strip() == "0"
+            and '"running":false' in r.file("status.out").replace(" ", ""))
+
+
+def test_protect_and_restart_behind_the_gate(vm: BootResult) -> None:
+    r, n = ran(vm, "protect")
+    r.expect(n.get("state_before") == "paused", f"g1 was not running paused before ({n})")
+    r.expect(r.file("protect.rc").strip() == "0", step(r, "protect"))
+    r.expect(n.get("inactive_emulator") == LAUNCHER and n.get("metadata") == "1",
+             f"the definition does not name the gate and keep the real emulator ({n})")
+    r.expect(n.get("live_emulator_before_restart") == REAL,
+             f"the running domain's emulator changed before its restart ({n})")
+    r.expect(n.get("launcher_target", "").endswith("/safeusb-qemu-gate"),
+             f"the launcher is not a link to safeusb-qemu-gate ({n})")
+    r.expect(r.file("start.rc").strip() == "0",
+             step(r, "start") + "\n--- g1.log\n" + r.file("g1.log")[-3000:])
+    r.expect(n.get("live_emulator") == LAUNCHER and n.get("state") == "paused",
+             f"g1 does not run paused behind the gate ({n})")
+    r.expect(n.get("qemu_exe") == REAL,
+             f"libvirt's pid is not the real QEMU ({n})\n{r.file('g1.log')[-3000:]}")
+    r.expect(n.get("proxies") == "1", f"expected one gate proxy process ({n})")
+    r.expect(paused_reply(r), step(r, "status"))
+    r.expect("guards the QMP monitor of g1" in r.file("gate.log"),
+             f"the domain log has no word from the gate:\n{r.file('g1.log')[-3000:]}")
+
+
+def test_refused_attach_names_the_mountpoint_and_changes_nothing(vm: BootResult) -> None:
+    r, n = ran(vm, "refuse")
+    r.expect(int(n.get("dirty_kb") or 0) >= 1024, f"4 MiB were not dirty before ({n})")
+    out = r.file("attach.out")
+    r.expect(n.get("attach_rc") != "0" and "safeusb:" in out and "/tmp/su-refuse" in out,
+             f"virsh attach-device did not fail with safeusb's reason naming the "
+             f"mountpoint:\n{out}\n--- gate\n{r.file('gate.log')}")
+    r.expect(n.get("mounted_after") == "1" and n.get("disk_after") == "1"
+             and int(n.get("dirty_kb_after") or 0) >= 1024,
+             f"the refusal changed the host ({n})")
+    r.expect(n.get("in_domain") == "0" and n.get("state") == "paused",
+             f"after the refusal the domain has the device or stopped ({n})")
+    r.expect("refused usb-host" in r.file("gate.log"),
+             f"the gate did not log its refusal:\n{r.file('gate.log')}")
+    check = vm.check_stick("refuse", {"data.bin": ("refuse", "data.bin")})
+    r.expect(check.intact, check.summary())
+
+
+def test_unmount_policy_attach_succeeds_after_flush(vm: BootResult) -> None:
+    r, n = ran(vm, "give")
+    r.expect(int(n.get("dirty_kb") or 0) >= 1024, f"4 MiB were not dirty before ({n})")
+    out = r.file("attach.out")
+    r.expect(n.get("attach_rc") == "0" and "attached successfully" in out,
+             f"virsh attach-device failed under mount = \"unmount\":\n{out}\n--- gate\n"
+             f"{r.file('gate.log')}")
+    r.expect(n.get("mounted_after") == "0" and n.get("disk_after") == "0"
+             and n.get("driver_after") != "usb-storage",
+             f"the stick is still mounted, present or bound to usb-storage ({n})")
+    r.expect(n.get("in_domain") == "1" and n.get("state") == "paused",
+             f"the live domain does not have the device ({n})")
+    r.expect("allowed usb-host" in r.file("gate.log"),
+             f"the gate did not log the decision:\n{r.file('gate.log')}")
+    r.expect(r.file("kbd.rc").strip() == "0" and n.get("keyboards") == "1", step(r, "kbd"))
+    r.expect(paused_reply(r), step(r, "status"))
+    info = r.file("info_usb.out")
+    r.expect(r.file("info_usb.rc").strip() == "0" and "QEMU USB Keyboard" in info
+             and "QEMU USB HARDDRIVE" in info.upper(), step(r, "info_usb"))
+    check = vm.check_stick("give", {"data.bin": ("give", "data.bin")})
+    r.expect(check.intact, "image not intact after the gate's flush and handover:\n"
+             + check.summary())
+
+
+def test_killed_proxy_leaves_the_guest_running(vm: BootResult) -> None:
+    r, n = ran(vm, "kill")
+    r.expect(n.get("proxies") and n.get("proxies_alive_after") == "0",
+             f"no gate proxy was found and killed ({n})")
+    r.expect(n.get("state_after_kill") == "paused" and n.get("qemu_alive_after_kill") == "1"
+             and n.get("qemu_pid_after_kill") == n.get("qemu_pid"),
+             f"killing the proxy ended or disturbed the domain ({n})")
+    r.expect(n.get("state_later") == "paused" and n.get("qemu_alive_later") == "1",
+             f"the domain did not outlive the proxy by 5 s ({n})")
+    r.expect(r.file("destroy.rc").strip() == "0" and n.get("state_after_destroy") == "shut off"
+             and n.get("qemu_alive_after_destroy") == "0",
+             f"virsh destroy did not end the domain ({n})\n{step(r, 'destroy')}")
+
+
+def test_unprotect_restores_the_emulator(vm: BootResult) -> None:
+    r, n = ran(vm, "unprotect")
+    r.expect(r.file("unprotect.rc").strip() == "0", step(r, "unprotect"))
+    r.expect(n.get("inactive_emulator") == REAL and n.get("metadata") == "0",
+             f"the definition still names the gate or keeps safeusb's metadata ({n})")
+    r.expect(r.file("start.rc").strip() == "0" and n.get("live_emulator") == REAL
+             and n.get("proxies") == "0" and n.get("state") == "paused",
+             f"the unprotected domain does not run on the real emulator alone ({n})\n"
+             f"{step(r, 'start')}")
