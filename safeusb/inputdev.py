@@ -61,6 +61,9 @@ class InputDevice:
     keyboard: bool
     pointer: bool
     on_target: bool
+    # Its events are dropped (sysfs "inhibited", Linux 5.11 and later): no use as a keyboard
+    # or pointer until someone lifts that.
+    inhibited: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,11 @@ def read_inputs(roots: Roots, target_syspath: str) -> InputScan:
                     caps[cap] = 0
             with open(os.path.join(path, "name"), encoding="utf-8", errors="replace") as f:
                 name = f.read().strip()
+            try:
+                with open(os.path.join(path, "inhibited"), encoding="ascii") as f:
+                    inhibited = f.read().strip() != "0"
+            except FileNotFoundError:
+                inhibited = False  # a kernel before 5.11 cannot inhibit input devices
         except (OSError, BitmapError) as exc:
             if os.path.exists(path):
                 problems.append(Unreadable(f"capabilities of input device {sysname}", str(exc)))
@@ -105,20 +113,26 @@ def read_inputs(roots: Roots, target_syspath: str) -> InputScan:
         pointer = is_pointer(caps["ev"], caps["key"], caps["rel"], caps["abs"])
         on_target = _under(path, target)
         if keyboard or pointer or on_target:
-            devices.append(InputDevice(sysname, name, keyboard, pointer, on_target))
+            devices.append(InputDevice(sysname, name, keyboard, pointer, on_target, inhibited))
     return InputScan(tuple(devices), tuple(problems))
 
 
 def input_reasons(scan: InputScan) -> list[Found]:
     """The device provides the host's last keyboard or last pointing device (kind
-    ``last-input``); or it provides one and the others cannot all be read."""
+    ``last-input``); or it provides one and the others cannot all be read. Inhibited
+    devices elsewhere do not count as others: they deliver nothing."""
     out: list[Found] = []
     for what, attr in (("keyboard", "keyboard"), ("pointing device", "pointer")):
         mine = [d for d in scan.devices if d.on_target and getattr(d, attr)]
-        others = [d for d in scan.devices if not d.on_target and getattr(d, attr)]
+        elsewhere = [d for d in scan.devices if not d.on_target and getattr(d, attr)]
+        others = [d for d in elsewhere if not d.inhibited]
         if not mine or others:
             continue
         shown = ", ".join(f"{d.sysname} ({d.name})" for d in mine)
+        inhibited = [d for d in elsewhere if d.inhibited]
+        if inhibited:
+            names = ", ".join(f"{d.sysname} ({d.name})" for d in inhibited)
+            shown += f"; {names} {'is' if len(inhibited) == 1 else 'are'} inhibited"
         if scan.unreadable:
             out.append(Found(
                 "unreadable",
@@ -131,5 +145,6 @@ def input_reasons(scan: InputScan) -> list[Found]:
             "last-input",
             f"it provides the host's last {what}: {shown}",
             {"input": attr, "devices": [d.sysname for d in mine],
-             "names": [d.name for d in mine]}))
+             "names": [d.name for d in mine],
+             "inhibited": [d.sysname for d in inhibited]}))
     return out

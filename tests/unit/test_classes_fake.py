@@ -135,6 +135,21 @@ def test_last_keyboard_refused_until_another_exists(keyboard: FakeSystem) -> Non
     assert _findings(keyboard).free
 
 
+def test_inhibited_keyboard_is_not_another(keyboard: FakeSystem) -> None:
+    """An inhibited input device delivers no events: it is no keyboard to fall back on."""
+    ps2 = keyboard.sys / "devices/platform/i8042/serio0"
+    _input(keyboard, ps2, "input1", "AT Translated Set 2 keyboard", KEYBOARD)
+    inhibited = ps2 / "input" / "input1" / "inhibited"
+    _write(inhibited, "0\n")
+    assert _findings(keyboard).free
+    _write(inhibited, "1\n")
+    (r,) = _findings(keyboard).reasons
+    assert r.kind == "last-input"
+    assert r.text == ("it provides the host's last keyboard: input5 (QEMU QEMU USB Keyboard); "
+                      "input1 (AT Translated Set 2 keyboard) is inhibited")
+    assert r.details["inhibited"] == ["input1"]
+
+
 def test_last_pointer_relative_and_absolute(tmp_path: Path) -> None:
     fs = FakeSystem(tmp_path)
     usb = fs.usb_device("2-1", 0x0627, 0x0001, busnum=2, devnum=3, iface_class=3)
