@@ -64,8 +64,9 @@ def read_usb_device(path: str) -> UsbDevice:
     interfaces = []
     sysname = os.path.basename(real)
     for entry in sorted(os.listdir(real)):
-        if entry.startswith(sysname + ":"):
-            ipath = os.path.join(real, entry)
+        # "2-1:1.0"; a root hub usbN has "N-0:1.0"
+        ipath = os.path.join(real, entry)
+        if ":" in entry and os.path.exists(os.path.join(ipath, "bInterfaceClass")):
             interfaces.append(
                 UsbInterface(
                     name=entry,

@@ -3,6 +3,8 @@ the boot `safeusb demo` shows."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from safeusb.demo import demo_boot
@@ -48,3 +50,23 @@ def test_safeusb_attach_device_refuses_then_hands_over_safely(vm: BootResult) ->
              f"the stick did not go to the guest unmounted ({n})")
     check = vm.check_stick("guarded", {"data.bin": ("guarded", "data.bin")})
     r.expect(check.intact, "safeusb attach-device lost data\n" + check.summary())
+
+
+def test_status_on_the_real_kernel(vm: BootResult) -> None:
+    r = vm.scenario("guarded")
+    r.expect_ran()
+    n = notes(r)
+    r.expect(n.get("status_rc") == "0", f"safeusb status failed\n{r.file('status.err')}")
+    doc = json.loads(r.file("status.json"))
+    sticks = {d["serial"]: d for d in doc["devices"] if d["vendor_id"] == "46f4"}
+    guarded = next(d for s, d in sticks.items() if s.endswith("GUARDED"))
+    plain = next(d for s, d in sticks.items() if s.endswith("PLAIN"))
+    r.expect(guarded["safe_to_hand_over"] is False and "mounted at /tmp/su-guarded"
+             in guarded["uses"], f"status of the mounted stick:\n{json.dumps(guarded)}")
+    r.expect({"name": "g1", "state": "running"} in plain["domains"],
+             f"the stick attached to g1 does not show g1:\n{json.dumps(plain)}")
+    r.expect(any(d["hub"] for d in doc["devices"]) and doc["usb"] is True,
+             f"no hubs in the tree\n{r.file('status.out')}")
+    text = r.file("status.out")
+    r.expect("NOT safe: mounted at /tmp/su-guarded" in text and "libvirt: connected to" in text,
+             f"status text:\n{text}")

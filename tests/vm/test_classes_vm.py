@@ -1,7 +1,8 @@
 """`safeusb inspect` on devices that are not storage, on a real kernel: an FTDI serial
 adapter, a CDC Ethernet adapter and a USB keyboard, as QEMU emulates them.
 
-Also a USB device that is only a CD-ROM drive (mode switching) and a USB tablet. One
+Also a USB device that is only a CD-ROM drive (mode switching), a USB speaker and a USB
+tablet. One
 boot, no sticks; the scenarios run in order and each uses its own device. The network
 scenarios share the adapter and run one after the other; the tablet and keyboard
 scenarios run last, since they unbind QEMU's PS/2 mouse and keyboard.
@@ -19,21 +20,24 @@ pytestmark = pytest.mark.vm
 
 #: QEMU usb-storage with an empty CD drive: a device that is only a CD-ROM drive.
 CDROM = UsbDevice("usb-storage", ("drive=ucd0",), ("-drive", "if=none,id=ucd0,media=cdrom"))
+#: QEMU's USB speaker (46f4:0002, snd-usb-audio), playing into nothing.
+AUDIO = UsbDevice("usb-audio", ("audiodev=uaudio0",), ("-audiodev", "none,id=uaudio0"))
 
 BOOT = Boot(
     name="classes",
-    devices=(UsbDevice.serial_port(), UsbDevice.net(), CDROM, UsbDevice.tablet(),
+    devices=(UsbDevice.serial_port(), UsbDevice.net(), CDROM, AUDIO, UsbDevice.tablet(),
              UsbDevice.kbd()),
     scenarios=(
         Scenario("serial", "classes-serial.sh", timeout=300),
         Scenario("net", "classes-net.sh", timeout=400),
         Scenario("net-pinned", "classes-net-pinned.sh", timeout=400),
         Scenario("cdrom", "classes-cdrom.sh", timeout=300),
+        Scenario("audio", "classes-audio.sh", timeout=300),
         Scenario("tablet", "classes-tablet.sh", timeout=300),
         Scenario("kbd", "classes-kbd.sh", timeout=400),
     ),
     modules=("xhci_pci", "usbhid", "hid_generic", "evdev", "ftdi_sio", "cdc_ether",
-             "usb_storage", "sr_mod"),
+             "usb_storage", "sr_mod", "snd_usb_audio"),
 )
 
 
@@ -190,6 +194,33 @@ def test_net_interface_back_after_its_namespace_went(vm: BootResult) -> None:
              f"expected {n['back']} back here, down and without address\n{run}")
 
 
+# ------------------------------------------------------------------------- sound
+
+
+def test_sound_card_idle_is_free(vm: BootResult) -> None:
+    r = ran(vm, "audio")
+    card = notes(r)["card"]
+    run, data = inspected(r, "idle", 0)
+    paths = {x["path"] for x in data["nodes"]}
+    r.expect(f"/dev/snd/controlC{card}" in paths,
+             f"/dev/snd/controlC{card} is not among the device's nodes\n{run}")
+
+
+@pytest.mark.parametrize(("tag", "what"), [("control", "the sound card"),
+                                           ("pcm", "the sound device")])
+def test_sound_node_held_open(vm: BootResult, tag: str, what: str) -> None:
+    r = ran(vm, "audio")
+    n = notes(r)
+    node = f"/dev/snd/controlC{n['card']}" if tag == "control" else f"/dev/snd/{n['pcm']}"
+    pid = int(n[f"{tag}_pid"])
+    run, data = inspected(r, tag, 1)
+    mine = [x for x in run.reasons("open") if x.get("pid") == pid and x.get("device") == node]
+    r.expect(mine, f"no open reason for pid {pid} holding {node}\n{run}")
+    r.expect(f"has {what} {node} open" in mine[0]["text"],
+             f"the reason does not call {node} {what}\n{run}")
+    r.expect(kinds(data) == {"open"}, f"expected only the open reason\n{run}")
+
+
 # ------------------------------------------------------------------------- mode switch
 
 
@@ -253,6 +284,20 @@ def test_kbd_event_node_held_open(vm: BootResult) -> None:
                  for x in run.reasons("open")),
              f"no open reason for pid {pid} holding {node}\n{run}")
     r.expect(not run.reasons("last-input"), f"last-input with another keyboard\n{run}")
+
+
+def test_kbd_beside_inhibited_ps2_keyboard_is_last_input(vm: BootResult) -> None:
+    r = ran(vm, "kbd")
+    n = notes(r)
+    if "inhibited" not in n:
+        pytest.skip(f"the guest kernel has no inhibited attribute on {n.get('ps2')}")
+    r.expect(n["inhibited"] == "1", f"the kernel did not inhibit {n['ps2']} ({n})")
+    run, _ = inspected(r, "inhibited", 1)
+    last = run.reasons("last-input")
+    r.expect(last and last[0].get("input") == "keyboard"
+             and last[0].get("inhibited") == [n["ps2"]],
+             f"expected last-input for the keyboard, naming {n['ps2']} inhibited\n{run}")
+    inspected(r, "uninhibited", 0)
 
 
 def test_kbd_only_keyboard_is_last_input(vm: BootResult) -> None:

@@ -3,9 +3,9 @@
 One boot with libvirtd and the paused nested domain g1. In order: `safeusb protect g1` and
 a restart behind the gate; a plain `virsh attach-device --live` of a mounted stick with
 4 MiB dirty, refused under the built-in policy; the same attach of another stick under
-`mount = "unmount"` in /etc/safeusb/policy.toml, allowed after the flush; the gate's proxy
-killed under the running domain; `safeusb unprotect g1`. Both images are checked here
-afterwards.
+`mount = "unmount"` in /etc/safeusb/policy.toml, allowed after the flush; libvirtd
+restarted under the running domain; the gate's proxy killed under it; `safeusb unprotect
+g1`. Both images are checked here afterwards.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ BOOT = Boot(
         Scenario("protect", "gate-protect.sh", timeout=400),
         Scenario("refuse", "gate-refuse.sh", payloads={"data.bin": 4 * MIB}, timeout=180),
         Scenario("give", "gate-give.sh", payloads={"data.bin": 4 * MIB}, timeout=180),
-        Scenario("kill", "gate-kill.sh", timeout=180),
+        Scenario("restart", "gate-restart.sh", timeout=240),
+        Scenario("kill", "gate-kill.sh", timeout=240),
         Scenario("unprotect", "gate-unprotect.sh", timeout=300),
     ),
 )
@@ -130,6 +131,25 @@ def test_unmount_policy_attach_succeeds_after_flush(vm: BootResult) -> None:
              + check.summary())
 
 
+def test_libvirtd_restart_reconnects_through_the_gate(vm: BootResult) -> None:
+    r, n = ran(vm, "restart")
+    r.expect(n.get("libvirtd_old") and n.get("libvirtd_old_alive") == "0"
+             and n.get("libvirtd_new") not in ("", n.get("libvirtd_old")),
+             f"libvirtd was not restarted ({n})")
+    r.expect(n.get("state") == "paused" and n.get("qemu_alive") == "1"
+             and n.get("qemu_pid_after") == n.get("qemu_pid")
+             and n.get("proxy") and n.get("proxy_after") == n.get("proxy"),
+             f"the domain, its QEMU or the proxy did not outlive the restart ({n})")
+    r.expect(paused_reply(r), step(r, "status"))
+    out = r.file("attach.out")
+    r.expect(n.get("attach_rc") != "0" and "/tmp/su-refuse" in out
+             and n.get("mounted_after") == "1" and int(n.get("dirty_kb_after") or 0) >= 1024,
+             f"after the restart the attach was not refused, or the host changed ({n})\n{out}")
+    log = r.file("gate.log")
+    r.expect("libvirt closed the monitor" in log and log.count("refused usb-host") >= 2,
+             f"the gate's log does not show the new session refusing:\n{log}")
+
+
 def test_killed_proxy_leaves_the_guest_running(vm: BootResult) -> None:
     r, n = ran(vm, "kill")
     r.expect(n.get("proxies") and n.get("proxies_alive_after") == "0",
@@ -139,6 +159,9 @@ def test_killed_proxy_leaves_the_guest_running(vm: BootResult) -> None:
              f"killing the proxy ended or disturbed the domain ({n})")
     r.expect(n.get("state_later") == "paused" and n.get("qemu_alive_later") == "1",
              f"the domain did not outlive the proxy by 5 s ({n})")
+    r.expect(r.file("noanswer.rc").strip() == "124" and n.get("state_after_noanswer") == "paused",
+             f"a monitor command after the proxy died did not go unanswered ({n})\n"
+             f"{step(r, 'noanswer')}")
     r.expect(r.file("destroy.rc").strip() == "0" and n.get("state_after_destroy") == "shut off"
              and n.get("qemu_alive_after_destroy") == "0",
              f"virsh destroy did not end the domain ({n})\n{step(r, 'destroy')}")

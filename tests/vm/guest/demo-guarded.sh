@@ -10,6 +10,9 @@ hostdev_xml "$GUARDED_BUSDEV" >/tmp/guarded-hostdev.xml
 note in_domain_before "$(virsh dumpxml g1 | grep -c "<hostdev mode='subsystem' type='usb'")"
 "$SAFEUSB" attach-device g1 /tmp/guarded-hostdev.xml --live >"$OUT/refused.out" 2>&1
 note refused_rc $?
+"$SAFEUSB" status >"$OUT/status.out" 2>&1
+"$SAFEUSB" status --json >"$OUT/status.json" 2>"$OUT/status.err"
+note status_rc $?
 note mounted_after_refusal "$(awk '$5 == "/tmp/su-guarded"' /proc/self/mountinfo | wc -l)"
 mkdir -p /etc/safeusb
 printf '[defaults]\nmount = "unmount"\n' >/etc/safeusb/policy.toml

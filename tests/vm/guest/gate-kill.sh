@@ -1,6 +1,7 @@
 #!/bin/bash
 # Killing the gate's proxy leaves the guest running: libvirt still sees the domain, its
-# QEMU lives on; `virsh destroy` still ends it.
+# QEMU lives on. Monitor commands get no answer (nothing more reaches the guest);
+# `virsh destroy` still ends it.
 . "$GUEST_LIB"
 . "$GUEST_DIR/gate-lib.sh"
 qemu=$(qemu_pid)
@@ -18,6 +19,8 @@ note qemu_pid_after_kill "$(qemu_pid)"
 sleep 5
 note state_later "$(virsh domstate g1)"
 note qemu_alive_later "$(alive "$qemu")"
+run_step noanswer timeout 15 virsh qemu-monitor-command g1 '{"execute":"query-status"}'
+note state_after_noanswer "$(virsh domstate g1)"
 start=$(date +%s.%N)
 run_step destroy timeout 60 virsh destroy g1
 note destroy_seconds "$(echo "$(date +%s.%N) - $start" | bc)"
