@@ -58,6 +58,7 @@ class Outcome:
     undone: list[str] = field(default_factory=list)
     not_undone: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)  # how long each step done took
 
     def host_state(self) -> str:
         if self.ok:
@@ -77,6 +78,7 @@ class Outcome:
             "rule": plan.rule if plan else None,
             "steps": [s.as_json() for s in plan.steps] if plan else [],
             "done": self.done,
+            "seconds": self.seconds,
             "error": self.error,
             "undone": self.undone,
             "not_undone": self.not_undone,
@@ -119,7 +121,9 @@ def prepare(
             runner.hold(holds)
 
             def carry_out(step: Step) -> None:
+                began = time.monotonic()
                 step.execute(runner)
+                outcome.seconds.append(round(time.monotonic() - began, 3))
                 done.append(step)
                 outcome.done.append(step.describe())
                 state.save(new_record(key, domain, [s.as_json() for s in done]))

@@ -221,7 +221,7 @@ class Runner:
                     left = self._bdi_remaining(step.bdi)
                     if left is not None:
                         self.progress(f"flushing {step.device}: {left / 1048576:.1f} MiB left")
-                time.sleep(0.1)
+                time.sleep(0.05)
         finally:
             for p in procs:
                 if p.poll() is None:

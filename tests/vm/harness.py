@@ -120,6 +120,7 @@ class Stick:
 
     name: str
     image: Image = field(default_factory=Image.raw)
+    write_bps: int | None = None  # QEMU write throttling of its drive, bytes per second
 
     @property
     def var(self) -> str:
@@ -131,7 +132,8 @@ class Stick:
     def qemu_args(self, index: int, image: Path) -> list[str]:
         drive = f"stick{index}"
         return [
-            "-drive", f"if=none,id={drive},format=raw,file={image}",
+            "-drive", f"if=none,id={drive},format=raw,file={image}"
+            + (f",throttling.bps-write={self.write_bps}" if self.write_bps else ""),
             "-device", f"usb-storage,bus=xhci.0,drive={drive},serial={self.serial(index)}",
         ]
 

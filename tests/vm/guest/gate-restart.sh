@@ -1,7 +1,7 @@
 #!/bin/bash
 # libvirtd restarts while g1 runs behind the gate: the new libvirtd reconnects through the
-# same proxy, monitor commands work, and a live attach of the mounted, dirty stick is still
-# refused.
+# same proxy, monitor commands work, and under the built-in policy again a live attach of
+# the mounted, dirty stick is still refused.
 . "$GUEST_LIB"
 . "$GUEST_DIR/gate-lib.sh"
 qemu=$(qemu_pid)
@@ -22,6 +22,7 @@ note qemu_pid_after "$(qemu_pid)"
 note qemu_alive "$(alive "$qemu")"
 note proxy_after "$(proxy_pids)"
 run_step status virsh qemu-monitor-command g1 '{"execute":"query-status"}'
+rm -f /etc/safeusb/policy.toml
 hostdev_xml "$REFUSE_BUSDEV" >/tmp/su-refuse-hostdev.xml
 virsh attach-device g1 /tmp/su-refuse-hostdev.xml --live >"$OUT/attach.out" 2>&1
 note attach_rc $?
