@@ -104,6 +104,26 @@ def inspect(snap: Snapshot) -> Findings:
                 )
             )
 
+    # Foreign mounts stacked on one of its filesystems pin it: unmounting it would fail,
+    # and unmounting them is not safeusb's to decide (a tmpfs there holds data of its own).
+    for ns in snap.namespaces:
+        ours = {m.mount_id: m for m in ns.mounts if owner(m.devnum) is not None}
+        for m in ns.mounts:
+            below = ours.get(m.parent_id)
+            if below is None or m.mount_id in ours:
+                continue
+            dev = owner(below.devnum)
+            reasons.append(
+                Reason(
+                    "submount",
+                    f"{m.fstype} {m.source} is mounted at {m.mountpoint}, on top of /dev/"
+                    f"{dev.name if dev else '?'} (mounted at {below.mountpoint}) in "
+                    f"{_ns_text(ns.inode, ns.pid)}; unmount it first",
+                    {"mountpoint": m.mountpoint, "fstype": m.fstype, "source": m.source,
+                     "below": below.mountpoint, "mnt_ns": ns.inode, "pid": ns.pid},
+                )
+            )
+
     # Swap.
     for s in snap.swaps:
         if s.devnum is None:

@@ -249,6 +249,8 @@ def build_plan(findings: Findings, settings: Settings, rule: str) -> Plan:
     for r in by_kind.get("unreadable", []):
         refusals.append(f"{r.text}; safeusb cannot tell whether the device is in use")
     refuse("exclusive", "safeusb does not know how to release it")
+    for r in by_kind.get("submount", []):
+        refusals.append(r.text)
     for kind in ("last-input", "network"):
         refuse(kind, "the policy does not allow handing it over")
     if settings.mount == "refuse":

@@ -8,6 +8,8 @@ import pytest
 
 from safeusb.errors import AmbiguousSelector, NoSuchDevice, SelectorError
 from safeusb.inspect import inspect
+from safeusb.plan import build_plan
+from safeusb.policy import Settings
 from safeusb.report import as_json, as_text
 from safeusb.selector import Selector, resolve
 from safeusb.snapshot import read_snapshot
@@ -160,3 +162,15 @@ def test_small_dirty_figure_on_a_used_device_is_a_reason(tmp_path: Path) -> None
     fs.process(50, "sh", 4026532500, ROOT_MOUNT + mount_line(300, "8:0", "/mnt", "/dev/sda"))
     f = _findings(fs)
     assert sorted(r.kind for r in f.reasons) == ["dirty", "mount"]
+
+
+def test_foreign_mount_on_top_is_refused(fake: FakeSystem) -> None:
+    mounts = (ROOT_MOUNT + mount_line(300, "8:2", "/media/stick", "/dev/sda2")
+              + "301 300 0:50 / /media/stick/cache rw - tmpfs tmpfs rw\n")
+    fake.process(50, "sh", 4026532600, mounts)
+    f = _findings(fake)
+    (sub,) = [r for r in f.reasons if r.kind == "submount"]
+    assert sub.text.startswith("tmpfs tmpfs is mounted at /media/stick/cache, on top of "
+                               "/dev/sda2 (mounted at /media/stick)")
+    plan = build_plan(f, Settings(mount="unmount", holder="unmount"), "test")
+    assert any("unmount it first" in r for r in plan.refusals)
