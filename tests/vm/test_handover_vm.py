@@ -163,6 +163,8 @@ def test_hook_guards_virsh_start(vm: BootResult) -> None:
              f"the refusal changed the host ({n})")
     r.expect(n.get("started_rc") == "0", f"with mount='unmount' in the metadata the domain "
              f"did not start:\n{r.file('started.out')}")
+    r.expect(n.get("state_after_restart") in ("running", "paused"),
+             f"after a libvirtd restart the guest is gone ({n})")
     r.expect(n.get("mounted_while_running") == "0" and n.get("in_domain") == "1",
              f"the stick was not handed to the running domain ({n})")
     r.expect(n.get("mounted_after_destroy") == "1" and n.get("readback") == n.get("payload"),

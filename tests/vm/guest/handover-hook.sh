@@ -34,6 +34,12 @@ virsh start --paused h2 >"$OUT/started.out" 2>&1
 note started_rc $?
 note mounted_while_running "$(mounted /tmp/hk)"
 note in_domain "$(virsh dumpxml h2 | grep -c "<hostdev mode='subsystem' type='usb'")"
+# libvirtd restarts while the guest with the stick runs: the reconnect hook must pass.
+pkill -x libvirtd
+for _ in $(seq 1 100); do pgrep -x libvirtd >/dev/null || break; sleep 0.1; done
+libvirtd -d
+for _ in $(seq 1 300); do virsh -q version >/dev/null 2>&1 && break; sleep 0.1; done
+note state_after_restart "$(virsh domstate h2 2>&1)"
 virsh destroy h2 >"$OUT/destroy.out" 2>&1
 note destroy_rc $?
 for _ in $(seq 1 100); do [ "$(mounted /tmp/hk)" = 1 ] && break; sleep 0.1; done
