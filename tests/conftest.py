@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,9 @@ SAFEUSB = ROOT / ".venv" / "bin" / "safeusb"
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "host: needs root and real host kernel objects")
+    config.addinivalue_line("markers", "hostile: bad or malicious input")
+    config.addinivalue_line("markers", "fault: an injected failure")
+    config.addinivalue_line("markers", "race: concurrent actors")
 
 
 def require_root() -> None:
@@ -29,3 +33,40 @@ def safeusb_cmd() -> list[str]:
     if SAFEUSB.exists():
         return [str(SAFEUSB)]
     return [sys.executable, "-m", "safeusb.cli"]
+
+
+# Reliability figures: tests marked hostile (bad or malicious input), fault (injected
+# failures) and race (concurrent actors) are counted and printed at the end of the run.
+RELIABILITY = ("hostile", "fault", "race")
+_outcomes: dict[str, dict[str, int]] = {k: {} for k in RELIABILITY}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for kind in RELIABILITY:
+            if item.get_closest_marker(kind):
+                item.user_properties.append(("reliability", kind))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when != "call" and not (report.when == "setup" and report.outcome != "passed"):
+        return
+    for key, kind in report.user_properties:
+        if key == "reliability":
+            counts = _outcomes[str(kind)]
+            counts[report.outcome] = counts.get(report.outcome, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not any(_outcomes.values()):
+        return
+    terminalreporter.section("reliability figures")
+    for kind in RELIABILITY:
+        c = _outcomes[kind]
+        total = sum(c.values())
+        terminalreporter.write_line(
+            f"{kind:<8} {total:>4} tests: {c.get('passed', 0)} passed, "
+            f"{c.get('failed', 0)} failed, {c.get('skipped', 0)} skipped")
+    terminalreporter.write_line(
+        "(each passed test checked that nothing was lost and nothing was left changed that "
+        "was not undone; a property-based test counts once for all its examples)")

@@ -202,6 +202,7 @@ def test_qemu_exit_closes_the_monitor_and_ends_the_proxy(tmp_path: Path) -> None
         assert not _alive(proxy)
 
 
+@pytest.mark.fault
 def test_gate_death_leaves_the_guest_running_and_libvirt_connected(tmp_path: Path) -> None:
     with gated(tmp_path) as g:
         g.cmd("cont")

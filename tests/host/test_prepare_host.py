@@ -145,6 +145,7 @@ class _FailSecondUnmount(Runner):
         super().umount_in(pid, mnt_ns, mountpoint)
 
 
+@pytest.mark.fault
 def test_failed_step_rolls_back(loop_ext4: Loop, tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     with background(_ns_mount(loop_ext4, a)) as pa, background(_ns_mount(loop_ext4, b)) as pb:
@@ -161,6 +162,7 @@ def test_failed_step_rolls_back(loop_ext4: Loop, tmp_path: Path) -> None:
         assert not (tmp_path / "state" / f"{loop_ext4.name}.json").exists()
 
 
+@pytest.mark.fault
 def test_flush_timeout_refuses_and_leaves_it_mounted(loop_ext4: Loop, tmp_path: Path) -> None:
     """A device whose writes cannot complete: a loop device backed by a file on a frozen
     filesystem. The flush times out; nothing is unmounted."""
@@ -202,6 +204,7 @@ def test_flush_timeout_refuses_and_leaves_it_mounted(loop_ext4: Loop, tmp_path: 
         wait_for(lambda: run("umount", str(outer), check=False).returncode == 0, 20)
 
 
+@pytest.mark.race
 def test_second_prepare_while_locked_is_refused(cli, loop_ext4: Loop, tmp_path: Path,
                                                 policy_file: Path) -> None:
     state = StateDir(str(tmp_path / "state"))
@@ -210,6 +213,7 @@ def test_second_prepare_while_locked_is_refused(cli, loop_ext4: Loop, tmp_path: 
     assert p.returncode == 1 and "another safeusb" in p.stderr
 
 
+@pytest.mark.race
 def test_device_taken_by_another_domain(cli, loop_ext4: Loop, policy_file: Path) -> None:
     assert cli("prepare", loop_ext4.node, "--policy", str(policy_file),
                "--domain", "g1").returncode == 0
@@ -220,6 +224,7 @@ def test_device_taken_by_another_domain(cli, loop_ext4: Loop, policy_file: Path)
     assert cli("release", loop_ext4.node, "--policy", str(policy_file)).returncode == 0
 
 
+@pytest.mark.fault
 def test_tampered_state_is_not_trusted(cli, loop_ext4: Loop, tmp_path: Path,
                                        policy_file: Path) -> None:
     assert cli("prepare", loop_ext4.node, "--policy", str(policy_file)).returncode == 0
@@ -237,6 +242,7 @@ def test_tampered_state_is_not_trusted(cli, loop_ext4: Loop, tmp_path: Path,
     assert p.returncode == 1 and "symlink" in p.stderr
 
 
+@pytest.mark.race
 def test_mount_attempts_during_prepare_fail(loop_ext4: Loop, tmp_path: Path) -> None:
     """A program that keeps mounting the device while prepare runs never gets it, once
     prepare has taken its first hold; prepare finds and unmounts anything earlier."""

@@ -103,6 +103,7 @@ def test_other_operations_never_refuse(busy: FakeSystem, tmp_path: Path) -> None
                     str(tmp_path / "state")) == 0
 
 
+@pytest.mark.hostile
 def test_unreadable_xml(busy: FakeSystem, tmp_path: Path) -> None:
     usb = b"<domain><devices><hostdev mode='subsystem' type='usb'><source>"
     assert hook(["x", "prepare", "begin", "-"], usb, busy.roots, "/n", str(tmp_path)) == 3
@@ -145,6 +146,7 @@ def test_dropin_passes_xml_through_for_migrate_and_restore(tmp_path: Path) -> No
         assert p.returncode == 0 and p.stdout == xml
 
 
+@pytest.mark.hostile
 def test_dropin_with_broken_python(tmp_path: Path) -> None:
     hook_path = _dropin(tmp_path, "/nonexistent/python")
     for name in ("none.xml", "pci.xml"):
@@ -168,6 +170,7 @@ def test_install_is_idempotent_and_never_overwrites(tmp_path: Path) -> None:
     assert not (tmp_path / "etc/libvirt/hooks/qemu").exists()
 
 
+@pytest.mark.hostile
 def test_hostile_domain_documents(busy: FakeSystem, tmp_path: Path) -> None:
     usb = b"<hostdev mode='subsystem' type='usb'><source><vendor id='0x46f4'/>" \
           b"<product id='0x0001'/></source></hostdev>"
@@ -182,6 +185,7 @@ def test_hostile_domain_documents(busy: FakeSystem, tmp_path: Path) -> None:
     assert hook(["x", "prepare", "begin", "-"], doc, busy.roots, "/n", str(tmp_path)) == 3
 
 
+@pytest.mark.hostile
 def test_thousands_of_hostdevs_and_duplicates(busy: FakeSystem, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     policy = tmp_path / "p.toml"

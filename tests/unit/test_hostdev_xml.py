@@ -66,6 +66,7 @@ XXE = b"""<?xml version="1.0"?><!DOCTYPE h [<!ENTITY x SYSTEM "file:///etc/shado
     (b"\xff\xfe<hostdev/>", "not well-formed"),
     (b"<a>" * 10 + b"x" * (5 * 1024 * 1024), "larger than"),
 ])
+@pytest.mark.hostile
 def test_hostile_or_broken(doc: bytes, message: str) -> None:
     with pytest.raises(XMLError) as exc:
         usb_hostdevs(doc, "evil.xml")
@@ -74,6 +75,7 @@ def test_hostile_or_broken(doc: bytes, message: str) -> None:
 
 
 @given(st.binary(max_size=500))
+@pytest.mark.hostile
 def test_arbitrary_bytes_give_xml_error_or_result(data: bytes) -> None:
     try:
         usb_hostdevs(data, "fuzz.xml")

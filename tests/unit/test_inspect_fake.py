@@ -109,6 +109,7 @@ def test_swap_partition(fake: FakeSystem) -> None:
     assert s.text == "/dev/sda2 is active swap (2.0 MiB in use)"
 
 
+@pytest.mark.hostile
 def test_unreadable_dirty_figures_fail_closed(tmp_path: Path) -> None:
     fs = FakeSystem(tmp_path)
     usb = fs.usb_device("2-1", 0x46F4, 0x0001, busnum=2, devnum=3)
@@ -122,6 +123,7 @@ def test_unreadable_dirty_figures_fail_closed(tmp_path: Path) -> None:
     assert as_json(f)["block_devices"][0]["dirty_bytes"] is None
 
 
+@pytest.mark.hostile
 def test_garbled_mountinfo_fails_closed(fake: FakeSystem) -> None:
     fake.process(7, "x", 4026532399, "this is not mountinfo\n")
     f = _findings(fake)

@@ -36,6 +36,7 @@ def test_mountinfo_example() -> None:
 @pytest.mark.parametrize("bad", ["1 2 3\n", "x 1 8:1 / / rw - ext4 /dev/a rw\n",
                                  "1 1 8:x / / rw - ext4 /dev/a rw\n",
                                  "1 1 8:1 / / rw shared:1 ext4 /dev/a rw\n"])
+@pytest.mark.hostile
 def test_mountinfo_rejects_garbage(bad: str) -> None:
     with pytest.raises(ParseError):
         parse_mountinfo(bad)
@@ -64,6 +65,7 @@ def test_mountinfo_roundtrip(parts: list[tuple[str, str]], major: int, minor: in
 
 
 @given(st.text(max_size=300))
+@pytest.mark.hostile
 def test_parsers_never_raise_anything_but_parse_error(text: str) -> None:
     for parser in (parse_mountinfo, parse_swaps, parse_bdi_stats, parse_ns_link):
         try:
@@ -115,6 +117,7 @@ def test_selector_forms(text: str, fields: dict[str, object]) -> None:
 
 
 @given(st.text(max_size=40))
+@pytest.mark.hostile
 def test_selector_parser_total(text: str) -> None:
     try:
         Selector.from_string(text)

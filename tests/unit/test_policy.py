@@ -54,6 +54,7 @@ def test_missing_default_file_means_built_in_defaults(
     ("rules = 3\n", "array of tables", 1),
     ('[defaults\n', "line 1", 1),
 ])
+@pytest.mark.hostile
 def test_errors_name_file_and_line(text: str, message: str, line: int) -> None:
     with pytest.raises(PolicyError) as exc:
         Policy.from_text(text, "/etc/safeusb/policy.toml")
@@ -62,6 +63,7 @@ def test_errors_name_file_and_line(text: str, message: str, line: int) -> None:
     assert str(exc.value).startswith(f"policy /etc/safeusb/policy.toml:{line}:")
 
 
+@pytest.mark.hostile
 def test_unreadable_file(tmp_path: Path) -> None:
     bad = tmp_path / "p.toml"
     bad.write_bytes(b"\xff\xfe")
@@ -72,6 +74,7 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 
 @given(st.text(max_size=200))
+@pytest.mark.hostile
 def test_any_text_loads_or_raises_policy_error(text: str) -> None:
     try:
         Policy.from_text(text)

@@ -33,6 +33,7 @@ def notes(r: ScenarioResult) -> dict[str, str]:
     return dict(line.split("=", 1) for line in r.file("notes").splitlines() if "=" in line)
 
 
+@pytest.mark.fault
 def test_flush_timeout_refuses_and_keeps_everything(vm: BootResult) -> None:
     r = vm.scenario("timeout")
     r.expect_ran()
@@ -49,6 +50,7 @@ def test_flush_timeout_refuses_and_keeps_everything(vm: BootResult) -> None:
     r.expect(check.intact, check.summary())
 
 
+@pytest.mark.fault
 def test_ebusy_midway_rolls_back(vm: BootResult) -> None:
     r = vm.scenario("ebusy")
     r.expect_ran()

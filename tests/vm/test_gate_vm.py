@@ -131,6 +131,7 @@ def test_unmount_policy_attach_succeeds_after_flush(vm: BootResult) -> None:
              + check.summary())
 
 
+@pytest.mark.fault
 def test_libvirtd_restart_reconnects_through_the_gate(vm: BootResult) -> None:
     r, n = ran(vm, "restart")
     r.expect(n.get("libvirtd_old") and n.get("libvirtd_old_alive") == "0"
@@ -150,6 +151,7 @@ def test_libvirtd_restart_reconnects_through_the_gate(vm: BootResult) -> None:
              f"the gate's log does not show the new session refusing:\n{log}")
 
 
+@pytest.mark.fault
 def test_killed_proxy_leaves_the_guest_running(vm: BootResult) -> None:
     r, n = ran(vm, "kill")
     r.expect(n.get("proxies") and n.get("proxies_alive_after") == "0",

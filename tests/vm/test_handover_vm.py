@@ -132,6 +132,7 @@ def test_refuse_policy_changes_nothing(vm: BootResult) -> None:
     r.expect(check.intact, check.summary())
 
 
+@pytest.mark.race
 def test_mount_attempts_racing_prepare(vm: BootResult) -> None:
     r, n = ran(vm, "race")
     prep = step_json(r, "prepare")
