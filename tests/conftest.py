@@ -8,6 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Timings never decide a test here: machines are shared and noisy.
+settings.register_profile("safeusb", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("safeusb")
 
 ROOT = Path(__file__).resolve().parent.parent
 SAFEUSB = ROOT / ".venv" / "bin" / "safeusb"
