@@ -30,7 +30,6 @@ BOOT = Boot(
     scenarios=(
         Scenario("serial", "classes-serial.sh", timeout=300),
         Scenario("net", "classes-net.sh", timeout=400),
-        Scenario("net-pinned", "classes-net-pinned.sh", timeout=400),
         Scenario("cdrom", "classes-cdrom.sh", timeout=300),
         Scenario("audio", "classes-audio.sh", timeout=300),
         Scenario("tablet", "classes-tablet.sh", timeout=300),
@@ -148,53 +147,6 @@ def test_net_moved_to_named_namespace(vm: BootResult) -> None:
     down, data = inspected(r, "netns-down", 0)
     r.expect([(i["name"], i["netns"]) for i in interfaces(data)] == [(ifname, netns)],
              f"the interface, down in {netns}, should still be listed\n{down}")
-
-
-def test_net_namespace_of_a_process(vm: BootResult) -> None:
-    r = ran(vm, "net-pinned")
-    n = notes(r)
-    netns, pinner = int(n["pinned_netns"]), int(n["pinner"])
-    run, _ = inspected(r, "process", 1)
-    routes = [x for x in run.reasons("network")
-              if x.get("cause") == "default-route" and x.get("netns") == netns]
-    r.expect(routes, f"no default-route reason in network namespace {netns}\n{run}")
-    r.expect(str(routes[0].get("netns_where", "")).startswith(f"pid {pinner} "),
-             f"the namespace should be named by pid {pinner}\n{run}")
-
-
-def test_net_namespace_held_by_a_descriptor_only(vm: BootResult) -> None:
-    r = ran(vm, "net-pinned")
-    n = notes(r)
-    netns, holder = int(n["pinned_netns"]), int(n["holder"])
-    run, data = inspected(r, "descriptor", 1)
-    routes = [x for x in run.reasons("network")
-              if x.get("cause") == "default-route" and x.get("netns") == netns]
-    r.expect(routes, f"no default-route reason in network namespace {netns}\n{run}")
-    r.expect(routes[0].get("netns_where") == f"descriptor 3 of pid {holder} (sleep)",
-             f"the namespace should be named by descriptor 3 of pid {holder}\n{run}")
-    r.expect("unreadable" not in kinds(data), f"nothing should be unreadable\n{run}")
-
-
-def test_net_namespace_held_by_a_socket_only_is_not_free(vm: BootResult) -> None:
-    """Nothing safeusb can open refers to that namespace: the interface cannot be read,
-    and the device must not pass as free."""
-    r = ran(vm, "net-pinned")
-    run, data = inspected(r, "socket", 1)
-    r.expect(interfaces(data) == [], f"the interface should be out of reach\n{run}")
-    missing = [x for x in run.reasons("unreadable") if x.get("what") == "network interfaces"]
-    r.expect(missing, f"expected an unreadable reason for the missing interface\n{run}")
-
-
-def test_net_interface_back_after_its_namespace_went(vm: BootResult) -> None:
-    r = ran(vm, "net-pinned")
-    n = notes(r)
-    run, data = inspected(r, "returned", 0)
-    own = [(i["name"], i["up"], i["addresses"]) for i in interfaces(data)]
-    r.expect(own == [(n["back"], False, [])],
-             f"expected {n['back']} back here, down and without address\n{run}")
-
-
-# ------------------------------------------------------------------------- sound
 
 
 def test_sound_card_idle_is_free(vm: BootResult) -> None:
