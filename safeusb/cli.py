@@ -7,21 +7,24 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .act import Outcome, prepare, release, target_key
 from .errors import EXIT_FREE, EXIT_IN_USE, SafeUSBError, UsageError, XMLError, exit_code_for
 from .inspect import inspect
 from .model import Target
-from .policy import DEFAULT_PATH as DEFAULT_POLICY
-from .policy import Policy
 from .report import as_json, as_text
 from .roots import Roots
-from .run import Runner, setup_logging, stderr_progress
+from .run import Runner, setup_logging
 from .selector import Selector, resolve
 from .snapshot import read_snapshot
-from .state import DEFAULT_DIR as DEFAULT_STATE_DIR
-from .state import StateDir
+
+if TYPE_CHECKING:
+    from .act import Outcome
+
+# Paths known here so the parser needs no policy or state code (loaded per command).
+DEFAULT_POLICY = "/etc/safeusb/policy.toml"
+DEFAULT_STATE_DIR = "/run/safeusb"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -179,6 +182,11 @@ def _print_outcome(verb: str, head: str, outcome: Outcome, as_json: bool) -> int
 
 
 def cmd_prepare(args: argparse.Namespace, roots: Roots) -> int:
+    from .act import prepare  # noqa: PLC0415 (the acting code only when acting)
+    from .policy import Policy  # noqa: PLC0415
+    from .run import stderr_progress  # noqa: PLC0415
+    from .state import StateDir  # noqa: PLC0415
+
     target = target_from_args(args, roots)
     policy = Policy.from_file(args.policy)
     runner = Runner(dry_run=args.dry_run, debugfs=roots.debugfs, sys_root=roots.sys,
@@ -189,6 +197,10 @@ def cmd_prepare(args: argparse.Namespace, roots: Roots) -> int:
 
 
 def cmd_release(args: argparse.Namespace, roots: Roots) -> int:
+    from .act import release, target_key  # noqa: PLC0415
+    from .policy import Policy  # noqa: PLC0415
+    from .state import StateDir  # noqa: PLC0415
+
     target = target_from_args(args, roots)
     policy = Policy.from_file(args.policy)
     runner = Runner(debugfs=roots.debugfs, sys_root=roots.sys)
@@ -209,6 +221,8 @@ def cmd_install_hook(args: argparse.Namespace, roots: Roots) -> int:
 
 def cmd_attach(args: argparse.Namespace, roots: Roots) -> int:
     from . import attach  # noqa: PLC0415
+    from .policy import Policy  # noqa: PLC0415
+    from .state import StateDir  # noqa: PLC0415
 
     try:
         with open(args.file, "rb") as f:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import tarfile
 from dataclasses import dataclass, field
 
 from .found import Found
@@ -87,6 +86,8 @@ def read_switch_db(root: str = "/") -> SwitchDb | None:
         for name in names:
             path = os.path.join(d, name)
             if name.endswith(".tar.gz"):
+                import tarfile  # noqa: PLC0415 (only where the distribution ships its pack)
+
                 try:
                     with tarfile.open(path, "r:gz") as tar:
                         for member in tar.getmembers():

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from safeusb import cli, policy, state
 from safeusb.model import UsbDevice, UsbInterface
 from safeusb.policy import Policy, PolicyError
 
@@ -80,3 +81,8 @@ def test_any_text_loads_or_raises_policy_error(text: str) -> None:
         Policy.from_text(text)
     except PolicyError:
         pass
+
+
+def test_cli_defaults_match_the_modules() -> None:
+    assert cli.DEFAULT_POLICY == policy.DEFAULT_PATH
+    assert cli.DEFAULT_STATE_DIR == state.DEFAULT_DIR
