@@ -1,0 +1,23 @@
+#!/bin/bash
+# Benchmark: `virsh attach-device --live` of an idle stick into g1, without and with the
+# gate (safeusb protect). Between rounds the stick is detached and given back.
+. "$GUEST_LIB"
+. "$GUEST_DIR/gate-lib.sh"
+hostdev_xml "$IDLE_BUSDEV" >/tmp/idle-hostdev.xml
+round() {  # LABEL
+    for i in 1 2 3 4 5; do
+        s=$(date +%s.%N)
+        virsh attach-device g1 /tmp/idle-hostdev.xml --live >>"$OUT/$1.log" 2>&1 || echo "attach failed" >>"$OUT/$1.log"
+        echo "$1 $(echo "$(date +%s.%N) - $s" | bc)" >>"$OUT/times"
+        virsh detach-device g1 /tmp/idle-hostdev.xml --live >>"$OUT/$1.log" 2>&1
+        sleep 1
+        "$SAFEUSB" release "$IDLE_USB" >>"$OUT/$1.log" 2>&1
+        sleep 1
+    done
+}
+round direct
+"$SAFEUSB" protect g1 >>"$OUT/gate.log" 2>&1
+virsh destroy g1 >/dev/null 2>&1
+virsh start --paused g1 >>"$OUT/gate.log" 2>&1
+note emulator "$(emulator_of)"
+round gate
