@@ -34,7 +34,7 @@ from .policy import Policy
 from .roots import Roots
 from .run import Runner, StepFailed
 from .snapshot import read_snapshot
-from .state import DeviceBusy, Record, StateDir, new_record
+from .state import DeviceBusy, StateDir, new_record
 
 STEP_TYPES: dict[str, type[Step]] = {
     cls.kind: cls
@@ -68,6 +68,13 @@ class Outcome:
         if not self.not_undone:
             return "as before: every step was undone"
         return "changed: " + "; ".join(self.not_undone)
+
+    def why_not(self) -> list[str]:
+        """Why the device was not handed over: the refusals, or the failure and the state
+        the host is left in."""
+        if self.plan is not None and self.plan.refused:
+            return list(self.plan.refusals)
+        return [f"{self.error}; host state: {self.host_state()}"]
 
     def as_json(self) -> dict[str, Any]:
         plan = self.plan
@@ -270,10 +277,6 @@ def _renamed(step: Step, renames: dict[str, str]) -> Step:
         return value
 
     return step_from_json({k: fix(v) for k, v in doc.items()})
-
-
-def load_record(state: StateDir, key: str) -> Record | None:
-    return state.load(key)
 
 
 def release_domain(roots: Roots, domain: str, policy: Policy, runner: Runner,

@@ -75,8 +75,7 @@ def attach(roots: Roots, uri: str | None, name: str, xml: bytes, source: str, fl
     if flags.affects_live(running):
         for hd in hostdevs:
             target = resolve(Selector.from_hostdev(hd, source), roots)
-            outcome = prepare(roots, target, policy, Runner(debugfs=roots.debugfs,
-                              sys_root=roots.sys), state, domain=name)
+            outcome = prepare(roots, target, policy, Runner.for_roots(roots), state, domain=name)
             if not outcome.ok:
                 _give_back(roots, taken, policy, state, name)
                 raise Refused(_refusal_text(target.describe(), outcome))
@@ -110,7 +109,7 @@ def detach(roots: Roots, uri: str | None, name: str, xml: bytes, source: str, fl
                 lines.append(f"not given back: {exc}")
                 continue
             outcome = release(roots, target_key(target), policy,
-                              Runner(debugfs=roots.debugfs, sys_root=roots.sys), state,
+                              Runner.for_roots(roots), state,
                               usb=target.usb, domain=name)
             lines.extend(outcome.done + [f"NOT done: {n}" for n in outcome.not_undone])
     return lines
@@ -119,21 +118,19 @@ def detach(roots: Roots, uri: str | None, name: str, xml: bytes, source: str, fl
 def _hostdevs(xml: bytes, source: str) -> tuple[Any, ...]:
     try:
         return usb_hostdevs(xml, source)
-    except XMLError as exc:
+    except XMLError:
         if b"<hostdev" in xml:
             raise
-        del exc
         return ()  # not a host device: libvirt alone decides
 
 
 def _give_back(roots: Roots, taken: list[tuple[str, Any]], policy: Policy, state: StateDir,
                name: str) -> None:
     for key, usb in reversed(taken):
-        release(roots, key, policy, Runner(debugfs=roots.debugfs, sys_root=roots.sys), state,
+        release(roots, key, policy, Runner.for_roots(roots), state,
                 usb=usb, domain=name)
 
 
 def _refusal_text(head: str, outcome: Outcome) -> str:
-    if outcome.plan is not None and outcome.plan.refused:
-        return f"refused to hand over {head}: " + "; ".join(outcome.plan.refusals)
-    return f"could not hand over {head}: {outcome.error}; host state: {outcome.host_state()}"
+    verb = "refused to" if outcome.plan is not None and outcome.plan.refused else "could not"
+    return f"{verb} hand over {head}: " + "; ".join(outcome.why_not())

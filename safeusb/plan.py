@@ -6,7 +6,6 @@ system) and knows how to undo itself where that is possible.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -426,7 +425,3 @@ def describe_plan(plan: Plan) -> list[str]:
     if plan.refused:
         return list(plan.refusals)
     return [f"{i}. {s.describe()}" for i, s in enumerate(plan.steps, 1)]
-
-
-def mount_key(step: Unmount) -> str:
-    return os.path.join(str(step.mnt_ns), step.mountpoint.lstrip("/"))

@@ -105,20 +105,26 @@ def _fs_devices(
     return fs
 
 
-def _mountpoints_of(namespaces: tuple[MountNamespace, ...], fs: set[DevNum]) -> list[str]:
-    return [m.mountpoint for ns in namespaces for m in ns.mounts if m.devnum in fs]
+def _mounts_of(namespaces: tuple[MountNamespace, ...], fs: set[DevNum]
+               ) -> list[tuple[str, DevNum]]:
+    return [(m.mountpoint, m.devnum) for ns in namespaces for m in ns.mounts if m.devnum in fs]
 
 
-def _file_on(roots: Roots, path: str, fs: set[DevNum], mountpoints: list[str]) -> bool:
-    """Whether a file named by the host path lies on one of the filesystems."""
+def _fs_of(roots: Roots, path: str, fs: set[DevNum], mounts: list[tuple[str, DevNum]]
+           ) -> DevNum | None:
+    """Which of the filesystems a file named by the host path lies on, if any: its st_dev
+    on the live system; in a recording (or when stat fails), the longest mountpoint."""
     if roots.live:
         try:
             st = os.stat(path)
         except OSError:
             pass
         else:
-            return (os.major(st.st_dev), os.minor(st.st_dev)) in fs
-    return any(_under(path, mp) for mp in mountpoints)
+            dev = (os.major(st.st_dev), os.minor(st.st_dev))
+            return dev if dev in fs else None
+    best = max((mp for mp in mounts if _under(path, mp[0])), key=lambda mp: len(mp[0]),
+               default=None)
+    return best[1] if best else None
 
 
 def _bdi_of(block: BlockDevice, blocks: dict[str, BlockDevice]) -> DevNum:
@@ -202,13 +208,13 @@ def read_snapshot(
             namespaces, {all_blocks[n].devnum: n for n in members}, names
         )
         fs = set(fs_devices)
-        mountpoints = _mountpoints_of(namespaces, fs)
+        mounts = _mounts_of(namespaces, fs)
         extra = {
             b.name
             for b in all_blocks.values()
             if b.loop_backing_file
             and b.name not in members
-            and _file_on(roots, b.loop_backing_file, fs, mountpoints)
+            and _fs_of(roots, b.loop_backing_file, fs, mounts) is not None
         }
         if not extra:
             break
@@ -216,7 +222,6 @@ def read_snapshot(
         members = _closure(members | extra, all_blocks)
 
     blocks = {n: all_blocks[n] for n in sorted(members)}
-    fs = set(fs_devices)
     try:
         swap_rows = read_swaps(roots)
     except (OSError, ParseError) as exc:
@@ -227,8 +232,8 @@ def read_snapshot(
         devnum: DevNum | None = None
         if kind == "partition":
             devnum = names.resolve(filename)
-        elif _file_on(roots, filename, fs, mountpoints):
-            devnum = next(iter(fs)) if not roots.live else _stat_dev(filename)
+        else:
+            devnum = _fs_of(roots, filename, fs, mounts)
         swaps.append(SwapEntry(filename, kind, size, used, devnum))
 
     node_keys: set[tuple[NodeKind, DevNum]] = {(n.kind, n.devnum) for n in nodes}
@@ -255,11 +260,3 @@ def read_snapshot(
         counter_slack_bytes=sysfs.writeback_counter_slack(roots),
         classes=read_classes(roots, target, pids, namespaces, net_match),
     )
-
-
-def _stat_dev(path: str) -> DevNum | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return os.major(st.st_dev), os.minor(st.st_dev)
