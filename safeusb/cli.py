@@ -189,8 +189,7 @@ def cmd_prepare(args: argparse.Namespace, roots: Roots) -> int:
 
     target = target_from_args(args, roots)
     policy = Policy.from_file(args.policy)
-    runner = Runner(dry_run=args.dry_run, debugfs=roots.debugfs, sys_root=roots.sys,
-                    progress=stderr_progress)
+    runner = Runner.for_roots(roots, dry_run=args.dry_run, progress=stderr_progress)
     outcome = prepare(roots, target, policy, runner, StateDir(args.state_dir),
                       domain=args.domain, timeout=args.timeout)
     return _print_outcome("prepare", target.describe(), outcome, args.json)
@@ -203,7 +202,7 @@ def cmd_release(args: argparse.Namespace, roots: Roots) -> int:
 
     target = target_from_args(args, roots)
     policy = Policy.from_file(args.policy)
-    runner = Runner(debugfs=roots.debugfs, sys_root=roots.sys)
+    runner = Runner.for_roots(roots)
     outcome = release(roots, target_key(target), policy, runner, StateDir(args.state_dir),
                       usb=target.usb, domain=args.domain)
     return _print_outcome("release", target.describe(), outcome, args.json)

@@ -61,7 +61,7 @@ def hook(argv: Sequence[str], xml: bytes, roots: Roots, policy_path: str = DEFAU
     state = StateDir(state_dir)
     if op == "release":
         outcome = release_domain(roots, domain, Policy.from_file(policy_path),
-                                 Runner(debugfs=roots.debugfs, sys_root=roots.sys), state)
+                                 Runner.for_roots(roots), state)
         for line in outcome.not_undone:
             print(f"safeusb: release of domain {domain}: {line}", file=sys.stderr)
         return 0
@@ -79,21 +79,18 @@ def hook(argv: Sequence[str], xml: bytes, roots: Roots, policy_path: str = DEFAU
         except SafeUSBError as exc:
             refusals.append(f"{hostdev.describe()}: {exc}")
             continue
-        runner = Runner(debugfs=roots.debugfs, sys_root=roots.sys)
+        runner = Runner.for_roots(roots)
         outcome = prepare(roots, target, policy, runner, state, domain=domain)
         if outcome.ok:
             if outcome.done:
                 taken.append(target_key(target))
             continue
         head = target.describe()
-        if outcome.plan is not None and outcome.plan.refused:
-            refusals.extend(f"{head}: {r}" for r in outcome.plan.refusals)
-        else:
-            refusals.append(f"{head}: {outcome.error}; host state: {outcome.host_state()}")
+        refusals.extend(f"{head}: {r}" for r in outcome.why_not())
     if refusals:
         if taken:
             back = release_domain(roots, domain, Policy.from_file(policy_path),
-                                  Runner(debugfs=roots.debugfs, sys_root=roots.sys), state)
+                                  Runner.for_roots(roots), state)
             refusals.extend(f"could not give back: {n}" for n in back.not_undone)
         return _refuse(refusals)
     return 0

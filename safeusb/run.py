@@ -14,13 +14,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import SafeUSBError
 from .parsers import ParseError, parse_bdi_stats, parse_mountinfo
 
 if TYPE_CHECKING:
     from .plan import Flush
+    from .roots import Roots
 
 log = logging.getLogger("safeusb")
 
@@ -71,6 +72,11 @@ class Runner:
     progress: Callable[[str], None] | None = None
     log_lines: list[str] = field(default_factory=list)
     held: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def for_roots(cls, roots: Roots, **kwargs: Any) -> Runner:
+        """A runner acting on the system the roots describe."""
+        return cls(debugfs=roots.debugfs, sys_root=roots.sys, **kwargs)
 
     def _log(self, text: str) -> None:
         self.log_lines.append(text)

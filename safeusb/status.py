@@ -166,7 +166,7 @@ def collect(roots: Roots, uri: str | None = None) -> Status:
     if not os.path.isdir(roots.sys_path("bus", "usb")):
         return Status(False, (), "not asked (no USB)")
     domains, libvirt_state = _domains(uri)
-    runner = Runner(debugfs=roots.debugfs, sys_root=roots.sys)
+    runner = Runner.for_roots(roots)
     devices = []
     for usb in sorted(sysfs.list_usb_devices(roots),
                       key=lambda u: (u.busnum, not u.sysname.startswith("usb"), u.sysname)):

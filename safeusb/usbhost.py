@@ -271,13 +271,11 @@ def prepare_decision(request: UsbHostRequest) -> None:
     roots = Roots.host()
     target = resolve(request_selector(request), roots)
     outcome = prepare(roots, target, Policy.from_file(DEFAULT_PATH),
-                      Runner(debugfs=roots.debugfs, sys_root=roots.sys), StateDir(),
+                      Runner.for_roots(roots), StateDir(),
                       domain=request.domain)
     if outcome.ok:
         return
-    if outcome.plan is not None and outcome.plan.refused:
-        raise SafeUSBError("; ".join(outcome.plan.refusals))
-    raise SafeUSBError(f"{outcome.error}; host state: {outcome.host_state()}")
+    raise SafeUSBError("; ".join(outcome.why_not()))
 
 
 def inspect_decision(request: UsbHostRequest) -> None:
