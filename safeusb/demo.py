@@ -53,11 +53,6 @@ def _progress(stop: threading.Event, start: float) -> None:
         sys.stderr.write("\r\033[K")
 
 
-def _notes(res: Any, name: str) -> dict[str, str]:
-    text = res.scenario(name).file("notes")
-    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-
-
 def _first_line(text: str) -> str:
     lines = [x for x in text.strip().splitlines() if x.strip()]
     return lines[-1] if lines else "(no output)"
@@ -108,7 +103,7 @@ def main(keep: bool = False) -> int:
         rows = []
         for name, who in (("plain", "plain libvirt"), ("guarded", "safeusb")):
             sc = res.scenario(name)
-            n = _notes(res, name)
+            n = sc.notes()
             check = res.check_stick(name, {"data.bin": (name, "data.bin")})
             data = "intact" if check.intact else "LOST: " + "; ".join(
                 f"{f.path} {f.status}" for f in check.files if f.status != "ok")

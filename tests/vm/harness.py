@@ -278,6 +278,11 @@ class ScenarioResult:
         p = self.out / name
         return p.read_text(errors="replace") if p.exists() else ""
 
+    def notes(self) -> dict[str, str]:
+        """The facts the guest script wrote with ``note KEY VALUE``."""
+        return dict(line.split("=", 1) for line in self.file("notes").splitlines()
+                    if "=" in line)
+
     def inspect(self, tag: str) -> InspectRun:
         """Result of ``inspect TAG ...`` called in the guest script (see guest/lib.sh)."""
         rc = self.file(f"{tag}.rc").strip()

@@ -10,7 +10,7 @@ import pytest
 from safeusb.demo import demo_boot
 
 from . import harness
-from .harness import BootResult, Runner, ScenarioResult
+from .harness import BootResult, Runner
 
 pytestmark = pytest.mark.vm
 
@@ -20,14 +20,10 @@ def vm(vm_runner: Runner, safeusb_cli: str) -> BootResult:
     return vm_runner.run(demo_boot(harness))
 
 
-def notes(r: ScenarioResult) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in r.file("notes").splitlines() if "=" in line)
-
-
 def test_plain_libvirt_loses_the_fresh_data(vm: BootResult) -> None:
     r = vm.scenario("plain")
     r.expect_ran()
-    n = notes(r)
+    n = r.notes()
     r.expect(n.get("attach_rc") == "0", f"virsh attach-device failed\n{r.file('attach.out')}")
     check = vm.check_stick("plain", {"data.bin": ("plain", "data.bin")})
     r.expect(not check.intact, "the loss did not reproduce\n" + check.summary())
@@ -36,7 +32,7 @@ def test_plain_libvirt_loses_the_fresh_data(vm: BootResult) -> None:
 def test_safeusb_attach_device_refuses_then_hands_over_safely(vm: BootResult) -> None:
     r = vm.scenario("guarded")
     r.expect_ran()
-    n = notes(r)
+    n = r.notes()
     refused = r.file("refused.out")
     r.expect(n.get("refused_rc") == "1" and "mounted at /tmp/su-guarded" in refused
              and "not yet written" in refused,
@@ -55,7 +51,7 @@ def test_safeusb_attach_device_refuses_then_hands_over_safely(vm: BootResult) ->
 def test_status_on_the_real_kernel(vm: BootResult) -> None:
     r = vm.scenario("guarded")
     r.expect_ran()
-    n = notes(r)
+    n = r.notes()
     r.expect(n.get("status_rc") == "0", f"safeusb status failed\n{r.file('status.err')}")
     doc = json.loads(r.file("status.json"))
     sticks = {d["serial"]: d for d in doc["devices"] if d["vendor_id"] == "46f4"}

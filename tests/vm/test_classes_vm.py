@@ -51,10 +51,6 @@ def ran(vm: BootResult, name: str) -> ScenarioResult:
     return r
 
 
-def notes(r: ScenarioResult) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in r.file("notes").splitlines() if "=" in line)
-
-
 def inspected(r: ScenarioResult, tag: str, rc: int) -> tuple[InspectRun, dict[str, Any]]:
     """The inspect step ``tag`` exited ``rc`` with valid JSON that agrees with it."""
     run = r.inspect(tag)
@@ -78,8 +74,8 @@ def kinds(data: dict[str, Any]) -> set[str]:
 
 def test_serial_idle_is_free(vm: BootResult) -> None:
     r = ran(vm, "serial")
-    r.expect(notes(r).get("driver") == "ftdi_sio",
-             f"the adapter's interface is not bound to ftdi_sio ({notes(r)})")
+    r.expect(r.notes().get("driver") == "ftdi_sio",
+             f"the adapter's interface is not bound to ftdi_sio ({r.notes()})")
     for tag in ("idle", "idle-vidpid"):
         inspected(r, tag, 0)
 
@@ -87,7 +83,7 @@ def test_serial_idle_is_free(vm: BootResult) -> None:
 def test_serial_port_held_open(vm: BootResult) -> None:
     r = ran(vm, "serial")
     run, data = inspected(r, "held", 1)
-    pid = int(notes(r)["pid"])
+    pid = int(r.notes()["pid"])
     mine = [x for x in run.reasons("open") if x.get("pid") == pid]
     r.expect(mine, f"no open reason for pid {pid}, which holds /dev/ttyUSB0\n{run}")
     r.expect(any(x.get("device") == "/dev/ttyUSB0" for x in mine),
@@ -109,7 +105,7 @@ def test_net_interface_down_without_address_is_free(vm: BootResult) -> None:
     """An interface that is down and has no address carries nothing: the device is free,
     and the interface is still listed."""
     r = ran(vm, "net")
-    ifname = notes(r)["ifname"]
+    ifname = r.notes()["ifname"]
     run, data = inspected(r, "down", 0)
     found = interfaces(data)
     r.expect([i["name"] for i in found] == [ifname],
@@ -120,7 +116,7 @@ def test_net_interface_down_without_address_is_free(vm: BootResult) -> None:
 
 def test_net_default_route(vm: BootResult) -> None:
     r = ran(vm, "net")
-    ifname = notes(r)["ifname"]
+    ifname = r.notes()["ifname"]
     run, _ = inspected(r, "route", 1)
     net = run.reasons("network")
     causes = {x.get("cause") for x in net if x.get("interface") == ifname}
@@ -132,7 +128,7 @@ def test_net_default_route(vm: BootResult) -> None:
 
 def test_net_moved_to_named_namespace(vm: BootResult) -> None:
     r = ran(vm, "net")
-    n = notes(r)
+    n = r.notes()
     ifname, netns = n["ifname"], int(n["netns"])
     r.expect(netns != int(n["own_netns"]), f"ip netns add made no new namespace ({n})")
     run, data = inspected(r, "netns", 1)
@@ -151,7 +147,7 @@ def test_net_moved_to_named_namespace(vm: BootResult) -> None:
 
 def test_sound_card_idle_is_free(vm: BootResult) -> None:
     r = ran(vm, "audio")
-    card = notes(r)["card"]
+    card = r.notes()["card"]
     run, data = inspected(r, "idle", 0)
     paths = {x["path"] for x in data["nodes"]}
     r.expect(f"/dev/snd/controlC{card}" in paths,
@@ -162,7 +158,7 @@ def test_sound_card_idle_is_free(vm: BootResult) -> None:
                                            ("pcm", "the sound device")])
 def test_sound_node_held_open(vm: BootResult, tag: str, what: str) -> None:
     r = ran(vm, "audio")
-    n = notes(r)
+    n = r.notes()
     node = f"/dev/snd/controlC{n['card']}" if tag == "control" else f"/dev/snd/{n['pcm']}"
     pid = int(n[f"{tag}_pid"])
     run, data = inspected(r, tag, 1)
@@ -179,7 +175,7 @@ def test_sound_node_held_open(vm: BootResult, tag: str, what: str) -> None:
 def test_cdrom_only_device_with_switch_database(vm: BootResult) -> None:
     """46f4:0001 is not in the usb_modeswitch database: no warning, and free."""
     r = ran(vm, "cdrom")
-    n = notes(r)
+    n = r.notes()
     r.expect(n.get("sr", "").startswith("sr"), f"no CD-ROM drive in the guest ({n})")
     r.expect(int(n.get("db") or 0) >= 2,
              f"this machine's usb_modeswitch database is not visible in the guest ({n})")
@@ -212,7 +208,7 @@ def other_keyboards(r: ScenarioResult, name: str, usb: str) -> list[list[str]]:
 
 def test_kbd_beside_ps2_keyboard_is_not_last(vm: BootResult) -> None:
     r = ran(vm, "kbd")
-    usb = notes(r)["usb"]
+    usb = r.notes()["usb"]
     others = other_keyboards(r, "inputs", usb)
     run, data = inspected(r, "other", 0)
     listed = data.get("input_devices", [])
@@ -226,7 +222,7 @@ def test_kbd_beside_ps2_keyboard_is_not_last(vm: BootResult) -> None:
 
 def test_kbd_event_node_held_open(vm: BootResult) -> None:
     r = ran(vm, "kbd")
-    n = notes(r)
+    n = r.notes()
     r.expect(n.get("event"), f"the usb-kbd has no event node (is evdev loaded?)\n"
              f"{r.file('inputs')}")
     run, _ = inspected(r, "held", 1)
@@ -240,7 +236,7 @@ def test_kbd_event_node_held_open(vm: BootResult) -> None:
 
 def test_kbd_beside_inhibited_ps2_keyboard_is_last_input(vm: BootResult) -> None:
     r = ran(vm, "kbd")
-    n = notes(r)
+    n = r.notes()
     if "inhibited" not in n:
         pytest.skip(f"the guest kernel has no inhibited attribute on {n.get('ps2')}")
     r.expect(n["inhibited"] == "1", f"the kernel did not inhibit {n['ps2']} ({n})")
@@ -254,7 +250,7 @@ def test_kbd_beside_inhibited_ps2_keyboard_is_last_input(vm: BootResult) -> None
 
 def test_kbd_only_keyboard_is_last_input(vm: BootResult) -> None:
     r = ran(vm, "kbd")
-    usb = notes(r)["usb"]
+    usb = r.notes()["usb"]
     others = other_keyboards(r, "inputs-after", usb)
     r.expect(not others, f"another keyboard is left after unbinding atkbd: {others}")
     run, _ = inspected(r, "last", 1)
@@ -267,7 +263,7 @@ def test_kbd_only_keyboard_is_last_input(vm: BootResult) -> None:
 
 def test_tablet_beside_ps2_mouse_is_not_last(vm: BootResult) -> None:
     r = ran(vm, "tablet")
-    usb = notes(r)["usb"]
+    usb = r.notes()["usb"]
     mice = [i for i in inputs(r, "inputs") if f"/{usb}/" not in i[6] and "mouse" in i[3]]
     r.expect(mice, f"the guest has no other mouse to test against:\n{r.file('inputs')}")
     run, data = inspected(r, "other", 0)
@@ -277,7 +273,7 @@ def test_tablet_beside_ps2_mouse_is_not_last(vm: BootResult) -> None:
 
 def test_tablet_only_pointer_is_last_input(vm: BootResult) -> None:
     r = ran(vm, "tablet")
-    usb = notes(r)["usb"]
+    usb = r.notes()["usb"]
     mice = [i for i in inputs(r, "inputs-after") if f"/{usb}/" not in i[6] and "mouse" in i[3]]
     r.expect(not mice, f"another mouse is left after unbinding psmouse: {mice}")
     run, _ = inspected(r, "last", 1)

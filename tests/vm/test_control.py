@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from .harness import MIB, Boot, BootResult, Image, Runner, Scenario, ScenarioResult, Stick
+from .harness import MIB, Boot, BootResult, Image, Runner, Scenario, Stick
 
 pytestmark = pytest.mark.vm
 
@@ -29,10 +29,6 @@ def vm(vm_runner: Runner) -> BootResult:
     return vm_runner.run(BOOT)
 
 
-def notes(r: ScenarioResult) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in r.file("notes").splitlines() if "=" in line)
-
-
 def test_nested_domain_running(vm: BootResult) -> None:
     if "domain_started" not in vm.timings:
         log = (vm.share / "out" / "libvirt.log")
@@ -43,7 +39,7 @@ def test_nested_domain_running(vm: BootResult) -> None:
 def test_clean_attach_loses_nothing(vm: BootResult) -> None:
     r = vm.scenario("clean")
     r.expect_ran()
-    r.expect(notes(r).get("attach_rc") == "0", f"virsh attach-device failed\n{r.stdout}")
+    r.expect(r.notes().get("attach_rc") == "0", f"virsh attach-device failed\n{r.stdout}")
     check = vm.check_stick("clean", {"data.bin": ("clean", "data.bin")})
     r.expect(check.intact, f"unmounted before attach, yet the image is not intact:\n"
                            f"{check.summary()}")
@@ -52,7 +48,7 @@ def test_clean_attach_loses_nothing(vm: BootResult) -> None:
 def test_live_attach_of_dirty_mounted_stick_loses_data(vm: BootResult) -> None:
     r = vm.scenario("attach-dirty")
     r.expect_ran()
-    n = notes(r)
+    n = r.notes()
     r.expect(int(n.get("dirty_kb") or 0) >= 1024,
              f"the 4 MiB were not left dirty before the attach ({n})")
     r.expect(n.get("attach_rc") == "0" and "attached successfully" in r.file("attach.out"),

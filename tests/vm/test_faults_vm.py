@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from .harness import MIB, Boot, BootResult, Image, Runner, Scenario, ScenarioResult, Stick
+from .harness import MIB, Boot, BootResult, Image, Runner, Scenario, Stick
 
 pytestmark = pytest.mark.vm
 
@@ -29,15 +29,11 @@ def vm(vm_runner: Runner, safeusb_cli: str) -> BootResult:
     return vm_runner.run(BOOT)
 
 
-def notes(r: ScenarioResult) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in r.file("notes").splitlines() if "=" in line)
-
-
 @pytest.mark.fault
 def test_flush_timeout_refuses_and_keeps_everything(vm: BootResult) -> None:
     r = vm.scenario("timeout")
     r.expect_ran()
-    n = notes(r)
+    n = r.notes()
     r.expect(int(n.get("dirty_kb") or 0) >= 1024, f"nothing was dirty ({n})")
     out = json.loads(r.file("prepare.out"))
     r.expect(r.file("prepare.rc").strip() == "1" and not out["ok"]
@@ -54,7 +50,7 @@ def test_flush_timeout_refuses_and_keeps_everything(vm: BootResult) -> None:
 def test_ebusy_midway_rolls_back(vm: BootResult) -> None:
     r = vm.scenario("ebusy")
     r.expect_ran()
-    n = notes(r)
+    n = r.notes()
     out = json.loads(r.file("prepare.out") or "{}")
     r.expect(r.file("prepare.rc").strip() == "1" and not out.get("ok")
              and "busy" in (out.get("error") or "").lower(),

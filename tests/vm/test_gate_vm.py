@@ -42,10 +42,6 @@ def vm(vm_runner: Runner, safeusb_cli: str) -> BootResult:
     return vm_runner.run(BOOT)
 
 
-def notes(r: ScenarioResult) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in r.file("notes").splitlines() if "=" in line)
-
-
 def ran(vm: BootResult, name: str) -> tuple[ScenarioResult, dict[str, str]]:
     if "domain_started" not in vm.timings:
         log = vm.share / "out" / "libvirt.log"
@@ -53,7 +49,7 @@ def ran(vm: BootResult, name: str) -> tuple[ScenarioResult, dict[str, str]]:
                                    + (log.read_text() if log.exists() else "")), pytrace=False)
     r = vm.scenario(name)
     r.expect_ran()
-    return r, notes(r)
+    return r, r.notes()
 
 
 def step(r: ScenarioResult, tag: str) -> str:

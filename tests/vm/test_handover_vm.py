@@ -67,14 +67,10 @@ def vm(vm_runner: Runner, safeusb_cli: str, tmp_path_factory: pytest.TempPathFac
     return vm_runner.run(_boot(hook))
 
 
-def notes(r: ScenarioResult) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in r.file("notes").splitlines() if "=" in line)
-
-
 def ran(vm: BootResult, name: str) -> tuple[ScenarioResult, dict[str, str]]:
     r = vm.scenario(name)
     r.expect_ran()
-    return r, notes(r)
+    return r, r.notes()
 
 
 def step_json(r: ScenarioResult, tag: str) -> dict[str, Any]:

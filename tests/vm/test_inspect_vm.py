@@ -92,10 +92,6 @@ def in_use(r: ScenarioResult, tag: str) -> tuple[InspectRun, dict[str, Any]]:
     return run, data
 
 
-def notes(r: ScenarioResult) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in r.file("notes").splitlines() if "=" in line)
-
-
 def block_names(data: dict[str, Any]) -> set[str]:
     return {b["name"] for b in data.get("block_devices", [])}
 
@@ -113,7 +109,7 @@ def test_idle_stick_is_free(vm: BootResult) -> None:
 def test_raw_node_held_open(vm: BootResult) -> None:
     r = ran(vm, "held")
     run, _ = in_use(r, "held")
-    pid = int(notes(r)["pid"])
+    pid = int(r.notes()["pid"])
     pids = {x.get("pid") for x in run.reasons("open")}
     r.expect(pid in pids, f"pid {pid} holding the disk open is not in an open reason\n{run}")
 
@@ -121,7 +117,7 @@ def test_raw_node_held_open(vm: BootResult) -> None:
 def test_mounted_in_other_namespace_only(vm: BootResult) -> None:
     r = ran(vm, "ns")
     run, _ = in_use(r, "ns")
-    n = notes(r)
+    n = r.notes()
     mounts = run.reasons("mount")
     r.expect(any(m.get("mountpoint") == "/tmp/nsmnt" for m in mounts),
              f"no mount reason naming /tmp/nsmnt\n{run}")
@@ -132,8 +128,8 @@ def test_mounted_in_other_namespace_only(vm: BootResult) -> None:
 def test_mounted_with_dirty_data(vm: BootResult) -> None:
     r = ran(vm, "dirty")
     run, data = in_use(r, "dirty")
-    r.expect(int(notes(r).get("dirty_kb") or 0) >= 1024,
-             f"the guest kernel did not hold 1 MiB dirty (BdiReclaimable {notes(r)})")
+    r.expect(int(r.notes().get("dirty_kb") or 0) >= 1024,
+             f"the guest kernel did not hold 1 MiB dirty (BdiReclaimable {r.notes()})")
     dirty = sum(b.get("dirty_bytes") or 0 for b in data["block_devices"])
     r.expect(dirty >= MIB, f"dirty_bytes add up to {dirty}, expected >= 1 MiB\n{run}")
     r.expect(run.reasons("mount"), f"no mount reason\n{run}")
@@ -142,7 +138,7 @@ def test_mounted_with_dirty_data(vm: BootResult) -> None:
 def test_partition_mounted(vm: BootResult) -> None:
     r = ran(vm, "parts")
     run, data = in_use(r, "parts")
-    disk = notes(r)["mounted"].removeprefix("/dev/")[:-1]
+    disk = r.notes()["mounted"].removeprefix("/dev/")[:-1]
     names = block_names(data)
     r.expect({disk, f"{disk}1", f"{disk}2"} <= names,
              f"block_devices should list {disk}, {disk}1 and {disk}2, got {sorted(names)}\n{run}")
@@ -156,8 +152,8 @@ def test_partition_mounted(vm: BootResult) -> None:
 def test_luks_holder(vm: BootResult) -> None:
     r = ran(vm, "luks")
     run, data = in_use(r, "luks")
-    r.expect(notes(r).get("holders", "").startswith("dm-"),
-             f"dm-crypt did not hold the partition in the guest ({notes(r)})")
+    r.expect(r.notes().get("holders", "").startswith("dm-"),
+             f"dm-crypt did not hold the partition in the guest ({r.notes()})")
     r.expect(run.reasons("holder"), f"no holder reason for the open LUKS mapping\n{run}")
     r.expect(any(n.startswith("dm-") for n in block_names(data)),
              f"the dm-crypt device is not among block_devices\n{run}")
@@ -166,8 +162,8 @@ def test_luks_holder(vm: BootResult) -> None:
 def test_lvm_active(vm: BootResult) -> None:
     r = ran(vm, "lvm")
     run, data = in_use(r, "lvm")
-    r.expect(notes(r).get("holders", "").startswith("dm-"),
-             f"LVM did not activate a volume on the stick ({notes(r)})")
+    r.expect(r.notes().get("holders", "").startswith("dm-"),
+             f"LVM did not activate a volume on the stick ({r.notes()})")
     r.expect(run.reasons("holder"), f"no holder reason for the active LV\n{run}")
     r.expect(any(n.startswith("dm-") for n in block_names(data)),
              f"the LV's dm device is not among block_devices\n{run}")
@@ -196,7 +192,7 @@ def test_bad_selector(vm: BootResult, tag: str) -> None:
                                  "partition", "usbnode", "xml-vidpid", "xml-address"])
 def test_selector(sel_vm: BootResult, tag: str) -> None:
     r = ran(sel_vm, "selectors")
-    if tag == "usbnode" and notes(r).get("usbnode") == "absent":
+    if tag == "usbnode" and r.notes().get("usbnode") == "absent":
         pytest.skip("no /dev/bus/usb node in the guest")
     run = r.inspect(tag)
     r.expect(run.rc == 0, f"{tag}: expected exit 0 for the idle stick\n{run}")
