@@ -11,7 +11,7 @@ from typing import Any
 from . import sysfs
 from .errors import SafeUSBError
 from .inspect import inspect
-from .model import Target
+from .model import Target, UsbDevice
 from .plan import (
     CloseCrypt,
     DeactivateLV,
@@ -32,9 +32,9 @@ from .plan import (
 )
 from .policy import Policy
 from .roots import Roots
-from .run import Runner, StepFailed
+from .run import DeviceGone, Runner, StepFailed
 from .snapshot import read_snapshot
-from .state import DeviceBusy, StateDir, new_record
+from .state import DeviceBusy, StateDir, StateError, new_record
 
 STEP_TYPES: dict[str, type[Step]] = {
     cls.kind: cls
@@ -111,6 +111,10 @@ def prepare(
             if record.domain != domain:
                 who = f"domain {record.domain}" if record.domain else "an earlier prepare"
                 raise DeviceBusy(f"{key} is in use by {who} (release it first)")
+            if not any(s.get("kind") == Handoff.kind for s in record.steps):
+                raise DeviceBusy(f"{key}: an earlier prepare stopped part-way "
+                                 f"({len(record.steps)} steps done, not handed over); "
+                                 f"run `safeusb release {key}` to put them back first")
             return Outcome(True, notes=[f"{key} was already prepared for this domain"])
         findings = inspect(read_snapshot(roots, target, runner))
         settings, rule = policy.settings_for(target.usb, domain)
@@ -125,6 +129,8 @@ def prepare(
         holds = hold_targets(findings.snapshot)
         done: list[Step] = []
         try:
+            # Before anything is changed: /run must take the record that release needs.
+            state.save(new_record(key, domain, []))
             runner.hold(holds)
 
             def carry_out(step: Step) -> None:
@@ -143,9 +149,12 @@ def prepare(
             for step in _late_mounts(roots, target, runner, holds):
                 carry_out(step)
             carry_out(handoff)
-        except (StepFailed, OSError) as exc:
+        except (StepFailed, StateError, OSError) as exc:
             runner.release_holds()
             outcome.error = str(exc)
+            if target.usb is not None and not isinstance(exc, DeviceGone) \
+                    and _left_the_host(roots, target.usb):
+                outcome.error = f"{key} left the host during prepare: {exc}"
             _give_back(done, runner, roots, key, True, outcome.undone, outcome.not_undone,
                        outcome.notes)
             if not outcome.not_undone:
@@ -153,6 +162,16 @@ def prepare(
             return outcome
         outcome.ok = True
         return outcome
+
+
+def _left_the_host(roots: Roots, usb: UsbDevice) -> bool:
+    """The USB device is no longer at its port, or another device is there now."""
+    port = roots.sys_path("bus", "usb", "devices", usb.sysname)
+    try:
+        now = sysfs.read_usb_device(port) if sysfs.is_usb_device_dir(port) else None
+    except SafeUSBError:
+        return True
+    return now is None or (now.busnum, now.devnum) != (usb.busnum, usb.devnum)
 
 
 def _late_mounts(roots: Roots, target: Target, runner: Runner, holds: tuple[str, ...],
