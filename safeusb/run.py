@@ -39,6 +39,10 @@ class FlushTimeout(StepFailed):
     pass
 
 
+class DeviceGone(StepFailed):
+    """The device left the host while a step worked on it (unplugged, reset)."""
+
+
 class CommandFailed(StepFailed):
     def __init__(self, argv: Sequence[str], returncode: int, stderr: str) -> None:
         detail = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {returncode}"
@@ -200,7 +204,12 @@ class Runner:
             return None
         return dirty + writeback
 
+    def _present(self, bdi: str) -> bool:
+        return os.path.exists(os.path.join(self.sys_root, "dev/block", bdi))
+
     def flush(self, step: Flush) -> None:
+        """Write back every dirty page of the device: syncfs each filesystem on it and
+        fsync its nodes, with progress, until done, the timeout, or the device vanishes."""
         targets = [f"/proc/{pid}/root{mp}" for pid, mp in step.filesystems]
         self._log(f"flush {step.device}: syncfs {', '.join(targets) or '-'}; "
                   f"fsync {', '.join(step.nodes)}")
@@ -215,17 +224,21 @@ class Runner:
             procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.PIPE, text=True))
         deadline = time.monotonic() + self.flush_timeout
+        left: int | None = step.dirty_bytes  # the last reading before it could vanish
         try:
             while any(p.poll() is None for p in procs):
+                if not self._present(step.bdi):
+                    raise self._gone(step, left)
                 if time.monotonic() > deadline:
                     left = self._bdi_remaining(step.bdi)
                     shown = "unknown" if left is None else f"{left} bytes"
                     raise FlushTimeout(f"flushing {step.device} did not finish in "
                                        f"{self.flush_timeout:g} s ({shown} still unwritten); "
                                        "nothing was unmounted")
-                if self.progress:
-                    left = self._bdi_remaining(step.bdi)
-                    if left is not None:
+                reading = self._bdi_remaining(step.bdi)
+                if reading is not None:
+                    left = reading
+                    if self.progress:
                         self.progress(f"flushing {step.device}: {left / 1048576:.1f} MiB left")
                 time.sleep(0.05)
         finally:
@@ -237,12 +250,27 @@ class Runner:
                     except subprocess.TimeoutExpired:
                         self._log(f"pid {p.pid} (sync) is still waiting in "
                                   "the kernel; left to finish on its own")
+        if not self._present(step.bdi):  # the writes may have "finished" by failing
+            raise self._gone(step, left)
         for argv, p in zip(commands, procs, strict=True):
             if p.returncode != 0:
                 err = p.stderr.read() if p.stderr else ""
                 raise CommandFailed(argv, p.returncode, err)
         if self.progress:
             self.progress("")
+
+    def _gone(self, step: Flush, left: int | None) -> DeviceGone:
+        if left is None:
+            amount = "an unknown amount of data"
+        else:
+            amount = f"{left / 1048576:.1f} MiB"
+        self._log(f"{step.device} vanished during the flush; last reading: {amount} unwritten")
+        if left == 0:
+            return DeviceGone(f"{step.device} was removed from the host during the flush; "
+                              "the last reading showed nothing left to write")
+        return DeviceGone(f"{step.device} was removed from the host during the flush with "
+                          f"{amount} not yet written: that data did not reach the device "
+                          "and is lost; the filesystem on it needs checking")
 
     # -- handing the device over -------------------------------------------------------
 
