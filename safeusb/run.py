@@ -269,8 +269,8 @@ class Runner:
             return DeviceGone(f"{step.device} was removed from the host during the flush; "
                               "the last reading showed nothing left to write")
         return DeviceGone(f"{step.device} was removed from the host during the flush with "
-                          f"{amount} not yet written: that data did not reach the device "
-                          "and is lost; the filesystem on it needs checking")
+                          f"{amount} not yet written: that data is lost, and files written "
+                          "lately on it may be short or missing")
 
     # -- handing the device over -------------------------------------------------------
 

@@ -21,8 +21,10 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -134,8 +136,14 @@ class Stick:
         return [
             "-drive", f"if=none,id={drive},format=raw,file={image}"
             + (f",throttling.bps-write={self.write_bps}" if self.write_bps else ""),
-            "-device", f"usb-storage,bus=xhci.0,drive={drive},serial={self.serial(index)}",
+            "-device", f"usb-storage,bus=xhci.0,drive={drive},serial={self.serial(index)},"
+            f"id={self.device_id(index)}",
         ]
+
+    @staticmethod
+    def device_id(index: int) -> str:
+        """QEMU's id of the stick's device, for ``device_del`` (a pulled stick)."""
+        return f"usbstick{index}"
 
 
 @dataclass(frozen=True)
@@ -504,6 +512,7 @@ def vng_command(boot: Boot, workdir: Path) -> list[str]:
         qemu += s.qemu_args(i, workdir / "img" / f"{s.name}.img")
     for d in boot.devices:
         qemu += d.qemu_args()
+    qemu += ["-qmp", f"unix:{workdir / 'qmp.sock'},server=on,wait=off"]
     share = workdir / "share"
     return [
         "vng", "--verbose", "--run", str(kernel), "--disable-kvm", "--disable-microvm",
@@ -534,10 +543,13 @@ def run_boot(boot: Boot, workroot: Path | None = None) -> BootResult:
     argv = vng_command(boot, workdir)
     error: str | None = None
     start = time.monotonic()
+    pulls = PullService(share / "out" / "pull", workdir / "qmp.sock",
+                        {s.var: Stick.device_id(i) for i, s in enumerate(boot.sticks)})
     with (workdir / "console.log").open("wb") as console:
         proc = subprocess.Popen(argv, stdout=console, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env, cwd=workdir,
                                 start_new_session=True)
+        pulls.start()
         try:
             rc: int | None = proc.wait(timeout=boot.timeout)
         except subprocess.TimeoutExpired:
@@ -545,11 +557,69 @@ def run_boot(boot: Boot, workroot: Path | None = None) -> BootResult:
             proc.wait()
             rc = None
             error = f"the VM did not finish within {boot.timeout} s"
+        finally:
+            pulls.stop()
     wall = time.monotonic() - start
     if error is None and not (share / "out" / "done").exists():
         error = f"the guest driver did not finish (vng exit {rc})"
     return BootResult(boot=boot, workdir=workdir, rc=rc, wall_seconds=wall, error=error,
                       timings=_read_timings(share), payload_sums=sums)
+
+
+class PullService(threading.Thread):
+    """Pulls sticks out of the running VM when the guest asks: a scenario creates
+    ``$SHARE/out/pull/NAME`` (the stick's variable name, e.g. ``DATA``) and this thread
+    sends ``device_del`` for that stick to the outer QEMU's QMP monitor, as a user
+    yanking it would. The answer goes to ``pull/NAME.done`` ("ok" or the error), which
+    the guest need not wait for: it sees the USB device vanish."""
+
+    def __init__(self, requests: Path, qmp: Path, device_ids: Mapping[str, str]) -> None:
+        super().__init__(name="vm-pull", daemon=True)
+        self.requests = requests
+        self.qmp = qmp
+        self.device_ids = dict(device_ids)
+        self.halt = threading.Event()
+        self.done: set[str] = set()
+        requests.mkdir(parents=True, exist_ok=True)
+
+    def stop(self) -> None:
+        self.halt.set()
+        if self.is_alive():
+            self.join(timeout=5)
+
+    def run(self) -> None:
+        while not self.halt.wait(0.05):
+            for req in sorted(self.requests.iterdir()):
+                name = req.name
+                if "." in name or name in self.done:
+                    continue
+                self.done.add(name)
+                answer = self._pull(name)
+                (self.requests / f"{name}.done").write_text(answer + "\n")
+
+    def _pull(self, name: str) -> str:
+        dev = self.device_ids.get(name)
+        if dev is None:
+            return f"error: no stick {name}"
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(10)
+                sock.connect(str(self.qmp))
+                stream = sock.makefile("rwb")
+                json.loads(stream.readline())  # the greeting
+                for cmd in ({"execute": "qmp_capabilities"},
+                            {"execute": "device_del", "arguments": {"id": dev}}):
+                    stream.write(json.dumps(cmd).encode() + b"\n")
+                    stream.flush()
+                    while True:
+                        msg = json.loads(stream.readline())
+                        if "error" in msg:
+                            return f"error: {msg['error'].get('desc')}"
+                        if "return" in msg:
+                            break
+            return "ok"
+        except (OSError, ValueError) as exc:
+            return f"error: {exc}"
 
 
 def check_image(image: Path, expected: Mapping[str, tuple[str, int]], offset: int = 0,

@@ -56,3 +56,18 @@ record_fixture() {
     note recorder_ns "$(stat -L -c %i /proc/self/ns/mnt)"
     python3 "$GUEST_DIR/record.py" "$OUT/tree"
 }
+
+# pull NAME: have the host pull stick NAME (its variable name, e.g. DATA) out of the
+# machine, as a user yanking it would (device_del on the outer QEMU's monitor).
+pull() { : >"$SHARE/out/pull/$1"; }
+
+# gone PATH [SECONDS]: until PATH no longer exists.
+gone() {
+    local i
+    for i in $(seq 1 $(( ${2:-10} * 10 ))); do
+        [ -e "$1" ] || return 0
+        sleep 0.1
+    done
+    echo "timed out waiting for $1 to go" >&2
+    return 1
+}
