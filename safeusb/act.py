@@ -16,6 +16,7 @@ from .plan import (
     CloseCrypt,
     DeactivateLV,
     DetachLoop,
+    DownLink,
     Flush,
     Handoff,
     Kill,
@@ -39,7 +40,7 @@ from .state import DeviceBusy, StateDir, StateError, new_record
 STEP_TYPES: dict[str, type[Step]] = {
     cls.kind: cls
     for cls in (Kill, Flush, Unmount, Swapoff, DetachLoop, CloseCrypt, DeactivateLV, StopMd,
-                RemoveDm, Handoff)
+                RemoveDm, DownLink, Handoff)
 }
 
 

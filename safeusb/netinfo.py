@@ -25,6 +25,9 @@ from .roots import Roots
 
 _CLONE_NEWNET = 0x40000000
 _IFF_UP = 0x1
+_IFA_F_PERMANENT = 0x80
+_RTPROT_KERNEL = 2
+_RTPROT_RA = 9
 # Link kinds whose IFLA_LINK names the interface they are stacked on (not a peer).
 UPPER_KINDS = frozenset({"vlan", "macvlan", "macvtap", "ipvlan", "ipvtap", "macsec"})
 _SCOPES = {0: "global", 200: "site", 253: "link", 254: "host", 255: "nowhere"}
@@ -49,6 +52,7 @@ class NetAddress:
     address: str
     prefixlen: int
     scope: str  # "global", "link", "host", ...
+    permanent: bool = True  # configured by hand; False: a lifetime (DHCP, SLAAC) runs out
 
     def __str__(self) -> str:
         return f"{self.address}/{self.prefixlen}"
@@ -60,10 +64,17 @@ class NetRoute:
     dst: str  # "default" or "10.0.0.0/8"
     gateway: str | None
     table: int
+    protocol: int = 4  # rtnetlink's rtm_protocol: 2 kernel, 3 boot, 4 static, 9 RA, 16 DHCP
 
     @property
     def is_default(self) -> bool:
         return self.dst == "default"
+
+    @property
+    def configured(self) -> bool:
+        """Put there by an administrator or a tool, not by the kernel (connected routes)
+        or router advertisements: what comes back only if someone adds it again."""
+        return self.protocol not in (_RTPROT_KERNEL, _RTPROT_RA)
 
 
 @dataclass(frozen=True)
@@ -95,6 +106,7 @@ class NetInterface:
 class NetNamespaceRef:
     inode: int
     where: str  # "pid 812 (dockerd)", "/run/netns/blue"
+    path: str = ""  # a file that refers to it: "/proc/812/ns/net", "/run/netns/blue"
 
 
 @dataclass(frozen=True)
@@ -273,7 +285,7 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def _socket_in(path: str) -> Any:
+def socket_in(path: str) -> Any:
     """An rtnetlink socket bound in the namespace a file refers to.
 
     A socket stays in the namespace it was made in; it is made by a short-lived thread
@@ -331,8 +343,11 @@ def addresses_from(msgs: Iterable[Any], ifindex: int) -> tuple[NetAddress, ...]:
         if addr is None:
             continue
         family = 6 if a["family"] == socket.AF_INET6 else 4
+        flags = _attr(a, "IFA_FLAGS")
+        flags = int(a["flags"]) if flags is None else int(flags)
         out.append(NetAddress(family, str(addr), int(a["prefixlen"]),
-                              _SCOPES.get(int(a["scope"]), str(a["scope"]))))
+                              _SCOPES.get(int(a["scope"]), str(a["scope"])),
+                              bool(flags & _IFA_F_PERMANENT)))
     return tuple(out)
 
 
@@ -352,7 +367,7 @@ def routes_from(msgs: Iterable[Any], ifindex: int) -> tuple[NetRoute, ...]:
         dst_text = "default" if not r["dst_len"] else f"{dst}/{r['dst_len']}"
         for oif, gateway in hops:
             if oif == ifindex:
-                out.append(NetRoute(family, dst_text, gateway, int(table)))
+                out.append(NetRoute(family, dst_text, gateway, int(table), int(r["proto"])))
     return tuple(sorted(out, key=lambda rt: (not rt.is_default, rt.family)))
 
 
@@ -423,7 +438,7 @@ def _read_all(sources: Iterable[_Source], reads: list[_NsRead],
               problems: list[Unreadable]) -> None:
     for src in sources:
         try:
-            ipr = _socket_in(src.path)
+            ipr = socket_in(src.path)
         except FileNotFoundError:
             continue  # its last process exited meanwhile
         except OSError as exc:
@@ -531,7 +546,8 @@ def _collect(reads: list[_NsRead], match: NetMatch, problems: list[Unreadable]) 
                                          lower_netns=lower_netns))
     return NetScan(
         interfaces=tuple(interfaces),
-        namespaces=tuple(NetNamespaceRef(ns.source.inode, ns.source.where) for ns in reads),
+        namespaces=tuple(NetNamespaceRef(ns.source.inode, ns.source.where,
+                                                    ns.source.path) for ns in reads),
         expected=match.expected,
         unreadable=tuple(problems),
     )

@@ -6,11 +6,13 @@ system) and knows how to undo itself where that is possible.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .inspect import Findings, Reason, human_bytes
 from .model import BlockDevice, DevNum, MountEntry, MountNamespace, Snapshot
+from .netinfo import NetInterface, NetNamespaceRef
 from .policy import Settings
 from .run import tool
 from .sysfs import split_lvm_name
@@ -192,6 +194,40 @@ class RemoveDm(Step):
 
 
 @dataclass(frozen=True)
+class DownLink(Step):
+    """Take a network interface of the device down, keeping what release needs to put
+    it back: where it was (namespace, name, bridge), whether it was up, and what was
+    configured on it by hand (permanent addresses, routes that are not the kernel's or
+    learnt from router advertisements; those come back by themselves)."""
+
+    kind: ClassVar[str] = "link-down"
+    name: str  # "usb0"
+    mac: str  # how to know it again when the driver is bound anew
+    port: str  # the USB device it belongs to: "2-1"
+    netns: int  # inode of its network namespace
+    netns_path: str  # a file referring to that namespace when prepare ran
+    netns_where: str  # "pid 1 (systemd)", "/run/netns/blue"
+    up: bool
+    master: str | None
+    addresses: tuple[tuple[int, str, int], ...]  # (4 or 6, address, prefix length)
+    routes: tuple[tuple[int, str, str | None, int], ...]  # (4 or 6, dst, gateway, table)
+
+    def describe(self) -> str:
+        kept = [f"{a}/{n}" for _, a, n in self.addresses]
+        kept += [f"route {d}" + (f" via {g}" if g else "") for _, d, g, _ in self.routes]
+        if self.master:
+            kept.append(f"in {self.master}")
+        what = f" (keeping {', '.join(kept)})" if kept else ""
+        return f"take {self.name} down in network namespace {self.netns}{what}"
+
+    def execute(self, runner: Runner) -> None:
+        runner.link_down(self)
+
+    def undo(self, runner: Runner) -> None:
+        runner.link_restore(self)
+
+
+@dataclass(frozen=True)
 class Handoff(Step):
     """Hold the device's partitions (or partitionless disks) with O_EXCL, so nothing can
     mount or claim them, while the mass-storage driver is unbound from the interfaces; the
@@ -250,8 +286,13 @@ def build_plan(findings: Findings, settings: Settings, rule: str) -> Plan:
     refuse("exclusive", "safeusb does not know how to release it")
     for r in by_kind.get("submount", []):
         refusals.append(r.text)
-    for kind in ("last-input", "network"):
-        refuse(kind, "the policy does not allow handing it over")
+    refuse("last-input", "the policy does not allow handing it over")
+    if settings.network == "refuse":
+        refuse("network", f"take it down or set network = \"down\" ({rule})")
+    else:
+        for r in by_kind.get("network", []):
+            if r.details.get("cause") == "stacked":
+                refusals.append(f"{r.text}; safeusb cannot put a stacked interface back")
     if settings.mount == "refuse":
         unwritten = _unwritten(findings)
         for r in by_kind.get("mount", []):
@@ -279,7 +320,9 @@ def build_plan(findings: Findings, settings: Settings, rule: str) -> Plan:
     steps: list[Step] = list(kills)
     steps.extend(_flush_steps(snap, findings))
     steps.extend(teardown_steps(snap))
-    steps.append(_handoff(snap))
+    links = _down_links(snap) if by_kind.get("network") else []
+    steps.extend(links)
+    steps.append(_handoff(snap, links))
     return Plan(settings, rule, tuple(steps), (), findings)
 
 
@@ -411,13 +454,52 @@ def hold_targets(snap: Snapshot) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _handoff(snap: Snapshot) -> Handoff:
+def down_link(i: NetInterface, namespaces: Sequence[NetNamespaceRef], port: str) -> DownLink:
+    """The step that takes interface ``i`` down and can put it back."""
+    ns = next((n for n in namespaces if n.inode == i.netns), None)
+    return DownLink(
+        name=i.name,
+        mac=(i.link.perm_address or i.link.address or "").lower(),
+        port=port,
+        netns=i.netns,
+        netns_path=ns.path if ns else "",
+        netns_where=ns.where if ns else "",
+        up=i.up,
+        master=i.master,
+        addresses=tuple((a.family, a.address, a.prefixlen) for a in i.addresses
+                        if a.permanent and a.scope not in ("link", "host")),
+        routes=tuple((r.family, r.dst, r.gateway, r.table) for r in i.routes
+                     if r.configured),
+    )
+
+
+def _down_links(snap: Snapshot) -> list[DownLink]:
+    """Every interface of the device that the host uses, to take down (network = "down")."""
+    usb = snap.target.usb
+    if snap.classes is None:
+        return []
+    net = snap.classes.net
+    out = []
+    for i in net.interfaces:
+        if i.lower is not None or usb is None:
+            continue
+        if not (i.up or i.addresses or i.routes or i.master):
+            continue
+        out.append(down_link(i, net.namespaces, usb.sysname))
+    return out
+
+
+def _handoff(snap: Snapshot, links: Sequence[DownLink] = ()) -> Handoff:
     disks = hold_targets(snap)
     usb = snap.target.usb
     interfaces: tuple[tuple[str, str], ...] = ()
     if usb is not None:
+        taken = {(lk.netns, lk.name) for lk in links}
+        parents = {i.link.parent_dev for i in snap.classes.net.interfaces
+                   if (i.netns, i.name) in taken} if snap.classes else set()
         interfaces = tuple((i.name, i.driver) for i in usb.interfaces
-                           if i.driver in STORAGE_DRIVERS)
+                           if i.driver in STORAGE_DRIVERS
+                           or (i.driver and i.name in parents))
     return Handoff(disks, interfaces)
 
 

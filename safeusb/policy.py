@@ -7,6 +7,7 @@ A TOML file (default /etc/safeusb/policy.toml; see examples/*.toml):
     swap = "refuse"       # active swap on the device
     holder = "refuse"     # dm-crypt, LVM, md, loop devices built on it
     open = "refuse"       # processes holding its nodes or files open
+    network = "refuse"    # its network interfaces up, addressed, routed or enslaved
     kill = false          # with open = "force": end those processes first (TERM, then KILL)
     restore = true        # release: remount and reactivate what prepare took down
     flush_timeout = 120   # seconds
@@ -17,7 +18,9 @@ A TOML file (default /etc/safeusb/policy.toml; see examples/*.toml):
 
 Actions: "refuse"; "unmount" (flush, unmount in every namespace, take down holders and
 swap); "force" (the same; processes holding device nodes are reported and left to get I/O
-errors, or ended first with kill = true). Dirty data alone is always flushed.
+errors, or ended first with kill = true). Dirty data alone is always flushed. For network:
+"refuse" or "down" (record the interface's configuration, take it down and unbind its
+driver; release puts back what was configured by hand).
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ Action = Literal["refuse", "unmount", "force"]
 ACTIONS: tuple[Action, ...] = ("refuse", "unmount", "force")
 USE_KINDS = ("mount", "swap", "holder", "open")
 _MATCH_KEYS = ("vendor_product", "serial", "usb_class", "port", "domain")
-_SETTING_KEYS = (*USE_KINDS, "kill", "restore", "flush_timeout")
+NetworkAction = Literal["refuse", "down"]
+NETWORK_ACTIONS: tuple[NetworkAction, ...] = ("refuse", "down")
+_SETTING_KEYS = (*USE_KINDS, "network", "kill", "restore", "flush_timeout")
 
 
 class PolicyError(SafeUSBError):
@@ -57,6 +62,7 @@ class Settings:
     swap: Action = "refuse"
     holder: Action = "refuse"
     open: Action = "refuse"
+    network: NetworkAction = "refuse"
     kill: bool = False
     restore: bool = True
     flush_timeout: float = 120.0
@@ -176,6 +182,11 @@ class _Loader:
                 if value not in ACTIONS:
                     raise self.fail(key, f"{where}: {key} must be one of "
                                          f"{', '.join(ACTIONS)}, not {value!r}")
+                values[key] = value
+            elif key == "network":
+                if value not in NETWORK_ACTIONS:
+                    raise self.fail(key, f"{where}: network must be one of "
+                                         f"{', '.join(NETWORK_ACTIONS)}, not {value!r}")
                 values[key] = value
             elif key in ("kill", "restore"):
                 if not isinstance(value, bool):

@@ -3,16 +3,18 @@ syslog); commands are argument lists with absolute paths, never a shell."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
 import logging.handlers
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +22,7 @@ from .errors import SafeUSBError
 from .parsers import ParseError, parse_bdi_stats, parse_mountinfo
 
 if TYPE_CHECKING:
-    from .plan import Flush
+    from .plan import DownLink, Flush
     from .roots import Roots
 
 log = logging.getLogger("safeusb")
@@ -335,6 +337,160 @@ class Runner:
                 self._log(f"{interface} is already bound to {driver}")
                 return
             raise
+
+    # -- network interfaces ------------------------------------------------------------
+
+    def link_down(self, step: DownLink) -> None:
+        what = f"set {step.name} down in network namespace {step.netns}"
+        self._log(what)
+        if self.dry_run:
+            return
+        path = _netns_path(step.netns, step.netns_path)
+        if path is None:
+            raise StepFailed(f"{what}: the namespace ({step.netns_where}) is gone")
+        with _rtnl(path, what) as ipr:
+            found = _link_by_mac(ipr, step.mac, step.port)
+            if found is None:
+                raise StepFailed(f"{what}: no interface with address {step.mac} there")
+            _netlink(what, ipr.link, "set", index=found[0], state="down")
+
+    def link_restore(self, step: DownLink, timeout: float = 20.0) -> None:
+        """Once the driver is bound again: find the interface by its hardware address,
+        move it back to its namespace and name, and put back its bridge, addresses, state
+        and routes. What is there already (a DHCP client was quicker) is left as it is."""
+        what = f"put {step.name} back in network namespace {step.netns}"
+        self._log(what)
+        if self.dry_run:
+            return
+        home = _netns_path(step.netns, step.netns_path)
+        if home is None:
+            raise StepFailed(f"{what}: the namespace ({step.netns_where}) no longer exists; "
+                             "the interface stays where the kernel puts it")
+        deadline = time.monotonic() + timeout
+        while True:
+            where = _find_link(step, home)
+            if where is not None:
+                break
+            if time.monotonic() > deadline:
+                raise StepFailed(f"{what}: no interface with address {step.mac} came back "
+                                 f"under {step.port} within {timeout:g} s")
+            time.sleep(0.1)
+        path, index = where
+        if path != home:
+            self._log(f"move the interface with address {step.mac} into network namespace "
+                      f"{step.netns}")
+            fd = os.open(home, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                with _rtnl(path, what) as ipr:
+                    _netlink(what, ipr.link, "set", index=index, net_ns_fd=fd)
+            finally:
+                os.close(fd)
+        with _rtnl(home, what) as ipr:
+            found = _link_by_mac(ipr, step.mac, step.port)
+            if found is None:
+                raise StepFailed(f"{what}: the interface vanished while being moved")
+            index, name = found
+            if name != step.name:
+                self._log(f"rename {name} to {step.name}")
+                _netlink(what, ipr.link, "set", index=index, state="down")
+                _netlink(what, ipr.link, "set", index=index, ifname=step.name)
+            if step.master:
+                masters = ipr.link_lookup(ifname=step.master)
+                if not masters:
+                    raise StepFailed(f"{what}: its bridge {step.master} no longer exists")
+                self._log(f"enslave {step.name} to {step.master}")
+                _netlink(what, ipr.link, "set", index=index, master=masters[0])
+            for _family, address, prefixlen in step.addresses:
+                self._log(f"add address {address}/{prefixlen} to {step.name}")
+                _netlink(what, ipr.addr, "add", index=index, address=address,
+                         prefixlen=prefixlen, exists_ok=True)
+            if step.up:
+                self._log(f"set {step.name} up")
+                _netlink(what, ipr.link, "set", index=index, state="up")
+            for family, dst, gateway, table in step.routes:
+                self._log(f"add route {dst}{f' via {gateway}' if gateway else ''} "
+                          f"dev {step.name} table {table}")
+                args: dict[str, Any] = {
+                    "family": socket.AF_INET6 if family == 6 else socket.AF_INET,
+                    "oif": index, "table": table}
+                if dst != "default":
+                    args["dst"] = dst
+                if gateway:
+                    args["gateway"] = gateway
+                _netlink(what, ipr.route, "add", exists_ok=True, **args)
+
+
+def _netns_path(inode: int, recorded: str) -> str | None:
+    """A file that refers to network namespace ``inode`` now: the recorded one while it
+    still does, else a process in it or a bind mount of it (ip netns)."""
+    candidates = [recorded] if recorded else []
+    candidates += ["/proc/self/ns/net", "/proc/1/ns/net"]
+    for path in candidates:
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == inode:
+                return path
+    with contextlib.suppress(OSError):
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                path = f"/proc/{pid}/ns/net"
+                with contextlib.suppress(OSError):
+                    if os.readlink(path) == f"net:[{inode}]":
+                        return path
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for m in parse_mountinfo(f.read()):
+                if m.fstype == "nsfs" and m.root == f"net:[{inode}]":
+                    return m.mountpoint
+    return None
+
+
+@contextlib.contextmanager
+def _rtnl(path: str, what: str) -> Iterator[Any]:
+    from .netinfo import socket_in  # noqa: PLC0415 (pyroute2 only where there is a network)
+
+    try:
+        ipr = socket_in(path)
+    except OSError as exc:
+        raise StepFailed(f"{what}: cannot enter {path}: {exc.strerror or exc}") from None
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def _netlink(what: str, call: Callable[..., Any], *args: Any, exists_ok: bool = False,
+             **kwargs: Any) -> None:
+    try:
+        call(*args, **kwargs)
+    except Exception as exc:  # pyroute2's NetlinkError carries the errno as .code
+        code = getattr(exc, "code", None)
+        if exists_ok and code == errno.EEXIST:
+            return
+        text = os.strerror(code) if isinstance(code, int) and code > 0 else str(exc)
+        raise StepFailed(f"{what}: {text}") from None
+
+
+def _link_by_mac(ipr: Any, mac: str, port: str) -> tuple[int, str] | None:
+    from .netinfo import link_id  # noqa: PLC0415
+
+    for msg in ipr.get_links():
+        link = link_id(0, msg)
+        if (link.perm_address or link.address or "").lower() != mac:
+            continue
+        if link.parent_dev is not None and not link.parent_dev.startswith(f"{port}:"):
+            continue
+        return link.ifindex, link.name
+    return None
+
+
+def _find_link(step: DownLink, home: str) -> tuple[str, int] | None:
+    """Where the interface is now: its own namespace, or the host's (new interfaces
+    appear in the initial network namespace)."""
+    for path in dict.fromkeys((home, "/proc/self/ns/net", "/proc/1/ns/net")):
+        with contextlib.suppress(StepFailed), _rtnl(path, "look for the interface") as ipr:
+            found = _link_by_mac(ipr, step.mac, step.port)
+            if found is not None:
+                return path, found[0]
+    return None
 
 
 _FLAGS = {

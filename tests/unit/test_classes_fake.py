@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import socket
 import tarfile
@@ -22,12 +23,16 @@ from safeusb.netinfo import (
     LinkId,
     NetAddress,
     NetInterface,
+    NetNamespaceRef,
     NetRoute,
     NetScan,
+    addresses_from,
     device_match,
     net_reasons,
     routes_from,
 )
+from safeusb.plan import DownLink, Handoff, build_plan
+from safeusb.policy import Settings
 from safeusb.report import as_json, as_text
 from safeusb.selector import Selector, resolve
 from safeusb.snapshot import read_snapshot
@@ -320,25 +325,112 @@ def _recorded(msg: Any) -> Any:
 def test_routes_from_recorded_messages() -> None:
     from pyroute2.netlink.rtnl.rtmsg import rtmsg  # noqa: PLC0415
 
-    def route(dst_len: int, attrs: list[Any], table: int = 254, family: int = 2) -> Any:
+    def route(dst_len: int, attrs: list[Any], table: int = 254, family: int = 2,
+              proto: int = 4) -> Any:
         m = rtmsg()
         m["family"], m["dst_len"], m["table"], m["type"] = family, dst_len, table, 1
+        m["proto"] = proto
         m["attrs"] = [("RTA_TABLE", table), *attrs]
         return _recorded(m)
 
     msgs = [
-        route(24, [("RTA_DST", "10.0.0.0"), ("RTA_OIF", 3)]),
+        route(24, [("RTA_DST", "10.0.0.0"), ("RTA_OIF", 3)], proto=2),  # connected
         route(0, [("RTA_MULTIPATH", [{"oif": 4, "attrs": [("RTA_GATEWAY", "10.1.0.1")]},
                                      {"oif": 3, "attrs": [("RTA_GATEWAY", "10.0.0.1")]}])]),
         route(32, [("RTA_DST", "10.0.0.2"), ("RTA_OIF", 3)], table=255),  # local table
-        route(0, [("RTA_GATEWAY", "fe80::1"), ("RTA_OIF", 3)], family=socket.AF_INET6),
+        route(0, [("RTA_GATEWAY", "fe80::1"), ("RTA_OIF", 3)], family=socket.AF_INET6,
+              proto=9),  # learnt from a router advertisement
     ]
     got = routes_from(msgs, 3)
-    assert got == (NetRoute(4, "default", "10.0.0.1", 254),
-                   NetRoute(6, "default", "fe80::1", 254),
-                   NetRoute(4, "10.0.0.0/24", None, 254))
+    assert got == (NetRoute(4, "default", "10.0.0.1", 254, 4),
+                   NetRoute(6, "default", "fe80::1", 254, 9),
+                   NetRoute(4, "10.0.0.0/24", None, 254, 2))
+    # Only what someone configured needs putting back after the interface returns.
+    assert [r.configured for r in got] == [True, False, False]
     assert routes_from(msgs, 9) == ()
+
+
+def test_addresses_from_recorded_messages_know_what_is_permanent() -> None:
+    from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg  # noqa: PLC0415
+
+    def addr(address: str, flags: int, family: int = 2, prefix: int = 24,
+             scope: int = 0) -> Any:
+        m = ifaddrmsg()
+        m["family"], m["prefixlen"], m["index"], m["scope"] = family, prefix, 3, scope
+        m["attrs"] = [("IFA_LOCAL" if family == 2 else "IFA_ADDRESS", address),
+                      ("IFA_FLAGS", flags)]
+        return _recorded(m)
+
+    got = addresses_from([addr("10.0.0.2", 0x80),  # ip addr add: IFA_F_PERMANENT
+                          addr("10.0.0.3", 0x0),  # a DHCP lease with a lifetime
+                          addr("fe80::1", 0x80, socket.AF_INET6, 64, 253)], 3)
+    assert [(a.address, a.permanent, a.scope) for a in got] == [
+        ("10.0.0.2", True, "global"), ("10.0.0.3", False, "global"),
+        ("fe80::1", True, "link")]
 
 
 def test_class_snapshot_defaults() -> None:
     assert ClassSnapshot(NetScan(), InputScan()).switch_db is None
+
+
+def _nic_findings(tmp_path: Path, *interfaces: NetInterface) -> Findings:
+    """A USB network adapter (cdc_ether on 2-1:1.0) with the given interfaces, as a live
+    read would have found them."""
+    fs = FakeSystem(tmp_path)
+    usb = fs.usb_device("2-1", 0x0525, 0xA4A2, busnum=2, devnum=3, iface_class=2)
+    (usb / "2-1:1.0" / "driver").unlink()
+    _link(usb / "2-1:1.0" / "driver", fs.sys / "bus/usb/drivers/cdc_ether")
+    fs.process(1, "init", LINUX_NS, ROOT_MOUNT)
+    snap = read_snapshot(fs.roots, resolve(Selector.from_string("2-1"), fs.roots))
+    assert snap.classes is not None
+    net = NetScan(interfaces, (NetNamespaceRef(LINUX_NET, "pid 1 (init)", "/proc/1/ns/net"),),
+                  expected=1)
+    return inspect(dataclasses.replace(snap, classes=dataclasses.replace(snap.classes,
+                                                                         net=net)))
+
+
+LINUX_NET = 4026531840
+USB0 = LinkId(LINUX_NET, 3, "usb0", "2-1:1.0", "usb", "40:54:00:12:34:56")
+
+
+def test_network_down_plan_keeps_what_was_configured_by_hand(tmp_path: Path) -> None:
+    iface = _iface(link=USB0, addresses=(
+        NetAddress(4, "10.0.2.15", 24, "global", permanent=True),
+        NetAddress(4, "10.0.2.16", 24, "global", permanent=False),  # a DHCP lease
+        NetAddress(6, "fe80::1", 64, "link")), routes=(
+        NetRoute(4, "default", "10.0.2.2", 254, 4),
+        NetRoute(6, "default", "fe80::2", 254, 9),  # router advertisement
+        NetRoute(4, "10.0.2.0/24", None, 254, 2)))  # connected
+    f = _nic_findings(tmp_path, iface)
+    refused = build_plan(f, Settings(), "test")
+    assert refused.refused and all('set network = "down"' in r for r in refused.refusals)
+    plan = build_plan(f, Settings(network="down"), "test")
+    assert not plan.refused, plan.refusals
+    down, handoff = plan.steps
+    assert isinstance(down, DownLink) and isinstance(handoff, Handoff)
+    assert (down.name, down.mac, down.port, down.netns_path) == (
+        "usb0", "40:54:00:12:34:56", "2-1", "/proc/1/ns/net")
+    assert down.addresses == ((4, "10.0.2.15", 24),)
+    assert down.routes == ((4, "default", "10.0.2.2", 254),)
+    assert handoff.interfaces == (("2-1:1.0", "cdc_ether"),)
+    assert down.describe() == ("take usb0 down in network namespace 4026531840 (keeping "
+                               "10.0.2.15/24, route default via 10.0.2.2)")
+    # Through the state file and back: the step is the same.
+    from safeusb.act import step_from_json  # noqa: PLC0415
+
+    assert step_from_json(json.loads(json.dumps(down.as_json()))) == down
+
+
+def test_network_down_refuses_what_it_cannot_put_back(tmp_path: Path) -> None:
+    vlan = _iface("usb0.10", link=LinkId(LINUX_NET, 9, "usb0.10"), kind="vlan", lower="usb0")
+    f = _nic_findings(tmp_path, _iface(link=USB0, uppers=("usb0.10",)), vlan)
+    plan = build_plan(f, Settings(network="down"), "test")
+    assert plan.refused
+    assert any("cannot put a stacked interface back" in r for r in plan.refusals)
+
+
+def test_idle_adapter_under_network_down_is_only_unbound_by_qemu(tmp_path: Path) -> None:
+    f = _nic_findings(tmp_path, _iface(link=USB0, up=False, operstate="DOWN"))
+    plan = build_plan(f, Settings(network="down"), "test")
+    (handoff,) = plan.steps
+    assert isinstance(handoff, Handoff) and handoff.interfaces == ()

@@ -46,6 +46,7 @@ def test_missing_default_file_means_built_in_defaults(
 @pytest.mark.parametrize(("text", "message", "line"), [
     ('[defaults]\nmount = "yank"\n', "mount must be one of refuse, unmount, force", 2),
     ("[defaults]\nkill = 1\n", "kill must be true or false", 2),
+    ('[[rules]]\nname = "nic"\nnetwork = "unmount"\n', "network must be one of refuse, down", 3),
     ('[defaults]\n\nflush_timeout = -3\n', "positive number", 3),
     ('[defaults]\ncolour = "red"\n', "unknown key 'colour'", 2),
     ('[[rules]]\nvendor_product = "46f4"\n', "not of the form vvvv:pppp", 2),

@@ -10,6 +10,7 @@ scenarios run last, since they unbind QEMU's PS/2 mouse and keyboard.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -30,6 +31,7 @@ BOOT = Boot(
     scenarios=(
         Scenario("serial", "classes-serial.sh", timeout=300),
         Scenario("net", "classes-net.sh", timeout=400),
+        Scenario("net-down", "classes-net-down.sh", timeout=300),
         Scenario("cdrom", "classes-cdrom.sh", timeout=300),
         Scenario("audio", "classes-audio.sh", timeout=300),
         Scenario("tablet", "classes-tablet.sh", timeout=300),
@@ -143,6 +145,33 @@ def test_net_moved_to_named_namespace(vm: BootResult) -> None:
     down, data = inspected(r, "netns-down", 0)
     r.expect([(i["name"], i["netns"]) for i in interfaces(data)] == [(ifname, netns)],
              f"the interface, down in {netns}, should still be listed\n{down}")
+
+
+def test_net_down_and_put_back_in_its_namespace(vm: BootResult) -> None:
+    """network = "down": refused by default; with the policy the adapter's interface is
+    taken down and its driver unbound; release binds it, the kernel makes a new interface
+    in the host's namespace, and it is moved back into x with its name, address, state
+    and routes."""
+    r = ran(vm, "net-down")
+    n = r.notes()
+    refused = json.loads(r.file("refused.out") or "{}")
+    r.expect(r.file("refused.rc").strip() == "1"
+             and any('set network = "down"' in x for x in refused.get("reasons", [])),
+             f"expected a refusal pointing at network = \"down\":\n{r.file('refused.out')}")
+    out = json.loads(r.file("prepare.out") or "{}")
+    r.expect(r.file("prepare.rc").strip() == "0" and out.get("ok")
+             and [s["kind"] for s in out["steps"]] == ["link-down", "handoff"],
+             f"prepare under network = \"down\" failed:\n{r.file('prepare.out')}\n"
+             f"{r.file('prepare.err')}")
+    r.expect(n.get("in_x_after_prepare") == "0" and n.get("in_host_after_prepare") == "0",
+             f"the interface should be gone once its driver is unbound ({n})")
+    back = json.loads(r.file("release.out") or "{}")
+    r.expect(r.file("release.rc").strip() == "0" and back.get("ok"),
+             f"release failed:\n{r.file('release.out')}\n{r.file('release.err')}")
+    r.expect(all(n.get(k) == "1" for k in ("up_after", "addr_after", "default_after",
+                                            "route_after"))
+             and n.get("in_host_after") == "0",
+             f"{n.get('ifname')} is not back in x as it was ({n})\n{r.stdout}")
 
 
 def test_sound_card_idle_is_free(vm: BootResult) -> None:
