@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ def safeusb_cmd() -> list[str]:
 # failures) and race (concurrent actors) are counted and printed at the end of the run.
 RELIABILITY = ("hostile", "fault", "race")
 _outcomes: dict[str, dict[str, int]] = {k: {} for k in RELIABILITY}
+_inputs: dict[str, int] = {k: 0 for k in RELIABILITY}  # cases run, property examples each
+_PASSING = re.compile(r"(\d+) passing")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -52,6 +55,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for kind in RELIABILITY:
             if item.get_closest_marker(kind):
                 item.user_properties.append(("reliability", kind))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """How many cases a passed test tried: one, or each example hypothesis generated
+    (from the statistics its pytest plugin keeps on the item)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.passed:
+        return
+    stats = getattr(item, "hypothesis_statistics", None)
+    cases = sum(int(n) for n in _PASSING.findall(stats)) if isinstance(stats, str) else 1
+    for key, kind in item.user_properties:
+        if key == "reliability":
+            _inputs[str(kind)] += max(cases, 1)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -72,7 +90,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         total = sum(c.values())
         terminalreporter.write_line(
             f"{kind:<8} {total:>4} tests: {c.get('passed', 0)} passed, "
-            f"{c.get('failed', 0)} failed, {c.get('skipped', 0)} skipped")
+            f"{c.get('failed', 0)} failed, {c.get('skipped', 0)} skipped; "
+            f"{_inputs[kind]} cases passed")
     terminalreporter.write_line(
         "(each passed test checked that nothing was lost and nothing was left changed that "
-        "was not undone; a property-based test counts once for all its examples)")
+        "was not undone; a property-based test counts each example it generated as a case)")
