@@ -66,6 +66,19 @@ class Node:
 
 
 @dataclass(frozen=True)
+class LoopSetup:
+    """How a loop device is attached (sysfs loop/ and queue/), to attach it again alike."""
+
+    offset: int = 0
+    sizelimit: int = 0
+    read_only: bool = False
+    partscan: bool = False
+    direct_io: bool = False
+    autoclear: bool = False  # set up by mount -o loop: detached with its last close
+    sector_size: int = 512
+
+
+@dataclass(frozen=True)
 class BlockDevice:
     name: str  # kernel name: "sda1", "dm-0"
     devnum: DevNum
@@ -78,6 +91,7 @@ class BlockDevice:
     dm_uuid: str | None = None
     md_level: str | None = None
     loop_backing_file: str | None = None
+    loop: LoopSetup | None = None  # read for bound loop devices
     bdi: DevNum | None = None  # whose writeback statistics account for this device
 
     @property
@@ -195,6 +209,8 @@ class Snapshot:
     exclusive_busy: tuple[str, ...]  # block devices that refused an O_EXCL open
     fs_devices: dict[DevNum, str]  # filesystem device number -> block device it lives on
     backed_loops: tuple[str, ...] = ()  # loop devices backed by a file on these filesystems
+    # For each of them, the filesystem (a key of fs_devices) its backing file lies on.
+    loop_fs: dict[str, DevNum] = field(default_factory=dict)
     unreadable: tuple[Unreadable, ...] = field(default=())
     # The kernel's per-device writeback counters are per-CPU sums read without folding:
     # each may be off by this many bytes (WB_STAT_BATCH pages per possible CPU).

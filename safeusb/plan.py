@@ -6,21 +6,23 @@ system) and knows how to undo itself where that is possible.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .inspect import Findings, Reason, human_bytes
-from .model import BlockDevice, DevNum, MountEntry, MountNamespace, Snapshot
+from .model import BlockDevice, DevNum, LoopSetup, MountEntry, MountNamespace, Snapshot
 from .netinfo import NetInterface, NetNamespaceRef
 from .policy import Settings
-from .run import tool
+from .run import StepFailed, log, tool
 from .sysfs import split_lvm_name
 
 if TYPE_CHECKING:
     from .run import Runner
 
 STORAGE_DRIVERS = ("usb-storage", "uas")
+_DELETED = " (deleted)"  # how the kernel shows the path of a file no longer linked
 
 
 @dataclass(frozen=True)
@@ -120,18 +122,90 @@ class Swapoff(Step):
 
 @dataclass(frozen=True)
 class DetachLoop(Step):
+    """Detach a loop device backed by a file on the device, keeping how it was attached.
+
+    The backing file's path is the one the kernel shows: as seen in the mount namespace
+    where its filesystem is mounted. It is reached again through /proc/PID/root of a
+    process there (pid 0: this process's own view)."""
+
     kind: ClassVar[str] = "detach-loop"
     node: str
     backing_file: str
+    offset: int = 0
+    sizelimit: int = 0
+    read_only: bool = False
+    partscan: bool = False
+    direct_io: bool = False
+    sector_size: int = 512
+    autoclear: bool = False  # set up by mount -o loop: it goes away with its last user
+    pid: int = 0
+    mnt_ns: int = 0
 
     def describe(self) -> str:
         return f"detach loop device {self.node} ({self.backing_file})"
 
+    def _bound_to(self, runner: Runner) -> str | None:
+        """The backing file the loop device has now (None: not attached)."""
+        path = os.path.join(runner.sys_root, "block", os.path.basename(self.node), "loop",
+                            "backing_file")
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return f.read().strip()  # as the snapshot reads it (sysfs._read)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StepFailed(f"cannot read {path}: {exc.strerror or exc}") from None
+
     def execute(self, runner: Runner) -> None:
+        if not runner.dry_run:
+            now = self._bound_to(runner)
+            if now is None:
+                # An autoclear loop (mount -o loop) went away when its filesystem was
+                # unmounted: nothing to detach; undo attaches it again.
+                log.info("%s is already detached (it went with its last user)", self.node)
+                return
+            if now != self.backing_file:
+                raise StepFailed(f"{self.node} is now backed by {now}, not "
+                                 f"{self.backing_file}; left alone")
         runner.run([tool("losetup"), "--detach", self.node])
+        if not runner.dry_run and self._bound_to(runner) is not None:
+            # LOOP_CLR_FD on a device still open only marks it to go with its last user.
+            raise StepFailed(f"{self.node} is still in use after losetup --detach (the "
+                             "kernel detaches it when its last user closes it)")
 
     def undo(self, runner: Runner) -> None:
-        runner.run([tool("losetup"), self.node, self.backing_file])
+        if not runner.dry_run and self._bound_to(runner) == self.backing_file:
+            log.info("%s is attached to %s already", self.node, self.backing_file)
+            return
+        backing = self.backing_file
+        if self.pid:
+            if not runner.dry_run and self.mnt_ns and \
+                    not _in_mount_namespace(self.pid, self.mnt_ns):
+                raise StepFailed(f"cannot attach {self.node} again: pid {self.pid} is no "
+                                 f"longer in mount namespace {self.mnt_ns}, where "
+                                 f"{backing} lies")
+            backing = f"/proc/{self.pid}/root{backing}"
+        argv = [tool("losetup")]
+        if self.offset:
+            argv += ["--offset", str(self.offset)]
+        if self.sizelimit:
+            argv += ["--sizelimit", str(self.sizelimit)]
+        if self.sector_size and self.sector_size != 512:
+            argv += ["--sector-size", str(self.sector_size)]
+        if self.read_only:
+            argv.append("--read-only")
+        if self.partscan:
+            argv.append("--partscan")
+        if self.direct_io:
+            argv.append("--direct-io=on")
+        runner.run([*argv, self.node, backing])
+
+
+def _in_mount_namespace(pid: int, mnt_ns: int) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt") == f"mnt:[{mnt_ns}]"
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -302,6 +376,14 @@ def build_plan(findings: Findings, settings: Settings, rule: str) -> Plan:
         refuse("swap", f"swapoff it or set swap = \"unmount\" ({rule})")
     if settings.holder == "refuse":
         refuse("holder", f"take it down or set holder = \"unmount\" ({rule})")
+    else:
+        for loop in snap.backed_loops:
+            backing = snap.blocks[loop].loop_backing_file or ""
+            if backing.endswith(_DELETED):
+                refusals.append(
+                    f"loop device /dev/{loop} is backed by {backing.removesuffix(_DELETED)}, "
+                    "a file already deleted: detaching it would destroy what it holds; "
+                    "copy its contents off it and detach it yourself")
 
     # Processes: files on its filesystems keep them from unmounting unless ended.
     kills: list[Kill] = []
@@ -310,7 +392,8 @@ def build_plan(findings: Findings, settings: Settings, rule: str) -> Plan:
         if settings.open == "refuse":
             refusals.append(f"{r.text}; close it or set open = \"force\" ({rule})")
         elif settings.kill:
-            kills.append(Kill(r.details["pid"], r.details["comm"]))
+            if all(k.pid != r.details["pid"] for k in kills):  # one reason per device used
+                kills.append(Kill(r.details["pid"], r.details["comm"]))
         elif on_fs:
             refusals.append(f"{r.text}; it keeps the filesystem busy: close it or set "
                             f"kill = true ({rule})")
@@ -389,7 +472,7 @@ def teardown_steps(snap: Snapshot) -> list[Step]:
         for loop in snap.backed_loops:
             if loop not in done and _backed_on(snap, loop, name):
                 teardown(loop)
-                steps.append(DetachLoop(f"/dev/{loop}", blocks[loop].loop_backing_file or ""))
+                steps.append(_detach_loop(snap, blocks[loop]))
         steps.extend(unmounts_of(name))
         for num, s in swaps.items():
             if num == dev.devnum and s.swap_type == "partition":
@@ -411,13 +494,28 @@ def teardown_steps(snap: Snapshot) -> list[Step]:
 
 
 def _backed_on(snap: Snapshot, loop: str, name: str) -> bool:
-    backing = snap.blocks[loop].loop_backing_file or ""
-    fs_nums = {num for num, owner in snap.fs_devices.items() if owner == name}
-    return any(
-        backing == m.mountpoint or backing.startswith(m.mountpoint.rstrip("/") + "/")
-        for ns in snap.namespaces[:1] or snap.namespaces
-        for m in ns.mounts
-        if m.devnum in fs_nums
+    """The loop device's backing file lies on a filesystem of block device name."""
+    fs = snap.loop_fs.get(loop)
+    return fs is not None and snap.fs_devices.get(fs) == name
+
+
+def _detach_loop(snap: Snapshot, loop: BlockDevice) -> DetachLoop:
+    """The step, with how the loop is set up and a namespace in which its backing file's
+    path (as the kernel shows it) is reached again: the first one (the host's, usually)
+    where that filesystem is mounted above the file."""
+    backing = loop.loop_backing_file or ""
+    fs = snap.loop_fs.get(loop.name)
+    where = next(
+        ((ns.pid, ns.inode) for ns in snap.namespaces for m in ns.mounts
+         if m.devnum == fs and backing.startswith(m.mountpoint.rstrip("/") + "/")),
+        (0, 0),
+    )
+    setup = loop.loop or LoopSetup()
+    return DetachLoop(
+        f"/dev/{loop.name}", backing, offset=setup.offset, sizelimit=setup.sizelimit,
+        read_only=setup.read_only, partscan=setup.partscan, direct_io=setup.direct_io,
+        sector_size=setup.sector_size, autoclear=setup.autoclear, pid=where[0],
+        mnt_ns=where[1],
     )
 
 

@@ -202,24 +202,23 @@ def read_snapshot(
     problems: list[Unreadable] = list(ns_scan.unreadable)
 
     # Loop devices backed by files on these filesystems hold them too: grow to a fixed point.
-    backed: set[str] = set()
+    loop_fs: dict[str, DevNum] = {}
     while True:
         fs_devices = _fs_devices(
             namespaces, {all_blocks[n].devnum: n for n in members}, names
         )
         fs = set(fs_devices)
         mounts = _mounts_of(namespaces, fs)
-        extra = {
-            b.name
-            for b in all_blocks.values()
-            if b.loop_backing_file
-            and b.name not in members
-            and _fs_of(roots, b.loop_backing_file, fs, mounts) is not None
-        }
+        extra = {}
+        for b in all_blocks.values():
+            if b.loop_backing_file and b.name not in members:
+                on = _fs_of(roots, b.loop_backing_file, fs, mounts)
+                if on is not None:
+                    extra[b.name] = on
         if not extra:
             break
-        backed |= extra
-        members = _closure(members | extra, all_blocks)
+        loop_fs.update(extra)
+        members = _closure(members | set(extra), all_blocks)
 
     blocks = {n: all_blocks[n] for n in sorted(members)}
     try:
@@ -255,7 +254,8 @@ def read_snapshot(
         dirty=dirty,
         exclusive_busy=exclusive,
         fs_devices=fs_devices,
-        backed_loops=tuple(sorted(backed)),
+        backed_loops=tuple(sorted(loop_fs)),
+        loop_fs=loop_fs,
         unreadable=tuple(problems),
         counter_slack_bytes=sysfs.writeback_counter_slack(roots),
         classes=read_classes(roots, target, pids, namespaces, net_match),

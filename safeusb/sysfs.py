@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from .errors import SystemReadError
-from .model import BlockDevice, DevNum, Node, NodeKind, UsbDevice, UsbInterface
+from .model import BlockDevice, DevNum, LoopSetup, Node, NodeKind, UsbDevice, UsbInterface
 from .parsers import ParseError, parse_devnum
 from .roots import Roots
 
@@ -172,6 +172,7 @@ def read_block_device(roots: Roots, name: str) -> BlockDevice | None:
         except ParseError:
             bdi = None
     sectors = _read_int(os.path.join(path, "size")) or 0
+    backing = _read(os.path.join(path, "loop", "backing_file"))
     return BlockDevice(
         name=name,
         devnum=devnum,
@@ -183,8 +184,24 @@ def read_block_device(roots: Roots, name: str) -> BlockDevice | None:
         dm_name=_read(os.path.join(path, "dm", "name")),
         dm_uuid=_read(os.path.join(path, "dm", "uuid")),
         md_level=_read(os.path.join(path, "md", "level")),
-        loop_backing_file=_read(os.path.join(path, "loop", "backing_file")),
+        loop_backing_file=backing,
+        loop=_read_loop(path) if backing is not None else None,
         bdi=bdi,
+    )
+
+
+def _read_loop(path: str) -> LoopSetup:
+    def number(*parts: str) -> int:
+        return _read_int(os.path.join(path, *parts)) or 0
+
+    return LoopSetup(
+        offset=number("loop", "offset"),
+        sizelimit=number("loop", "sizelimit"),
+        read_only=number("ro") == 1,
+        partscan=number("loop", "partscan") == 1,
+        direct_io=number("loop", "dio") == 1,
+        autoclear=number("loop", "autoclear") == 1,
+        sector_size=number("queue", "logical_block_size") or 512,
     )
 
 
