@@ -9,6 +9,7 @@ import errno
 import logging
 import logging.handlers
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -119,19 +120,35 @@ class Runner:
 
     # -- processes ---------------------------------------------------------------------
 
-    def kill(self, pid: int, comm: str, grace: float = 5.0) -> None:
+    def kill(self, pid: int, comm: str, grace: float = 5.0, after_kill: float = 5.0) -> None:
+        """End a process: SIGTERM, SIGKILL after ``grace``; return once it has exited
+        (its files are closed then, even while it waits to be reaped). Through a pidfd,
+        so a pid reused meanwhile is never signalled."""
         self._log(f"kill: pid {pid} ({comm}) with SIGTERM, SIGKILL after {grace:g} s")
         if self.dry_run:
             return
         try:
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline:
-                os.kill(pid, 0)
-                time.sleep(0.05)
-            os.kill(pid, signal.SIGKILL)
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._log(f"pid {pid} ({comm}) has exited already")
+            return
+        try:
+            now = _comm(pid)
+            if now is not None and now != comm:
+                self._log(f"pid {pid} is {now} now, not {comm}: left alone")
+                return
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+            if _exited(pidfd, grace):
+                return
+            self._log(f"pid {pid} ({comm}) is still there after {grace:g} s: SIGKILL")
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            if not _exited(pidfd, after_kill):
+                raise StepFailed(f"pid {pid} ({comm}) did not exit within {after_kill:g} s "
+                                 "of SIGKILL (stuck in the kernel)")
         except ProcessLookupError:
             return
+        finally:
+            os.close(pidfd)
 
     # -- mount namespaces --------------------------------------------------------------
 
@@ -418,6 +435,19 @@ class Runner:
                 if gateway:
                     args["gateway"] = gateway
                 _netlink(what, ipr.route, "add", exists_ok=True, **args)
+
+
+def _comm(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+            return f.read().rstrip("\n")
+    except OSError:
+        return None
+
+
+def _exited(pidfd: int, timeout: float) -> bool:
+    """A pidfd polls readable once its process has exited."""
+    return bool(select.select([pidfd], [], [], timeout)[0])
 
 
 def _netns_path(inode: int, recorded: str) -> str | None:

@@ -168,8 +168,37 @@ def test_kill_ends_processes_with_files_on_it_then_unmounts(
 class _ShortGrace(Runner):
     """The real runner, with a grace of half a second between SIGTERM and SIGKILL."""
 
-    def kill(self, pid: int, comm: str, grace: float = 5.0) -> None:
-        super().kill(pid, comm, grace=0.5)
+    def kill(self, pid: int, comm: str, grace: float = 5.0, after_kill: float = 5.0) -> None:
+        super().kill(pid, comm, grace=0.5, after_kill=after_kill)
+
+
+def test_a_process_nobody_reaps_counts_as_ended(loop_ext4: Loop, tmp_path: Path) -> None:
+    """A process that exits on SIGTERM but is not reaped by its parent (this test, which
+    does not wait) is a zombie: its files are closed, so it is ended; no SIGKILL."""
+    mnt = tmp_path / "m"
+    _mount(loop_ext4.node, mnt)
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        sums = _write_files(mnt)
+        with open(mnt / "data.bin", "rb") as held:
+            proc = subprocess.Popen(["sleep", "600"], stdin=held)
+        roots = Roots.host()
+        target = resolve(Selector.from_string(loop_ext4.node), roots)
+        state = StateDir(str(tmp_path / "state"))
+        runner = Runner()
+        outcome = prepare(roots, target, Policy.from_text(KILL), runner, state)
+        assert outcome.ok, outcome.why_not()
+        assert Path(f"/proc/{proc.pid}/stat").read_text().split(") ")[1][0] == "Z"
+        assert not any("SIGKILL" in line and "still there" in line
+                       for line in runner.log_lines), runner.log_lines
+        _check_on_device(loop_ext4.node, tmp_path / "check", sums)
+        assert release(roots, loop_ext4.name, Policy.from_text(KILL), Runner(), state).ok
+        assert _read_sums(mnt, sums) == sums
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        _umount_if_mounted(mnt)
 
 
 def _ignores_sigterm(pid: int) -> bool:
