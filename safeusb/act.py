@@ -33,7 +33,7 @@ from .plan import (
 )
 from .policy import Policy
 from .roots import Roots
-from .run import DeviceGone, Runner, StepFailed
+from .run import DeviceGone, NothingToDo, Runner, StepFailed
 from .snapshot import read_snapshot
 from .state import DeviceBusy, StateDir, StateError, new_record
 
@@ -60,10 +60,15 @@ class Outcome:
     not_undone: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)  # how long each step done took
+    release: bool = False  # the outcome of giving back, not of preparing
 
     def host_state(self) -> str:
         if self.ok:
-            return "handed over" if self.done else "nothing to do"
+            if not self.done:
+                return "nothing to do"
+            return "given back" if self.release else "handed over"
+        if self.release:
+            return "not all given back: " + "; ".join(self.not_undone)
         if not self.done:
             return "unchanged: nothing was done"
         if not self.not_undone:
@@ -136,7 +141,12 @@ def prepare(
 
             def carry_out(step: Step) -> None:
                 began = time.monotonic()
-                step.execute(runner)
+                try:
+                    step.execute(runner)
+                except NothingToDo as gone:
+                    outcome.notes.append(str(gone))
+                    runner.hold(holds)
+                    return
                 outcome.seconds.append(round(time.monotonic() - began, 3))
                 done.append(step)
                 outcome.done.append(step.describe())
@@ -237,7 +247,7 @@ def release(
     holders and remount. Idempotent: without a record there is nothing to do."""
     with state.lock(key):
         record = state.load(key)
-        outcome = Outcome(True)
+        outcome = Outcome(True, release=True)
         if record is None:
             outcome.notes.append(f"{key}: nothing recorded; nothing to release")
             return outcome
@@ -302,7 +312,7 @@ def _renamed(step: Step, renames: dict[str, str]) -> Step:
 def release_domain(roots: Roots, domain: str, policy: Policy, runner: Runner,
                    state: StateDir) -> Outcome:
     """Release every device recorded as taken for the domain."""
-    total = Outcome(True)
+    total = Outcome(True, release=True)
     for key in state.keys_for_domain(domain):
         usb = None
         port = roots.sys_path("bus", "usb", "devices", key)

@@ -42,6 +42,11 @@ class FlushTimeout(StepFailed):
     pass
 
 
+class NothingToDo(SafeUSBError):
+    """A step found what it would change already gone (a mount unmounted meanwhile by its
+    owner or by propagation): nothing was done, and nothing is to be put back."""
+
+
 class DeviceGone(StepFailed):
     """The device left the host while a step worked on it (unplugged, reset)."""
 
@@ -194,11 +199,19 @@ class Runner:
         self._log(what)
         if self.dry_run:
             return
+        gone = NothingToDo(f"{mountpoint} in mount namespace {mnt_ns} was unmounted "
+                           "meanwhile (by its owner, or by propagation)")
         if not self._still_mounted(pid, mountpoint):
-            self._log(f"{mountpoint} in mount namespace {mnt_ns} is already gone (propagation)")
-            return
+            self._log(str(gone))
+            raise gone
         path = mountpoint.encode()
-        self._in_namespace(pid, lambda libc: int(libc.umount2(path, 0)), what)
+        try:
+            self._in_namespace(pid, lambda libc: int(libc.umount2(path, 0)), what)
+        except StepFailed:
+            if not self._still_mounted(pid, mountpoint):  # it went between look and act
+                self._log(str(gone))
+                raise gone from None
+            raise
 
     def mount_in(self, pid: int, mnt_ns: int, source: str, mountpoint: str, fstype: str,
                  options: str) -> None:

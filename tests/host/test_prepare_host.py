@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from safeusb.act import prepare
+from safeusb.act import prepare, release
 from safeusb.policy import Policy
 from safeusb.roots import Roots
 from safeusb.run import Runner, StepFailed
@@ -295,3 +295,39 @@ def test_mount_attempts_during_prepare_fail(loop_ext4: Loop, tmp_path: Path) -> 
             assert held_from and after_hold == 0
         else:
             assert not outcome.host_state().startswith("changed"), outcome.host_state()
+
+
+class _OwnerUnmountsFirst(Runner):
+    """The mount's owner unmounts it between the snapshot and prepare's unmount; the
+    first look still sees it (as when the owner is quicker than the look)."""
+
+    looks = 0
+
+    def _still_mounted(self, pid: int, mountpoint: str) -> bool:
+        self.looks += 1
+        if self.looks == 1:
+            run("umount", mountpoint)
+            return True  # the stale look: umount2 then finds nothing there (EINVAL)
+        return super()._still_mounted(pid, mountpoint)
+
+
+@pytest.mark.race
+def test_mount_gone_meanwhile_is_neither_an_error_nor_put_back(loop_ext4: Loop,
+                                                               tmp_path: Path) -> None:
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    run("mount", loop_ext4.node, str(mnt))
+    try:
+        roots = Roots.host()
+        target = resolve(Selector.from_string(loop_ext4.node), roots)
+        state = StateDir(str(tmp_path / "state"))
+        outcome = prepare(roots, target, Policy.from_text(UNMOUNT), _OwnerUnmountsFirst(),
+                          state)
+        assert outcome.ok, outcome.why_not()
+        assert not any(d.startswith("unmount") for d in outcome.done), outcome.done
+        assert any("was unmounted meanwhile" in n for n in outcome.notes), outcome.notes
+        back = release(roots, loop_ext4.name, Policy.from_text(UNMOUNT), Runner(), state)
+        assert back.ok and back.host_state() == "given back", back.as_json()
+        assert f" {mnt} " not in Path("/proc/self/mountinfo").read_text()
+    finally:
+        run("umount", str(mnt), check=False)
