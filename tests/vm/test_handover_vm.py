@@ -26,6 +26,7 @@ from .harness import (
     Scenario,
     ScenarioResult,
     Stick,
+    check_image,
 )
 
 pytestmark = pytest.mark.vm
@@ -44,6 +45,7 @@ def _boot(hook: Path) -> Boot:
             Stick("luks", Image.msdos(Partition(1, 62, fs="none"))),
             Stick("lvm", Image.raw()),
             Stick("swap", Image.raw()),
+            Stick("md", Image.msdos(Partition(1, 31, fs="none"), Partition(32, 31, fs="none"))),
         ),
         scenarios=(
             Scenario("give", "handover-give.sh", payloads={"data.bin": 4 * MIB}),
@@ -53,6 +55,7 @@ def _boot(hook: Path) -> Boot:
             Scenario("luks", "handover-luks.sh", payloads={"data.bin": 2 * MIB}),
             Scenario("lvm", "handover-lvm.sh", payloads={"data.bin": 2 * MIB}),
             Scenario("swap", "handover-swap.sh"),
+            Scenario("md", "handover-md.sh", payloads={"data.bin": 2 * MIB}),
         ),
         modules=("xhci_pci", "usb_storage", "sd_mod", "dm_mod", "dm_crypt"),
     )
@@ -196,6 +199,32 @@ def test_lvm_volume(vm: BootResult) -> None:
              and n.get("readback") == n.get("payload"),
              f"release did not reactivate and remount the volume with its data ({n})\n"
              f"{json.dumps(rel, indent=1)}\n{r.file('release.err')}")
+
+
+def test_md_mirror_on_its_partitions(vm: BootResult) -> None:
+    """raid1 over the stick's two partitions: stopped for the guest, reassembled whole
+    (not degraded) and remounted on release; each half holds the data and a clean
+    filesystem, read from outside."""
+    r, n = ran(vm, "md")
+    prep = step_json(r, "prepare")
+    r.expect(prep["ok"] and [k for k in kinds(prep["done"]) if k != "flush"]
+             == ["unmount", "stop", "hold"],
+             f"expected unmount, stop the array, hand over:\n{json.dumps(prep, indent=1)}\n"
+             f"{r.file('prepare.err')}")
+    r.expect(n.get("md_after") == "0" and n.get("disk_after") == "0", f"({n})")
+    rel = step_json(r, "release")
+    r.expect(rel["ok"] and rel["host_state"] == "given back"
+             and n.get("mounted_after_release") == "1"
+             and n.get("raid_disks") == "2" and n.get("degraded") == "0"
+             and n.get("readback") == n.get("payload"),
+             f"release did not reassemble both halves and remount with the data ({n})\n"
+             f"{json.dumps(rel, indent=1)}\n{r.file('release.err')}\n"
+             f"{r.file('mdstat-after-release')}")
+    offset, size = int(n["offset_kb"]) * 1024, int(n["size_kb"]) * 1024
+    for start_mib in (1, 32):
+        check = check_image(vm.image("md"), {"data.bin": vm.payload_sums["md"]["data.bin"]},
+                            offset=start_mib * MIB + offset, size=size)
+        r.expect(check.intact, f"half at {start_mib} MiB: {check.summary()}")
 
 
 def test_swap_on_the_stick(vm: BootResult) -> None:
