@@ -205,22 +205,25 @@ def _give_back(steps: list[Step], runner: Runner, roots: Roots, key: str,
     """Undo the steps in reverse; after rebinding, wait for the disks to come back and
     follow them if the kernel named them anew."""
     renames: dict[str, str] = {}
-    for recorded in reversed(steps):
-        step = _renamed(recorded, renames)
-        if isinstance(step, Kill | Flush):
-            continue
-        if not isinstance(step, Handoff) and not restore:
-            notes.append(f"not restored (restore = false): {step.describe()}")
-            continue
-        try:
-            step.undo(runner)
-            if isinstance(step, Handoff) and step.interfaces and not runner.dry_run:
-                renames.update(_wait_present(roots, key, step.disks))
-            done.append(step.describe())
-        except UndoImpossible as exc:
-            failed.append(str(exc))
-        except (StepFailed, OSError) as exc:
-            failed.append(f"{step.describe()}: undo failed: {exc}")
+    try:
+        for recorded in reversed(steps):
+            step = _renamed(recorded, renames)
+            if isinstance(step, Kill | Flush):
+                continue
+            if not isinstance(step, Handoff) and not restore:
+                notes.append(f"not restored (restore = false): {step.describe()}")
+                continue
+            try:
+                step.undo(runner)
+                if isinstance(step, Handoff) and step.interfaces and not runner.dry_run:
+                    renames.update(_wait_present(roots, key, step.disks))
+                done.append(step.describe())
+            except UndoImpossible as exc:
+                failed.append(str(exc))
+            except (StepFailed, OSError) as exc:
+                failed.append(f"{step.describe()}: undo failed: {exc}")
+    finally:
+        runner.let_go_of_loops()  # loops set to autoclear: their users are back now
 
 
 def step_from_json(doc: dict[str, Any]) -> Step:

@@ -199,6 +199,8 @@ class DetachLoop(Step):
         if self.direct_io:
             argv.append("--direct-io=on")
         runner.run([*argv, self.node, backing])
+        if self.autoclear:
+            runner.set_autoclear(self.node)
 
 
 def _in_mount_namespace(pid: int, mnt_ns: int) -> bool:

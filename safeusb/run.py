@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import logging
 import logging.handlers
 import os
@@ -84,6 +85,7 @@ class Runner:
     progress: Callable[[str], None] | None = None
     log_lines: list[str] = field(default_factory=list)
     held: dict[str, int] = field(default_factory=dict)
+    loops_kept: dict[str, int] = field(default_factory=dict)  # autoclear loops held open
 
     @classmethod
     def for_roots(cls, roots: Roots, **kwargs: Any) -> Runner:
@@ -368,6 +370,40 @@ class Runner:
                 return
             raise
 
+    # -- loop devices ------------------------------------------------------------------
+
+    def set_autoclear(self, node: str) -> None:
+        """Mark a loop device to detach itself with its last user, as mount -o loop does.
+        The flag takes effect at once when nobody has it open, so the device is kept open
+        here until :meth:`let_go_of_loops` (once what used it is mounted again)."""
+        self._log(f"set autoclear on {node}")
+        if self.dry_run:
+            return
+        try:
+            fd = os.open(node, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StepFailed(f"cannot open {node}: {exc.strerror or exc}") from None
+        try:
+            info = bytearray(_LOOP_INFO64_SIZE)
+            fcntl.ioctl(fd, _LOOP_GET_STATUS64, info)
+            flags = int.from_bytes(info[_LO_FLAGS_AT:_LO_FLAGS_AT + 4], sys.byteorder)
+            info[_LO_FLAGS_AT:_LO_FLAGS_AT + 4] = (flags | _LO_FLAGS_AUTOCLEAR).to_bytes(
+                4, sys.byteorder)
+            fcntl.ioctl(fd, _LOOP_SET_STATUS64, bytes(info))
+        except OSError as exc:
+            os.close(fd)
+            raise StepFailed(f"setting autoclear on {node}: {exc.strerror or exc}") from None
+        old = self.loops_kept.pop(node, None)
+        if old is not None:
+            os.close(old)
+        self.loops_kept[node] = fd
+
+    def let_go_of_loops(self) -> None:
+        for node, fd in sorted(self.loops_kept.items()):
+            os.close(fd)
+            self._log(f"let go of {node}")
+        self.loops_kept.clear()
+
     # -- network interfaces ------------------------------------------------------------
 
     def link_down(self, step: DownLink) -> None:
@@ -535,6 +571,13 @@ def _find_link(step: DownLink, home: str) -> tuple[str, int] | None:
                 return path, found[0]
     return None
 
+
+# <linux/loop.h>: struct loop_info64 is 232 bytes, lo_flags a __u32 at offset 52.
+_LOOP_SET_STATUS64 = 0x4C04
+_LOOP_GET_STATUS64 = 0x4C05
+_LOOP_INFO64_SIZE = 232
+_LO_FLAGS_AT = 52
+_LO_FLAGS_AUTOCLEAR = 4
 
 _FLAGS = {
     "ro": 1, "nosuid": 2, "nodev": 4, "noexec": 8, "sync": 16, "dirsync": 128,
