@@ -287,6 +287,7 @@ class DownLink(Step):
     master: str | None
     addresses: tuple[tuple[int, str, int], ...]  # (4 or 6, address, prefix length)
     routes: tuple[tuple[int, str, str | None, int], ...]  # (4 or 6, dst, gateway, table)
+    parent: str = ""  # the USB interface it hangs under: "2-1:1.0"
 
     def describe(self) -> str:
         kept = [f"{a}/{n}" for _, a, n in self.addresses]
@@ -570,6 +571,7 @@ def down_link(i: NetInterface, namespaces: Sequence[NetNamespaceRef], port: str)
                         if a.permanent and a.scope not in ("link", "host")),
         routes=tuple((r.family, r.dst, r.gateway, r.table) for r in i.routes
                      if r.configured),
+        parent=i.link.parent_dev or "",
     )
 
 

@@ -415,9 +415,9 @@ class Runner:
         if path is None:
             raise StepFailed(f"{what}: the namespace ({step.netns_where}) is gone")
         with _rtnl(path, what) as ipr:
-            found = _link_by_mac(ipr, step.mac, step.port)
+            found = _link_of(ipr, step)
             if found is None:
-                raise StepFailed(f"{what}: no interface with address {step.mac} there")
+                raise StepFailed(f"{what}: it is not there (address {step.mac})")
             _netlink(what, ipr.link, "set", index=found[0], state="down")
 
     def link_restore(self, step: DownLink, timeout: float = 20.0) -> None:
@@ -438,12 +438,12 @@ class Runner:
             if where is not None:
                 break
             if time.monotonic() > deadline:
-                raise StepFailed(f"{what}: no interface with address {step.mac} came back "
-                                 f"under {step.port} within {timeout:g} s")
+                raise StepFailed(f"{what}: it did not come back under "
+                                 f"{step.parent or step.port} within {timeout:g} s")
             time.sleep(0.1)
         path, index = where
         if path != home:
-            self._log(f"move the interface with address {step.mac} into network namespace "
+            self._log(f"move the interface with index {index} into network namespace "
                       f"{step.netns}")
             fd = os.open(home, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -452,7 +452,7 @@ class Runner:
             finally:
                 os.close(fd)
         with _rtnl(home, what) as ipr:
-            found = _link_by_mac(ipr, step.mac, step.port)
+            found = _link_of(ipr, step)
             if found is None:
                 raise StepFailed(f"{what}: the interface vanished while being moved")
             index, name = found
@@ -548,17 +548,24 @@ def _netlink(what: str, call: Callable[..., Any], *args: Any, exists_ok: bool = 
         raise StepFailed(f"{what}: {text}") from None
 
 
-def _link_by_mac(ipr: Any, mac: str, port: str) -> tuple[int, str] | None:
+def _link_of(ipr: Any, step: DownLink) -> tuple[int, str] | None:
+    """The device's interface in this namespace: the one under the same USB interface
+    with the same hardware address; else the only one under that USB interface (a driver
+    without a fixed address, such as cdc_subset, makes up a new one on every bind)."""
     from .netinfo import link_id  # noqa: PLC0415
 
+    ours = []
     for msg in ipr.get_links():
         link = link_id(0, msg)
-        if (link.perm_address or link.address or "").lower() != mac:
+        if step.parent:
+            if link.parent_dev != step.parent:
+                continue
+        elif link.parent_dev is not None and not link.parent_dev.startswith(f"{step.port}:"):
             continue
-        if link.parent_dev is not None and not link.parent_dev.startswith(f"{port}:"):
-            continue
-        return link.ifindex, link.name
-    return None
+        if (link.perm_address or link.address or "").lower() == step.mac:
+            return link.ifindex, link.name
+        ours.append((link.ifindex, link.name))
+    return ours[0] if step.parent and len(ours) == 1 else None
 
 
 def _find_link(step: DownLink, home: str) -> tuple[str, int] | None:
@@ -566,7 +573,7 @@ def _find_link(step: DownLink, home: str) -> tuple[str, int] | None:
     appear in the initial network namespace)."""
     for path in dict.fromkeys((home, "/proc/self/ns/net", "/proc/1/ns/net")):
         with contextlib.suppress(StepFailed), _rtnl(path, "look for the interface") as ipr:
-            found = _link_by_mac(ipr, step.mac, step.port)
+            found = _link_of(ipr, step)
             if found is not None:
                 return path, found[0]
     return None

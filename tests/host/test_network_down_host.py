@@ -71,7 +71,7 @@ def test_down_then_back_from_the_host_namespace_under_a_new_name(
     assert [(a["local"], a["prefixlen"]) for a in addr["addr_info"]] == [("10.82.0.2", 24)]
     routes = {(r["dst"], r.get("gateway")) for r in _ip("-n", ns, "-4", "route", "show")}
     assert {("default", "10.82.0.1"), ("10.99.0.0/16", "10.82.0.1")} <= routes
-    assert any(f"move the interface with address {step.mac}" in x for x in runner.log_lines)
+    assert any("move the interface with index" in x for x in runner.log_lines)
 
 
 def test_restore_in_place_after_a_failed_handoff(adapter: tuple[NetLab, str, str, str]) -> None:

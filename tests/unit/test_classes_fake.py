@@ -434,3 +434,38 @@ def test_idle_adapter_under_network_down_is_only_unbound_by_qemu(tmp_path: Path)
     plan = build_plan(f, Settings(network="down"), "test")
     (handoff,) = plan.steps
     assert isinstance(handoff, Handoff) and handoff.interfaces == ()
+
+
+def test_interface_found_again_by_its_usb_interface_when_its_address_changed() -> None:
+    """cdc_subset makes up a new hardware address on every bind: the interface under the
+    recorded USB interface is the device's, as long as it is the only one there."""
+    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg  # noqa: PLC0415
+
+    from safeusb.run import _link_of  # noqa: PLC0415
+
+    def link(index: int, name: str, mac: str, parent: str | None) -> Any:
+        m = ifinfmsg()
+        m["index"] = index
+        m["attrs"] = [("IFLA_IFNAME", name), ("IFLA_ADDRESS", mac)]
+        if parent:
+            m["attrs"] += [("IFLA_PARENT_DEV_NAME", parent), ("IFLA_PARENT_DEV_BUS_NAME", "usb")]
+        return _recorded(m)
+
+    class Links:
+        def __init__(self, *msgs: Any) -> None:
+            self.msgs = msgs
+
+        def get_links(self) -> tuple[Any, ...]:
+            return self.msgs
+
+    step = DownLink("usb0", "aa:c8:ae:f9:31:39", "1-2", LINUX_NET, "", "", True, None, (),
+                    (), parent="1-2:1.1")
+    lo = link(1, "lo", "00:00:00:00:00:00", None)
+    assert _link_of(Links(lo, link(7, "usb0", "AA:C8:AE:F9:31:39", "1-2:1.1")), step) == (
+        7, "usb0")
+    assert _link_of(Links(lo, link(8, "usb1", "7e:01:02:03:04:05", "1-2:1.1")), step) == (
+        8, "usb1")
+    two = Links(link(8, "usb1", "7e:01:02:03:04:05", "1-2:1.1"),
+                link(9, "usb2", "7e:01:02:03:04:06", "1-2:1.1"))
+    assert _link_of(two, step) is None  # which one? not guessed
+    assert _link_of(Links(link(8, "usb1", "aa:c8:ae:f9:31:39", "1-3:1.1")), step) is None

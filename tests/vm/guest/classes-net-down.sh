@@ -9,6 +9,10 @@ usb=$(usb_of 0525:a4a2) || exit 1
 ifname=$(ip -n x -o link show | awk -F': ' '$2 != "lo" { sub(/@.*/, "", $2); print $2 }')
 note ifname "$ifname"
 [ -n "$ifname" ] || { echo "no interface in namespace x" >&2; exit 1; }
+# cdc_ether (a fixed address) or cdc_subset (a new made-up address on every bind),
+# whichever the kernel bound: release must find the interface again either way.
+note driver "$(ip -n x -d link show "$ifname" | grep -o 'parentdev [^ ]*' ; \
+    basename "$(readlink -f /sys/bus/usb/devices/"$usb":1.*/driver | head -1)")"
 ip -n x addr add 10.99.0.2/24 dev "$ifname"
 ip -n x link set "$ifname" up
 ip -n x route add default via 10.99.0.1
