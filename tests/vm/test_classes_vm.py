@@ -172,6 +172,8 @@ def test_net_down_and_put_back_in_its_namespace(vm: BootResult) -> None:
                                             "route_after"))
              and n.get("in_host_after") == "0",
              f"{n.get('ifname')} is not back in x as it was ({n})\n{r.stdout}")
+    print(f"net-down: USB interfaces and drivers {n.get('drivers')}; after release "
+          f"{n.get('drivers_after')}")
 
 
 def test_sound_card_idle_is_free(vm: BootResult) -> None:

@@ -11,8 +11,13 @@ note ifname "$ifname"
 [ -n "$ifname" ] || { echo "no interface in namespace x" >&2; exit 1; }
 # cdc_ether (a fixed address) or cdc_subset (a new made-up address on every bind),
 # whichever the kernel bound: release must find the interface again either way.
-note driver "$(ip -n x -d link show "$ifname" | grep -o 'parentdev [^ ]*' ; \
-    basename "$(readlink -f /sys/bus/usb/devices/"$usb":1.*/driver | head -1)")"
+drivers() {
+    local d
+    for d in /sys/bus/usb/devices/"$usb":1.*; do
+        [ -e "$d/driver" ] && printf '%s:%s ' "${d##*:}" "$(basename "$(readlink "$d/driver")")"
+    done
+}
+note drivers "$(drivers)"
 ip -n x addr add 10.99.0.2/24 dev "$ifname"
 ip -n x link set "$ifname" up
 ip -n x route add default via 10.99.0.1
@@ -36,3 +41,4 @@ note addr_after "$(ip -n x -o -4 addr show dev "$ifname" | grep -c ' 10.99.0.2/2
 note default_after "$(ip -n x -4 route show default | grep -c 'via 10.99.0.1 dev')"
 note route_after "$(ip -n x -4 route show 10.98.0.0/16 | grep -c 'via 10.99.0.1')"
 note in_host_after "$(net_of "$usb" 1 2>/dev/null | wc -l)"
+note drivers_after "$(drivers)"
