@@ -254,7 +254,7 @@ class StopMd(Step):
         runner.run([tool("mdadm"), "--stop", self.node])
 
     def undo(self, runner: Runner) -> None:
-        runner.run([tool("mdadm"), "--assemble", self.node, *self.members])
+        runner.assemble_md(self.node, self.members)
 
 
 @dataclass(frozen=True)

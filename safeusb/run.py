@@ -284,8 +284,11 @@ class Runner:
                     except subprocess.TimeoutExpired:
                         self._log(f"pid {p.pid} (sync) is still waiting in "
                                   "the kernel; left to finish on its own")
-        if not self._present(step.bdi):  # the writes may have "finished" by failing
-            raise self._gone(step, left)
+        if not self._present(step.bdi):
+            if all(p.returncode == 0 for p in procs):
+                raise DeviceGone(f"{step.device} was removed from the host just after its "
+                                 "flush completed; there is nothing left to hand over")
+            raise self._gone(step, left)  # the writes "finished" by failing
         for argv, p in zip(commands, procs, strict=True):
             if p.returncode != 0:
                 err = p.stderr.read() if p.stderr else ""
@@ -294,17 +297,19 @@ class Runner:
             self.progress("")
 
     def _gone(self, step: Flush, left: int | None) -> DeviceGone:
-        if left is None:
-            amount = "an unknown amount of data"
-        else:
-            amount = f"{left / 1048576:.1f} MiB"
-        self._log(f"{step.device} vanished during the flush; last reading: {amount} unwritten")
-        if left == 0:
-            return DeviceGone(f"{step.device} was removed from the host during the flush; "
-                              "the last reading showed nothing left to write")
-        return DeviceGone(f"{step.device} was removed from the host during the flush with "
-                          f"{amount} not yet written: that data is lost, and files written "
-                          "lately on it may be short or missing")
+        """The device vanished while its data was being written. The counters are no
+        measure of what reached it: failed writes leave them too, so they may read 0 by
+        the time the device is gone. Say what was unwritten when the flush began."""
+        def mib(n: int) -> str:
+            return f"{n / 1048576:.1f} MiB"
+
+        last = "unknown" if left is None else mib(left)
+        self._log(f"{step.device} vanished during the flush; last reading: {last} unwritten")
+        return DeviceGone(
+            f"{step.device} was removed from the host during the flush: of the "
+            f"{mib(step.dirty_bytes)} not yet written when it began, part or all did not "
+            f"reach it (last reading before it vanished: {last}) and is lost; files "
+            "written lately on it may be short or missing")
 
     # -- handing the device over -------------------------------------------------------
 
@@ -369,6 +374,46 @@ class Runner:
                 self._log(f"{interface} is already bound to {driver}")
                 return
             raise
+
+    # -- md arrays ---------------------------------------------------------------------
+
+    def assemble_md(self, node: str, members: Sequence[str], tries: int = 3) -> None:
+        """mdadm --assemble, once the members have their size. Right after the driver is
+        bound again, mdadm has been seen to fail re-reading a member's metadata although
+        the disk reads fine: a failed attempt's remains are stopped and it is tried again."""
+        mdadm = tool("mdadm")
+        for n in range(1, tries + 1):
+            self._wait_sized(members)
+            try:
+                self.run([mdadm, "--assemble", node, *members])
+                return
+            except CommandFailed as exc:
+                if n == tries:
+                    raise
+                self._log(f"attempt {n} failed ({exc}); stopping what it left, trying again")
+                if os.path.exists(os.path.join(self.sys_root, "block",
+                                               os.path.basename(os.path.realpath(node)),
+                                               "md")):
+                    with contextlib.suppress(StepFailed):
+                        self.run([mdadm, "--stop", node])
+                time.sleep(0.5)
+
+    def _wait_sized(self, nodes: Sequence[str], timeout: float = 10.0) -> None:
+        """Until each block device is in sysfs with a size (a partition being scanned or
+        a disk still being revalidated shows 0)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            sizes = []
+            for n in nodes:
+                try:
+                    with open(os.path.join(self.sys_root, "class/block", os.path.basename(n),
+                                           "size"), encoding="ascii") as f:
+                        sizes.append(int(f.read()))
+                except (OSError, ValueError):
+                    sizes.append(0)
+            if all(sizes):
+                return
+            time.sleep(0.1)
 
     # -- loop devices ------------------------------------------------------------------
 
