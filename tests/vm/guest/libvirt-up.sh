@@ -12,14 +12,31 @@ if [ -d "$share/hooks" ]; then
     cp -r "$share/hooks/." "$lv_conf/hooks/"
     find "$lv_conf/hooks" -type f -exec chmod +x {} +
 fi
+sed -i -e '/^log_outputs *=/d' "$lv_conf/libvirtd.conf"
+echo 'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"' >> "$lv_conf/libvirtd.conf"
 mkdir -p /run/libvirt /var/lib/libvirt/qemu /var/log/libvirt/qemu /var/cache/libvirt/qemu
 virtlogd -d
 libvirtd -d
-for _ in $(seq 1 600); do
-    virsh -q -c qemu:///system version >/dev/null 2>&1 && break
-    sleep 0.1
+# Each answer is awaited for 5 s at most: a libvirtd stuck starting (once seen: it never
+# answered) must not hang the boot. After 60 s it is started again, once.
+libvirt_up=0
+for attempt in 1 2; do
+    for _ in $(seq 1 120); do
+        if timeout 5 virsh -q -c qemu:///system version >/dev/null 2>&1; then
+            libvirt_up=1
+            break 2
+        fi
+        sleep 0.5
+    done
+    log "libvirtd did not answer within 60 s (attempt $attempt)"
+    cp /var/log/libvirt/libvirtd.log "$out/libvirtd-attempt$attempt.log" 2>/dev/null
+    ps -eo pid,stat,wchan:20,args | grep -E 'libvirtd|qemu' | grep -v grep >>"$out/libvirtd-attempt$attempt.log"
+    pkill -KILL -x libvirtd
+    pkill -KILL -f 'qemu-system.*-qmp' 2>/dev/null
+    sleep 1
+    libvirtd -d
 done
-mark libvirtd_up
+[ "$libvirt_up" = 1 ] && mark libvirtd_up
 if virsh -q -c qemu:///system define "$here/g1.xml" >>"$out/libvirt.log" 2>&1 \
         && virsh -q -c qemu:///system start --paused g1 >>"$out/libvirt.log" 2>&1; then
     mark domain_started
