@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import SafeUSBError
 from .parsers import ParseError, parse_bdi_stats, parse_mountinfo
+from .procfs import read_comm
+from .roots import Roots
 
 if TYPE_CHECKING:
     from .plan import DownLink, Flush
-    from .roots import Roots
 
 log = logging.getLogger("safeusb")
 
@@ -140,8 +141,8 @@ class Runner:
             self._log(f"pid {pid} ({comm}) has exited already")
             return
         try:
-            now = _comm(pid)
-            if now is not None and now != comm:
+            now = read_comm(Roots.host(), pid)  # as the scan that found the process read it
+            if now not in ("?", comm):
                 self._log(f"pid {pid} is {now} now, not {comm}: left alone")
                 return
             signal.pidfd_send_signal(pidfd, signal.SIGTERM)
@@ -529,14 +530,6 @@ class Runner:
                 if gateway:
                     args["gateway"] = gateway
                 _netlink(what, ipr.route, "add", exists_ok=True, **args)
-
-
-def _comm(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
-            return f.read().rstrip("\n")
-    except OSError:
-        return None
 
 
 def _exited(pidfd: int, timeout: float) -> bool:
