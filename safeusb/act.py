@@ -136,7 +136,7 @@ def prepare(
         done: list[Step] = []
         try:
             # Before anything is changed: /run must take the record that release needs.
-            state.save(new_record(key, domain, []))
+            state.save(new_record(key, domain, [], settings.restore))
             runner.hold(holds)
 
             def carry_out(step: Step) -> None:
@@ -150,7 +150,8 @@ def prepare(
                 outcome.seconds.append(round(time.monotonic() - began, 3))
                 done.append(step)
                 outcome.done.append(step.describe())
-                state.save(new_record(key, domain, [s.as_json() for s in done]))
+                state.save(new_record(key, domain, [s.as_json() for s in done],
+                                      settings.restore))
                 if not isinstance(step, Handoff):
                     runner.hold(holds)  # claim what this step freed, at once
 
@@ -227,37 +228,50 @@ def _give_back(steps: list[Step], runner: Runner, roots: Roots, key: str,
 
 
 def step_from_json(doc: dict[str, Any]) -> Step:
+    """A step as recorded; StateError when the record does not describe one."""
     cls = STEP_TYPES.get(doc.get("kind", ""))
     if cls is None:
-        raise SafeUSBError(f"unknown step in state: {doc.get('kind')!r}")
+        raise StateError(f"unknown step in state: {doc.get('kind')!r}")
     fields = {k: v for k, v in doc.items() if k not in ("kind", "text")}
     for k, v in list(fields.items()):
         if isinstance(v, list):
             fields[k] = tuple(tuple(x) if isinstance(x, list) else x for x in v)
-    return cls(**fields)
+    try:
+        step = cls(**fields)
+        step.describe()
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+        raise StateError(f"a recorded {cls.kind} step is malformed ({exc})") from None
+    return step
 
 
 def release(
     roots: Roots,
     key: str,
-    policy: Policy,
+    policy: Policy | None,
     runner: Runner,
     state: StateDir,
     usb: Any = None,
     domain: str | None = None,
 ) -> Outcome:
     """Give back what prepare took: rebind drivers; with restore = true, reactivate
-    holders and remount. Idempotent: without a record there is nothing to do."""
+    holders and remount. Idempotent: without a record there is nothing to do.
+
+    What to give back comes from the record alone, and so does restore (the policy's
+    setting when the device was taken); the policy is asked only for records written
+    before they carried it, and may be None (unreadable): restore then holds."""
     with state.lock(key):
         record = state.load(key)
         outcome = Outcome(True, release=True)
         if record is None:
             outcome.notes.append(f"{key}: nothing recorded; nothing to release")
             return outcome
-        settings, _ = policy.settings_for(usb, domain or record.domain)
+        restore = record.restore
+        if restore is None:
+            restore = True if policy is None else \
+                policy.settings_for(usb, domain or record.domain)[0].restore
         steps = [step_from_json(s) for s in record.steps]
         undone: list[str] = []
-        _give_back(steps, runner, roots, key, settings.restore, undone, outcome.not_undone,
+        _give_back(steps, runner, roots, key, restore, undone, outcome.not_undone,
                    outcome.notes)
         outcome.done.extend(f"undo: {d}" for d in undone)
         outcome.ok = not outcome.not_undone
@@ -312,16 +326,24 @@ def _renamed(step: Step, renames: dict[str, str]) -> Step:
     return step_from_json({k: fix(v) for k, v in doc.items()})
 
 
-def release_domain(roots: Roots, domain: str, policy: Policy, runner: Runner,
+def release_domain(roots: Roots, domain: str, policy: Policy | None, runner: Runner,
                    state: StateDir) -> Outcome:
-    """Release every device recorded as taken for the domain."""
+    """Release every device recorded as taken for the domain, each on its own: one that
+    fails, and every record that cannot be read, is a line of not_undone."""
     total = Outcome(True, release=True)
-    for key in state.keys_for_domain(domain):
+    keys, unreadable = state.keys_for_domain(domain)
+    total.not_undone.extend(f"{p} (it may be one that domain {domain} took)"
+                            for p in unreadable)
+    for key in keys:
         usb = None
         port = roots.sys_path("bus", "usb", "devices", key)
-        if sysfs.is_usb_device_dir(port):
-            usb = sysfs.read_usb_device(port)
-        one = release(roots, key, policy, runner, state, usb=usb, domain=domain)
+        try:
+            if sysfs.is_usb_device_dir(port):
+                usb = sysfs.read_usb_device(port)
+            one = release(roots, key, policy, runner, state, usb=usb, domain=domain)
+        except SafeUSBError as exc:
+            total.not_undone.append(f"{key}: {exc}")
+            continue
         total.done.extend(one.done)
         total.not_undone.extend(one.not_undone)
         total.notes.extend(one.notes)

@@ -32,6 +32,15 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+def _timeout(text: str) -> float:
+    from .policy import check_timeout  # noqa: PLC0415 (policy code only when acting)
+
+    try:
+        return check_timeout(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="safeusb", description="Make USB passthrough to QEMU/libvirt guests safe.")
     p.add_argument("--version", action="version", version=f"safeusb {__version__}")
@@ -65,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "prepare":
             sp.add_argument("--dry-run", action="store_true",
                             help="print the plan, change nothing")
-            sp.add_argument("--timeout", type=float, metavar="SECONDS",
+            sp.add_argument("--timeout", type=_timeout, metavar="SECONDS",
                             help="flush timeout (default: the policy's flush_timeout)")
 
     st = sub.add_parser("status", help="every USB device, what uses it, which domains want it",

@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from .errors import XMLError
-from .hostdev import UsbHostdev, _is_usb_hostdev, parse_xml
-from .policy import Policy, PolicyError, Settings, _Loader
+from .hostdev import MAX_XML_BYTES, UsbHostdev, _is_usb_hostdev, parse_xml
+from .policy import Policy, PolicyError, Settings, _Loader, check_timeout
 
 NS = "https://safeusb.invalid/xmlns/1"
 
@@ -29,8 +29,9 @@ class DomainInfo:
     policy: dict[str, str]  # attributes of <safeusb:policy>, unparsed
 
     @classmethod
-    def from_xml(cls, data: bytes, source: str = "domain XML") -> DomainInfo:
-        root = parse_xml(data, source)
+    def from_xml(cls, data: bytes, source: str = "domain XML",
+                 limit: int = MAX_XML_BYTES) -> DomainInfo:
+        root = parse_xml(data, source, limit)
         if root.tag != "domain":
             raise XMLError(source, f"root element is <{root.tag}>, not <domain>")
         name = root.findtext("name") or ""
@@ -64,10 +65,10 @@ class DomainInfo:
                 values[key] = text == "true"
             elif key == "flush_timeout":
                 try:
-                    values[key] = float(text)
-                except ValueError:
+                    values[key] = check_timeout(text.strip())
+                except ValueError as exc:
                     raise PolicyError(f"<safeusb:policy> of domain {self.name}",
-                                      f"flush_timeout must be a number, not {text!r}") from None
+                                      f"flush_timeout {exc}") from None
             else:
                 values[key] = text
         loader = _Loader(f"<safeusb:policy> of domain {self.name}", "")

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from .act import prepare, release_domain, target_key
 from .domain import DomainInfo, policy_for_domain
 from .errors import NoSuchDevice, SafeUSBError, XMLError
-from .hostdev import MAX_XML_BYTES
 from .policy import DEFAULT_PATH, Policy
 from .roots import Roots
 from .run import Runner, setup_logging
@@ -27,12 +26,16 @@ from .selector import Selector, resolve
 from .state import DEFAULT_DIR, StateDir
 
 EXIT_REFUSED = 3
+MAX_DOMAIN_XML_BYTES = 64 * 1024 * 1024
 log = logging.getLogger("safeusb")
 
+# The drop-in's test, byte for byte: the way libvirt formats a USB host device.
+_USB_HOSTDEV = (b"<hostdev mode='subsystem' type='usb'", b'<hostdev mode="subsystem" type="usb"')
 
-def _looks_usb(xml: bytes) -> bool:
-    return (b"<hostdev mode='subsystem' type='usb'" in xml
-            or b'<hostdev mode="subsystem" type="usb"' in xml)
+
+def looks_usb(xml: bytes) -> bool:
+    """Whether the drop-in sees a USB host device in the XML (and so runs the hook)."""
+    return any(pattern in xml for pattern in _USB_HOSTDEV)
 
 
 def _refuse(lines: Sequence[str]) -> int:
@@ -41,41 +44,48 @@ def _refuse(lines: Sequence[str]) -> int:
     return EXIT_REFUSED
 
 
+def _report(lines: Sequence[str]) -> None:
+    """Lines nobody may miss although the hook succeeds: to stderr and to syslog."""
+    for line in lines:
+        log.error("%s", line)
+
+
 def hook(argv: Sequence[str], xml: bytes, roots: Roots, policy_path: str = DEFAULT_PATH,
          state_dir: str = DEFAULT_DIR) -> int:
     if len(argv) < 3:
         print("safeusb: hook needs DOMAIN OPERATION SUB-OPERATION", file=sys.stderr)
         return 0
     domain, op, subop = argv[0], argv[1], argv[2]
-    if (op, subop) not in (("prepare", "begin"), ("release", "end")):
+    if (op, subop) == ("release", "end"):
+        _release(roots, domain, policy_path, StateDir(state_dir))
         return 0
-    looks_usb = _looks_usb(xml)
+    if (op, subop) != ("prepare", "begin"):
+        return 0
     try:
-        info = DomainInfo.from_xml(xml[: MAX_XML_BYTES + 1], f"domain {domain}")
+        info = DomainInfo.from_xml(xml, f"domain {domain}", MAX_DOMAIN_XML_BYTES)
     except XMLError as exc:
-        if op == "prepare" and looks_usb:
-            return _refuse([f"{exc}; cannot tell which USB devices it uses"])
+        if looks_usb(xml):
+            return _refuse([f"{exc}; cannot tell which USB devices it uses, so it is not "
+                            "started"])
         return 0
     if not info.hostdevs:
-        return 0
-    state = StateDir(state_dir)
-    if op == "release":
-        outcome = release_domain(roots, domain, Policy.from_file(policy_path),
-                                 Runner.for_roots(roots), state)
-        for line in outcome.not_undone:
-            print(f"safeusb: release of domain {domain}: {line}", file=sys.stderr)
         return 0
     try:
         policy = policy_for_domain(Policy.from_file(policy_path), info)
     except SafeUSBError as exc:
         return _refuse([f"{exc}; refusing to start domain {domain} with USB host devices"])
+    state = StateDir(state_dir)
     refusals: list[str] = []
     taken: list[str] = []
     for hostdev in info.hostdevs:
         try:
             target = resolve(Selector.from_hostdev(hostdev, f"domain {domain}"), roots)
-        except NoSuchDevice:
-            continue  # libvirt itself reports a missing mandatory device, or drops it
+        except NoSuchDevice as exc:
+            # libvirt finds no such device either: it fails the start, or drops the device
+            # when its startupPolicy allows. Nothing of the host is at stake.
+            log.warning("domain %s: %s is not on the host (%s); left to libvirt",
+                        domain, hostdev.describe(), exc)
+            continue
         except SafeUSBError as exc:
             refusals.append(f"{hostdev.describe()}: {exc}")
             continue
@@ -89,27 +99,42 @@ def hook(argv: Sequence[str], xml: bytes, roots: Roots, policy_path: str = DEFAU
         refusals.extend(f"{head}: {r}" for r in outcome.why_not())
     if refusals:
         if taken:
-            back = release_domain(roots, domain, Policy.from_file(policy_path),
-                                  Runner.for_roots(roots), state)
+            back = release_domain(roots, domain, policy, Runner.for_roots(roots), state)
             refusals.extend(f"could not give back: {n}" for n in back.not_undone)
         return _refuse(refusals)
     return 0
 
 
+def _release(roots: Roots, domain: str, policy_path: str, state: StateDir) -> None:
+    """Give back what the records say the domain took, whatever its XML says now and
+    whether or not the policy can be read; report every record not acted on."""
+    try:
+        policy: Policy | None = Policy.from_file(policy_path)
+    except SafeUSBError as exc:
+        _report([f"release of domain {domain}: {exc}; giving back by the records alone"])
+        policy = None
+    outcome = release_domain(roots, domain, policy, Runner.for_roots(roots), state)
+    _report([f"release of domain {domain}: {line}" for line in outcome.not_undone])
+
+
 def main() -> int:
     # libvirt shows the hook's stderr to the user: only reasons and warnings go there.
     setup_logging(logging.WARNING, True, "safeusb-hook")
-    xml = sys.stdin.buffer.read(MAX_XML_BYTES + 1)
-    looks_usb = _looks_usb(xml)
+    xml = sys.stdin.buffer.read()  # whole: what the drop-in tested, so both agree
+    usb = looks_usb(xml)
+    preparing = sys.argv[2:4] == ["prepare", "begin"]
     try:
         return hook(sys.argv[1:], xml, Roots.host())
     except SafeUSBError as exc:
-        if looks_usb and sys.argv[2:3] == ["prepare"]:
+        if usb and preparing:
             return _refuse([str(exc)])
+        _report([str(exc)])
         return 0
     except Exception as exc:  # fail closed, with the reason, for USB domains
-        if looks_usb and sys.argv[2:3] == ["prepare"]:
-            return _refuse([f"internal error: {exc.__class__.__name__}: {exc}"])
+        text = f"internal error: {exc.__class__.__name__}: {exc}"
+        if usb and preparing:
+            return _refuse([text])
+        _report([text])
         return 0
 
 

@@ -42,9 +42,9 @@ def safe_parser() -> etree.XMLParser:
     )
 
 
-def parse_xml(data: bytes, source: str) -> etree._Element:
-    if len(data) > MAX_XML_BYTES:
-        raise XMLError(source, f"larger than {MAX_XML_BYTES} bytes")
+def parse_xml(data: bytes, source: str, limit: int = MAX_XML_BYTES) -> etree._Element:
+    if len(data) > limit:
+        raise XMLError(source, f"larger than {limit} bytes")
     if b"<!ENTITY" in data or b"<!DOCTYPE" in data:
         raise XMLError(source, "document type declarations are not accepted")
     try:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import trust
 from .errors import SafeUSBError, UsageError
+from .state import DEFAULT_DIR as STATE_DIR
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "libvirt_hooks" / "safeusb.in"
 HOOK_DIR = "etc/libvirt/hooks/qemu.d"
@@ -42,15 +48,86 @@ def interpreter() -> str:
     return exe
 
 
-def render(python: str) -> str:
+_BOOT_MAIN = """
+PACKAGE = {package!r}
+CODE_DIRS = {code_dirs!r}
+
+
+def boot():
+    try:
+        check_code(sys.executable, [p for p in sys.path if p] + CODE_DIRS, [PACKAGE])
+    except (Untrusted, OSError) as exc:
+        print(f"safeusb: refusing to run code that others can change: {{exc}}",
+              file=sys.stderr)
+        return 4
+    sys.path.extend(d for d in CODE_DIRS if d not in sys.path)
+    if sys.argv[1:] == ["--check"]:
+        import safeusb.hook
+        return 0 if safeusb.hook.__file__.startswith(PACKAGE + "/") else 4
+    from safeusb.hook import main
+    return main()
+
+
+sys.exit(boot())
+"""
+
+
+def code_dirs() -> tuple[str, list[str]]:
+    """This safeusb's package directory, and the directories the hook imports from: the
+    one holding the package, then those of its dependencies (where this Python has them)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    dirs = [os.path.dirname(package)]
+    for name in ("lxml", "pyroute2", "libvirt"):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        if spec is None or not spec.origin or not os.path.isabs(spec.origin):
+            continue
+        where = os.path.dirname(spec.origin)
+        if spec.submodule_search_locations is not None:
+            where = os.path.dirname(where)
+        if where not in dirs:
+            dirs.append(where)
+    return package, dirs
+
+
+def boot_source(package: str, dirs: list[str]) -> str:
+    """The Python the drop-in runs (-I -S): the trust check, then the hook."""
+    source = Path(trust.__file__).read_text(encoding="utf-8")
+    main = _BOOT_MAIN.format(package=package, code_dirs=dirs)
+    text = "import sys\n" + source.replace("from __future__ import annotations\n", "") + main
+    if "\nSAFEUSB_BOOT\n" in f"\n{text}\n":
+        raise InstallError("the hook's Python would end its own here-document")
+    return text
+
+
+def render(python: str, boot: str | None = None) -> str:
     if not os.path.isabs(python) or any(c in python for c in " \t\n'\"$`\\;|&<>"):
         raise UsageError(f"--python must be an absolute path without special characters: "
                          f"{python!r}")
+    if boot is None:
+        boot = boot_source(*code_dirs())
     try:
         text = TEMPLATE.read_text()
     except OSError as exc:
         raise InstallError(f"hook template {TEMPLATE}: {exc.strerror or exc}") from None
-    return text.replace("@PYTHON@", python)
+    return (text.replace("@PYTHON@", python).replace("@STATE_DIR@", STATE_DIR)
+            .replace("@BOOT@", boot))
+
+
+def verify(python: str, boot: str) -> None:
+    """Run the drop-in's Python in check mode: its interpreter and code are root's alone,
+    and it imports this safeusb."""
+    try:
+        proc = subprocess.run([python, "-I", "-S", "-c", boot, "--check"], capture_output=True,
+                              text=True, timeout=60, check=False, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise InstallError(f"{python}: {getattr(exc, 'strerror', None) or exc}") from None
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        raise InstallError(f"the hook cannot run with {python}: "
+                           f"{lines[-1] if lines else f'exit status {proc.returncode}'}")
 
 
 def _libvirtd_running() -> bool:
@@ -65,12 +142,19 @@ def _libvirtd_running() -> bool:
     return False
 
 
-def install(root: str = "/", python: str | None = None) -> Installed:
-    content = render(python or interpreter())
+def install(root: str = "/", python: str | None = None, check: bool | None = None) -> Installed:
+    """Write the drop-in under root; on the real system (or with check) first prove that
+    its Python runs the hook from code only root can change."""
+    python = python or interpreter()
+    boot = boot_source(*code_dirs())
+    content = render(python, boot)
+    if check or (check is None and root == "/"):
+        verify(python, boot)
     directory = os.path.join(root, HOOK_DIR)
     path = os.path.join(directory, HOOK_NAME)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC),
+                  encoding="utf-8") as f:
             current: str | None = f.read()
     except FileNotFoundError:
         current = None
@@ -80,12 +164,25 @@ def install(root: str = "/", python: str | None = None) -> Installed:
         raise InstallError(f"{path} exists and is not safeusb's hook; not overwriting it")
     if current == content and os.access(path, os.X_OK):
         return Installed(path, False, False)
-    os.makedirs(directory, mode=0o755, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(content)
-    os.chmod(tmp, 0o755)  # noqa: S103 - libvirtd runs it; it holds no secret
-    os.replace(tmp, path)
+    try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        if root == "/":
+            trust.check_path(directory)
+        fd, tmp = tempfile.mkstemp(prefix=f".{HOOK_NAME}.", dir=directory)
+    except trust.Untrusted as exc:
+        raise InstallError(f"not installing into a directory others can change: {exc}") \
+            from None
+    except OSError as exc:
+        raise InstallError(f"{directory}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(content)
+            os.fchmod(f.fileno(), 0o755)  # libvirtd runs it; it holds no secret
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     # libvirtd looks for hooks when it starts (and on SIGHUP).
     return Installed(path, True, root == "/" and current is None and _libvirtd_running())
 

@@ -25,15 +25,19 @@ driver; release puts back what was configured by hand).
 
 from __future__ import annotations
 
+import math
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from . import trust
 from .errors import SafeUSBError
 from .model import UsbDevice
 
 DEFAULT_PATH = "/etc/safeusb/policy.toml"
+MAX_TIMEOUT = 86400
 
 Action = Literal["refuse", "unmount", "force"]
 ACTIONS: tuple[Action, ...] = ("refuse", "unmount", "force")
@@ -54,6 +58,20 @@ class PolicyError(SafeUSBError):
         super().__init__(f"policy {where}: {message}")
         self.path = path
         self.line = line
+
+
+def check_timeout(value: object) -> float:
+    """A timeout in seconds: a finite number above 0 and at most a day."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"must be a positive number of seconds, not {value!r}")
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        raise ValueError(f"must be a positive number of seconds, not {value!r}") from None
+    if not math.isfinite(number) or not 0 < number <= MAX_TIMEOUT:
+        raise ValueError(f"must be a positive number of seconds, at most {MAX_TIMEOUT}, "
+                         f"not {value!r}")
+    return number
 
 
 @dataclass(frozen=True)
@@ -117,13 +135,19 @@ class Policy:
 
     @classmethod
     def from_file(cls, path: str) -> Policy:
+        """The policy in a file that only root (or the user running) can change."""
         try:
             with open(path, "rb") as f:
+                real = trust.check_path(path, trust.trusted_owners())
+                if not os.path.samestat(os.fstat(f.fileno()), os.stat(real)):
+                    raise trust.Untrusted(f"{path} changed while it was read")
                 data = f.read(1024 * 1024 + 1)
         except FileNotFoundError:
             if path == DEFAULT_PATH:
                 return cls()
             raise PolicyError(path, "no such file") from None
+        except trust.Untrusted as exc:
+            raise PolicyError(path, f"not obeyed: others can change it: {exc}") from None
         except OSError as exc:
             raise PolicyError(path, exc.strerror or str(exc)) from None
         if len(data) > 1024 * 1024:
@@ -141,6 +165,8 @@ class Policy:
         except tomllib.TOMLDecodeError as exc:
             m = re.search(r"line (\d+)", str(exc))
             raise PolicyError(path, str(exc), int(m.group(1)) if m else None) from None
+        except RecursionError:
+            raise PolicyError(path, "nested too deeply") from None
         loader = _Loader(path, text)
         unknown = set(doc) - {"defaults", "rules"}
         if unknown:
@@ -193,9 +219,10 @@ class _Loader:
                     raise self.fail(key, f"{where}: {key} must be true or false")
                 values[key] = value
             elif key == "flush_timeout":
-                if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                    raise self.fail(key, f"{where}: flush_timeout must be a positive number")
-                values[key] = float(value)
+                try:
+                    values[key] = check_timeout(value)
+                except ValueError as exc:
+                    raise self.fail(key, f"{where}: flush_timeout {exc}") from None
         if where == "[defaults]":
             stray = set(table) & set(_MATCH_KEYS)
             if stray:

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import stat
 import time
@@ -20,6 +21,7 @@ from typing import Any
 from .errors import SafeUSBError
 
 DEFAULT_DIR = "/run/safeusb"
+MAX_RECORD_BYTES = 1024 * 1024
 
 
 class StateError(SafeUSBError):
@@ -38,10 +40,32 @@ class Record:
     domain: str | None
     created: float
     steps: tuple[dict[str, Any], ...]  # Step.as_json() of every step carried out
+    restore: bool | None = None  # the policy's restore when prepare took the device
 
     def as_json(self) -> dict[str, Any]:
         return {"version": 1, "key": self.key, "domain": self.domain,
-                "created": self.created, "steps": list(self.steps)}
+                "created": self.created, "steps": list(self.steps), "restore": self.restore}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Record:
+        """A record from its JSON document; ValueError names what is wrong with it."""
+        if not isinstance(doc, dict):
+            raise ValueError(f"a JSON {type(doc).__name__}, not an object")
+        key, domain, created = doc.get("key"), doc.get("domain"), doc.get("created")
+        steps, restore = doc.get("steps"), doc.get("restore")
+        if not isinstance(key, str) or not key:
+            raise ValueError("'key' is not a non-empty string")
+        if domain is not None and not isinstance(domain, str):
+            raise ValueError("'domain' is neither a string nor null")
+        if isinstance(created, bool) or not isinstance(created, int | float) \
+                or not math.isfinite(created):
+            raise ValueError("'created' is not a number")
+        if not isinstance(steps, list) or not all(
+                isinstance(s, dict) and isinstance(s.get("kind"), str) for s in steps):
+            raise ValueError("'steps' is not a list of steps")
+        if restore is not None and not isinstance(restore, bool):
+            raise ValueError("'restore' is neither true, false nor null")
+        return cls(key, domain, float(created), tuple(steps), restore)
 
 
 class StateDir:
@@ -49,8 +73,12 @@ class StateDir:
         self.path = path
 
     def _ensure(self) -> None:
-        os.makedirs(self.path, mode=0o700, exist_ok=True)
-        st = os.lstat(self.path)
+        try:
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            st = os.lstat(self.path)
+        except OSError as exc:
+            raise StateError(f"{self.path}: {exc.strerror or exc}: state is not trusted") \
+                from None
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
             raise StateError(f"{self.path} is not a private directory owned by this user "
                              "(owner, mode or a symlink): state is not trusted")
@@ -63,9 +91,18 @@ class StateDir:
     def lock(self, key: str) -> Iterator[None]:
         """One safeusb at a time per device."""
         self._ensure()
-        fd = os.open(self._file(key, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW |
-                     os.O_CLOEXEC, 0o600)
+        path = self._file(key, "lock")
         try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC |
+                         os.O_NONBLOCK, 0o600)
+        except OSError as exc:
+            what = "a symlink" if exc.errno == errno.ELOOP else exc.strerror or str(exc)
+            raise StateError(f"lock {path}: {what}: state is not trusted") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                raise StateError(f"lock {path} is not a regular file of this user: "
+                                 "state is not trusted")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -89,13 +126,19 @@ class StateDir:
             st = os.fstat(f.fileno())
             if st.st_uid != os.geteuid() or st.st_mode & 0o077 or not stat.S_ISREG(st.st_mode):
                 raise StateError(f"{path} has the wrong owner or mode: state is not trusted")
-            raw = f.read(1024 * 1024)
+            raw = f.read(MAX_RECORD_BYTES + 1)
+        if len(raw) > MAX_RECORD_BYTES:
+            raise StateError(f"{path} is larger than {MAX_RECORD_BYTES} bytes: "
+                             "state is not trusted")
         try:
-            doc = json.loads(raw)
-            return Record(str(doc["key"]), doc["domain"], float(doc["created"]),
-                          tuple(doc["steps"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise StateError(f"{path} is garbled ({exc}): state is not trusted") from None
+            record = Record.from_json(json.loads(raw))
+        except (ValueError, RecursionError) as exc:
+            why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise StateError(f"{path} is garbled ({why}): state is not trusted") from None
+        if self._file(record.key, "json") != path:
+            raise StateError(f"{path} holds the record of {record.key!r}, not of {key!r}: "
+                             "state is not trusted")
+        return record
 
     def save(self, record: Record) -> None:
         self._ensure()
@@ -116,24 +159,33 @@ class StateDir:
                 os.unlink(tmp)
             raise StateError(f"cannot record state in {path}: {exc.strerror or exc}") from None
 
-    def keys_for_domain(self, domain: str) -> list[str]:
-        """Devices whose records say they were taken for the domain."""
+    def keys_for_domain(self, domain: str) -> tuple[list[str], list[str]]:
+        """Devices whose records say they were taken for the domain, and a line for each
+        record that could not be read (it may be this domain's: never skipped in silence)."""
         try:
             names = sorted(os.listdir(self.path))
         except FileNotFoundError:
-            return []
-        keys = []
+            return [], []
+        except OSError as exc:
+            return [], [f"cannot list {self.path}: {exc.strerror or exc}"]
+        keys: list[str] = []
+        problems: list[str] = []
         for name in names:
             if name.endswith(".json"):
-                record = self.load(name[: -len(".json")])
+                try:
+                    record = self.load(name[: -len(".json")])
+                except StateError as exc:
+                    problems.append(str(exc))
+                    continue
                 if record is not None and record.domain == domain:
                     keys.append(record.key)
-        return keys
+        return keys, problems
 
     def remove(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._file(key, "json"))
 
 
-def new_record(key: str, domain: str | None, steps: list[dict[str, Any]]) -> Record:
-    return Record(key, domain, time.time(), tuple(steps))
+def new_record(key: str, domain: str | None, steps: list[dict[str, Any]],
+               restore: bool | None = None) -> Record:
+    return Record(key, domain, time.time(), tuple(steps), restore)
