@@ -135,11 +135,13 @@ def prepare(
         holds = hold_targets(findings.snapshot)
         done: list[Step] = []
         try:
+            runner.check_cancelled()
             # Before anything is changed: /run must take the record that release needs.
             state.save(new_record(key, domain, [], settings.restore))
             runner.hold(holds)
 
             def carry_out(step: Step) -> None:
+                runner.check_cancelled()
                 began = time.monotonic()
                 try:
                     step.execute(runner)

@@ -19,6 +19,7 @@ Session holds the decisions about the stream and touches no socket; run_proxy do
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
 import selectors
@@ -355,6 +356,7 @@ class _Link:
         self.client, self.server, self.session = client, server, session
         self.to_client, self.to_server = _Out(client), _Out(server)
         self.asked: dict[int, float] = {}  # token -> deadline
+        self.cancels: dict[int, threading.Event] = {}  # token -> set when given up on
 
 
 @dataclass
@@ -461,14 +463,16 @@ class Proxy:
                 log(a.text)
             else:
                 link.asked[a.token] = time.monotonic() + self.timeout
+                cancel = link.cancels[a.token] = threading.Event()
                 threading.Thread(
-                    target=self._decide, args=(link, a.token, a.request), daemon=True
+                    target=self._decide, args=(link, a.token, a.request, cancel), daemon=True
                 ).start()
 
-    def _decide(self, link: _Link, token: int, request: UsbHostRequest) -> None:
+    def _decide(self, link: _Link, token: int, request: UsbHostRequest,
+                cancel: threading.Event) -> None:
         refusal: str | None = None
         try:
-            self.decide(request)
+            self.decide(request, cancel)
         except SafeUSBError as exc:
             refusal = str(exc) or type(exc).__name__
         except Exception as exc:
@@ -485,11 +489,18 @@ class Proxy:
                 link, token, refusal = self.results.get_nowait()
             except queue.Empty:
                 return
-            if link is self.link and link.asked.pop(token, None) is not None:
+            cancel = link.cancels.pop(token, None)
+            link.asked.pop(token, None)
+            if link is self.link and cancel is not None:
+                if cancel.is_set() and refusal is not None:
+                    refusal = f"no decision within {self.timeout:g} s; {refusal}"
                 self._apply(link, link.session.decided(token, refusal))
                 self._flush(link)
 
     def _expire(self) -> None:
+        """A decision past its deadline is cancelled, and answered once it has stopped and
+        put the host back as it was (a refusal while the work goes on would leave it
+        changed)."""
         link = self.link
         if link is None:
             return
@@ -497,9 +508,9 @@ class Proxy:
         for token, deadline in list(link.asked.items()):
             if deadline <= now:
                 del link.asked[token]
-                self._apply(link, link.session.decided(
-                    token, f"no decision within {self.timeout:g} s"))
-                self._flush(link)
+                log(f"no decision within {self.timeout:g} s: cancelling it; the answer "
+                    "waits until the host is as it was")
+                link.cancels[token].set()
 
     def _flush(self, link: _Link) -> None:
         if self.link is not link:
@@ -520,6 +531,8 @@ class Proxy:
             return
         log(why)
         self.link = None
+        for cancel in link.cancels.values():
+            cancel.set()  # nobody waits for these answers: undo whatever they did
         for sock in (link.client, link.server):
             with contextlib.suppress(KeyError, ValueError):
                 self.sel.unregister(sock)
@@ -551,8 +564,9 @@ def run_proxy(
     qemu_pidfd: int | None,
     decide: Decide,
     domain: str | None,
+    timeout: float = DECISION_TIMEOUT,
 ) -> None:
-    Proxy(listener, qemu_path, qemu_pidfd, decide, domain).run()
+    Proxy(listener, qemu_path, qemu_pidfd, decide, domain, timeout).run()
 
 
 # The executable
@@ -563,6 +577,7 @@ class GateArgs:
     real_emulator: str
     qemu_args: tuple[str, ...]
     decision: str | None = None
+    timeout: float = DECISION_TIMEOUT
 
 
 def launcher_path(real_emulator: str, root: str = GATE_ROOT) -> str:
@@ -580,7 +595,8 @@ def is_gate_path(path: str, root: str = GATE_ROOT) -> bool:
 
 def parse_gate_argv(argv: Sequence[str], root: str = GATE_ROOT) -> GateArgs:
     """`GATE_ROOT/usr/bin/qemu-system-x86_64 QEMU-ARGS...` (how libvirt runs it), or
-    `safeusb-qemu-gate --real-emulator PATH [--decision MODULE:FUNCTION] -- QEMU-ARGS...`."""
+    `safeusb-qemu-gate --real-emulator PATH [--decision MODULE:FUNCTION]
+    [--decision-timeout SECONDS] -- QEMU-ARGS...`."""
     prog = argv[0] if argv else PROG
     if is_gate_path(prog, root):
         real = prog[len(root):]
@@ -589,24 +605,34 @@ def parse_gate_argv(argv: Sequence[str], root: str = GATE_ROOT) -> GateArgs:
         return GateArgs(real, tuple(argv[1:]))
     real_emulator: str | None = None
     decision: str | None = None
+    timeout = DECISION_TIMEOUT
     rest = list(argv[1:])
     while rest and rest[0] != "--":
         opt = rest.pop(0)
-        if opt in ("--real-emulator", "--decision") and rest:
+        if opt in ("--real-emulator", "--decision", "--decision-timeout") and rest:
             value = rest.pop(0)
             if opt == "--real-emulator":
                 real_emulator = value
-            else:
+            elif opt == "--decision":
                 decision = value
+            else:
+                try:
+                    timeout = float(value)
+                except ValueError:
+                    timeout = math.nan
+                if not math.isfinite(timeout) or timeout <= 0:
+                    raise UsageError(f"{PROG}: --decision-timeout {value!r}: give a positive "
+                                     "number of seconds")
         else:
             raise UsageError(f"{PROG}: unknown argument {opt!r}; usage: {PROG} "
-                             "--real-emulator PATH [--decision MODULE:FUNCTION] -- QEMU-ARGS")
+                             "--real-emulator PATH [--decision MODULE:FUNCTION] "
+                             "[--decision-timeout SECONDS] -- QEMU-ARGS")
     if real_emulator is None:
         raise UsageError(f"{PROG}: --real-emulator PATH is required when not run as "
                          f"{root}/<emulator path>")
     if not os.path.isabs(real_emulator) or is_gate_path(real_emulator, root):
         raise UsageError(f"{PROG}: --real-emulator must be an absolute path outside {root}")
-    return GateArgs(real_emulator, tuple(rest[1:]), decision)
+    return GateArgs(real_emulator, tuple(rest[1:]), decision, timeout)
 
 
 def load_decision(spec: str | None) -> Decide:
@@ -655,7 +681,7 @@ def start_guarded(ga: GateArgs, mon: MonitorSocket, decide: Decide) -> int:
             qemu_listener.close()
             log(f"guards the QMP monitor of {domain or 'a domain'}")
             listener = socket.socket(fileno=os.dup(client_fd))
-            run_proxy(listener, qemu_path, pidfd, decide, domain)
+            run_proxy(listener, qemu_path, pidfd, decide, domain, ga.timeout)
             code = 0
         except BaseException:
             log("proxy failed:\n" + traceback.format_exc())

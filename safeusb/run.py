@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,10 @@ class FlushTimeout(StepFailed):
 class NothingToDo(SafeUSBError):
     """A step found what it would change already gone (a mount unmounted meanwhile by its
     owner or by propagation): nothing was done, and nothing is to be put back."""
+
+
+class Cancelled(StepFailed):
+    """Whoever asked for the handover gave up waiting: stop, and undo what was done."""
 
 
 class DeviceGone(StepFailed):
@@ -87,11 +92,17 @@ class Runner:
     log_lines: list[str] = field(default_factory=list)
     held: dict[str, int] = field(default_factory=dict)
     loops_kept: dict[str, int] = field(default_factory=dict)  # autoclear loops held open
+    cancel: threading.Event | None = None  # set: the caller no longer waits for the answer
 
     @classmethod
     def for_roots(cls, roots: Roots, **kwargs: Any) -> Runner:
         """A runner acting on the system the roots describe."""
         return cls(debugfs=roots.debugfs, sys_root=roots.sys, **kwargs)
+
+    def check_cancelled(self, doing: str = "prepare") -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled(f"{doing} was cancelled: the request for the device gave up "
+                            "waiting for it")
 
     def _log(self, text: str) -> None:
         self.log_lines.append(text)
@@ -264,6 +275,8 @@ class Runner:
             while any(p.poll() is None for p in procs):
                 if not self._present(step.bdi):
                     raise self._gone(step, left)
+                if self.cancel is not None and self.cancel.is_set():
+                    self.check_cancelled(f"flushing {step.device} (nothing was unmounted)")
                 if time.monotonic() > deadline:
                     left = self._bdi_remaining(step.bdi)
                     shown = "unknown" if left is None else f"{left} bytes"

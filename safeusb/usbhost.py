@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -88,8 +89,9 @@ class UsbHostRequest:
         return "usb-host " + ",".join(parts)
 
 
-Decide = Callable[[UsbHostRequest], None]
-"""Returns to allow; raises SafeUSBError (message = the reason) to refuse."""
+Decide = Callable[[UsbHostRequest, threading.Event], None]
+"""Returns to allow; raises SafeUSBError (message = the reason) to refuse. The event is set
+when the requester gives up waiting: stop, put the host back as it was, and refuse."""
 
 
 def _uint(name: str, value: Any, limit: int) -> int:
@@ -258,7 +260,7 @@ def request_selector(request: UsbHostRequest) -> Selector:
     )
 
 
-def prepare_decision(request: UsbHostRequest) -> None:
+def prepare_decision(request: UsbHostRequest, cancel: threading.Event) -> None:
     """The gate's decision: `safeusb prepare` under the host policy for the domain; the
     device goes to the guest only when it is free or made free."""
     from .act import prepare  # noqa: PLC0415
@@ -271,14 +273,14 @@ def prepare_decision(request: UsbHostRequest) -> None:
     roots = Roots.host()
     target = resolve(request_selector(request), roots)
     outcome = prepare(roots, target, Policy.from_file(DEFAULT_PATH),
-                      Runner.for_roots(roots), StateDir(),
+                      Runner.for_roots(roots, cancel=cancel), StateDir(),
                       domain=request.domain)
     if outcome.ok:
         return
     raise SafeUSBError("; ".join(outcome.why_not()))
 
 
-def inspect_decision(request: UsbHostRequest) -> None:
+def inspect_decision(request: UsbHostRequest, cancel: threading.Event) -> None:
     """Refuse unless `safeusb inspect` finds the device free (changes nothing)."""
     from .inspect import inspect  # noqa: PLC0415 (the gate starts fast without it)
     from .roots import Roots  # noqa: PLC0415
