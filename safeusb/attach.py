@@ -90,7 +90,7 @@ def attach(roots: Roots, uri: str | None, name: str, xml: bytes, source: str, fl
 
 
 def detach(roots: Roots, uri: str | None, name: str, xml: bytes, source: str, flags: Flags,
-           policy: Policy, state: StateDir) -> list[str]:
+           policy: Policy | None, state: StateDir) -> list[str]:
     import libvirt  # noqa: PLC0415
 
     dom = _domain(uri, name)

@@ -21,6 +21,7 @@ from .snapshot import read_snapshot
 
 if TYPE_CHECKING:
     from .act import Outcome
+    from .policy import Policy
 
 # Paths known here so the parser needs no policy or state code (loaded per command).
 DEFAULT_POLICY = "/etc/safeusb/policy.toml"
@@ -206,15 +207,26 @@ def cmd_prepare(args: argparse.Namespace, roots: Roots) -> int:
 
 def cmd_release(args: argparse.Namespace, roots: Roots) -> int:
     from .act import release, target_key  # noqa: PLC0415
-    from .policy import Policy  # noqa: PLC0415
     from .state import StateDir  # noqa: PLC0415
 
     target = target_from_args(args, roots)
-    policy = Policy.from_file(args.policy)
     runner = Runner.for_roots(roots)
-    outcome = release(roots, target_key(target), policy, runner, StateDir(args.state_dir),
+    outcome = release(roots, target_key(target), _policy_or_none(args.policy), runner,
+                      StateDir(args.state_dir),
                       usb=target.usb, domain=args.domain)
     return _print_outcome("release", target.describe(), outcome, args.json)
+
+
+def _policy_or_none(path: str) -> Policy | None:
+    """Giving back never depends on the policy: when it cannot be read, say so and go on
+    by the records (which keep the restore setting the device was taken under)."""
+    from .policy import Policy  # noqa: PLC0415
+
+    try:
+        return Policy.from_file(path)
+    except SafeUSBError as exc:
+        print(f"safeusb: {exc}; giving back by the records alone", file=sys.stderr)
+        return None
 
 
 def cmd_install_hook(args: argparse.Namespace, roots: Roots) -> int:
@@ -238,9 +250,12 @@ def cmd_attach(args: argparse.Namespace, roots: Roots) -> int:
     except OSError as exc:
         raise XMLError(args.file, exc.strerror or str(exc)) from None
     flags = attach.Flags(args.live, args.config, args.current, args.persistent)
-    do = attach.attach if args.command == "attach-device" else attach.detach
-    lines = do(roots, args.connect, args.domain, xml, args.file, flags,
-               Policy.from_file(args.policy), StateDir(args.state_dir))
+    if args.command == "attach-device":
+        lines = attach.attach(roots, args.connect, args.domain, xml, args.file, flags,
+                              Policy.from_file(args.policy), StateDir(args.state_dir))
+    else:
+        lines = attach.detach(roots, args.connect, args.domain, xml, args.file, flags,
+                              _policy_or_none(args.policy), StateDir(args.state_dir))
     print("\n".join(lines))
     return EXIT_FREE
 
@@ -285,6 +300,10 @@ def main(argv: Sequence[str] | None = None, roots: Roots | None = None) -> int:
         return exit_code_for(exc)
     except KeyboardInterrupt:
         print("safeusb: interrupted", file=sys.stderr)
+        return EXIT_IN_USE
+    except Exception as exc:  # one line for the user; the trace with -v
+        logging.getLogger("safeusb").debug("internal error", exc_info=True)
+        print(f"safeusb: internal error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         return EXIT_IN_USE
 
 

@@ -96,8 +96,9 @@ class StateDir:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC |
                          os.O_NONBLOCK, 0o600)
         except OSError as exc:
-            what = "a symlink" if exc.errno == errno.ELOOP else exc.strerror or str(exc)
-            raise StateError(f"lock {path}: {what}: state is not trusted") from None
+            what = "is a symlink" if exc.errno == errno.ELOOP else \
+                f"cannot be opened ({exc.strerror or exc})"
+            raise StateError(f"lock {path} {what}: state is not trusted") from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():

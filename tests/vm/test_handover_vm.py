@@ -167,9 +167,23 @@ def test_hook_guards_virsh_start(vm: BootResult) -> None:
              f"after a libvirtd restart the guest is gone ({n})")
     r.expect(n.get("mounted_while_running") == "0" and n.get("in_domain") == "1",
              f"the stick was not handed to the running domain ({n})")
-    r.expect(n.get("mounted_after_destroy") == "1" and n.get("readback") == n.get("payload"),
-             f"destroy did not give the stick back, remounted with its data ({n})")
-    check = vm.check_stick("hk", {"data.bin": ("hook", "data.bin")})
+    r.expect(n.get("detach_rc") == "0" and n.get("in_domain_after_detach") == "0",
+             f"virsh detach-device --live failed:\n{r.file('detach.out')}")
+    r.expect(n.get("mounted_after_destroy") == "1" and n.get("readback") == n.get("payload")
+             and n.get("records_after_destroy") == "0",
+             f"destroy of the domain whose XML no longer names the stick did not give it "
+             f"back, remounted with its data, from the records ({n})")
+    big = r.file("big.out")
+    r.expect(n.get("metadata_rc") == "0" and int(n.get("big_xml_bytes") or 0) > 6 * MIB,
+             f"the domain did not grow past 6 MiB ({n}):\n{r.file('metadata.out')}")
+    r.expect(n.get("big_rc") != "0" and "/tmp/hk" in big and "safeusb" in big,
+             f"virsh start of a domain with 6 MiB of metadata and the mounted stick was not "
+             f"refused by name:\n{big}")
+    r.expect(n.get("mounted_after_big") == "1"
+             and int(n.get("dirty_kb_after_big") or 0) >= 1024,
+             f"the refusal of the big domain changed the host ({n})")
+    check = vm.check_stick("hk", {"data.bin": ("hook", "data.bin"),
+                                  "data2.bin": ("hook", "data.bin")})
     r.expect(check.intact, check.summary())
 
 

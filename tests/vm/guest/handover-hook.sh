@@ -40,9 +40,37 @@ for _ in $(seq 1 100); do pgrep -x libvirtd >/dev/null || break; sleep 0.1; done
 libvirtd -d
 for _ in $(seq 1 300); do virsh -q version >/dev/null 2>&1 && break; sleep 0.1; done
 note state_after_restart "$(virsh domstate h2 2>&1)"
+# Detached live, the stick is no longer in the domain's XML; at shutdown, what the domain
+# took must still be given back, from safeusb's records.
+hostdev_xml "$HK_BUSDEV" >/tmp/hk-hostdev.xml
+virsh detach-device h2 /tmp/hk-hostdev.xml --live >"$OUT/detach.out" 2>&1
+note detach_rc $?
+note in_domain_after_detach "$(virsh dumpxml h2 | grep -c "<hostdev mode='subsystem' type='usb'")"
 virsh destroy h2 >"$OUT/destroy.out" 2>&1
 note destroy_rc $?
 for _ in $(seq 1 100); do [ "$(mounted /tmp/hk)" = 1 ] && break; sleep 0.1; done
 note mounted_after_destroy "$(mounted /tmp/hk)"
 note readback "$(sha /tmp/hk/data.bin 2>/dev/null)"
 note payload "$(sha "$PAYLOAD/data.bin")"
+note records_after_destroy "$(ls /run/safeusb/*.json 2>/dev/null | wc -l)"
+
+# A domain grown past 4 MiB through metadata set in pieces (libvirt writes <metadata>
+# before <devices>): its USB host device must still be found, and the start refused.
+cp "$PAYLOAD/data.bin" /tmp/hk/data2.bin
+note dirty_kb_big "$(bdi_stat "$HK_DEV" BdiReclaimable)"
+domain_xml big >/tmp/big.xml
+virsh define /tmp/big.xml >/dev/null
+/usr/bin/python3 - <<'PY' >"$OUT/metadata.out" 2>&1
+import libvirt
+dom = libvirt.open("qemu:///system").lookupByName("big")
+for key in ("a", "b"):
+    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, f"<{key}>{'x' * 3145728}</{key}>",
+                    key, f"https://safeusb.invalid/test/{key}", libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+PY
+note metadata_rc $?
+note big_xml_bytes "$(virsh dumpxml big | wc -c)"
+virsh start --paused big >"$OUT/big.out" 2>&1
+note big_rc $?
+note mounted_after_big "$(mounted /tmp/hk)"
+note dirty_kb_after_big "$(bdi_stat "$HK_DEV" BdiReclaimable)"
+virsh destroy big >/dev/null 2>&1
