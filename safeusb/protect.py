@@ -24,6 +24,7 @@ from typing import Any
 
 from lxml import etree
 
+from . import trust
 from .errors import EXIT_IN_USE, SafeUSBError
 from .gate import GATE_ROOT, PROG, is_gate_path, launcher_path
 from .hostdev import parse_xml
@@ -112,9 +113,16 @@ def to_text(root: etree._Element) -> str:
 
 
 def gate_program() -> str:
+    """The gate's program in this environment, refused unless only root can change it
+    and the code it runs (QEMU's user runs it, root in some configurations)."""
     path = os.path.join(os.path.dirname(sys.executable), PROG)
     if not os.access(path, os.X_OK):
         raise ProtectError(f"{path} is not installed (install safeusb into this environment)")
+    try:
+        trust.check_path(path)
+        trust.check_path(os.path.dirname(os.path.abspath(__file__)), recursive=True)
+    except trust.Untrusted as exc:
+        raise ProtectError(f"not putting in a gate others can change: {exc}") from None
     return path
 
 
