@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import threading
 from pathlib import Path
 
@@ -15,8 +13,8 @@ from safeusb.roots import Roots
 from safeusb.run import Runner
 from safeusb.selector import Selector, resolve
 from safeusb.state import StateDir
-from tests.host.conftest import Loop, background, run, wait_for
-from tests.host.test_prepare_host import UNMOUNT, _mounted_in, _ns_mount
+from tests.host.conftest import Loop, background, wait_for
+from tests.host.test_prepare_host import UNMOUNT, _mounted_in, _ns_mount, stalled_mount
 
 pytestmark = [pytest.mark.host, pytest.mark.fault]
 
@@ -62,46 +60,20 @@ def test_cancel_before_anything_changes_nothing(loop_ext4: Loop, tmp_path: Path)
 
 
 def test_cancel_during_a_stalled_flush(loop_ext4: Loop, tmp_path: Path) -> None:
-    """The flush cannot complete (a loop device on a frozen filesystem) and its timeout is
-    far off: a cancel stops it at once, and nothing was unmounted."""
-    outer = tmp_path / "outer"
-    run("mount", loop_ext4.node, str(outer.mkdir() or outer))
-    inner_img = outer / "inner.img"
-    with open(inner_img, "wb") as f:
-        f.truncate(32 * 1024 * 1024)
-    run("mkfs.ext4", "-q", "-F", str(inner_img))
-    inner = Loop(run("losetup", "--find", "--show", str(inner_img)).stdout.strip(), inner_img)
-    saved = Path("/proc/sys/vm/dirty_writeback_centisecs").read_text()
-    Path("/proc/sys/vm/dirty_writeback_centisecs").write_text("0")
-    mnt = tmp_path / "m"
-    frozen = False
-    try:
-        with background(_ns_mount(inner, mnt, b""), stdin=subprocess.PIPE) as proc:
-            assert proc.stdin is not None
-            proc.stdin.write(os.urandom(2 * 1024 * 1024))
-            proc.stdin.close()
-            wait_for(lambda: _mounted_in(proc.pid, mnt))
-            run("fsfreeze", "--freeze", str(outer))
-            frozen = True
-            roots = Roots.host()
-            target = resolve(Selector.from_string(inner.node), roots)
-            cancel = threading.Event()
-            timer = threading.Timer(1.0, cancel.set)
-            timer.start()
-            outcome = prepare(roots, target, Policy.from_text(UNMOUNT), Runner(cancel=cancel),
-                              StateDir(str(tmp_path / "state")), timeout=600.0)
-            timer.cancel()
-            assert not outcome.ok
-            assert "cancelled" in (outcome.error or "") and "nothing was unmounted" in (
-                outcome.error or ""), outcome
-            assert outcome.host_state() == "unchanged: nothing was done"
-            assert _mounted_in(proc.pid, mnt)
-            assert not (tmp_path / "state" / f"{inner.name}.json").exists()
-            run("fsfreeze", "--unfreeze", str(outer))
-            frozen = False
-    finally:
-        if frozen:
-            run("fsfreeze", "--unfreeze", str(outer))
-        Path("/proc/sys/vm/dirty_writeback_centisecs").write_text(saved)
-        run("losetup", "-d", inner.node, check=False)
-        wait_for(lambda: run("umount", str(outer), check=False).returncode == 0, 20)
+    """The flush cannot complete and its timeout is far off: a cancel stops it at once,
+    and nothing was unmounted."""
+    with stalled_mount(loop_ext4, tmp_path) as (inner, mnt, pid):
+        roots = Roots.host()
+        target = resolve(Selector.from_string(inner.node), roots)
+        cancel = threading.Event()
+        timer = threading.Timer(1.0, cancel.set)
+        timer.start()
+        outcome = prepare(roots, target, Policy.from_text(UNMOUNT), Runner(cancel=cancel),
+                          StateDir(str(tmp_path / "state")), timeout=600.0)
+        timer.cancel()
+        assert not outcome.ok
+        assert "cancelled" in (outcome.error or "") and "nothing was unmounted" in (
+            outcome.error or ""), outcome
+        assert outcome.host_state() == "unchanged: nothing was done"
+        assert _mounted_in(pid, mnt)
+        assert not (tmp_path / "state" / f"{inner.name}.json").exists()

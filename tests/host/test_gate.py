@@ -80,7 +80,7 @@ class Gated:
 
 @contextlib.contextmanager
 def gated(tmp_path: Path, decision: str = "tests.host.gate_decisions:refuse_bus_9",
-          ) -> Iterator[Gated]:
+          extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Iterator[Gated]:
     assert QEMU is not None
     path = str(tmp_path / "monitor.sock")
     listener = socket.socket(socket.AF_UNIX)
@@ -90,7 +90,7 @@ def gated(tmp_path: Path, decision: str = "tests.host.gate_decisions:refuse_bus_
     os.set_inheritable(fd, True)
     log = tmp_path / "domain.log"
     argv = [sys.executable, "-m", "safeusb.gate", "--real-emulator", QEMU,
-            "--decision", decision, "--",
+            "--decision", decision, *extra, "--",
             "-name", "guest=gated,debug-threads=on", "-machine", "pc,accel=tcg",
             "-nodefaults", "-display", "none", "-S", "-m", "32",
             "-chardev", f"socket,id=charmonitor,fd={fd},server=on,wait=off",
@@ -98,7 +98,7 @@ def gated(tmp_path: Path, decision: str = "tests.host.gate_decisions:refuse_bus_
             "-device", '{"driver":"qemu-xhci","id":"usb","bus":"pci.0","addr":"0x2"}']
     with open(log, "wb") as logf:
         qemu = subprocess.Popen(argv, pass_fds=[fd], stdout=logf, stderr=logf,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)})
     listener.close()
     g = Gated(qemu, socket.socket(), path, log)
     try:

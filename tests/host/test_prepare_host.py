@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -162,12 +164,13 @@ def test_failed_step_rolls_back(loop_ext4: Loop, tmp_path: Path) -> None:
         assert not (tmp_path / "state" / f"{loop_ext4.name}.json").exists()
 
 
-@pytest.mark.fault
-def test_flush_timeout_refuses_and_leaves_it_mounted(loop_ext4: Loop, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def stalled_mount(loop: Loop, tmp_path: Path) -> Iterator[tuple[Loop, Path, int]]:
     """A device whose writes cannot complete: a loop device backed by a file on a frozen
-    filesystem. The flush times out; nothing is unmounted."""
+    filesystem, mounted in a private namespace with 2 MiB unwritten. Yields the device,
+    its mountpoint and the pid holding the namespace; thaws and cleans up after."""
     outer = tmp_path / "outer"
-    run("mount", loop_ext4.node, str(outer.mkdir() or outer))
+    run("mount", loop.node, str(outer.mkdir() or outer))
     inner_img = outer / "inner.img"
     with open(inner_img, "wb") as f:
         f.truncate(32 * 1024 * 1024)
@@ -176,7 +179,6 @@ def test_flush_timeout_refuses_and_leaves_it_mounted(loop_ext4: Loop, tmp_path: 
     saved = Path("/proc/sys/vm/dirty_writeback_centisecs").read_text()
     Path("/proc/sys/vm/dirty_writeback_centisecs").write_text("0")
     mnt = tmp_path / "m"
-    frozen = False
     try:
         with background(_ns_mount(inner, mnt, b""), stdin=subprocess.PIPE) as proc:
             assert proc.stdin is not None
@@ -184,24 +186,30 @@ def test_flush_timeout_refuses_and_leaves_it_mounted(loop_ext4: Loop, tmp_path: 
             proc.stdin.close()
             wait_for(lambda: _mounted_in(proc.pid, mnt))
             run("fsfreeze", "--freeze", str(outer))
-            frozen = True
-            roots = Roots.host()
-            target = resolve(Selector.from_string(inner.node), roots)
-            outcome = prepare(roots, target, Policy.from_text(UNMOUNT), Runner(),
-                              StateDir(str(tmp_path / "state")), timeout=1.0)
-            assert not outcome.ok
-            assert "did not finish in 1 s" in (outcome.error or ""), outcome
-            assert outcome.host_state() == "unchanged: nothing was done"
-            assert _mounted_in(proc.pid, mnt)
-            run("fsfreeze", "--unfreeze", str(outer))
-            frozen = False
+            try:
+                yield inner, mnt, proc.pid
+            finally:
+                run("fsfreeze", "--unfreeze", str(outer))
     finally:
-        if frozen:
-            run("fsfreeze", "--unfreeze", str(outer))
         Path("/proc/sys/vm/dirty_writeback_centisecs").write_text(saved)
         run("losetup", "-d", inner.node, check=False)
         # The stalled sync lets go of the inner device once thawed: retry for a while.
         wait_for(lambda: run("umount", str(outer), check=False).returncode == 0, 20)
+
+
+@pytest.mark.fault
+def test_flush_timeout_refuses_and_leaves_it_mounted(loop_ext4: Loop, tmp_path: Path) -> None:
+    """The flush of a device whose writes cannot complete times out; nothing is
+    unmounted."""
+    with stalled_mount(loop_ext4, tmp_path) as (inner, mnt, pid):
+        roots = Roots.host()
+        target = resolve(Selector.from_string(inner.node), roots)
+        outcome = prepare(roots, target, Policy.from_text(UNMOUNT), Runner(),
+                          StateDir(str(tmp_path / "state")), timeout=1.0)
+        assert not outcome.ok
+        assert "did not finish in 1 s" in (outcome.error or ""), outcome
+        assert outcome.host_state() == "unchanged: nothing was done"
+        assert _mounted_in(pid, mnt)
 
 
 @pytest.mark.race

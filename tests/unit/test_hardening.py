@@ -27,7 +27,7 @@ from safeusb.policy import Policy, PolicyError
 from safeusb.roots import Roots
 from safeusb.run import Runner
 from safeusb.state import StateDir, StateError, new_record
-from tests.unit.fakesys import LINUX_NS, ROOT_MOUNT, FakeSystem, mount_line
+from tests.unit.fakesys import FakeSystem
 
 pytestmark = pytest.mark.hostile
 
@@ -35,18 +35,6 @@ DOMAINS = Path(__file__).parent / "data" / "domains"
 NOBODY = 65534
 USB = (b"<hostdev mode='subsystem' type='usb' managed='no'><source><vendor id='0x46f4'/>"
        b"<product id='0x0001'/></source></hostdev>")
-
-
-@pytest.fixture
-def busy(tmp_path: Path) -> FakeSystem:
-    """A stick mounted with dirty data, as a built tree."""
-    fs = FakeSystem(tmp_path / "root")
-    usb = fs.usb_device("2-1", 0x46F4, 0x0001, busnum=2, devnum=3)
-    fs.disk(usb, "sda", 8, 0)
-    fs.process(1, "init", LINUX_NS, ROOT_MOUNT + mount_line(300, "8:0", "/srv/photos",
-                                                            "/dev/sda"))
-    fs.bdi(8, 0, 4096, 0)
-    return fs
 
 
 def _big_domain(metadata_bytes: int) -> bytes:

@@ -12,7 +12,7 @@ from safeusb.domain import DomainInfo, policy_for_domain
 from safeusb.hook import EXIT_REFUSED, hook
 from safeusb.install import install, render, uninstall
 from safeusb.policy import Policy, PolicyError
-from tests.unit.fakesys import LINUX_NS, ROOT_MOUNT, FakeSystem, mount_line
+from tests.unit.fakesys import FakeSystem
 
 DOMAINS = Path(__file__).parent / "data" / "domains"
 
@@ -43,18 +43,6 @@ def test_metadata_overrides_every_rule() -> None:
     with pytest.raises(PolicyError) as exc:
         policy_for_domain(base, DomainInfo.from_xml(_xml("bad-metadata.xml")))
     assert "mount must be one of" in str(exc.value) and "g4" in str(exc.value)
-
-
-@pytest.fixture
-def busy(tmp_path: Path) -> FakeSystem:
-    """A stick mounted with dirty data, as a built tree."""
-    fs = FakeSystem(tmp_path / "root")
-    usb = fs.usb_device("2-1", 0x46F4, 0x0001, busnum=2, devnum=3)
-    fs.disk(usb, "sda", 8, 0)
-    fs.process(1, "init", LINUX_NS, ROOT_MOUNT + mount_line(300, "8:0", "/srv/photos",
-                                                            "/dev/sda"))
-    fs.bdi(8, 0, 4096, 0)
-    return fs
 
 
 def _run_hook(fs: FakeSystem, tmp_path: Path, name: str, op: str = "prepare",
