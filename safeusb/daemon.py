@@ -1,0 +1,660 @@
+"""safeusbd: the one privileged decision service (docs/safeusbd.md).
+
+A root service on a UNIX stream socket, started by systemd socket activation or on its
+own. Each connection is served by its own thread, at most ``max_connections`` at once;
+every request line must arrive within ``request_timeout`` seconds, so a slow or silent
+client holds only its own thread. The peer is identified once, on accept, by SO_PEERCRED
+and a pidfd; what it may ask follows from that alone (safeusb/peer.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import stat
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from . import protocol as proto
+from .errors import AmbiguousSelector, NoSuchDevice, SafeUSBError, SelectorError
+from .peer import Caller, DomainResolver, LibvirtResolver, Peer, classify, refusal
+from .protocol import DeviceArgs, ProtocolError, Request
+from .roots import Roots
+
+log = logging.getLogger("safeusb")
+
+DEFAULT_SOCKET = "/run/safeusb/safeusbd.sock"
+DEFAULT_POLICY = "/etc/safeusb/policy.toml"
+DEFAULT_STATE_DIR = "/run/safeusb"
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5 and later
+SD_LISTEN_FDS_START = 3
+
+
+# --- who is on the other end -------------------------------------------------------------
+
+def peer_credentials(conn: socket.socket) -> Peer:
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return Peer(pid, uid, gid)
+
+
+def peer_pidfd(conn: socket.socket, pid: int) -> int:
+    """A pidfd for the peer: the kernel's own (SO_PEERPIDFD, exactly the process that
+    connected) where it has one, else one opened for its pid at once."""
+    try:
+        return conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOPROTOOPT, errno.EINVAL):
+            raise
+    return os.pidfd_open(pid)
+
+
+def pidfd_pid(pidfd: int, proc: str = "/proc") -> int | None:
+    """The pid a pidfd refers to while that process lives; None once it has exited."""
+    try:
+        with open(os.path.join(proc, "self", "fdinfo", str(pidfd)), encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Pid:"):
+                    pid = int(line.split()[1])
+                    return pid if pid > 0 else None
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def identify(conn: socket.socket, resolve: DomainResolver, proc: str = "/proc") -> Caller:
+    """The caller on a connection just accepted. A peer whose pid was reused meanwhile
+    (it exited before its identity was read) is nobody: ValueError."""
+    peer = peer_credentials(conn)
+    pidfd = peer_pidfd(conn, peer.pid)
+    try:
+        cgroup: str | None
+        try:
+            with open(os.path.join(proc, str(peer.pid), "cgroup"), encoding="utf-8") as f:
+                cgroup = f.read(1024 * 1024)
+        except OSError:
+            cgroup = None
+        caller = classify(peer, cgroup, resolve)
+        if pidfd_pid(pidfd, proc) != peer.pid:
+            raise ValueError(f"peer pid {peer.pid} exited while it was being identified")
+        return caller
+    finally:
+        os.close(pidfd)
+
+
+Identify = Callable[[socket.socket], Caller]
+
+
+# --- what the daemon does -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Done:
+    """What prepare or release did: ok, the outcome (act.Outcome.as_json), and when not
+    ok, the error kind (refused or failed) and why."""
+
+    ok: bool
+    outcome: dict[str, Any]
+    kind: str = ""
+    message: str = ""
+
+
+class DeviceActions(Protocol):
+    """The work behind the ops: the host's by default, a fake in unit tests."""
+
+    def inspect(self, args: DeviceArgs) -> dict[str, Any]: ...
+
+    def prepare(self, args: DeviceArgs, cancel: threading.Event) -> Done: ...
+
+    def release(self, args: DeviceArgs, only_domain: str | None) -> Done: ...
+
+
+class HostActions:
+    """act.prepare/release and inspect on this host, with the daemon's policy and state."""
+
+    def __init__(self, roots: Roots, policy_path: str, state_dir: str) -> None:
+        self.roots = roots
+        self.policy_path = policy_path
+        self.state_dir = state_dir
+
+    def _target(self, args: DeviceArgs) -> Any:
+        from .selector import Selector, resolve  # noqa: PLC0415
+
+        if args.selector is not None:
+            selector = Selector.from_string(args.selector)
+        else:
+            assert args.bus is not None and args.addr is not None
+            selector = Selector(f"{args.bus:03d}:{args.addr:03d}", bus=args.bus,
+                                device=args.addr)
+        target = resolve(selector, self.roots)
+        if args.bus is not None:
+            usb = target.usb
+            if usb is None or (usb.busnum, usb.devnum) != (args.bus, args.addr):
+                now = f"bus {usb.busnum} device {usb.devnum}" if usb else "not a USB device"
+                raise NoSuchDevice(args.describe(), f"the selector names {now}")
+        return target
+
+    def inspect(self, args: DeviceArgs) -> dict[str, Any]:
+        from .inspect import inspect  # noqa: PLC0415
+        from .report import as_json  # noqa: PLC0415
+        from .run import Runner  # noqa: PLC0415
+        from .snapshot import read_snapshot  # noqa: PLC0415
+
+        return as_json(inspect(read_snapshot(self.roots, self._target(args), Runner())))
+
+    def prepare(self, args: DeviceArgs, cancel: threading.Event) -> Done:
+        from .act import prepare  # noqa: PLC0415
+        from .policy import Policy  # noqa: PLC0415
+        from .run import Runner  # noqa: PLC0415
+        from .state import StateDir  # noqa: PLC0415
+
+        target = self._target(args)
+        policy = Policy.from_file(self.policy_path)
+        outcome = prepare(self.roots, target, policy,
+                          Runner.for_roots(self.roots, cancel=cancel), StateDir(self.state_dir),
+                          domain=args.domain, timeout=args.timeout)
+        if outcome.ok:
+            return Done(True, outcome.as_json())
+        refused = outcome.plan is not None and outcome.plan.refused
+        return Done(False, outcome.as_json(), proto.REFUSED if refused else proto.FAILED,
+                    "; ".join(outcome.why_not()))
+
+    def release(self, args: DeviceArgs, only_domain: str | None) -> Done:
+        from .act import release, release_domain, target_key  # noqa: PLC0415
+        from .policy import Policy  # noqa: PLC0415
+        from .run import Runner  # noqa: PLC0415
+        from .state import StateDir  # noqa: PLC0415
+
+        state = StateDir(self.state_dir)
+        try:
+            policy: Policy | None = Policy.from_file(self.policy_path)
+        except SafeUSBError as exc:
+            log.warning("%s; giving back by the records alone", exc)
+            policy = None
+        runner = Runner.for_roots(self.roots)
+        if not args.names_device():
+            assert args.domain is not None
+            outcome = release_domain(self.roots, args.domain, policy, runner, state)
+        else:
+            target = self._target(args)
+            key = target_key(target)
+            if only_domain is not None:
+                record = state.load(key)
+                if record is not None and record.domain != only_domain:
+                    raise NotPermitted(f"{key} is not recorded as taken for domain "
+                                       f"{only_domain}")
+            outcome = release(self.roots, key, policy, runner, state, usb=target.usb,
+                              domain=args.domain)
+        if outcome.ok:
+            return Done(True, outcome.as_json())
+        return Done(False, outcome.as_json(), proto.FAILED,
+                    "not all given back: " + "; ".join(outcome.not_undone))
+
+
+class NotPermitted(SafeUSBError):
+    exit_code = 1
+
+
+def error_kind(exc: BaseException) -> str:
+    """The protocol's error kind for an exception raised while serving a request."""
+    from .policy import PolicyError  # noqa: PLC0415
+    from .state import DeviceBusy, StateError  # noqa: PLC0415
+
+    kinds: tuple[tuple[type[BaseException], str], ...] = (
+        (ProtocolError, proto.BAD_REQUEST), (NotPermitted, proto.NOT_PERMITTED),
+        (NoSuchDevice, proto.NO_SUCH_DEVICE), (AmbiguousSelector, proto.BAD_SELECTOR),
+        (SelectorError, proto.BAD_SELECTOR), (DeviceBusy, proto.BUSY),
+        (PolicyError, proto.POLICY), (StateError, proto.STATE),
+        (SafeUSBError, proto.FAILED),
+    )
+    for cls, kind in kinds:
+        if isinstance(exc, cls):
+            return exc.kind if isinstance(exc, ProtocolError) else kind
+    return proto.INTERNAL
+
+
+# --- the server ---------------------------------------------------------------------------
+
+@dataclass
+class Limits:
+    max_connections: int = 32
+    request_timeout: float = 30.0  # a whole request line, and sending a reply
+    idle_exit: float | None = None  # exit after this long without a connection
+
+
+class _Timeout(Exception):
+    pass
+
+
+class _LineTooLong(Exception):
+    pass
+
+
+class _Connection:
+    def __init__(self, conn: socket.socket, timeout: float) -> None:
+        self.conn = conn
+        self.timeout = timeout
+        self.buffer = b""
+
+    def read_line(self) -> bytes | None:
+        """The next line (without newline), None at the end; _Timeout when a line takes
+        longer than the timeout, _LineTooLong past the limit."""
+        deadline = time.monotonic() + self.timeout
+        while b"\n" not in self.buffer:
+            if len(self.buffer) >= proto.MAX_REQUEST_LINE:
+                raise _LineTooLong
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Timeout
+            self.conn.settimeout(left)
+            try:
+                chunk = self.conn.recv(proto.MAX_REQUEST_LINE)
+            except TimeoutError:
+                raise _Timeout from None
+            if not chunk:
+                return None
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        if len(line) + 1 > proto.MAX_REQUEST_LINE:
+            raise _LineTooLong
+        return line
+
+    def finish(self, data: bytes) -> None:
+        """Send a last reply and close gently: unread input would make the close a reset,
+        which can destroy the reply before the client reads it. What the client still
+        sends is read and dropped, for a second and 1 MiB at most."""
+        if not self.send(data):
+            return
+        with contextlib.suppress(OSError):
+            self.conn.shutdown(socket.SHUT_WR)
+            self.conn.settimeout(1.0)
+            for _ in range(64):
+                if not self.conn.recv(16384):
+                    break
+
+    def send(self, data: bytes) -> bool:
+        self.conn.settimeout(self.timeout)
+        try:
+            self.conn.sendall(data)
+        except OSError:
+            return False
+        return True
+
+
+@dataclass
+class Daemon:
+    listener: socket.socket
+    identify: Identify
+    actions: DeviceActions
+    limits: Limits = field(default_factory=Limits)
+    others_may_inspect: bool = True
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _active: int = 0
+    _threads: set[threading.Thread] = field(default_factory=set)
+    _cancels: set[threading.Event] = field(default_factory=set)
+    _conns: set[socket.socket] = field(default_factory=set)
+    _stopping: threading.Event = field(default_factory=threading.Event)
+    _wake: tuple[int, int] = field(default_factory=lambda: os.pipe2(os.O_NONBLOCK |
+                                                                   os.O_CLOEXEC))
+
+    def stop(self) -> None:
+        """Stop accepting; cancel what is running (prepare undoes its steps) and let each
+        connection answer and close."""
+        self._stopping.set()
+        with self._lock:
+            for cancel in self._cancels:
+                cancel.set()
+            for conn in self._conns:  # a connection waiting for a request ends now
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RD)
+        with contextlib.suppress(OSError):
+            os.write(self._wake[1], b"x")
+
+    def serve_forever(self) -> None:
+        last_seen = time.monotonic()
+        try:
+            while not self._stopping.is_set():
+                wait = None
+                if self.limits.idle_exit is not None:
+                    with self._lock:
+                        busy = self._active > 0
+                    if busy:
+                        last_seen = time.monotonic()
+                    wait = max(0.0, last_seen + self.limits.idle_exit - time.monotonic())
+                    if not busy and wait == 0:
+                        log.info("safeusbd: idle for %g s; exiting", self.limits.idle_exit)
+                        break
+                    wait = min(wait, 1.0) if busy else wait
+                listening = self.listener.fileno()
+                ready, _, _ = select.select([listening, self._wake[0]], [], [], wait)
+                if self._wake[0] in ready:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake[0], 4096)
+                if listening in ready:
+                    last_seen = time.monotonic()
+                    self._accept()
+        finally:
+            self.listener.close()
+            for thread in list(self._threads):
+                thread.join()
+            os.close(self._wake[0])
+            os.close(self._wake[1])
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:  # out of descriptors: drop this one, keep serving
+            log.warning("safeusbd: accept failed: %s", exc)
+            return
+        with self._lock:
+            full = self._active >= self.limits.max_connections
+            if not full:
+                self._active += 1
+        if full:
+            log.warning("safeusbd: %d connections already; refusing another",
+                        self.limits.max_connections)
+            conn.setblocking(False)
+            with contextlib.suppress(OSError):
+                conn.send(proto.error_reply(None, proto.OVERLOADED,
+                                            "safeusbd is serving as many connections as it "
+                                            "takes; try again shortly"))
+            conn.close()
+            return
+        thread = threading.Thread(target=self._serve, args=(conn,), daemon=True,
+                                  name="safeusbd-conn")
+        with self._lock:
+            self._threads.add(thread)
+            self._conns.add(conn)
+        thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                self._serve_connection(_Connection(conn, self.limits.request_timeout))
+        except Exception:  # one connection's trouble never ends the daemon
+            log.exception("safeusbd: internal error on a connection")
+        finally:
+            with self._lock:
+                self._active -= 1
+                self._threads.discard(threading.current_thread())
+                self._conns.discard(conn)
+            with contextlib.suppress(OSError):
+                os.write(self._wake[1], b"x")
+
+    def _serve_connection(self, c: _Connection) -> None:
+        try:
+            caller = self.identify(c.conn)
+        except (OSError, ValueError) as exc:
+            log.warning("safeusbd: caller not identified, refused: %s", exc)
+            c.send(proto.error_reply(None, proto.NOT_PERMITTED,
+                                     f"the caller cannot be identified: {exc}"))
+            return
+        while not self._stopping.is_set():
+            try:
+                line = c.read_line()
+            except _Timeout:
+                c.finish(proto.error_reply(None, proto.TIMEOUT, "no complete request within "
+                                         f"{self.limits.request_timeout:g} s; closing"))
+                return
+            except _LineTooLong:
+                log.warning("safeusbd: %s sent a line over %d bytes; closing",
+                            caller.describe(), proto.MAX_REQUEST_LINE)
+                c.finish(proto.error_reply(None, proto.BAD_REQUEST, "request line longer "
+                                         f"than {proto.MAX_REQUEST_LINE} bytes; closing"))
+                return
+            except OSError:
+                return
+            if line is None:
+                return
+            if not c.send(self._answer(caller, line, c.conn)):
+                return
+
+    def _answer(self, caller: Caller, line: bytes, conn: socket.socket) -> bytes:
+        try:
+            request = proto.parse_request(line)
+        except ProtocolError as exc:
+            log.warning("safeusbd: %s: bad request refused: %s", caller.describe(), exc)
+            return proto.error_reply(exc.request_id, exc.kind, exc.message)
+        if self._stopping.is_set():
+            return proto.error_reply(request.id, proto.SHUTTING_DOWN, "safeusbd is stopping")
+        why = refusal(caller, request.op, request.args.domain, self.others_may_inspect)
+        if why is not None:
+            log.warning("safeusbd: %s: %s %s refused: %s", caller.describe(), request.op,
+                        request.args.describe(), why)
+            return proto.error_reply(request.id, proto.NOT_PERMITTED, why)
+        try:
+            return self._carry_out(caller, request, conn)
+        except Exception as exc:
+            kind = error_kind(exc)
+            if kind == proto.INTERNAL:
+                log.exception("safeusbd: %s: %s failed", caller.describe(), request.op)
+                message = f"internal error: {exc.__class__.__name__}: {exc}"
+            else:
+                message = str(exc)
+            if request.op in proto.ACTING_OPS or kind == proto.NOT_PERMITTED:
+                log.warning("safeusbd: %s: %s %s: %s", caller.describe(), request.op,
+                            request.args.describe(), message)
+            return proto.error_reply(request.id, kind, message)
+
+    def _carry_out(self, caller: Caller, request: Request, conn: socket.socket) -> bytes:
+        args, op = request.args, request.op
+        if op == "ping":
+            return proto.ok_reply(request.id, {"server": "safeusbd",
+                                               "protocol": proto.VERSION,
+                                               "caller": caller.as_json()})
+        if op == "inspect":
+            return proto.ok_reply(request.id, self.actions.inspect(args))
+        log.info("safeusbd: %s: %s %s%s", caller.describe(), op, args.describe(),
+                 f" for domain {args.domain}" if args.domain and args.names_device() else "")
+        if op == "prepare":
+            cancel = threading.Event()
+            with self._lock:
+                self._cancels.add(cancel)
+            if self._stopping.is_set():
+                cancel.set()
+            try:
+                with _cancel_on_hangup(conn, cancel):
+                    done = self.actions.prepare(args, cancel)
+            finally:
+                with self._lock:
+                    self._cancels.discard(cancel)
+        else:
+            done = self.actions.release(args, caller.domain if caller.role == "domain"
+                                        else None)
+        if not done.ok:
+            log.warning("safeusbd: %s: %s %s: %s: %s", caller.describe(), op,
+                        args.describe(), done.kind, done.message)
+            return proto.error_reply(request.id, done.kind, done.message, done.outcome)
+        log.info("safeusbd: %s: %s %s: done (%s)", caller.describe(), op, args.describe(),
+                 done.outcome.get("host_state"))
+        return proto.ok_reply(request.id, done.outcome)
+
+
+@contextlib.contextmanager
+def _cancel_on_hangup(conn: socket.socket, cancel: threading.Event) -> Any:
+    """While an op runs, a caller that hangs up no longer waits for it: cancel it, so
+    prepare stops and undoes what it did."""
+    done = threading.Event()
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLRDHUP)
+        while not done.is_set():
+            if poller.poll(200):
+                cancel.set()
+                return
+
+    thread = threading.Thread(target=watch, daemon=True, name="safeusbd-hangup")
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+# --- the listening socket -----------------------------------------------------------------
+
+def activation_socket(environ: dict[str, str], pid: int) -> socket.socket | None:
+    """The socket systemd passed (LISTEN_PID/LISTEN_FDS, fd 3), or None when not
+    socket-activated. Anything but one listening UNIX stream socket is an error."""
+    if environ.get("LISTEN_PID") != str(pid):
+        return None
+    count = environ.get("LISTEN_FDS", "")
+    if count != "1":
+        raise SafeUSBError(f"systemd passed LISTEN_FDS={count!r}; safeusbd takes exactly one "
+                           "socket (safeusbd.socket)")
+    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM \
+            or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise SafeUSBError("the socket systemd passed is not a listening UNIX stream socket")
+    os.set_inheritable(sock.fileno(), False)
+    return sock
+
+
+def bind_socket(path: str) -> socket.socket:
+    """Listen at path (mode 0666: the daemon authenticates every caller). A socket left by
+    a daemon that is gone is replaced; one that answers is not."""
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        os.makedirs(parent, mode=0o711, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SafeUSBError(f"{path} exists and is not a socket; not replacing it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)
+        else:
+            raise SafeUSBError(f"{path}: another safeusbd is listening there")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o111)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o666)  # noqa: S103 (anyone may connect; every caller is authenticated)
+    sock.listen(64)
+    return sock
+
+
+def _warn_unreachable(path: str) -> None:
+    """QEMU processes not running as root can connect only through directories others
+    may search."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent != "/":
+        try:
+            mode = os.stat(parent).st_mode
+        except OSError:
+            return
+        if not mode & stat.S_IXOTH:
+            log.warning("safeusbd: %s cannot be searched by others; QEMU processes that do "
+                        "not run as root cannot reach %s (give it mode 0711)", parent, path)
+            return
+        parent = os.path.dirname(parent)
+
+
+# --- the command --------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from .policy import check_timeout  # noqa: PLC0415
+
+    def seconds(text: str) -> float:
+        try:
+            return check_timeout(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    def count(text: str) -> int:
+        if not text.isdigit() or not 1 <= int(text) <= 1024:
+            raise argparse.ArgumentTypeError(f"must be 1 to 1024, not {text!r}")
+        return int(text)
+
+    p = argparse.ArgumentParser(prog="safeusbd", description="The safeusb decision service: "
+                                "prepare, release and inspect USB devices for callers it "
+                                "authenticates (docs/safeusbd.md).")
+    p.add_argument("--socket", default=DEFAULT_SOCKET, metavar="PATH",
+                   help=f"listen here when not socket-activated (default {DEFAULT_SOCKET})")
+    p.add_argument("--policy", default=DEFAULT_POLICY, metavar="FILE",
+                   help=f"policy file (default {DEFAULT_POLICY})")
+    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
+                   help=argparse.SUPPRESS)
+    p.add_argument("--max-connections", type=count, default=32, metavar="N")
+    p.add_argument("--request-timeout", type=seconds, default=30.0, metavar="SECONDS",
+                   help="a request line must arrive within this (default 30)")
+    p.add_argument("--idle-exit", type=seconds, metavar="SECONDS",
+                   help="exit after this long without connections (default: 300 when "
+                   "socket-activated, never otherwise)")
+    p.add_argument("--others", choices=("inspect", "ping"), default="inspect",
+                   help="what callers that are neither root nor a domain's QEMU may ask "
+                   "(default inspect)")
+    p.add_argument("--libvirt-uri", default="qemu:///system", metavar="URI",
+                   help="libvirt to confirm domains with (read-only)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .run import setup_logging  # noqa: PLC0415
+
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO, True, tag="safeusbd")
+    if os.geteuid() != 0:
+        log.warning("safeusbd: not running as root; prepare and release will fail")
+    try:
+        listener = activation_socket(dict(os.environ), os.getpid())
+        idle = args.idle_exit
+        if listener is not None:
+            for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+                os.environ.pop(name, None)
+            idle = 300.0 if idle is None else idle
+            where = "socket passed by systemd"
+        else:
+            listener = bind_socket(args.socket)
+            where = args.socket
+            _warn_unreachable(args.socket)
+    except (SafeUSBError, OSError) as exc:
+        print(f"safeusbd: {exc}", file=sys.stderr)
+        return 1
+    resolver = LibvirtResolver(uri=args.libvirt_uri)
+    daemon = Daemon(
+        listener=listener,
+        identify=lambda conn: identify(conn, resolver),
+        actions=HostActions(Roots.host(), args.policy, args.state_dir),
+        limits=Limits(args.max_connections, args.request_timeout, idle),
+        others_may_inspect=args.others == "inspect",
+    )
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: daemon.stop())
+    log.info("safeusbd: listening on %s (policy %s, state %s)", where, args.policy,
+             args.state_dir)
+    daemon.serve_forever()
+    if where == args.socket:  # a socket of its own: nobody answers there any more
+        with contextlib.suppress(OSError):
+            os.unlink(args.socket)
+    log.info("safeusbd: stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
