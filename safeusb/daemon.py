@@ -3,8 +3,9 @@
 A root service on a UNIX stream socket, started by systemd socket activation or on its
 own. Each connection is served by its own thread, at most ``max_connections`` at once;
 every request line must arrive within ``request_timeout`` seconds, so a slow or silent
-client holds only its own thread. The peer is identified once, on accept, by SO_PEERCRED
-and a pidfd; what it may ask follows from that alone (safeusb/peer.py).
+client holds only its own thread; a user other than root may hold ``per_uid`` connections,
+and ``root_reserve`` of them are kept for root. The peer is identified once, on accept,
+by SO_PEERCRED and a pidfd; what it may ask follows from that alone (safeusb/peer.py).
 """
 
 from __future__ import annotations
@@ -228,6 +229,8 @@ def error_kind(exc: BaseException) -> str:
 @dataclass
 class Limits:
     max_connections: int = 32
+    per_uid: int = 4  # connections one non-root user may hold at once
+    root_reserve: int = 8  # of max_connections, kept for root
     request_timeout: float = 30.0  # a whole request line, and sending a reply
     idle_exit: float | None = None  # exit after this long without a connection
 
@@ -277,8 +280,12 @@ class _Connection:
             return
         with contextlib.suppress(OSError):
             self.conn.shutdown(socket.SHUT_WR)
-            self.conn.settimeout(1.0)
+            deadline = time.monotonic() + 1.0
             for _ in range(64):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.conn.settimeout(left)
                 if not self.conn.recv(16384):
                     break
 
@@ -303,7 +310,9 @@ class Daemon:
     _threads: set[threading.Thread] = field(default_factory=set)
     _cancels: set[threading.Event] = field(default_factory=set)
     _conns: set[socket.socket] = field(default_factory=set)
+    _by_uid: dict[int, int] = field(default_factory=dict)
     _stopping: threading.Event = field(default_factory=threading.Event)
+    _turning_away: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(32))
     _wake: tuple[int, int] = field(default_factory=lambda: os.pipe2(os.O_NONBLOCK |
                                                                    os.O_CLOEXEC))
 
@@ -342,7 +351,10 @@ class Daemon:
                         os.read(self._wake[0], 4096)
                 if listening in ready:
                     last_seen = time.monotonic()
-                    self._accept()
+                    try:
+                        self._accept()
+                    except Exception:  # one connection's trouble never ends the daemon
+                        log.exception("safeusbd: internal error accepting a connection")
         finally:
             self.listener.close()
             for thread in list(self._threads):
@@ -358,28 +370,48 @@ class Daemon:
         except OSError as exc:  # out of descriptors: drop this one, keep serving
             log.warning("safeusbd: accept failed: %s", exc)
             return
-        with self._lock:
-            full = self._active >= self.limits.max_connections
-            if not full:
-                self._active += 1
-        if full:
-            log.warning("safeusbd: %d connections already; refusing another",
-                        self.limits.max_connections)
-            conn.setblocking(False)
-            with contextlib.suppress(OSError):
-                conn.send(proto.error_reply(None, proto.OVERLOADED,
-                                            "safeusbd is serving as many connections as it "
-                                            "takes; try again shortly"))
+        try:
+            uid = peer_credentials(conn).uid
+        except OSError:
             conn.close()
             return
-        thread = threading.Thread(target=self._serve, args=(conn,), daemon=True,
+        with self._lock:
+            others_full = self._by_uid.get(uid, 0) >= self.limits.per_uid or \
+                self._active >= self.limits.max_connections - self.limits.root_reserve
+            full = self._active >= self.limits.max_connections or (uid != 0 and others_full)
+            if not full:
+                self._active += 1
+                self._by_uid[uid] = self._by_uid.get(uid, 0) + 1
+        if full:
+            self._turn_away(conn, uid)
+            return
+        thread = threading.Thread(target=self._serve, args=(conn, uid), daemon=True,
                                   name="safeusbd-conn")
         with self._lock:
             self._threads.add(thread)
             self._conns.add(conn)
         thread.start()
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _turn_away(self, conn: socket.socket, uid: int) -> None:
+        """Tell a connection past the limits so, from a short-lived thread of its own (at
+        most 32 at a time; beyond that, just close)."""
+        log.warning("safeusbd: connection limit reached (uid %d); refusing another", uid)
+        reply = proto.error_reply(None, proto.OVERLOADED, "safeusbd is serving as many "
+                                  "connections as it takes; try again shortly")
+        if not self._turning_away.acquire(blocking=False):
+            conn.close()
+            return
+
+        def tell() -> None:
+            try:
+                with conn:
+                    _Connection(conn, 1.0).finish(reply)
+            finally:
+                self._turning_away.release()
+
+        threading.Thread(target=tell, daemon=True, name="safeusbd-full").start()
+
+    def _serve(self, conn: socket.socket, uid: int) -> None:
         try:
             with conn:
                 self._serve_connection(_Connection(conn, self.limits.request_timeout))
@@ -388,6 +420,9 @@ class Daemon:
         finally:
             with self._lock:
                 self._active -= 1
+                self._by_uid[uid] -= 1
+                if not self._by_uid[uid]:
+                    del self._by_uid[uid]
                 self._threads.discard(threading.current_thread())
                 self._conns.discard(conn)
             with contextlib.suppress(OSError):
@@ -641,7 +676,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         listener=listener,
         identify=lambda conn: identify(conn, resolver),
         actions=HostActions(Roots.host(), args.policy, args.state_dir),
-        limits=Limits(args.max_connections, args.request_timeout, idle),
+        limits=Limits(max_connections=args.max_connections,
+                      request_timeout=args.request_timeout, idle_exit=idle),
         others_may_inspect=args.others == "inspect",
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
