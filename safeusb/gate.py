@@ -51,13 +51,13 @@ from .qmp import (
     send_with_fds,
 )
 from .usbhost import (
+    UNSEEN_FD,
     Decide,
     FdIdentity,
     UsbHostRequest,
+    device_add_request,
     fd_identity,
-    hmp_device_add,
     prepare_decision,
-    usb_host_request,
 )
 
 PROG = "safeusb-qemu-gate"
@@ -215,22 +215,15 @@ class Session:
         return self._forward(seg, msg)
 
     def _usb_host(self, msg: Any) -> UsbHostRequest | None:
-        name = command_name(msg)
-        args = _args_of(msg)
-        if name == "device_add" and args.get("driver") == "usb-host":
-            return usb_host_request(args, self.fdsets, self.domain)
-        if name == "human-monitor-command" and isinstance(args.get("command-line"), str):
-            props = hmp_device_add(args["command-line"])
-            if props is not None and props.get("driver") == "usb-host":
-                return usb_host_request(props, self.fdsets, self.domain,
-                                        via="human-monitor-command")
-        return None
+        return device_add_request(msg, self.fdsets, self.domain)
 
     def _forward(self, seg: Segment, msg: Any) -> list[Action]:
         name = command_name(msg)
         exp = _Expect("forward", name)
         if name == "add-fd":
-            exp.idents = tuple(self.identify(fd) for fd in seg.fds)
+            # QEMU puts the first fd it holds in the set; without fds of its own, an
+            # add-fd takes what an earlier message left: the set is then unknown.
+            exp.idents = tuple(self.identify(fd) for fd in seg.fds) or (UNSEEN_FD,)
         if name in ("add-fd", "remove-fd"):
             fdset = _args_of(msg).get("fdset-id")
             exp.fdset = fdset if isinstance(fdset, int) and not isinstance(fdset, bool) else None
@@ -293,8 +286,9 @@ class Session:
             fdset = ret.get("fdset-id") if isinstance(ret, dict) else exp.fdset
             if isinstance(fdset, int):
                 self.fdsets[fdset] = self.fdsets.get(fdset, ()) + exp.idents
-        elif exp.name == "remove-fd" and exp.fdset is not None:
-            self.fdsets.pop(exp.fdset, None)
+        # remove-fd forgets nothing: QEMU keeps a removed fd in its set, and may still
+        # hand it out, while the guest is paused or a dup of it is open (monitor/fds.c),
+        # so a set stands for everything ever added to it.
         return []
 
 
