@@ -208,6 +208,10 @@ class Session:
         except SafeUSBError as exc:
             return [Log(f"refused device_add: {exc}"), CloseFds(seg.fds),
                     *self._local(error_reply(f"safeusb: {exc}", msg))]
+        except Exception as exc:  # a reading the gate cannot finish: refuse, never crash
+            why = f"the gate could not read this command ({type(exc).__name__})"
+            return [Log(f"refused: {why}: {exc}"), CloseFds(seg.fds),
+                    *self._local(error_reply(f"safeusb: {why}", msg))]
         if request is not None:
             self._tokens += 1
             self._pending = _Pending(self._tokens, seg, msg, request)

@@ -223,53 +223,62 @@ def _through_proc(path: str) -> bool:
     return False
 
 
+def _path(path: str, limit: int = 160) -> str:
+    """A path for a one-line message."""
+    return repr(path) if len(path) <= limit else repr(path[:limit]) + "..."
+
+
 def _busdev_of_path(
     path: str,
     fdsets: Mapping[int, tuple[FdIdentity, ...]],
     stat_path: Callable[[str], os.stat_result],
 ) -> tuple[int, int]:
+    try:
+        path.encode()
+    except UnicodeEncodeError:
+        raise RequestError(f"usb-host hostdevice={_path(path)}: not UTF-8 text") from None
     if path.startswith(FDSET_PREFIX):
         # qemu_open: the rest is an fd set number in base 10 (qemu_parse_fd)
         number = path[len(FDSET_PREFIX):]
         fdset = qemu_strtol10(number)
         if fdset is None:
-            raise RequestError(f"usb-host hostdevice={path!r}: {number!r} is not an fd set "
+            raise RequestError(f"usb-host hostdevice={_path(path)}: {number!r} is not an fd set "
                                "number QEMU reads")
         idents = fdsets.get(fdset)
         if not idents:
-            raise RequestError(f"usb-host hostdevice={path!r}: fd set {fdset} was never seen")
+            raise RequestError(f"usb-host hostdevice={_path(path)}: fd set {fdset} was never seen")
         found = {i.usb_busdev for i in idents}
         if None in found:
             paths = ", ".join(sorted({i.path for i in idents if i.usb_busdev is None}))
-            raise RequestError(f"usb-host hostdevice={path!r}: fd set {fdset} holds what is "
+            raise RequestError(f"usb-host hostdevice={_path(path)}: fd set {fdset} holds what is "
                                f"not a USB device node ({paths})")
         if len(found) != 1:
-            raise RequestError(f"usb-host hostdevice={path!r}: fd set {fdset} has held "
+            raise RequestError(f"usb-host hostdevice={_path(path)}: fd set {fdset} has held "
                                "several devices (QEMU may open any of them)")
         busdev = found.pop()
         assert busdev is not None
         return busdev
     if not path.startswith("/"):
-        raise RequestError(f"usb-host hostdevice={path!r}: not an absolute path "
+        raise RequestError(f"usb-host hostdevice={_path(path)}: not an absolute path "
                            "(QEMU would open it relative to its own directory)")
     if "\0" in path:
-        raise RequestError(f"usb-host hostdevice={path!r}: QEMU reads U+0000 as other bytes")
+        raise RequestError(f"usb-host hostdevice={_path(path)}: QEMU reads U+0000 as other bytes")
     m = _DEV_BUS_USB.fullmatch(path)
     if m:
         return int(m.group(1)), int(m.group(2))
     if _through_proc(path):
-        raise RequestError(f"usb-host hostdevice={path!r}: leads through /proc, where QEMU "
+        raise RequestError(f"usb-host hostdevice={_path(path)}: leads through /proc, where QEMU "
                            "would see its own files, not the gate's")
     try:
         st = stat_path(path)
     except OSError as exc:
-        raise RequestError(f"usb-host hostdevice={path!r}: {exc.strerror or exc}") from None
+        raise RequestError(f"usb-host hostdevice={_path(path)}: {exc.strerror or exc}") from None
     ident = FdIdentity(
         path, (os.major(st.st_rdev), os.minor(st.st_rdev)) if stat.S_ISCHR(st.st_mode) else None
     )
     busdev = ident.usb_busdev
     if busdev is None:
-        raise RequestError(f"usb-host hostdevice={path!r}: not a USB device node")
+        raise RequestError(f"usb-host hostdevice={_path(path)}: not a USB device node")
     return busdev
 
 
