@@ -10,10 +10,15 @@ it) and shows up under /machine/peripheral*, and is deleted again. For every req
 - the gate lets it through as hostdevice P: QEMU opened exactly P, or added nothing;
 - the gate forwards it as no usb-host at all: QEMU neither looked for, opened nor added one;
 - the gate refuses it: QEMU may do anything (it never gets the request).
+
+The gate's fd set bookkeeping is compared the same way: random add-fd/remove-fd/stop/cont
+sequences (and fds sent with unrelated commands) go through the gate's Session to a fresh
+QEMU, and every fd QEMU still holds in a set must be one the gate's model of it holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -32,10 +37,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from safeusb.gate import CloseFds, Session, ToServer
 from safeusb.qemuparse import qemu_strtol10
 from safeusb.qmp import send_with_fds
 from safeusb.usbhost import (
     FDSET_PREFIX,
+    UNSEEN_FD,
     FdIdentity,
     RequestError,
     UsbHostRequest,
@@ -79,8 +86,8 @@ class Qemu:
         return found
 
 
-@pytest.fixture(scope="module")
-def qemu() -> Iterator[Qemu]:
+@contextlib.contextmanager
+def started_qemu() -> Iterator[Qemu]:
     assert QEMU is not None
     tmp = tempfile.mkdtemp(prefix="safeusb-parity-")
     path = os.path.join(tmp, "qmp.sock")
@@ -100,6 +107,17 @@ def qemu() -> Iterator[Qemu]:
         q = Qemu(proc, sock, sock.makefile("rb"))
         assert "QMP" in json.loads(q.reader.readline())
         assert "return" in q.cmd("qmp_capabilities")
+        yield q
+    finally:
+        sock.close()
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def qemu() -> Iterator[Qemu]:
+    with started_qemu() as q:
         null = os.open("/dev/null", os.O_RDWR)
         try:
             added = q.cmd("add-fd", (null,), **{"fdset-id": NULL_SET})
@@ -107,11 +125,6 @@ def qemu() -> Iterator[Qemu]:
             os.close(null)
         assert added["return"]["fdset-id"] == NULL_SET, added
         yield q
-    finally:
-        sock.close()
-        proc.kill()
-        proc.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # what QEMU did with a request
@@ -355,3 +368,83 @@ def test_fdset_numbers_agree_with_qemu(qemu: Qemu, suffix: str) -> None:
     qemu_found = outcome.text == f"failed to open host usb device {path}"
     gate_reads = qemu_strtol10(suffix) == NULL_SET
     assert qemu_found == gate_reads, f"{path!r}: QEMU {outcome.text!r}, gate {gate_reads}"
+
+
+# fd sets: the gate's model against QEMU's own sets (monitor/fds.c)
+
+FILES = ("/dev/null", "/dev/zero", "/dev/full")
+_sets = itertools.count(100, 10)
+
+
+def through(s: Session, q: Qemu, msg: dict[str, Any], fds: tuple[int, ...] = ()) -> Any:
+    """One command from "libvirt" through the gate's session to QEMU and back."""
+    reply: Any = None
+    for act in s.from_client(json.dumps(msg).encode() + b"\n", fds):
+        if isinstance(act, ToServer):
+            send_with_fds(q.sock, act.raw, act.fds)
+            if act.owned:
+                for fd in act.fds:
+                    os.close(fd)
+            if act.raw.strip():
+                while True:
+                    line = q.reader.readline()
+                    assert line, "QEMU closed its monitor"
+                    s.from_server(line)
+                    reply = json.loads(line)
+                    if "event" not in reply:
+                        break
+        elif isinstance(act, CloseFds):
+            for fd in act.fds:
+                os.close(fd)
+    return reply
+
+
+fd_ops = st.lists(st.one_of(
+    st.tuples(st.just("add"), st.integers(0, 2), st.sampled_from((*FILES, None))),
+    st.tuples(st.just("remove-set"), st.integers(0, 2)),
+    st.tuples(st.just("remove-fd"), st.integers(0, 2), st.integers(0, 3)),
+    st.tuples(st.just("stray"), st.sampled_from(FILES)),
+    st.tuples(st.just("run"), st.booleans()),
+), max_size=10)
+
+
+@pytest.mark.hostile
+@settings(max_examples=40, deadline=None)
+@given(ops=fd_ops)
+def test_fd_set_model_covers_every_fd_qemu_may_hand_out(ops: list[tuple[Any, ...]]) -> None:
+    """Whatever add-fd, remove-fd, fds sent with other commands and stop/cont do, every fd
+    QEMU still holds in a set (and may dup for /dev/fdset/N) is one the gate's model of that
+    set holds, or the model marks the set unknown."""
+    base = next(_sets)
+    s = Session(keepalive_fd=None)
+    held: dict[int, str] = {}  # QEMU's fd number -> what it is
+    added: dict[int, list[int]] = {}  # set -> QEMU fd numbers, in order
+    with started_qemu() as q:
+        for op in ops:
+            if op[0] == "add":
+                fdset, what = base + op[1], op[2]
+                fds = (os.open(what, os.O_RDWR),) if what else ()
+                reply = through(s, q, {"execute": "add-fd", "arguments": {"fdset-id": fdset}},
+                                fds)
+                if "return" in reply:
+                    held[reply["return"]["fd"]] = what or "an earlier command's fd"
+                    added.setdefault(fdset, []).append(reply["return"]["fd"])
+            elif op[0] == "remove-set":
+                through(s, q, {"execute": "remove-fd", "arguments": {"fdset-id": base + op[1]}})
+            elif op[0] == "remove-fd":
+                fds_of = added.get(base + op[1], [])
+                if fds_of:
+                    through(s, q, {"execute": "remove-fd", "arguments": {
+                        "fdset-id": base + op[1], "fd": fds_of[op[2] % len(fds_of)]}})
+            elif op[0] == "stray":
+                through(s, q, {"execute": "query-status"}, (os.open(op[1], os.O_RDWR),))
+            else:
+                through(s, q, {"execute": "cont" if op[1] else "stop"})
+        sets = q.cmd("query-fdsets")["return"]
+    for fdset in sets:
+        model = {i.path for i in s.fdsets.get(fdset["fdset-id"], ())}
+        for fd in fdset["fds"]:
+            what = held[fd["fd"]]
+            assert what in model or UNSEEN_FD.path in model, (
+                f"QEMU's set {fdset['fdset-id']} holds {what} (fd {fd['fd']}); the gate's "
+                f"model holds {sorted(model)}; ops {ops}")
