@@ -9,8 +9,8 @@ not model is refused (QemuSyntaxError) rather than guessed:
   device_add's one argument (type 'O') is a word or a double-quoted string with the
   escapes \\n \\r \\\\ \\' \\" (any other escape, or no closing quote, fails the command);
   anything but white space after it fails the command ("extraneous characters"). The
-  argument is read into a 1024-byte buffer: a longer one would be cut short, so it is
-  refused.
+  argument is read into a 1024-byte buffer: one longer than 1023 bytes would be cut
+  short, so it is refused.
 - QemuOpts (util/qemu-option.c, qemu_opts_parse with the implied name "driver"): items
   split at single commas, ",," is a literal comma in a value (not in a name); the first
   item without '=' is the driver; a later item without '=' is a flag, "foo" is foo=on and
@@ -148,9 +148,9 @@ def hmp_device_add_text(line: str) -> str | None:
     if not rest:
         return ""
     arg, after = hmp_get_str(rest)
-    if len(arg.encode("utf-8", "surrogatepass")) >= HMP_ARG_MAX:
+    if len(arg.encode("utf-8", "surrogatepass")) > HMP_ARG_MAX:
         raise QemuSyntaxError(f"device_add: argument longer than QEMU reads "
-                              f"({HMP_ARG_MAX - 1} bytes)")
+                              f"({HMP_ARG_MAX} bytes)")
     if any(c not in C_SPACE for c in after):
         raise QemuSyntaxError("device_add: extraneous characters at the end of line")
     return arg

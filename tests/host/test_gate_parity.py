@@ -193,6 +193,14 @@ def check(q: Qemu, msg: dict[str, Any]) -> None:
 
 # recorded cases: the known ways the readings parted, and each rule
 
+def _long_arg(size: int, pad: str) -> str:
+    """A usb-host argument of `size` UTF-8 bytes that ends in hostaddr=35."""
+    head, tail = "usb-host,hostbus=2,serial=", ",hostaddr=35"
+    room = size - len(head) - len(tail)
+    fill = pad * (room // len(pad.encode())) + "x" * (room % len(pad.encode()))
+    return head + fill + tail
+
+
 CASES: list[tuple[str, Any]] = [
     ("hmp", 'device_add "usb-host,hostbus=2,hostaddr=2,id={id}"'),
     ("hmp", "device_add usb-host,hostbus=2,hostaddr=010,id={id}"),
@@ -221,6 +229,9 @@ CASES: list[tuple[str, Any]] = [
     ("qmp", {"hostdevice": "/dev/bus/usb/001/002", "hostbus": 5, "hostaddr": 5}),
     ("qmp", {"hostdevice": 5}),
     ("qmp", {"hostdevice": "/dev/fdset/01"}),
+    # QEMU reads 1023 bytes of an HMP argument: at 1024 "hostaddr=35" becomes "hostaddr=3"
+    *[("hmp", "device_add " + _long_arg(n, pad)) for n in (1022, 1023, 1024)
+      for pad in ("x", "\u00e9")],
 ]
 
 

@@ -143,6 +143,20 @@ def test_hmp_lines_that_add_no_usb_host_pass(line: str) -> None:
     assert device_add_request(hmp(line), {}) is None
 
 
+def test_hmp_argument_of_1023_bytes_is_read_whole_and_longer_is_refused() -> None:
+    # QEMU 7.2 keeps 1023 bytes: at 1024 "hostaddr=35" is read as "hostaddr=3"
+    head, tail = "usb-host,hostbus=2,serial=", ",hostaddr=35"
+    for size, fill in ((1023, "x"), (1023, "\u00e9"), (1024, "x"), (1024, "\u00e9")):
+        room = size - len(head) - len(tail)
+        arg = head + fill * (room // len(fill.encode())) + "x" * (room % len(fill.encode()))
+        assert len(arg.encode()) == size
+        if size == 1023:
+            assert busaddr(hmp("device_add " + arg)) == (2, 35)
+        else:
+            with pytest.raises(RequestError, match="longer than QEMU reads"):
+                device_add_request(hmp("device_add " + arg), {})
+
+
 def test_qemu_opts_names_values_and_flags() -> None:
     assert qemu_opts_items("a,,b=c,d=e,,f,g,nog,,h=") == (
         [("driver", "a,b=c"), ("d", "e,f"), ("g", "on"), ("g", "off"), ("", "on"),
