@@ -148,7 +148,8 @@ def test_hmp_argument_of_1023_bytes_is_read_whole_and_longer_is_refused() -> Non
     head, tail = "usb-host,hostbus=2,serial=", ",hostaddr=35"
     for size, fill in ((1023, "x"), (1023, "\u00e9"), (1024, "x"), (1024, "\u00e9")):
         room = size - len(head) - len(tail)
-        arg = head + fill * (room // len(fill.encode())) + "x" * (room % len(fill.encode()))
+        arg = (head + fill * (room // len(fill.encode())) + "x" * (room % len(fill.encode()))
+               + tail)
         assert len(arg.encode()) == size
         if size == 1023:
             assert busaddr(hmp("device_add " + arg)) == (2, 35)
