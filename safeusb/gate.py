@@ -63,6 +63,7 @@ from .usbhost import (
 PROG = "safeusb-qemu-gate"
 GATE_ROOT = "/usr/local/lib/safeusb/gate"
 KEEPALIVE_FDNAME = "safeusb-keepalive"
+FDSETS_ID = "safeusb-fdsets"
 DECISION_TIMEOUT = 30.0
 
 
@@ -146,6 +147,8 @@ class Session:
     _pending: _Pending | None = None
     _tokens: int = 0
     keepalive_sent: bool = False
+    _negotiated: bool = False
+    _known_fds: set[tuple[int, int]] = field(default_factory=set)  # (set, QEMU's fd) added here
 
     # client -> QEMU
 
@@ -270,7 +273,9 @@ class Session:
         out: list[Action] = []
         if exp is not None and exp.kind == "swallow":
             if "error" in msg:
-                out.append(Log(f"keepalive getfd failed: {msg['error']}"))
+                out.append(Log(f"{exp.name} ({exp.reply.decode()}) failed: {msg['error']}"))
+            elif exp.name == "query-fdsets":
+                self._held_before(msg["return"])
         else:
             out.append(ToClient(line))
             if exp is not None and "return" in msg:
@@ -278,22 +283,46 @@ class Session:
         return out + self._flush_local()
 
     def _answered(self, exp: _Expect, ret: Any) -> list[Action]:
-        if exp.name == "qmp_capabilities" and not self.keepalive_sent:
-            if self.keepalive_fd is None:
-                return []
-            self.keepalive_sent = True
-            self._expect.append(_Expect("swallow", "getfd"))
-            cmd = {"execute": "getfd", "arguments": {"fdname": KEEPALIVE_FDNAME},
-                   "id": KEEPALIVE_FDNAME}
-            return [ToServer(encode(cmd), (self.keepalive_fd,), owned=False)]
+        if exp.name == "qmp_capabilities" and not self._negotiated:
+            self._negotiated = True
+            out: list[Action] = []
+            if self.keepalive_fd is not None and not self.keepalive_sent:
+                self.keepalive_sent = True
+                self._expect.append(_Expect("swallow", "getfd", reply=b"keepalive"))
+                cmd = {"execute": "getfd", "arguments": {"fdname": KEEPALIVE_FDNAME},
+                       "id": KEEPALIVE_FDNAME}
+                out.append(ToServer(encode(cmd), (self.keepalive_fd,), owned=False))
+            # fd sets QEMU already holds (from its command line, or an earlier session)
+            self._expect.append(_Expect("swallow", "query-fdsets", reply=b"existing sets"))
+            out.append(ToServer(encode({"execute": "query-fdsets", "id": FDSETS_ID})))
+            return out
         if exp.name == "add-fd":
             fdset = ret.get("fdset-id") if isinstance(ret, dict) else exp.fdset
             if isinstance(fdset, int):
                 self.fdsets[fdset] = self.fdsets.get(fdset, ()) + exp.idents
+                qemu_fd = ret.get("fd") if isinstance(ret, dict) else None
+                if isinstance(qemu_fd, int):
+                    self._known_fds.add((fdset, qemu_fd))
         # remove-fd forgets nothing: QEMU keeps a removed fd in its set, and may still
         # hand it out, while the guest is paused or a dup of it is open (monitor/fds.c),
         # so a set stands for everything ever added to it.
         return []
+
+
+    def _held_before(self, sets: Any) -> None:
+        """query-fdsets at the start of the session: a set holding an fd this session did
+        not add has content the gate never saw, so it stands for an unknown fd."""
+        if not isinstance(sets, list):
+            return
+        for entry in sets:
+            fdset = entry.get("fdset-id") if isinstance(entry, dict) else None
+            fds = entry.get("fds") if isinstance(entry, dict) else None
+            if not isinstance(fdset, int) or not isinstance(fds, list):
+                continue
+            unseen = [f for f in fds if not isinstance(f, dict)
+                      or (fdset, f.get("fd")) not in self._known_fds]
+            if unseen and UNSEEN_FD not in self.fdsets.get(fdset, ()):
+                self.fdsets[fdset] = (*self.fdsets.get(fdset, ()), UNSEEN_FD)
 
 
 # The I/O loop
