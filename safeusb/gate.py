@@ -308,7 +308,6 @@ class Session:
         # so a set stands for everything ever added to it.
         return []
 
-
     def _held_before(self, sets: Any) -> None:
         """query-fdsets at the start of the session: a set holding an fd this session did
         not add has content the gate never saw, so it stands for an unknown fd."""
