@@ -52,18 +52,19 @@ from .qmp import (
     send_with_fds,
 )
 from .usbhost import (
+    UNSEEN_FD,
     Decide,
     FdIdentity,
     UsbHostRequest,
+    device_add_request,
     fd_identity,
-    hmp_device_add,
     prepare_decision,
-    usb_host_request,
 )
 
 PROG = "safeusb-qemu-gate"
 GATE_ROOT = "/usr/local/lib/safeusb/gate"
 KEEPALIVE_FDNAME = "safeusb-keepalive"
+FDSETS_ID = "safeusb-fdsets"
 DECISION_TIMEOUT = 30.0
 
 
@@ -147,6 +148,8 @@ class Session:
     _pending: _Pending | None = None
     _tokens: int = 0
     keepalive_sent: bool = False
+    _negotiated: bool = False
+    _known_fds: set[tuple[int, int]] = field(default_factory=set)  # (set, QEMU's fd) added here
 
     # client -> QEMU
 
@@ -209,6 +212,10 @@ class Session:
         except SafeUSBError as exc:
             return [Log(f"refused device_add: {exc}"), CloseFds(seg.fds),
                     *self._local(error_reply(f"safeusb: {exc}", msg))]
+        except Exception as exc:  # a reading the gate cannot finish: refuse, never crash
+            why = f"the gate could not read this command ({type(exc).__name__})"
+            return [Log(f"refused: {why}: {exc}"), CloseFds(seg.fds),
+                    *self._local(error_reply(f"safeusb: {why}", msg))]
         if request is not None:
             self._tokens += 1
             self._pending = _Pending(self._tokens, seg, msg, request)
@@ -216,22 +223,15 @@ class Session:
         return self._forward(seg, msg)
 
     def _usb_host(self, msg: Any) -> UsbHostRequest | None:
-        name = command_name(msg)
-        args = _args_of(msg)
-        if name == "device_add" and args.get("driver") == "usb-host":
-            return usb_host_request(args, self.fdsets, self.domain)
-        if name == "human-monitor-command" and isinstance(args.get("command-line"), str):
-            props = hmp_device_add(args["command-line"])
-            if props is not None and props.get("driver") == "usb-host":
-                return usb_host_request(props, self.fdsets, self.domain,
-                                        via="human-monitor-command")
-        return None
+        return device_add_request(msg, self.fdsets, self.domain)
 
     def _forward(self, seg: Segment, msg: Any) -> list[Action]:
         name = command_name(msg)
         exp = _Expect("forward", name)
         if name == "add-fd":
-            exp.idents = tuple(self.identify(fd) for fd in seg.fds)
+            # QEMU puts the first fd it holds in the set; without fds of its own, an
+            # add-fd takes what an earlier message left: the set is then unknown.
+            exp.idents = tuple(self.identify(fd) for fd in seg.fds) or (UNSEEN_FD,)
         if name in ("add-fd", "remove-fd"):
             fdset = _args_of(msg).get("fdset-id")
             exp.fdset = fdset if isinstance(fdset, int) and not isinstance(fdset, bool) else None
@@ -274,7 +274,9 @@ class Session:
         out: list[Action] = []
         if exp is not None and exp.kind == "swallow":
             if "error" in msg:
-                out.append(Log(f"keepalive getfd failed: {msg['error']}"))
+                out.append(Log(f"{exp.name} ({exp.reply.decode()}) failed: {msg['error']}"))
+            elif exp.name == "query-fdsets":
+                self._held_before(msg["return"])
         else:
             out.append(ToClient(line))
             if exp is not None and "return" in msg:
@@ -282,21 +284,45 @@ class Session:
         return out + self._flush_local()
 
     def _answered(self, exp: _Expect, ret: Any) -> list[Action]:
-        if exp.name == "qmp_capabilities" and not self.keepalive_sent:
-            if self.keepalive_fd is None:
-                return []
-            self.keepalive_sent = True
-            self._expect.append(_Expect("swallow", "getfd"))
-            cmd = {"execute": "getfd", "arguments": {"fdname": KEEPALIVE_FDNAME},
-                   "id": KEEPALIVE_FDNAME}
-            return [ToServer(encode(cmd), (self.keepalive_fd,), owned=False)]
+        if exp.name == "qmp_capabilities" and not self._negotiated:
+            self._negotiated = True
+            out: list[Action] = []
+            if self.keepalive_fd is not None and not self.keepalive_sent:
+                self.keepalive_sent = True
+                self._expect.append(_Expect("swallow", "getfd", reply=b"keepalive"))
+                cmd = {"execute": "getfd", "arguments": {"fdname": KEEPALIVE_FDNAME},
+                       "id": KEEPALIVE_FDNAME}
+                out.append(ToServer(encode(cmd), (self.keepalive_fd,), owned=False))
+            # fd sets QEMU already holds (from its command line, or an earlier session)
+            self._expect.append(_Expect("swallow", "query-fdsets", reply=b"existing sets"))
+            out.append(ToServer(encode({"execute": "query-fdsets", "id": FDSETS_ID})))
+            return out
         if exp.name == "add-fd":
             fdset = ret.get("fdset-id") if isinstance(ret, dict) else exp.fdset
             if isinstance(fdset, int):
                 self.fdsets[fdset] = self.fdsets.get(fdset, ()) + exp.idents
-        elif exp.name == "remove-fd" and exp.fdset is not None:
-            self.fdsets.pop(exp.fdset, None)
+                qemu_fd = ret.get("fd") if isinstance(ret, dict) else None
+                if isinstance(qemu_fd, int):
+                    self._known_fds.add((fdset, qemu_fd))
+        # remove-fd forgets nothing: QEMU keeps a removed fd in its set, and may still
+        # hand it out, while the guest is paused or a dup of it is open (monitor/fds.c),
+        # so a set stands for everything ever added to it.
         return []
+
+    def _held_before(self, sets: Any) -> None:
+        """query-fdsets at the start of the session: a set holding an fd this session did
+        not add has content the gate never saw, so it stands for an unknown fd."""
+        if not isinstance(sets, list):
+            return
+        for entry in sets:
+            fdset = entry.get("fdset-id") if isinstance(entry, dict) else None
+            fds = entry.get("fds") if isinstance(entry, dict) else None
+            if not isinstance(fdset, int) or not isinstance(fds, list):
+                continue
+            unseen = [f for f in fds if not isinstance(f, dict)
+                      or (fdset, f.get("fd")) not in self._known_fds]
+            if unseen and UNSEEN_FD not in self.fdsets.get(fdset, ()):
+                self.fdsets[fdset] = (*self.fdsets.get(fdset, ()), UNSEEN_FD)
 
 
 # The I/O loop

@@ -1,9 +1,12 @@
 """Which host USB device a QEMU `usb-host` device names, and the decision to hand it over.
 
 `device_add` arrives over QMP (JSON arguments) or inside `human-monitor-command`
-(`device_add usb-host,hostbus=2,hostaddr=3`). QEMU's usb-host finds its device by
-`hostdevice` (a path, possibly /dev/fdset/N), else by every criterion given among
-hostbus, hostaddr, hostport, vendorid and productid.
+(`device_add usb-host,hostbus=2,hostaddr=3`); qemuparse reads both as QEMU does. QEMU
+7.2's usb-host (hw/usb/host-libusb.c) opens `hostdevice` (a path, possibly /dev/fdset/N)
+if given; else, with hostbus and hostaddr and none of hostport, vendorid and productid,
+exactly that device; else it keeps scanning the host for any device matching every
+criterion given (0 matching anything) and takes one whenever it appears. The gate allows
+only the first two forms.
 """
 
 from __future__ import annotations
@@ -17,11 +20,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import SafeUSBError
+from .qemuparse import (
+    QemuSyntaxError,
+    hmp_device_add_text,
+    opts_dict,
+    qemu_opts_items,
+    qemu_strtol10,
+    qemu_strtou64,
+    qmp_opts,
+)
 
 USB_DEVICE_MAJOR = 189
-_DEV_BUS_USB = re.compile(r"^/dev/bus/usb/(\d{3})/(\d{3})$")
-_FDSET = re.compile(r"^/dev/fdset/(\d+)$")
-_PORT = re.compile(r"^\d+(\.\d+)*$")
+_DEV_BUS_USB = re.compile(r"/dev/bus/usb/([0-9]{3})/([0-9]{3})")
 
 
 class RequestError(SafeUSBError):
@@ -94,22 +104,27 @@ Decide = Callable[[UsbHostRequest, threading.Event], None]
 when the requester gives up waiting: stop, put the host back as it was, and refuse."""
 
 
-def _uint(name: str, value: Any, limit: int) -> int:
-    if isinstance(value, bool):
-        raise RequestError(f"usb-host {name}={value!r} is not a number")
-    if isinstance(value, int):
-        number = value
-    elif isinstance(value, str):
-        text = value.strip()
-        try:
-            number = int(text, 16) if text.lower().startswith("0x") else int(text, 10)
-        except ValueError:
-            raise RequestError(f"usb-host {name}={value!r} is not a number") from None
-    else:
-        raise RequestError(f"usb-host {name}={value!r} is not a number")
-    if not 0 <= number <= limit:
-        raise RequestError(f"usb-host {name}={value!r} is out of range")
-    return number
+USB_HOST = "usb-host"
+HOST_PROPS = ("hostbus", "hostaddr", "hostport", "vendorid", "productid", "hostdevice")
+FDSET_PREFIX = "/dev/fdset/"
+MAX_SYMLINKS = 40
+UNSEEN_FD = FdIdentity("an fd that did not come with its add-fd", None)
+"""Stands for an fd QEMU may have put in a set that the gate did not see (an add-fd
+without fds of its own takes whatever fds QEMU still holds from earlier messages)."""
+
+
+def _uint32(name: str, text: str) -> int:
+    """A uint32 usb-host property as QEMU's keyval visitor reads it (qemu_strtou64, base 0)."""
+    value = qemu_strtou64(text)
+    if value is None:
+        raise RequestError(f"usb-host {name}={text!r} is not a number QEMU reads")
+    if value > 0xFFFFFFFF:
+        raise RequestError(f"usb-host {name}={text!r} is out of range (QEMU: uint32)")
+    return value
+
+
+def _show(value: str) -> str:
+    return value if value.isprintable() and value.strip() == value else repr(value)
 
 
 def usb_host_request(
@@ -119,49 +134,100 @@ def usb_host_request(
     via: str = "device_add",
     stat_path: Callable[[str], os.stat_result] = os.stat,
 ) -> UsbHostRequest:
-    """The request a usb-host device's properties make, resolved as far as QEMU would."""
-    bus = addr = vid = pid = None
-    port = None
-    hostdevice = args.get("hostdevice")
-    if hostdevice is not None and not isinstance(hostdevice, str):
-        raise RequestError(f"usb-host hostdevice={hostdevice!r} is not a path")
-    if "hostbus" in args:
-        bus = _uint("hostbus", args["hostbus"], 0xFFFFFFFF)
-    if "hostaddr" in args:
-        addr = _uint("hostaddr", args["hostaddr"], 0xFFFFFFFF)
-    if "hostport" in args:
-        port = args["hostport"]
-        if not isinstance(port, str) or not _PORT.match(port):
-            raise RequestError(f"usb-host hostport={port!r} is not a port path")
-    if "vendorid" in args:
-        vid = _uint("vendorid", args["vendorid"], 0xFFFF)
-    if "productid" in args:
-        pid = _uint("productid", args["productid"], 0xFFFF)
-    raw_id = args.get("id")
-    dev_id = raw_id if isinstance(raw_id, str) else None
-    if hostdevice:
+    """The host device a usb-host device's properties name, read as QEMU 7.2 reads them
+    (JSON values become QemuOpts strings first). RequestError unless QEMU would open
+    exactly one device now and never scan for another."""
+    try:
+        props = qmp_opts(args)
+    except QemuSyntaxError as exc:
+        raise RequestError(f"usb-host: {exc}") from None
+    numbers = {name: _uint32(name, props[name])
+               for name in ("hostbus", "hostaddr", "vendorid", "productid") if name in props}
+    bus, addr = numbers.get("hostbus", 0), numbers.get("hostaddr", 0)
+    vid, pid = numbers.get("vendorid", 0), numbers.get("productid", 0)
+    port = props.get("hostport")
+    hostdevice = props.get("hostdevice")
+    dev_id = props.get("id") if isinstance(args.get("id"), str) else None
+    if hostdevice is not None:
+        # usb-host opens this path and ignores the other criteria
         bus, addr = _busdev_of_path(hostdevice, fdsets, stat_path)
         return UsbHostRequest(hostbus=bus, hostaddr=addr, hostdevice=hostdevice,
                               device_id=dev_id, domain=domain, via=via)
-    if bus == 0:
-        bus = None  # QEMU: 0 means any
-    if addr == 0:
-        addr = None
-    if vid == 0:
-        vid = None
-    if pid == 0:
-        pid = None
-    if addr is not None and bus is None:
-        raise RequestError("usb-host hostaddr without hostbus names no single device")
-    if port is not None and bus is None:
-        raise RequestError("usb-host hostport without hostbus names no single device")
-    if bus is None and vid is None and pid is None:
+    if bus and addr and not vid and not pid and port is None:
+        if addr > 127:
+            raise RequestError(f"usb-host hostaddr={props['hostaddr']!r} is out of range "
+                               "(USB addresses end at 127)")
+        return UsbHostRequest(hostbus=bus, hostaddr=addr, device_id=dev_id, domain=domain,
+                              via=via)
+    if not (bus or addr or vid or pid) and port is None:
         raise RequestError("usb-host names no host device (QEMU would take any)")
-    if addr is None and port is None and (vid is None or pid is None):
-        raise RequestError("usb-host names no single device: give hostbus and hostaddr, "
-                           "hostbus and hostport, or vendorid and productid")
-    return UsbHostRequest(hostbus=bus, hostaddr=addr, hostport=port, vendorid=vid,
-                          productid=pid, device_id=dev_id, domain=domain, via=via)
+    given = ",".join(f"{name}={_show(props[name])}" for name in HOST_PROPS if name in props)
+    raise RequestError(f"usb-host {given}: QEMU would keep scanning for a matching device "
+                       "and take one plugged in later; name one device by hostbus and "
+                       "hostaddr alone, or by hostdevice")
+
+
+def device_add_request(
+    msg: Any,
+    fdsets: Mapping[int, tuple[FdIdentity, ...]],
+    domain: str | None = None,
+    stat_path: Callable[[str], os.stat_result] = os.stat,
+) -> UsbHostRequest | None:
+    """The usb-host device a QMP message asks QEMU to add (QMP `device_add`, or an HMP
+    `device_add` in `human-monitor-command`); None if it adds none. RequestError where
+    the gate refuses (QEMU would read it otherwise, or might, or takes no single device)."""
+    if not isinstance(msg, dict):
+        return None
+    name = msg.get("execute", msg.get("exec-oob"))
+    args = msg.get("arguments")
+    if not isinstance(args, dict):
+        return None
+    if name == "device_add":
+        if args.get("driver") != USB_HOST:
+            return None  # QEMU makes "usb-host" of no other JSON value
+        return usb_host_request(args, fdsets, domain, stat_path=stat_path)
+    if name == "human-monitor-command" and isinstance(args.get("command-line"), str):
+        props = hmp_device_add(args["command-line"])
+        if props is None or props.get("driver") != USB_HOST:
+            return None
+        return usb_host_request(props, fdsets, domain, via="human-monitor-command",
+                                stat_path=stat_path)
+    return None
+
+
+def _through_proc(path: str) -> bool:
+    """Whether the path, its symlinks followed, passes through /proc (where "self" is
+    whoever looks: QEMU and the gate would see different files). Unsure counts as yes."""
+    todo = path.split("/")
+    cur = "/"
+    links = 0
+    while todo:
+        part = todo.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            cur = os.path.dirname(cur)
+            continue
+        nxt = os.path.join(cur, part)
+        if nxt == "/proc" or nxt.startswith("/proc/"):
+            return True
+        try:
+            target = os.readlink(nxt)
+        except OSError:
+            cur = nxt
+            continue
+        links += 1
+        if links > MAX_SYMLINKS:
+            return True
+        if target.startswith("/"):
+            cur = "/"
+        todo = target.split("/") + todo
+    return False
+
+
+def _path(path: str, limit: int = 160) -> str:
+    """A path for a one-line message."""
+    return repr(path) if len(path) <= limit else repr(path[:limit]) + "..."
 
 
 def _busdev_of_path(
@@ -169,34 +235,52 @@ def _busdev_of_path(
     fdsets: Mapping[int, tuple[FdIdentity, ...]],
     stat_path: Callable[[str], os.stat_result],
 ) -> tuple[int, int]:
-    m = _FDSET.match(path)
-    if m:
-        fdset = int(m.group(1))
+    try:
+        path.encode()
+    except UnicodeEncodeError:
+        raise RequestError(f"usb-host hostdevice={_path(path)}: not UTF-8 text") from None
+    if path.startswith(FDSET_PREFIX):
+        # qemu_open: the rest is an fd set number in base 10 (qemu_parse_fd)
+        number = path[len(FDSET_PREFIX):]
+        fdset = qemu_strtol10(number)
+        if fdset is None:
+            raise RequestError(f"usb-host hostdevice={_path(path)}: {number!r} is not an fd set "
+                               "number QEMU reads")
         idents = fdsets.get(fdset)
         if not idents:
-            raise RequestError(f"usb-host hostdevice={path}: fd set {fdset} was never seen")
+            raise RequestError(f"usb-host hostdevice={_path(path)}: fd set {fdset} was never seen")
         found = {i.usb_busdev for i in idents}
         if None in found:
-            paths = ", ".join(sorted(i.path for i in idents if i.usb_busdev is None))
-            raise RequestError(f"usb-host hostdevice={path}: not a USB device node ({paths})")
+            paths = ", ".join(sorted({i.path for i in idents if i.usb_busdev is None}))
+            raise RequestError(f"usb-host hostdevice={_path(path)}: fd set {fdset} holds what is "
+                               f"not a USB device node ({paths})")
         if len(found) != 1:
-            raise RequestError(f"usb-host hostdevice={path}: fd set holds several devices")
+            raise RequestError(f"usb-host hostdevice={_path(path)}: fd set {fdset} has held "
+                               "several devices (QEMU may open any of them)")
         busdev = found.pop()
         assert busdev is not None
         return busdev
-    m = _DEV_BUS_USB.match(os.path.normpath(path))
-    if m and path == os.path.normpath(path):
+    if not path.startswith("/"):
+        raise RequestError(f"usb-host hostdevice={_path(path)}: not an absolute path "
+                           "(QEMU would open it relative to its own directory)")
+    if "\0" in path:
+        raise RequestError(f"usb-host hostdevice={_path(path)}: QEMU reads U+0000 as other bytes")
+    m = _DEV_BUS_USB.fullmatch(path)
+    if m:
         return int(m.group(1)), int(m.group(2))
+    if _through_proc(path):
+        raise RequestError(f"usb-host hostdevice={_path(path)}: leads through /proc, where QEMU "
+                           "would see its own files, not the gate's")
     try:
         st = stat_path(path)
     except OSError as exc:
-        raise RequestError(f"usb-host hostdevice={path}: {exc.strerror or exc}") from None
+        raise RequestError(f"usb-host hostdevice={_path(path)}: {exc.strerror or exc}") from None
     ident = FdIdentity(
         path, (os.major(st.st_rdev), os.minor(st.st_rdev)) if stat.S_ISCHR(st.st_mode) else None
     )
     busdev = ident.usb_busdev
     if busdev is None:
-        raise RequestError(f"usb-host hostdevice={path}: not a USB device node")
+        raise RequestError(f"usb-host hostdevice={_path(path)}: not a USB device node")
     return busdev
 
 
@@ -220,23 +304,24 @@ def split_qemu_opts(text: str) -> list[str]:
 
 
 def hmp_device_add(command_line: str) -> dict[str, str] | None:
-    """The properties of an HMP `device_add`, or None if the command is something else."""
-    words = command_line.strip().split(None, 1)
-    if not words or words[0] != "device_add":
+    """The properties of an HMP `device_add` as QEMU reads them; None if the line runs
+    another command or QEMU would add nothing without a doubt (help). RequestError where
+    QEMU refuses the line, cuts it short, or a usb-host gives a property more than once."""
+    try:
+        text = hmp_device_add_text(command_line)
+    except QemuSyntaxError as exc:
+        raise RequestError(str(exc)) from None
+    if text is None:
         return None
-    if len(words) == 1:
-        return {}
-    props: dict[str, str] = {}
-    for n, item in enumerate(split_qemu_opts(words[1].strip())):
-        key, sep, value = item.partition("=")
-        if not sep:
-            if n == 0:
-                key, value = "driver", item
-            else:
-                key, value = item, "on"
-        if key in props:
-            raise RequestError(f"device_add: {key} given twice")
-        props[key] = value
+    items, help_wanted = qemu_opts_items(text)
+    props, twice = opts_dict(items)
+    drivers = {value for name, value in items if name == "driver"}
+    if help_wanted:
+        if USB_HOST in drivers or not drivers:
+            raise RequestError("device_add: asks for help; the gate passes no such usb-host")
+        return None
+    if USB_HOST in drivers and twice:
+        raise RequestError(f"device_add: {', '.join(sorted(twice))} given more than once")
     return props
 
 

@@ -190,6 +190,25 @@ def test_reconnect_gets_a_fresh_greeting(tmp_path: Path) -> None:
         assert g.cmd("query-status")["return"]["status"] == "prelaunch"
 
 
+def test_fd_sets_from_an_earlier_session_stay_unknown(tmp_path: Path) -> None:
+    """QEMU keeps a paused guest's fd sets across monitor sessions; the next session's
+    gate never saw what they hold, so a set one of them fills further is refused."""
+    with gated(tmp_path) as g:
+        fd = os.open("/dev/null", os.O_RDWR)
+        try:
+            assert g.cmd("add-fd", fds=[fd], **{"fdset-id": 4})["return"]["fdset-id"] == 4
+            g.client.close()
+            assert "QMP" in g.connect()
+            assert g.cmd("qmp_capabilities")["return"] == {}
+            assert g.cmd("add-fd", fds=[fd], **{"fdset-id": 4})["return"]["fdset-id"] == 4
+            held = [s["fds"] for s in g.cmd("query-fdsets")["return"] if s["fdset-id"] == 4]
+            assert len(held) == 1 and len(held[0]) == 2  # QEMU holds both sessions' fds
+            reply = g.cmd("device_add", driver="usb-host", hostdevice="/dev/fdset/4")
+            assert "did not come with its add-fd" in reply["error"]["desc"], reply
+        finally:
+            os.close(fd)
+
+
 def test_qemu_exit_closes_the_monitor_and_ends_the_proxy(tmp_path: Path) -> None:
     with gated(tmp_path) as g:
         proxy = g.proxy_pid()

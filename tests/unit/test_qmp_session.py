@@ -16,7 +16,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safeusb.gate import KEEPALIVE_FDNAME, Action, Ask, CloseFds, Log, Session, ToClient, ToServer
+from safeusb.gate import (
+    FDSETS_ID,
+    KEEPALIVE_FDNAME,
+    Action,
+    Ask,
+    CloseFds,
+    Log,
+    Session,
+    ToClient,
+    ToServer,
+)
 from safeusb.qmp import error_reply
 from safeusb.usbhost import FdIdentity, UsbHostRequest
 
@@ -41,6 +51,7 @@ class Replay:
     to_server: list[tuple[bytes, tuple[int, ...]]] = field(default_factory=list)
     asked: list[UsbHostRequest] = field(default_factory=list)
     closed: list[int] = field(default_factory=list)
+    fdsets_before: list[dict] = field(default_factory=list)  # type: ignore[type-arg]
 
     def __post_init__(self) -> None:
         self.session = Session(KEEPALIVE_FD, "rec", identify=lambda fd: self.idents[fd])
@@ -94,6 +105,11 @@ class Replay:
             assert a.fds == (KEEPALIVE_FD,) and not a.owned
             self.server(b'{"return": {}, "id": "safeusb-keepalive"}\r\n')
             return
+        if cmd.get("id") == FDSETS_ID:
+            assert cmd["execute"] == "query-fdsets" and not a.fds
+            self.server(json.dumps({"return": self.fdsets_before, "id": FDSETS_ID}).encode()
+                        + b"\r\n")
+            return
         expected_fd = self.fd_for.get(text)
         assert a.fds == ((expected_fd,) if expected_fd else ())
         self.server("".join(self.answers[text]).encode())
@@ -123,10 +139,12 @@ def test_allowed_conversation_passes_byte_for_byte_with_fds() -> None:
     r = Replay(conv, allow)
     r.run()
     assert b"".join(r.to_client) == client_view(conv, {})
-    sent = b"".join(raw for raw, _fds in r.to_server if KEEPALIVE_FDNAME.encode() not in raw)
+    sent = b"".join(raw for raw, _fds in r.to_server if b'"id": "safeusb-' not in raw)
     assert sent == b"".join(i["raw"].encode() for i in conv if i["from"] == "libvirt")
     keepalive = [raw for raw, _ in r.to_server if KEEPALIVE_FDNAME.encode() in raw]
     assert len(keepalive) == 1 and b'"getfd"' in keepalive[0]
+    own = [raw for raw, _ in r.to_server if FDSETS_ID.encode() in raw]
+    assert len(own) == 1 and b'"query-fdsets"' in own[0]
     assert [(q.hostbus, q.hostaddr, q.hostdevice) for q in r.asked] == [
         (2, 3, "/dev/fdset/0"), (2, 3, "/dev/bus/usb/002/003"), (2, 3, None)]
     assert r.asked[0].domain == "rec" and r.asked[0].device_id == "hostdev0"
@@ -158,6 +176,21 @@ def test_a_crash_in_resolution_refuses_only_that_command() -> None:
     errors = [json.loads(x) for x in r.to_client if b"safeusb:" in x]
     assert [e["id"] for e in errors] == ["libvirt-8"]
     assert "fd set 7 was never seen" in errors[0]["error"]["desc"]
+
+
+def test_a_set_qemu_held_before_the_session_is_unknown() -> None:
+    # libvirt adds fd set 0 for the stick; QEMU already held an fd in set 0 (its command
+    # line, or an earlier session): QEMU may open that one, so the gate refuses
+    conv = load("hotplug.jsonl")
+    r = Replay(conv, allow, fdsets_before=[{"fdset-id": 0, "fds": [{"fd": 5}]}])
+    r.run()
+    errors = [json.loads(x) for x in r.to_client if b"safeusb:" in x]
+    assert [e["id"] for e in errors] == ["libvirt-8"]
+    assert "did not come with its add-fd" in errors[0]["error"]["desc"]
+    # sets the gate saw filled are not affected by sets QEMU lists with those same fds
+    r2 = Replay(load("hotplug.jsonl"), allow, fdsets_before=[{"fdset-id": 9, "fds": []}])
+    r2.run()
+    assert not [x for x in r2.to_client if b"safeusb:" in x]
 
 
 @settings(max_examples=60, deadline=None)

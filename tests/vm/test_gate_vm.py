@@ -2,10 +2,13 @@
 
 One boot with libvirtd and the paused nested domain g1. In order: `safeusb protect g1` and
 a restart behind the gate; a plain `virsh attach-device --live` of a mounted stick with
-4 MiB dirty, refused under the built-in policy; the same attach of another stick under
-`mount = "unmount"` in /etc/safeusb/policy.toml, allowed after the flush; libvirtd
-restarted under the running domain; the gate's proxy killed under it; `safeusb unprotect
-g1`. Both images are checked here afterwards.
+4 MiB dirty, refused under the built-in policy, and the same stick asked for over HMP
+(quoted, hexadecimal/octal), refused too; the same attach of another stick under
+`mount = "unmount"` in /etc/safeusb/policy.toml, allowed after the flush, QEMU holding
+exactly that stick's node, then detached and added again over HMP by hexadecimal bus and
+octal address, QEMU again holding that node; libvirtd restarted under the running
+domain; the gate's proxy killed under it; `safeusb unprotect g1`. Both images are checked
+here afterwards.
 """
 
 from __future__ import annotations
@@ -103,6 +106,28 @@ def test_refused_attach_names_the_mountpoint_and_changes_nothing(vm: BootResult)
     r.expect(check.intact, check.summary())
 
 
+def test_hmp_forms_of_the_same_stick_are_refused_and_qemu_never_opens_it(
+        vm: BootResult) -> None:
+    """A quoted HMP argument (QEMU strips the quotes: once forwarded unchecked, the stick
+    went to the guest and the file read back empty) and hexadecimal/octal numbers: the
+    gate reads the same stick as QEMU and refuses it, naming the mountpoint."""
+    r, n = ran(vm, "refuse")
+    for tag in ("hmp_quoted", "hmp_octal"):
+        out = r.file(f"{tag}.out") + r.file(f"{tag}.err")
+        r.expect(r.file(f"{tag}.rc").strip() != "0" and "safeusb:" in out
+                 and "/tmp/su-refuse" in out,
+                 f"{tag}: not refused by the gate naming the mountpoint\n{step(r, tag)}"
+                 f"\n--- gate\n{r.file('gate.log')}")
+    r.expect(n.get("mounted_after_hmp") == "1"
+             and int(n.get("dirty_kb_after_hmp") or 0) >= 1024
+             and n.get("qemu_usb_fds_after_hmp") == "" and n.get("state_after_hmp") == "paused",
+             f"after the HMP requests the stick is unmounted, flushed or open in QEMU ({n})")
+    r.expect("q1" not in r.file("info_usb.out") and "q2" not in r.file("info_usb.out"),
+             step(r, "info_usb"))
+    r.expect(r.file("gate.log").count("refused usb-host") >= 3,
+             f"the gate did not log both HMP refusals:\n{r.file('gate.log')}")
+
+
 def test_unmount_policy_attach_succeeds_after_flush(vm: BootResult) -> None:
     r, n = ran(vm, "give")
     r.expect(int(n.get("dirty_kb") or 0) >= 1024, f"4 MiB were not dirty before ({n})")
@@ -125,6 +150,28 @@ def test_unmount_policy_attach_succeeds_after_flush(vm: BootResult) -> None:
     check = vm.check_stick("give", {"data.bin": ("give", "data.bin")})
     r.expect(check.intact, "image not intact after the gate's flush and handover:\n"
              + check.summary())
+
+
+def test_the_device_qemu_opened_is_the_one_the_gate_checked(vm: BootResult) -> None:
+    """libvirt's attach (fd set) and an HMP device_add by hexadecimal bus and octal
+    address: QEMU's open USB device node is the stick the gate decided on."""
+    r, n = ran(vm, "give")
+    node = n.get("give_node", "")
+    r.expect(node.startswith("/dev/bus/usb/") and n.get("qemu_usb_fds") == node,
+             f"after libvirt's attach QEMU holds {n.get('qemu_usb_fds')!r}, not {node} ({n})")
+    r.expect(r.file("detach.rc").strip() == "0" and n.get("qemu_usb_fds_detached") == "",
+             f"the detach left QEMU holding a USB device ({n})\n{step(r, 'detach')}")
+    r.expect(r.file("hmp_add.rc").strip() == "0" and r.file("hmp_add.out").strip() == "",
+             f"HMP device_add by {n.get('hmp_bus_text')}/{n.get('hmp_addr_text')} failed\n"
+             f"{step(r, 'hmp_add')}\n--- gate\n{r.file('gate.log')}")
+    bus, dev = int(node.split("/")[-2]), int(node.split("/")[-1])
+    r.expect(f"allowed usb-host hostbus={bus},hostaddr={dev}" in r.file("gate.log"),
+             f"the gate's log does not show it allowed bus {bus} address {dev}:\n"
+             f"{r.file('gate.log')}")
+    r.expect(n.get("qemu_usb_fds_hmp") == node,
+             f"after the HMP add QEMU holds {n.get('qemu_usb_fds_hmp')!r}, not {node} ({n})")
+    r.expect("q2" in r.file("info_usb_hmp.out") and n.get("state_after_hmp") == "paused",
+             step(r, "info_usb_hmp"))
 
 
 @pytest.mark.fault

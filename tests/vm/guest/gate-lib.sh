@@ -37,3 +37,13 @@ proxy_pids() {
 
 # gate_log: the gate's lines in g1's domain log.
 gate_log() { grep -F "safeusb-qemu-gate[" /var/log/libvirt/qemu/g1.log 2>/dev/null; }
+
+# usb_node BUS:DEV: the device node usb-host opens for that address.
+usb_node() { printf '/dev/bus/usb/%03d/%03d' "${1%%:*}" "${1##*:}"; }
+
+# qemu_usb_fds PID: the USB device nodes open in that process, sorted, space-separated.
+qemu_usb_fds() {
+    local f
+    for f in /proc/"$1"/fd/*; do readlink "$f"; done 2>/dev/null \
+        | grep '^/dev/bus/usb/' | sort -u | tr '\n' ' ' | sed 's/ $//'
+}

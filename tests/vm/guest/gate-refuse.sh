@@ -22,4 +22,18 @@ note dirty_kb_after "$(bdi_stat "$REFUSE_DEV" BdiReclaimable)"
 note in_domain "$(usb_hostdevs)"
 note state "$(virsh domstate g1)"
 note records "$(find /run/safeusb -name '*.json' 2>/dev/null | wc -l)"
+# The same stick asked for over HMP: a quoted argument (QEMU strips the quotes) and a
+# hexadecimal bus with an octal address (QEMU reads both as C does). The gate must read
+# the same stick, and refuse it naming the mountpoint; QEMU must not open it.
+bus=${REFUSE_BUSDEV%%:*}
+dev=${REFUSE_BUSDEV##*:}
+run_step hmp_quoted virsh qemu-monitor-command g1 --hmp \
+    "device_add \"usb-host,hostbus=$bus,hostaddr=$dev,id=q1\""
+run_step hmp_octal virsh qemu-monitor-command g1 --hmp \
+    "device_add usb-host,hostbus=0x$(printf %x "$bus"),hostaddr=0$(printf %o "$dev"),id=q2"
+note mounted_after_hmp "$(mounted "$mp")"
+note dirty_kb_after_hmp "$(bdi_stat "$REFUSE_DEV" BdiReclaimable)"
+note qemu_usb_fds_after_hmp "$(qemu_usb_fds "$(qemu_pid)")"
+run_step info_usb virsh qemu-monitor-command g1 --hmp 'info usb'
+note state_after_hmp "$(virsh domstate g1)"
 gate_log >"$OUT/gate.log"
