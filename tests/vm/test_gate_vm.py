@@ -28,11 +28,14 @@ BOOT = Boot(
     name="gate",
     libvirt=True,
     rw_overlays=("/usr/local/lib",),
-    sticks=(Stick("refuse", Image.ext4()), Stick("give", Image.ext4())),
+    sticks=(Stick("refuse", Image.ext4()), Stick("give", Image.ext4()),
+            # Writes throttled to 192 KiB/s: 12 MiB take about a minute to flush.
+            Stick("slow", Image.ext4(), write_bps=192 * 1024)),
     scenarios=(
         Scenario("protect", "gate-protect.sh", timeout=400),
         Scenario("refuse", "gate-refuse.sh", payloads={"data.bin": 4 * MIB}, timeout=180),
         Scenario("give", "gate-give.sh", payloads={"data.bin": 4 * MIB}, timeout=180),
+        Scenario("cancel", "gate-cancel.sh", payloads={"data.bin": 12 * MIB}, timeout=240),
         Scenario("restart", "gate-restart.sh", timeout=240),
         Scenario("kill", "gate-kill.sh", timeout=240),
         Scenario("unprotect", "gate-unprotect.sh", timeout=300),
@@ -175,6 +178,24 @@ def test_the_device_qemu_opened_is_the_one_the_gate_checked(vm: BootResult) -> N
 
 
 @pytest.mark.fault
+def test_a_decision_past_the_deadline_is_cancelled_and_undone(vm: BootResult) -> None:
+    """The flush outlasts the gate's 30 s deadline: libvirt is told no only once prepare
+    has stopped and put everything back; the stick stays mounted and untaken."""
+    r, n = ran(vm, "cancel")
+    out = r.file("attach.out")
+    r.expect(n.get("attach_rc") != "0" and "no decision within 30 s" in out
+             and "cancelled" in out and "host state: unchanged" in out,
+             f"the attach was not refused as cancelled ({n}):\n{out}\n{r.file('gate.log')}")
+    r.expect(int(n.get("dirty_kb") or 0) >= 8 * 1024, f"too little was unwritten ({n})")
+    r.expect(n.get("mounted_after") == "1" and n.get("disk_after") == "1"
+             and n.get("driver_after") == "usb-storage" and n.get("record_after") == "0",
+             f"the cancelled prepare left the host changed ({n})")
+    r.expect(n.get("in_domain_after") == n.get("in_domain_before"),
+             f"the stick reached the guest ({n})")
+    check = vm.check_stick("slow", {"data.bin": ("cancel", "data.bin")})
+    r.expect(check.intact, check.summary())
+
+
 def test_libvirtd_restart_reconnects_through_the_gate(vm: BootResult) -> None:
     r, n = ran(vm, "restart")
     r.expect(n.get("libvirtd_old") and n.get("libvirtd_old_alive") == "0"
