@@ -7,10 +7,10 @@ NaN or infinities, no duplicate keys, exact types, no unknown fields, bounded le
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
+from . import strictjson
 from .errors import SafeUSBError
 
 VERSION = 1
@@ -99,37 +99,9 @@ class Request:
     args: DeviceArgs
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} is out of range")
-    return value
-
-
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    doc: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in doc:
-            raise ValueError(f"duplicate key {key!r}")
-        doc[key] = value
-    return doc
-
-
 def strict_loads(data: bytes) -> Any:
     """JSON as RFC 8259 has it, and nothing Python adds: ValueError otherwise."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"not UTF-8 ({exc.reason})") from None
-    try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite,
-                          object_pairs_hook=_unique)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
+    return strictjson.loads(data, finite=True)
 
 
 def _text(value: str, what: str) -> str:

@@ -20,6 +20,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import strictjson
+
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_FDS_PER_MESSAGE = 253  # SCM_MAX_FD
 RECV_BYTES = 256 * 1024
@@ -190,28 +192,11 @@ class LineStream:
         return bytes(self._buf)
 
 
-def _no_constants(name: str) -> Any:
-    raise QMPParseError(f"{name} is not JSON")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise QMPParseError(f"duplicate key {key!r}")
-        obj[key] = value
-    return obj
-
-
 def parse_message(raw: bytes) -> Any:
     """Strict JSON: UTF-8, no NaN/Infinity, no duplicate keys, no control characters."""
     try:
-        return json.loads(
-            raw.decode("utf-8"),
-            parse_constant=_no_constants,
-            object_pairs_hook=_no_duplicates,
-        )
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return strictjson.loads(raw)
+    except ValueError as exc:
         raise QMPParseError(str(exc)) from None
 
 
