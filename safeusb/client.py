@@ -7,6 +7,7 @@ import errno
 import itertools
 import os
 import socket
+import threading
 import time
 from typing import Any
 
@@ -14,6 +15,7 @@ from . import protocol as proto
 from .errors import SafeUSBError
 
 START_HINT = "start it with `systemctl start safeusbd.socket`"
+CANCEL_POLL = 0.1  # seconds between looks at a cancel event while waiting for a reply
 _ids = itertools.count(1)
 
 
@@ -48,12 +50,14 @@ def _unreachable(socket_path: str, exc: OSError) -> DaemonUnavailable:
 
 
 def ask(op: str, args: dict[str, Any], socket_path: str,
-        timeout: float | None = None) -> Any:
+        timeout: float | None = None, cancel: threading.Event | None = None) -> Any:
     """Send one request and return its result; DaemonError for an error reply,
     DaemonUnavailable when there is no daemon to ask (fail closed).
 
     ``timeout`` bounds the whole exchange (None: wait as long as prepare takes; hanging up
-    early cancels a prepare, which undoes what it did)."""
+    early cancels a prepare, which undoes what it did). ``cancel``, once set, asks the
+    daemon to cancel (the connection's write side is shut down) and the reply is still
+    awaited: for a prepare, it comes once the daemon has undone what it did."""
     if op not in proto.OPS:
         raise ValueError(f"unknown op {op!r}")
     request_id = f"{os.getpid()}-{next(_ids)}"
@@ -72,12 +76,13 @@ def ask(op: str, args: dict[str, Any], socket_path: str,
             raise
         try:
             sock.sendall(line)
-            raw = _read_line(sock, deadline)
+            raw = _read_line(sock, deadline, cancel)
         except TimeoutError:
             raise DaemonError(proto.TIMEOUT, f"no answer within {timeout:g} s") from None
         except OSError as exc:
-            raise DaemonError(proto.FAILED, f"connection lost: {exc.strerror or exc}; the "
-                              "request may or may not have been carried out") from None
+            raise DaemonError(proto.FAILED, f"connection to safeusbd lost: "
+                              f"{exc.strerror or exc}; the request may or may not have "
+                              "been carried out") from None
     finally:
         sock.close()
     try:
@@ -92,16 +97,27 @@ def ask(op: str, args: dict[str, Any], socket_path: str,
     return reply.result
 
 
-def _read_line(sock: socket.socket, deadline: float | None) -> bytes:
+def _read_line(sock: socket.socket, deadline: float | None,
+               cancel: threading.Event | None = None) -> bytes:
     chunks: list[bytes] = []
     size = 0
+    signalled = False
     while True:
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError
-            sock.settimeout(left)
-        chunk = sock.recv(1024 * 1024)
+        if cancel is not None and not signalled and cancel.is_set():
+            # The daemon reads the end of our writing as hanging up: it cancels the
+            # request, undoes what it did and still answers on the open read side.
+            sock.shutdown(socket.SHUT_WR)
+            signalled = True
+        wait = None if deadline is None else deadline - time.monotonic()
+        if wait is not None and wait <= 0:
+            raise TimeoutError
+        if cancel is not None and not signalled:
+            wait = CANCEL_POLL if wait is None else min(wait, CANCEL_POLL)
+        sock.settimeout(wait)
+        try:
+            chunk = sock.recv(1024 * 1024)
+        except TimeoutError:
+            continue  # the deadline, or a look at cancel
         if not chunk:
             raise ConnectionResetError(errno.ECONNRESET, "safeusbd closed the connection "
                                        "without an answer")

@@ -35,7 +35,7 @@ from .roots import Roots
 
 log = logging.getLogger("safeusb")
 
-DEFAULT_SOCKET = "/run/safeusb/safeusbd.sock"
+DEFAULT_SOCKET = proto.DEFAULT_SOCKET
 DEFAULT_POLICY = "/etc/safeusb/policy.toml"
 DEFAULT_STATE_DIR = "/run/safeusb"
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5 and later

@@ -19,6 +19,7 @@ Session holds the decisions about the stream and touches no socket; run_proxy do
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import queue
@@ -604,6 +605,7 @@ class GateArgs:
     qemu_args: tuple[str, ...]
     decision: str | None = None
     timeout: float = DECISION_TIMEOUT
+    daemon_socket: str | None = None  # safeusbd's socket; None: its standard place
 
 
 def launcher_path(real_emulator: str, root: str = GATE_ROOT) -> str:
@@ -622,7 +624,7 @@ def is_gate_path(path: str, root: str = GATE_ROOT) -> bool:
 def parse_gate_argv(argv: Sequence[str], root: str = GATE_ROOT) -> GateArgs:
     """`GATE_ROOT/usr/bin/qemu-system-x86_64 QEMU-ARGS...` (how libvirt runs it), or
     `safeusb-qemu-gate --real-emulator PATH [--decision MODULE:FUNCTION]
-    [--decision-timeout SECONDS] -- QEMU-ARGS...`."""
+    [--decision-timeout SECONDS] [--daemon-socket PATH] -- QEMU-ARGS...` (for tests)."""
     prog = argv[0] if argv else PROG
     if is_gate_path(prog, root):
         real = prog[len(root):]
@@ -631,16 +633,22 @@ def parse_gate_argv(argv: Sequence[str], root: str = GATE_ROOT) -> GateArgs:
         return GateArgs(real, tuple(argv[1:]))
     real_emulator: str | None = None
     decision: str | None = None
+    daemon_socket: str | None = None
     timeout = DECISION_TIMEOUT
     rest = list(argv[1:])
     while rest and rest[0] != "--":
         opt = rest.pop(0)
-        if opt in ("--real-emulator", "--decision", "--decision-timeout") and rest:
+        if opt in ("--real-emulator", "--decision", "--decision-timeout",
+                   "--daemon-socket") and rest:
             value = rest.pop(0)
             if opt == "--real-emulator":
                 real_emulator = value
             elif opt == "--decision":
                 decision = value
+            elif opt == "--daemon-socket":
+                if not os.path.isabs(value):
+                    raise UsageError(f"{PROG}: --daemon-socket must be an absolute path")
+                daemon_socket = value
             else:
                 try:
                     timeout = float(value)
@@ -652,18 +660,21 @@ def parse_gate_argv(argv: Sequence[str], root: str = GATE_ROOT) -> GateArgs:
         else:
             raise UsageError(f"{PROG}: unknown argument {opt!r}; usage: {PROG} "
                              "--real-emulator PATH [--decision MODULE:FUNCTION] "
-                             "[--decision-timeout SECONDS] -- QEMU-ARGS")
+                             "[--decision-timeout SECONDS] [--daemon-socket PATH] "
+                             "-- QEMU-ARGS")
     if real_emulator is None:
         raise UsageError(f"{PROG}: --real-emulator PATH is required when not run as "
                          f"{root}/<emulator path>")
     if not os.path.isabs(real_emulator) or is_gate_path(real_emulator, root):
         raise UsageError(f"{PROG}: --real-emulator must be an absolute path outside {root}")
-    return GateArgs(real_emulator, tuple(rest[1:]), decision, timeout)
+    return GateArgs(real_emulator, tuple(rest[1:]), decision, timeout, daemon_socket)
 
 
-def load_decision(spec: str | None) -> Decide:
+def load_decision(spec: str | None, daemon_socket: str | None = None) -> Decide:
+    """The decision: by default, asking safeusbd (at daemon_socket, else its standard
+    place) to prepare the device; MODULE:FUNCTION in tests."""
     if spec is None:
-        return prepare_decision
+        return functools.partial(prepare_decision, socket_path=daemon_socket)
     module, sep, func = spec.partition(":")
     if not sep or not module or not func:
         raise UsageError(f"--decision {spec!r}: give MODULE:FUNCTION")
@@ -730,7 +741,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         mon = find_monitor(ga.qemu_args)
         if mon is None:
             os.execv(ga.real_emulator, [ga.real_emulator, *ga.qemu_args])  # noqa: S606
-        decide = load_decision(ga.decision)
+        decide = load_decision(ga.decision, ga.daemon_socket)
     except MonitorArgsError as exc:
         log(f"refusing to start QEMU: {exc}")
         return EXIT_IN_USE

@@ -14,6 +14,7 @@ from . import strictjson
 from .errors import SafeUSBError
 
 VERSION = 1
+DEFAULT_SOCKET = "/run/safeusb/safeusbd.sock"
 MAX_REQUEST_LINE = 16 * 1024  # bytes, newline included
 MAX_REPLY_LINE = 64 * 1024 * 1024
 MAX_ID_CHARS = 256

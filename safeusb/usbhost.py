@@ -345,24 +345,33 @@ def request_selector(request: UsbHostRequest) -> Selector:
     )
 
 
-def prepare_decision(request: UsbHostRequest, cancel: threading.Event) -> None:
-    """The gate's decision: `safeusb prepare` under the host policy for the domain; the
-    device goes to the guest only when it is free or made free."""
-    from .act import prepare  # noqa: PLC0415
-    from .policy import DEFAULT_PATH, Policy  # noqa: PLC0415
-    from .roots import Roots  # noqa: PLC0415
-    from .run import Runner  # noqa: PLC0415
-    from .selector import resolve  # noqa: PLC0415
-    from .state import StateDir  # noqa: PLC0415
+# Error kinds whose message is prepare's own account (the reasons, or the state the host
+# was left in): passed on as they are. Others say they come from safeusbd.
+_PREPARE_KINDS = ("refused", "failed", "no-such-device", "bad-selector", "busy", "policy",
+                  "state")
 
-    roots = Roots.host()
-    target = resolve(request_selector(request), roots)
-    outcome = prepare(roots, target, Policy.from_file(DEFAULT_PATH),
-                      Runner.for_roots(roots, cancel=cancel), StateDir(),
-                      domain=request.domain)
-    if outcome.ok:
-        return
-    raise SafeUSBError("; ".join(outcome.why_not()))
+
+def prepare_decision(request: UsbHostRequest, cancel: threading.Event,
+                     socket_path: str | None = None) -> None:
+    """The gate's decision: safeusbd runs `prepare` for the device under the host policy
+    for the domain; the device goes to the guest only when it is free or made free.
+
+    The gate runs as QEMU's user, unprivileged and confined under a stock libvirt, so it
+    only asks. When ``cancel`` is set the daemon is told to cancel, and its answer is
+    still awaited: it comes once prepare has undone what it did. No daemon: refused,
+    nothing done (DaemonUnavailable says how to start it)."""
+    from .client import DaemonError, ask  # noqa: PLC0415
+    from .protocol import DEFAULT_SOCKET  # noqa: PLC0415
+
+    if request.hostbus is None or request.hostaddr is None:
+        raise RequestError(f"{request.describe()}: names no single device by bus and address")
+    args: dict[str, Any] = {"bus": request.hostbus, "addr": request.hostaddr}
+    if request.domain is not None:
+        args["domain"] = request.domain
+    try:
+        ask("prepare", args, socket_path or DEFAULT_SOCKET, cancel=cancel)
+    except DaemonError as exc:
+        raise SafeUSBError(exc.message if exc.kind in _PREPARE_KINDS else str(exc)) from None
 
 
 def inspect_decision(request: UsbHostRequest, cancel: threading.Event) -> None:

@@ -4,6 +4,7 @@ daemon is gone."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -43,6 +44,13 @@ class Served:
 
 @pytest.fixture
 def safeusbd(tmp_path: Path) -> Iterator[Served]:
+    with serve_safeusbd(tmp_path) as served:
+        yield served
+
+
+@contextlib.contextmanager
+def serve_safeusbd(tmp_path: Path) -> Iterator[Served]:
+    """safeusbd from .venv on a socket of its own, policy mount = "unmount"."""
     require_root()
     if not SAFEUSBD.exists():
         pytest.skip(f"{SAFEUSBD} is not installed (pip install -e . in .venv)")

@@ -79,8 +79,9 @@ class Gated:
 
 
 @contextlib.contextmanager
-def gated(tmp_path: Path, decision: str = "tests.host.gate_decisions:refuse_bus_9",
+def gated(tmp_path: Path, decision: str | None = "tests.host.gate_decisions:refuse_bus_9",
           extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Iterator[Gated]:
+    """The gate before a real QEMU; decision None: its own (asking safeusbd)."""
     assert QEMU is not None
     path = str(tmp_path / "monitor.sock")
     listener = socket.socket(socket.AF_UNIX)
@@ -90,7 +91,7 @@ def gated(tmp_path: Path, decision: str = "tests.host.gate_decisions:refuse_bus_
     os.set_inheritable(fd, True)
     log = tmp_path / "domain.log"
     argv = [sys.executable, "-m", "safeusb.gate", "--real-emulator", QEMU,
-            "--decision", decision, *extra, "--",
+            *(("--decision", decision) if decision else ()), *extra, "--",
             "-name", "guest=gated,debug-threads=on", "-machine", "pc,accel=tcg",
             "-nodefaults", "-display", "none", "-S", "-m", "32",
             "-chardev", f"socket,id=charmonitor,fd={fd},server=on,wait=off",

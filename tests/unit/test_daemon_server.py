@@ -279,6 +279,74 @@ def test_stopping_cancels_a_prepare_and_still_answers_it(served) -> None:  # typ
     assert "every step was undone" in answer[0].message
 
 
+@pytest.mark.race
+def test_a_client_that_cancels_gets_the_answer_after_the_undo(served) -> None:  # type: ignore[no-untyped-def]
+    """ask(cancel=...) shuts its write side: the daemon cancels the prepare, and the
+    answer, given once prepare has stopped, still reaches the client."""
+    r = served(ROOT)
+    r.actions.gate = threading.Event()  # never set: only a cancel ends the prepare
+    cancel = threading.Event()
+    answer: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            ask("prepare", {"selector": "2-1", "domain": "g1"}, r.path, timeout=HANG,
+                cancel=cancel)
+        except SafeUSBError as exc:
+            answer.append(exc)
+
+    t = threading.Thread(target=client)
+    t.start()
+    assert r.actions.started.wait(HANG)
+    cancel.set()
+    t.join(HANG)
+    assert not t.is_alive() and r.actions.cancelled == [True]
+    assert isinstance(answer[0], DaemonError) and answer[0].kind == proto.FAILED
+    assert answer[0].message == "cancelled; host state: as before: every step was undone"
+
+
+def test_the_gate_decision_asks_the_daemon_and_passes_its_reasons_on(served) -> None:  # type: ignore[no-untyped-def]
+    from safeusb.usbhost import UsbHostRequest, prepare_decision  # noqa: PLC0415
+
+    refuse = FakeActions()
+    r = served(ROOT, actions=refuse)
+    request = UsbHostRequest(hostbus=2, hostaddr=3, domain="g1")
+    prepare_decision(request, threading.Event(), r.path)  # allowed: returns
+    assert [(c[0], c[1].as_json()) for c in r.actions.calls] == [
+        ("prepare", {"bus": 2, "addr": 3, "domain": "g1"})]
+
+    def refused(args: DeviceArgs, cancel: threading.Event) -> Done:
+        return Done(False, {"ok": False}, proto.REFUSED,
+                    "/dev/sdb mounted at /mnt in mount namespace 1; unmount it")
+
+    refuse.prepare = refused  # type: ignore[method-assign]
+    with pytest.raises(SafeUSBError) as err:
+        prepare_decision(request, threading.Event(), r.path)
+    assert str(err.value) == "/dev/sdb mounted at /mnt in mount namespace 1; unmount it"
+
+
+def test_the_gate_decision_says_who_refused_what_is_not_a_reason(served) -> None:  # type: ignore[no-untyped-def]
+    from safeusb.usbhost import UsbHostRequest, prepare_decision  # noqa: PLC0415
+
+    r = served(G1)
+    with pytest.raises(SafeUSBError) as err:
+        prepare_decision(UsbHostRequest(hostbus=2, hostaddr=3, domain="g2"),
+                         threading.Event(), r.path)
+    assert str(err.value).startswith("safeusbd: ") and "not for 'g2'" in str(err.value)
+    assert r.actions.calls == []
+
+
+def test_the_gate_decision_without_a_daemon_refuses_and_says_how_to_start_it(
+        tmp_path: Path) -> None:
+    from safeusb.usbhost import UsbHostRequest, prepare_decision  # noqa: PLC0415
+
+    path = str(tmp_path / "none.sock")
+    with pytest.raises(DaemonUnavailable) as err:
+        prepare_decision(UsbHostRequest(hostbus=2, hostaddr=3), threading.Event(), path)
+    assert str(err.value) == (f"safeusbd is not running (no socket at {path}); start it with "
+                              "`systemctl start safeusbd.socket`; nothing was done")
+
+
 def test_an_idle_daemon_exits_when_told_to(tmp_path: Path) -> None:
     r = start(tmp_path, ROOT, limits=Limits(idle_exit=0.1))
     r.thread.join(HANG)

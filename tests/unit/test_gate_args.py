@@ -70,7 +70,12 @@ def test_gate_argv_forms(tmp_path: object) -> None:
     assert ga.real_emulator == "/usr/bin/qemu-system-x86_64" and ga.qemu_args == ("-S",)
     ga = parse_gate_argv(["gate", "--real-emulator", "/usr/bin/q", "--", "-name", "x"])
     assert ga.real_emulator == "/usr/bin/q" and ga.qemu_args == ("-name", "x")
+    assert ga.daemon_socket is None  # safeusbd at its standard place
+    ga = parse_gate_argv(["gate", "--real-emulator", "/usr/bin/q", "--daemon-socket",
+                          "/tmp/d.sock", "--", "-S"])
+    assert ga.daemon_socket == "/tmp/d.sock" and ga.qemu_args == ("-S",)
     for bad in (["gate", "-S"], ["gate", "--real-emulator", "q", "--"],
+                ["gate", "--real-emulator", "/usr/bin/q", "--daemon-socket", "d.sock", "--"],
                 ["/usr/local/lib/safeusb/gate/usr/local/lib/safeusb/gate/usr/bin/q"]):
         with pytest.raises(SafeUSBError):
             parse_gate_argv(bad)

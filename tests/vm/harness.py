@@ -210,6 +210,7 @@ class Boot:
     memory: str = "3G"
     timeout: int = 900
     rw_overlays: tuple[str, ...] = ()  # more of the host's directories made writable
+    safeusbd: bool = False  # start safeusbd (from .venv) before libvirtd
 
     def stick(self, name: str) -> Stick:
         for s in self.sticks:
@@ -482,6 +483,7 @@ def _write_plan(share: Path, boot: Boot) -> None:
     env = {
         "MODULES": " ".join(boot.modules),
         "LIBVIRT": "1" if boot.libvirt else "0",
+        "SAFEUSBD": "1" if boot.safeusbd else "0",
         "SAFEUSB": str(SAFEUSB),
         "REPO": str(REPO),
         "GUEST_DIR": str(GUEST_DIR),

@@ -1,6 +1,7 @@
 """The hotplug gate under a real libvirtd on the real kernel (the live hotplug issue).
 
-One boot with libvirtd and the paused nested domain g1. In order: `safeusb protect g1` and
+One boot with safeusbd (started on its own before libvirtd; the gate asks it to prepare),
+libvirtd and the paused nested domain g1. In order: `safeusb protect g1` and
 a restart behind the gate; a plain `virsh attach-device --live` of a mounted stick with
 4 MiB dirty, refused under the built-in policy, and the same stick asked for over HMP
 (quoted, hexadecimal/octal), refused too; the same attach of another stick under
@@ -27,6 +28,7 @@ LAUNCHER = GATE_ROOT + REAL
 BOOT = Boot(
     name="gate",
     libvirt=True,
+    safeusbd=True,  # the gate's decisions are safeusbd's
     rw_overlays=("/usr/local/lib",),
     sticks=(Stick("refuse", Image.ext4()), Stick("give", Image.ext4()),
             # Writes throttled to 192 KiB/s: 12 MiB take about a minute to flush.
@@ -153,6 +155,24 @@ def test_unmount_policy_attach_succeeds_after_flush(vm: BootResult) -> None:
     check = vm.check_stick("give", {"data.bin": ("give", "data.bin")})
     r.expect(check.intact, "image not intact after the gate's flush and handover:\n"
              + check.summary())
+
+
+def test_the_gate_decides_through_safeusbd(vm: BootResult) -> None:
+    """Each decision was safeusbd's: its log shows the refusal of the mounted stick and
+    the prepare that handed the other over, both asked for domain g1."""
+    r, n = ran(vm, "give")
+    log_path = vm.share / "out" / "safeusbd.log"
+    log = log_path.read_text() if log_path.exists() else ""
+    r.expect("safeusbd_up" in vm.timings, f"safeusbd did not answer before libvirtd:\n{log}")
+    node = n.get("give_node", "")
+    bus, dev = int(node.split("/")[-2]), int(node.split("/")[-1])
+    r.expect(f"prepare bus {bus} device {dev} for domain g1" in log
+             and f"prepare bus {bus} device {dev}: done (handed over)" in log,
+             f"safeusbd did not prepare bus {bus} device {dev} for g1:\n{log}")
+    _, refused = ran(vm, "refuse")
+    rbus, rdev = (int(x) for x in refused.get("refuse_busdev", "0:0").split(":"))
+    r.expect(f"prepare bus {rbus} device {rdev}: refused: " in log and "/tmp/su-refuse" in log,
+             f"safeusbd did not refuse bus {rbus} device {rdev}:\n{log}")
 
 
 def test_the_device_qemu_opened_is_the_one_the_gate_checked(vm: BootResult) -> None:

@@ -10,6 +10,7 @@ mkdir -p "$mp"
 mount -t ext4 "$REFUSE_DEV" "$mp"
 cp "$PAYLOAD/data.bin" "$mp/data.bin"
 note dirty_kb "$(bdi_stat "$REFUSE_DEV" BdiReclaimable)"
+note refuse_busdev "$REFUSE_BUSDEV"
 hostdev_xml "$REFUSE_BUSDEV" >/tmp/su-refuse-hostdev.xml
 start=$(date +%s.%N)
 virsh attach-device g1 /tmp/su-refuse-hostdev.xml --live >"$OUT/attach.out" 2>&1

@@ -15,6 +15,16 @@ fi
 sed -i -e '/^log_outputs *=/d' "$lv_conf/libvirtd.conf"
 echo 'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"' >> "$lv_conf/libvirtd.conf"
 mkdir -p /run/libvirt /var/lib/libvirt/qemu /var/log/libvirt/qemu /var/cache/libvirt/qemu
+# safeusbd, on its own (no systemd here), on its standard socket: the gate asks it.
+if [ "${SAFEUSBD:-0}" = 1 ]; then
+    setsid "$REPO/.venv/bin/safeusbd" -v >"$out/safeusbd.log" 2>&1 </dev/null &
+    for _ in $(seq 1 100); do
+        "$REPO/.venv/bin/python" -c 'from safeusb.client import ask
+ask("ping", {}, "/run/safeusb/safeusbd.sock", timeout=5)' 2>/dev/null && { mark safeusbd_up; break; }
+        sleep 0.2
+    done
+    [ -S /run/safeusb/safeusbd.sock ] || log "safeusbd did not start (see safeusbd.log)"
+fi
 virtlogd -d
 libvirtd -d
 # Each answer is awaited for 5 s at most: a libvirtd stuck starting (once seen: it never
@@ -37,10 +47,12 @@ for attempt in 1 2; do
     libvirtd -d
 done
 [ "$libvirt_up" = 1 ] && mark libvirtd_up
-if virsh -q -c qemu:///system define "$here/g1.xml" >>"$out/libvirt.log" 2>&1 \
-        && virsh -q -c qemu:///system start --paused g1 >>"$out/libvirt.log" 2>&1; then
+if timeout 300 virsh -q -c qemu:///system define "$here/g1.xml" >>"$out/libvirt.log" 2>&1 \
+        && timeout 300 virsh -q -c qemu:///system start --paused g1 >>"$out/libvirt.log" 2>&1; then
     mark domain_started
 else
     log "nested domain g1 did not start (see libvirt.log)"
+    ps -eo pid,stat,wchan:20,etime,args >>"$out/libvirt.log"
+    cp /var/log/libvirt/libvirtd.log "$out/libvirtd.log" 2>/dev/null
 fi
 export LIBVIRT_DEFAULT_URI=qemu:///system
