@@ -115,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
             hp.add_argument("--python", metavar="PATH",
                             help="interpreter the hook runs (default: this one)")
 
+    for cmd, text in (("install-confinement", "put safeusb's rules into libvirt's AppArmor "
+                                               "profiles (/etc/apparmor.d/local) and reload "
+                                               "libvirtd's"),
+                      ("uninstall-confinement", "take safeusb's rules out of libvirt's "
+                                                "AppArmor profiles")):
+        cp = sub.add_parser(cmd, help=text, description=text.capitalize() + ".")
+        cp.add_argument("--root", metavar="DIR", default="/",
+                        help="below DIR (DESTDIR-style, for packaging; nothing is reloaded)")
+        if cmd == "install-confinement":
+            cp.add_argument("--print", action="store_true", dest="print_only",
+                            help="print the rules for this installation, change nothing")
+
     for cmd, text in (("protect", "guard live USB hotplug into a domain with the gate"),
                       ("unprotect", "give a protected domain its real emulator back")):
         pp = sub.add_parser(cmd, help=text, description=text.capitalize() + ".")
@@ -239,6 +251,20 @@ def cmd_install_hook(args: argparse.Namespace, roots: Roots) -> int:
     return EXIT_FREE
 
 
+def cmd_confinement(args: argparse.Namespace, roots: Roots) -> int:
+    from . import confinement  # noqa: PLC0415
+
+    if args.command == "uninstall-confinement":
+        lines = confinement.uninstall(args.root)
+    elif args.print_only:
+        blocks = confinement.render(confinement.Paths.of_this_installation())
+        lines = [f"# /etc/apparmor.d/{rel}\n{body}" for rel, body in blocks.items()]
+    else:
+        lines = confinement.install(args.root)
+    print("\n".join(lines))
+    return EXIT_FREE
+
+
 def cmd_attach(args: argparse.Namespace, roots: Roots) -> int:
     from . import attach  # noqa: PLC0415
     from .policy import Policy  # noqa: PLC0415
@@ -281,7 +307,8 @@ def cmd_demo(args: argparse.Namespace, roots: Roots) -> int:
 COMMANDS = {"demo": cmd_demo, "status": cmd_status, "attach-device": cmd_attach,
             "detach-device": cmd_attach, "inspect": cmd_inspect, "prepare": cmd_prepare,
             "release": cmd_release,
-            "install-hook": cmd_install_hook, "uninstall-hook": cmd_install_hook}
+            "install-hook": cmd_install_hook, "uninstall-hook": cmd_install_hook,
+            "install-confinement": cmd_confinement, "uninstall-confinement": cmd_confinement}
 
 
 def main(argv: Sequence[str] | None = None, roots: Roots | None = None) -> int:

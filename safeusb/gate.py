@@ -688,7 +688,11 @@ def load_decision(spec: str | None, daemon_socket: str | None = None) -> Decide:
 
 def start_guarded(ga: GateArgs, mon: MonitorSocket, decide: Decide) -> int:
     """Proxy in a detached grandchild; then this process becomes QEMU."""
-    private = tempfile.mkdtemp(prefix="safeusb-gate-")
+    # Named, not probed: tempfile's search writes test files that QEMU's confinement
+    # (AppArmor's libvirt-qemu abstraction and safeusb's rules) does not allow.
+    tmp = os.environ.get("TMPDIR", "")
+    private = tempfile.mkdtemp(prefix="safeusb-gate-",
+                               dir=tmp if os.path.isabs(tmp) and os.path.isdir(tmp) else "/tmp")  # noqa: S108
     qemu_path = os.path.join(private, "monitor.sock")
     qemu_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     qemu_listener.bind(qemu_path)

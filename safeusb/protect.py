@@ -24,7 +24,7 @@ from typing import Any
 
 from lxml import etree
 
-from . import trust
+from . import confinement, trust
 from .errors import EXIT_IN_USE, SafeUSBError
 from .gate import GATE_ROOT, PROG, is_gate_path, launcher_path
 from .hostdev import parse_xml
@@ -157,7 +157,12 @@ def change_domain(name: str, uri: str | None, protect: bool) -> str:
             if not dom.isPersistent():
                 raise ProtectError(f"{name}: a transient domain has no definition to change")
             root = _domain_xml(dom, libvirt)
+            notes: list[str] = []
             if protect:
+                refusal, notes = confinement.advice(
+                    confinement.libvirt_security_models(conn.getCapabilities().encode()))
+                if refusal:
+                    raise ProtectError(f"{name}: {refusal}")
                 new = protect_xml(root, name)
                 current = (_emulator(root, name).text or "").strip()
                 ensure_launcher(current)
@@ -171,7 +176,7 @@ def change_domain(name: str, uri: str | None, protect: bool) -> str:
     except libvirt.libvirtError as exc:
         raise LibvirtError(f"{name}: {exc}") from None
     later = " (the running QEMU keeps its emulator until the domain restarts)" if running else ""
-    return f"{name}: emulator {emulator}{later}"
+    return "\n".join([f"{name}: emulator {emulator}{later}", *notes])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -211,6 +211,9 @@ class Boot:
     timeout: int = 900
     rw_overlays: tuple[str, ...] = ()  # more of the host's directories made writable
     safeusbd: bool = False  # start safeusbd (from .venv) before libvirtd
+    # libvirt as Debian ships it ("stock"), or root QEMU without confinement ("lab"):
+    # only for a scenario that says why.
+    libvirt_config: str = "stock"
 
     def stick(self, name: str) -> Stick:
         for s in self.sticks:
@@ -484,6 +487,7 @@ def _write_plan(share: Path, boot: Boot) -> None:
         "MODULES": " ".join(boot.modules),
         "LIBVIRT": "1" if boot.libvirt else "0",
         "SAFEUSBD": "1" if boot.safeusbd else "0",
+        "LIBVIRT_CONFIG": boot.libvirt_config,
         "SAFEUSB": str(SAFEUSB),
         "REPO": str(REPO),
         "GUEST_DIR": str(GUEST_DIR),

@@ -31,11 +31,14 @@ BOOT = Boot(
     safeusbd=True,  # the gate's decisions are safeusbd's
     rw_overlays=("/usr/local/lib",),
     sticks=(Stick("refuse", Image.ext4()), Stick("give", Image.ext4()),
+            Stick("xml", Image.ext4()),
             # Writes throttled to 192 KiB/s: 12 MiB take about a minute to flush.
             Stick("slow", Image.ext4(), write_bps=192 * 1024)),
     scenarios=(
         Scenario("protect", "gate-protect.sh", timeout=400),
         Scenario("refuse", "gate-refuse.sh", payloads={"data.bin": 4 * MIB}, timeout=180),
+        Scenario("others", "gate-others.sh", timeout=180),
+        Scenario("virtxml", "gate-virtxml.sh", payloads={"data.bin": 4 * MIB}, timeout=240),
         Scenario("give", "gate-give.sh", payloads={"data.bin": 4 * MIB}, timeout=180),
         Scenario("cancel", "gate-cancel.sh", payloads={"data.bin": 12 * MIB}, timeout=240),
         Scenario("restart", "gate-restart.sh", timeout=240),
@@ -89,6 +92,15 @@ def test_protect_and_restart_behind_the_gate(vm: BootResult) -> None:
              f"libvirt's pid is not the real QEMU ({n})\n{r.file('g1.log')[-3000:]}")
     r.expect(n.get("proxies") == "1", f"expected one gate proxy process ({n})")
     r.expect(paused_reply(r), step(r, "status"))
+    # libvirt as Debian ships it: QEMU and the gate as libvirt-qemu, both confined by the
+    # domain's AppArmor profile, QEMU in a mount namespace of its own; libvirtd confined.
+    label = n.get("qemu_label", "")
+    r.expect(n.get("qemu_user") == "libvirt-qemu" and label.startswith("libvirt-")
+             and label.endswith("(enforce)") and n.get("qemu_own_mntns") == "1",
+             f"QEMU does not run as libvirt ships it ({n})")
+    r.expect(n.get("proxy_user") == "libvirt-qemu" and n.get("proxy_label") == label,
+             f"the gate's proxy does not run as QEMU's user under its profile ({n})")
+    r.expect(n.get("libvirtd_label") == "libvirtd (enforce)", f"libvirtd is not confined ({n})")
     r.expect("guards the QMP monitor of g1" in r.file("gate.log"),
              f"the domain log has no word from the gate:\n{r.file('g1.log')[-3000:]}")
 
@@ -131,6 +143,48 @@ def test_hmp_forms_of_the_same_stick_are_refused_and_qemu_never_opens_it(
              step(r, "info_usb"))
     r.expect(r.file("gate.log").count("refused usb-host") >= 3,
              f"the gate did not log both HMP refusals:\n{r.file('gate.log')}")
+
+
+def test_an_ordinary_user_cannot_prepare_or_release(vm: BootResult) -> None:
+    """uid 65534 on safeusbd's socket: prepare and release of the mounted stick for g1
+    are refused and logged; inspect is answered; nothing on the host changed."""
+    r, n = ran(vm, "others")
+    r.expect(n.get("uid") == "65534", f"the requests did not run as nobody ({n})")
+    for op in ("prepare", "release"):
+        r.expect(r.file(f"{op}.rc").strip() == "1" and "error:" in r.file(f"{op}.out")
+                 and "only root or a QEMU process" in r.file(f"{op}.out"), step(r, op))
+    r.expect(r.file("inspect.rc").strip() == "0" and "su-refuse" in r.file("inspect.out"),
+             step(r, "inspect"))
+    r.expect(n.get("mounted_after") == "1" and n.get("disk_after") == "1"
+             and n.get("records") == "0", f"the host changed ({n})")
+    log_path = vm.share / "out" / "safeusbd.log"
+    log = log_path.read_text() if log_path.exists() else ""
+    for op in ("prepare", "release"):
+        r.expect(any("uid 65534" in line and f": {op} " in line and "refused" in line
+                     for line in log.splitlines()),
+                 f"safeusbd did not log the refused {op} of uid 65534:\n{log}")
+
+
+def test_virt_xml_hotplug_refused_when_mounted_and_attached_when_idle(
+        vm: BootResult) -> None:
+    """virt-manager's library (virt-xml --add-device --hostdev BUS.DEV --update)."""
+    r, n = ran(vm, "virtxml")
+    r.expect(int(n.get("dirty_kb") or 0) >= 1024, f"4 MiB were not dirty before ({n})")
+    busy = r.file("busy.out") + r.file("busy.err")
+    r.expect(r.file("busy.rc").strip() != "0" and "safeusb:" in busy and "/tmp/su-xml" in busy,
+             f"virt-xml's hotplug of the mounted stick was not refused with the reason\n"
+             f"{step(r, 'busy')}\n--- gate\n{r.file('gate.log')}")
+    r.expect(n.get("mounted_after") == "1" and int(n.get("dirty_kb_after") or 0) >= 1024
+             and n.get("live_after") == "0" and n.get("defined_after") == "0",
+             f"the refusal changed the host or the domain ({n})")
+    r.expect(r.file("idle.rc").strip() == "0"
+             and "Device hotplug successful" in r.file("idle.out"), step(r, "idle"))
+    r.expect(n.get("live_idle") == "1" and n.get("driver_idle") != "usb-storage"
+             and n.get("qemu_usb_fds") == n.get("xml_node"),
+             f"the idle stick is not QEMU's after virt-xml's hotplug ({n})")
+    r.expect("QEMU USB HARDDRIVE" in r.file("info_usb.out").upper(), step(r, "info_usb"))
+    check = vm.check_stick("xml", {"data.bin": ("virtxml", "data.bin")})
+    r.expect(check.intact, check.summary())
 
 
 def test_unmount_policy_attach_succeeds_after_flush(vm: BootResult) -> None:

@@ -20,6 +20,14 @@ qemu=$(qemu_pid)
 note qemu_pid "$qemu"
 note qemu_exe "$(readlink "/proc/$qemu/exe")"
 note proxies "$(proxy_pids | wc -l)"
+# How libvirt runs it: as whom, under which AppArmor label, in which mount namespace.
+note qemu_user "$(ps -o user= -p "$qemu")"
+note qemu_label "$(cat "/proc/$qemu/attr/current" 2>/dev/null)"
+note qemu_own_mntns "$([ "$(readlink "/proc/$qemu/ns/mnt")" != "$(readlink /proc/self/ns/mnt)" ] && echo 1 || echo 0)"
+proxy=$(proxy_pids | head -n1)
+note proxy_user "$(ps -o user= -p "$proxy")"
+note proxy_label "$(cat "/proc/$proxy/attr/current" 2>/dev/null)"
+note libvirtd_label "$(cat "/proc/$(pgrep -xo libvirtd)/attr/current" 2>/dev/null)"
 run_step status virsh qemu-monitor-command g1 '{"execute":"query-status"}'
 gate_log >"$OUT/gate.log"
 cp /var/log/libvirt/qemu/g1.log "$OUT/g1.log"

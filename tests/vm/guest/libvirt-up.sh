@@ -5,8 +5,16 @@ lv_conf=/etc/libvirt
 sed -i -e '/^auth_unix_r[ow] *=/d' "$lv_conf/libvirtd.conf"
 printf 'auth_unix_rw = "none"\nauth_unix_ro = "none"\n' >> "$lv_conf/libvirtd.conf"
 sed -i -e '/^\(user\|group\|security_driver\|namespaces\|cgroup_controllers\) *=/d' "$lv_conf/qemu.conf"
-printf 'user = "root"\ngroup = "root"\nsecurity_driver = "none"\nnamespaces = []\ncgroup_controllers = []\n' \
-    >> "$lv_conf/qemu.conf"
+if [ "${LIBVIRT_CONFIG:-stock}" = lab ]; then
+    # The lab configuration, only for a scenario that says why it needs it.
+    printf 'user = "root"\ngroup = "root"\nsecurity_driver = "none"\nnamespaces = []\ncgroup_controllers = []\n' \
+        >> "$lv_conf/qemu.conf"
+    mark libvirt_lab
+else
+    # As Debian ships it: qemu.conf's defaults (QEMU as libvirt-qemu, a private mount
+    # namespace, AppArmor), libvirt's profiles loaded, cgroup v2 as systemd would mount it.
+    . "$here/stock-up.sh"
+fi
 if [ -d "$share/hooks" ]; then
     mkdir -p "$lv_conf/hooks"
     cp -r "$share/hooks/." "$lv_conf/hooks/"
