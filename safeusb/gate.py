@@ -158,7 +158,8 @@ class Session:
         self._held.extend(self._stream.feed(data, fds))
         return self._drain()
 
-    def decided(self, token: int, refusal: str | None) -> list[Action]:
+    def decided(self, token: int, refusal: str | None, seconds: float | None = None
+                ) -> list[Action]:
         """The decision for a held device_add: None allows it, a text refuses it."""
         p = self._pending
         if p is None or p.token != token:
@@ -166,7 +167,8 @@ class Session:
         self._pending = None
         what = p.request.describe()
         if refusal is None:
-            out: list[Action] = [Log(f"allowed {what}")]
+            took = f" (decided in {seconds * 1000:.0f} ms)" if seconds is not None else ""
+            out: list[Action] = [Log(f"allowed {what}{took}")]
             out += self._forward(p.segment, p.message)
         else:
             out = [Log(f"refused {what}: {refusal}"), CloseFds(p.segment.fds)]
@@ -399,7 +401,8 @@ class Proxy:
 
     def __post_init__(self) -> None:
         self.sel = selectors.DefaultSelector()
-        self.results: queue.SimpleQueue[tuple[_Link, int, str | None]] = queue.SimpleQueue()
+        self.results: queue.SimpleQueue[tuple[_Link, int, str | None, float]] = \
+            queue.SimpleQueue()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
         self.link: _Link | None = None
@@ -498,13 +501,14 @@ class Proxy:
     def _decide(self, link: _Link, token: int, request: UsbHostRequest,
                 cancel: threading.Event) -> None:
         refusal: str | None = None
+        started = time.monotonic()
         try:
             self.decide(request, cancel)
         except SafeUSBError as exc:
             refusal = str(exc) or type(exc).__name__
         except Exception as exc:
             refusal = f"the decision failed ({type(exc).__name__}: {exc})"
-        self.results.put((link, token, refusal))
+        self.results.put((link, token, refusal, time.monotonic() - started))
         with contextlib.suppress(OSError):
             os.write(self.wake_w, b"x")
 
@@ -513,7 +517,7 @@ class Proxy:
             os.read(self.wake_r, 4096)
         while True:
             try:
-                link, token, refusal = self.results.get_nowait()
+                link, token, refusal, seconds = self.results.get_nowait()
             except queue.Empty:
                 return
             cancel = link.cancels.pop(token, None)
@@ -521,7 +525,7 @@ class Proxy:
             if link is self.link and cancel is not None:
                 if cancel.is_set() and refusal is not None:
                     refusal = f"no decision within {self.timeout:g} s; {refusal}"
-                self._apply(link, link.session.decided(token, refusal))
+                self._apply(link, link.session.decided(token, refusal, seconds))
                 self._flush(link)
 
     def _expire(self) -> None:
@@ -674,6 +678,8 @@ def load_decision(spec: str | None, daemon_socket: str | None = None) -> Decide:
     """The decision: by default, asking safeusbd (at daemon_socket, else its standard
     place) to prepare the device; MODULE:FUNCTION in tests."""
     if spec is None:
+        from . import client  # noqa: F401, PLC0415 (now: the first decision pays no import)
+
         return functools.partial(prepare_decision, socket_path=daemon_socket)
     module, sep, func = spec.partition(":")
     if not sep or not module or not func:

@@ -6,9 +6,7 @@
 . "$GUEST_DIR/gate-lib.sh"
 bus=${REFUSE_BUSDEV%%:*}
 dev=${REFUSE_BUSDEV##*:}
-as_nobody() {  # TAG OP: ask safeusbd as uid/gid 65534, no groups
-    run_step "$1" setpriv --reuid=65534 --regid=65534 --clear-groups -- \
-        "$REPO/.venv/bin/python" -c '
+cat >/tmp/su-ask.py <<'PY'
 import json, sys
 from safeusb.client import ask
 from safeusb.errors import SafeUSBError
@@ -22,7 +20,11 @@ except SafeUSBError as exc:
     print(f"error: {exc}")
     sys.exit(1)
 print(json.dumps(result)[:2000])
-' "$2" "$bus" "$dev"
+PY
+chmod 644 /tmp/su-ask.py
+as_nobody() {  # TAG OP: ask safeusbd as uid/gid 65534, no groups
+    run_step "$1" setpriv --reuid=65534 --regid=65534 --clear-groups -- \
+        "$REPO/.venv/bin/python" /tmp/su-ask.py "$2" "$bus" "$dev"
 }
 note uid "$(setpriv --reuid=65534 --regid=65534 --clear-groups -- id -u)"
 as_nobody prepare prepare

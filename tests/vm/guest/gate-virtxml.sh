@@ -7,6 +7,7 @@
 . "$GUEST_LIB"
 . "$GUEST_DIR/gate-lib.sh"
 rm -f /etc/safeusb/policy.toml
+export HOME=/tmp  # virt-xml keeps its log under ~/.cache; /root is read-only here
 mp=/tmp/su-xml
 mkdir -p "$mp"
 mount -t ext4 "$XML_DEV" "$mp"
