@@ -1,24 +1,32 @@
-"""The hotplug gate under a real libvirtd on the real kernel (the live hotplug issue).
+"""The hotplug gate under a real libvirtd on the real kernel (the live hotplug issue),
+with libvirt as Debian ships it: QEMU and the gate as libvirt-qemu under the domain's
+AppArmor profile, in QEMU's own mount namespace; safeusb's rules put in by
+`safeusb install-confinement` (tests/vm/guest/stock-up.sh).
 
 One boot with safeusbd (started on its own before libvirtd; the gate asks it to prepare),
-libvirtd and the paused nested domain g1. In order: `safeusb protect g1` and
+the hook, libvirtd and the paused nested domain g1. In order: `safeusb protect g1` and
 a restart behind the gate; a plain `virsh attach-device --live` of a mounted stick with
 4 MiB dirty, refused under the built-in policy, and the same stick asked for over HMP
-(quoted, hexadecimal/octal), refused too; the same attach of another stick under
-`mount = "unmount"` in /etc/safeusb/policy.toml, allowed after the flush, QEMU holding
-exactly that stick's node, then detached and added again over HMP by hexadecimal bus and
-octal address, QEMU again holding that node; libvirtd restarted under the running
-domain; the gate's proxy killed under it; `safeusb unprotect g1`. Both images are checked
-here afterwards.
+(quoted, hexadecimal/octal), refused too; an ordinary user on safeusbd's socket; the hook
+refusing a domain that starts with that stick while safeusbd runs; virt-xml's hotplug
+(virt-manager's library) of a third stick, refused while mounted and attached once idle;
+the same attach of another stick under `mount = "unmount"` in /etc/safeusb/policy.toml,
+allowed after the flush, QEMU holding exactly that stick's node, then detached and added
+again over HMP by hexadecimal bus and octal address, QEMU again holding that node; a
+decision past its deadline; libvirtd restarted under the running domain; the gate's proxy
+killed under it; `safeusb unprotect g1`. The images are checked here afterwards.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from safeusb.gate import GATE_ROOT
+from safeusb.install import render
 
-from .harness import MIB, Boot, BootResult, Image, Runner, Scenario, ScenarioResult, Stick
+from .harness import MIB, REPO, Boot, BootResult, Image, Runner, Scenario, ScenarioResult, Stick
 
 pytestmark = pytest.mark.vm
 
@@ -38,6 +46,7 @@ BOOT = Boot(
         Scenario("protect", "gate-protect.sh", timeout=400),
         Scenario("refuse", "gate-refuse.sh", payloads={"data.bin": 4 * MIB}, timeout=180),
         Scenario("others", "gate-others.sh", timeout=180),
+        Scenario("hook", "gate-hook.sh", timeout=180),
         Scenario("virtxml", "gate-virtxml.sh", payloads={"data.bin": 4 * MIB}, timeout=240),
         Scenario("give", "gate-give.sh", payloads={"data.bin": 4 * MIB}, timeout=180),
         Scenario("cancel", "gate-cancel.sh", payloads={"data.bin": 12 * MIB}, timeout=240),
@@ -49,8 +58,12 @@ BOOT = Boot(
 
 
 @pytest.fixture(scope="module")
-def vm(vm_runner: Runner, safeusb_cli: str) -> BootResult:
-    return vm_runner.run(BOOT)
+def vm(vm_runner: Runner, safeusb_cli: str, tmp_path_factory: pytest.TempPathFactory
+       ) -> BootResult:
+    hook = tmp_path_factory.mktemp("hook") / "safeusb"
+    hook.write_text(render(str(REPO / ".venv" / "bin" / "python3")))
+    hook.chmod(0o755)
+    return vm_runner.run(dataclasses.replace(BOOT, libvirt_hooks={"qemu.d/safeusb": hook}))
 
 
 def ran(vm: BootResult, name: str) -> tuple[ScenarioResult, dict[str, str]]:
@@ -163,6 +176,23 @@ def test_an_ordinary_user_cannot_prepare_or_release(vm: BootResult) -> None:
         r.expect(any("uid 65534" in line and f": {op} " in line and "refused" in line
                      for line in log.splitlines()),
                  f"safeusbd did not log the refused {op} of uid 65534:\n{log}")
+
+
+def test_the_hook_refuses_on_its_own_while_safeusbd_runs(vm: BootResult) -> None:
+    """libvirtd runs the hook as root: it prepares in its own process whether or not the
+    daemon runs (the handover boot has no daemon); here the daemon runs and is not asked."""
+    r, n = ran(vm, "hook")
+    out = r.file("start.out") + r.file("start.err")
+    r.expect(n.get("safeusbd_up") == "1", f"safeusbd was not running ({n})")
+    r.expect(r.file("start.rc").strip() != "0" and "/tmp/su-refuse" in out
+             and "safeusb" in out and n.get("state") == "shut off",
+             f"virsh start of h1 was not refused by the hook naming the mountpoint\n"
+             f"{step(r, 'start')}")
+    r.expect(n.get("mounted_after") == "1" and int(n.get("dirty_kb_after") or 0) >= 1024,
+             f"the refusal changed the host ({n})")
+    log_path = vm.share / "out" / "safeusbd.log"
+    log = log_path.read_text() if log_path.exists() else ""
+    r.expect("domain h1" not in log, f"safeusbd was asked about h1:\n{log}")
 
 
 def test_virt_xml_hotplug_refused_when_mounted_and_attached_when_idle(

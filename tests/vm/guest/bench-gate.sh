@@ -21,3 +21,4 @@ virsh destroy g1 >/dev/null 2>&1
 virsh start --paused g1 >>"$OUT/gate.log" 2>&1
 note emulator "$(emulator_of)"
 round gate
+gate_log >>"$OUT/gate.log"
