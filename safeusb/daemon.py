@@ -684,6 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop())
+    _preload()
     log.info("safeusbd: listening on %s (policy %s, state %s)", where, args.policy,
              args.state_dir)
     daemon.serve_forever()
@@ -692,6 +693,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.unlink(args.socket)
     log.info("safeusbd: stopped")
     return 0
+
+
+def _preload() -> None:
+    """Import what requests use now, so that no decision pays for it (a waiting caller
+    is queued by the kernel meanwhile)."""
+    import importlib  # noqa: PLC0415
+
+    for name in (".act", ".inspect", ".policy", ".report", ".run", ".selector",
+                 ".snapshot", ".state", "libvirt"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name, __package__)
 
 
 if __name__ == "__main__":

@@ -271,6 +271,7 @@ class Runner:
                                           stderr=subprocess.PIPE, text=True))
         deadline = time.monotonic() + self.flush_timeout
         left: int | None = step.dirty_bytes  # the last reading before it could vanish
+        pidfds = _pidfds(procs)
         try:
             while any(p.poll() is None for p in procs):
                 if not self._present(step.bdi):
@@ -288,8 +289,10 @@ class Runner:
                     left = reading
                     if self.progress:
                         self.progress(f"flushing {step.device}: {left / 1048576:.1f} MiB left")
-                time.sleep(0.05)
+                _wait_exits(procs, pidfds, 0.05)  # an idle device's flush ends at once
         finally:
+            for fd in pidfds:
+                os.close(fd)
             for p in procs:
                 if p.poll() is None:
                     p.kill()  # delivered once the kernel lets it out of its wait
@@ -543,6 +546,30 @@ class Runner:
                 if gateway:
                     args["gateway"] = gateway
                 _netlink(what, ipr.route, "add", exists_ok=True, **args)
+
+
+def _pidfds(procs: Sequence[subprocess.Popen[str]]) -> list[int]:
+    fds = []
+    for p in procs:
+        with contextlib.suppress(OSError):  # already reaped, or no pidfds on this kernel
+            fds.append(os.pidfd_open(p.pid))
+    return fds
+
+
+def _wait_exits(procs: Sequence[subprocess.Popen[str]], pidfds: Sequence[int],
+                timeout: float) -> None:
+    """Up to timeout, returning as soon as every process has exited."""
+    if len(pidfds) != len(procs):
+        time.sleep(timeout)
+        return
+    deadline = time.monotonic() + timeout
+    waiting = [fd for fd, p in zip(pidfds, procs, strict=True) if p.poll() is None]
+    while waiting:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        ready = select.select(waiting, [], [], left)[0]
+        waiting = [fd for fd in waiting if fd not in ready]
 
 
 def _exited(pidfd: int, timeout: float) -> bool:

@@ -38,6 +38,7 @@ BOOT = Boot(
     libvirt=True,
     safeusbd=True,  # the gate's decisions are safeusbd's
     rw_overlays=("/usr/local/lib",),
+    timeout=1500,  # eleven scenarios; each domain start loads AppArmor profiles under TCG
     sticks=(Stick("refuse", Image.ext4()), Stick("give", Image.ext4()),
             Stick("xml", Image.ext4()),
             # Writes throttled to 192 KiB/s: 12 MiB take about a minute to flush.
