@@ -169,3 +169,25 @@ def test_missing_or_planted_pid_files_confirm_nothing(libvirt_side) -> None:  # 
     pid_file.unlink()
     pid_file.write_text("4243\n")  # a QEMU that is gone
     assert "is gone" in resolver.confirm(scope, "win-10")[1]
+
+
+def test_the_resolver_keeps_one_libvirt_connection_and_opens_another_when_it_breaks(
+        tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """libvirt's test driver: domain ID 1 is "test"; the same connection serves every
+    caller until it is closed under the resolver, which then opens a new one."""
+    pytest.importorskip("libvirt", reason="libvirt-python is a dependency of safeusbd")
+    (tmp_path / "proc" / "77").mkdir(parents=True)
+    (tmp_path / "proc" / "77" / "cgroup").write_text(
+        "0::/machine.slice/machine-qemu\\x2d1\\x2dtest.scope/libvirt/emulator\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "test.pid").write_text("77\n")
+    resolver = LibvirtResolver(uri="test:///default", proc=str(tmp_path / "proc"),
+                               pid_dir=str(tmp_path / "run"))
+    resolver.pid_owner = os.geteuid()
+    scope = MachineScope(1, "test", r"/machine.slice/machine-qemu\x2d1\x2dtest.scope")
+    assert resolver(scope)[0] == "test"
+    first = resolver._conn
+    assert resolver(scope)[0] == "test" and resolver._conn is first
+    first.close()
+    assert resolver(scope)[0] == "test" and resolver._conn is not first
+    assert resolver(MachineScope(9, "x", "/machine/qemu-9-x.libvirt-qemu"))[0] is None
