@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from .harness import SAFEUSB, Runner, missing_prerequisites
+from .harness import SAFEUSB, Boot, Runner, missing_prerequisites
 
 _RUNNER_KEY = pytest.StashKey[Runner]()
 
@@ -36,13 +37,51 @@ def unavailable(reason: str) -> None:
     pytest.skip(f"VM tier cannot run: {reason} (run scripts/setup-vm-tier)")
 
 
+def _parallel() -> int:
+    """Boots at a time (SAFEUSB_VM_PARALLEL, default 2: a guest waits on its devices and
+    on the nested QEMU much of the time, so two share two cores well)."""
+    try:
+        return max(1, int(os.environ.get("SAFEUSB_VM_PARALLEL", "2")))
+    except ValueError:
+        return 1
+
+
+def _new_runner(config: pytest.Config) -> Runner:
+    runner = config.stash.get(_RUNNER_KEY, None)
+    if runner is None:
+        runner = Runner(keep=bool(os.environ.get("SAFEUSB_VM_KEEP")), parallel=_parallel())
+        config.stash[_RUNNER_KEY] = runner
+    return runner
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the selected modules' boots (module-level Boot objects) in the background,
+    in collection order; each module's fixture then waits for its own."""
+    here = os.path.dirname(__file__)
+    modules: list[Any] = []
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if (module is not None and str(item.path).startswith(here + os.sep)
+                and module not in modules):
+            modules.append(module)
+    boots = [value for m in modules for value in vars(m).values() if isinstance(value, Boot)]
+    if boots and not missing_prerequisites() and not session.config.option.collectonly:
+        _new_runner(session.config).plan(boots)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Boots planned for modules whose tests never asked for them end here too."""
+    runner = session.config.stash.get(_RUNNER_KEY, None)
+    if runner is not None:
+        runner.cleanup()
+
+
 @pytest.fixture(scope="session")
 def vm_runner(pytestconfig: pytest.Config) -> Iterator[Runner]:
     missing = missing_prerequisites()
     if missing:
         unavailable("; ".join(missing))
-    runner = Runner(keep=bool(os.environ.get("SAFEUSB_VM_KEEP")))
-    pytestconfig.stash[_RUNNER_KEY] = runner
+    runner = _new_runner(pytestconfig)
     yield runner
     runner.cleanup()
 

@@ -14,6 +14,7 @@ files whose content was generated here) as ground truth of what reached the disk
 
 from __future__ import annotations
 
+import concurrent.futures
 import glob
 import hashlib
 import json
@@ -205,7 +206,8 @@ class Boot:
     sticks: tuple[Stick, ...] = ()
     devices: tuple[UsbDevice, ...] = ()
     libvirt: bool = False
-    libvirt_hooks: Mapping[str, Path] = field(default_factory=dict)  # hook name -> file
+    # hook name ("qemu" or "qemu.d/NAME") -> a file to copy, or the hook's text
+    libvirt_hooks: Mapping[str, Path | str] = field(default_factory=dict)
     modules: tuple[str, ...] = ("xhci_pci", "usb_storage", "sd_mod")
     memory: str = "3G"
     timeout: int = 900
@@ -479,8 +481,12 @@ def _write_plan(share: Path, boot: Boot) -> None:
     if boot.libvirt_hooks:
         (share / "hooks").mkdir()
         for hook, src in boot.libvirt_hooks.items():  # "qemu" or "qemu.d/NAME"
-            (share / "hooks" / hook).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, share / "hooks" / hook)
+            dest = share / "hooks" / hook
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(src, Path):
+                shutil.copy(src, dest)
+            else:
+                dest.write_text(src)
     sticks = "".join(f"{s.var} {s.serial(i)}\n" for i, s in enumerate(boot.sticks))
     (share / "sticks").write_text(sticks)
     env = {
@@ -675,15 +681,30 @@ def _file_state(root: Path, path: str, sha: str, size: int) -> FileState:
 
 
 class Runner:
-    """Runs each :class:`Boot` once per pytest session and keeps its timings."""
+    """Runs each :class:`Boot` once per pytest session and keeps its timings.
 
-    def __init__(self, keep: bool) -> None:
+    Boots planned ahead (:meth:`plan`, from the collected test modules) run in the
+    background, ``parallel`` at a time, in the order given; :meth:`run` waits for a
+    planned boot's result, and runs any other boot at once."""
+
+    def __init__(self, keep: bool, parallel: int = 1) -> None:
         self.keep = keep
         self.results: dict[str, BootResult] = {}
+        self._pool = (concurrent.futures.ThreadPoolExecutor(parallel, "vm-boot")
+                      if parallel > 1 else None)
+        self._planned: dict[str, concurrent.futures.Future[BootResult]] = {}
+
+    def plan(self, boots: Sequence[Boot]) -> None:
+        if self._pool is None:
+            return
+        for boot in boots:
+            if boot.name not in self._planned and boot.name not in self.results:
+                self._planned[boot.name] = self._pool.submit(run_boot, boot)
 
     def run(self, boot: Boot) -> BootResult:
         if boot.name not in self.results:
-            self.results[boot.name] = run_boot(boot)
+            planned = self._planned.pop(boot.name, None)
+            self.results[boot.name] = planned.result() if planned else run_boot(boot)
         return self.results[boot.name]
 
     def timing_lines(self) -> list[str]:
@@ -709,6 +730,15 @@ class Runner:
         return lines
 
     def cleanup(self) -> None:
+        if self._pool is not None:
+            for future in self._planned.values():
+                future.cancel()
+            self._pool.shutdown(wait=True)  # a boot under way ends within its timeout
+            for future in self._planned.values():
+                if not future.cancelled() and future.exception() is None:
+                    res = future.result()
+                    self.results.setdefault(res.boot.name, res)
+            self._planned.clear()
         if self.keep:
             return
         for res in self.results.values():

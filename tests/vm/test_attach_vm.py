@@ -14,10 +14,12 @@ from .harness import BootResult, Runner
 
 pytestmark = pytest.mark.vm
 
+BOOT = demo_boot(harness)
+
 
 @pytest.fixture(scope="module")
 def vm(vm_runner: Runner, safeusb_cli: str) -> BootResult:
-    return vm_runner.run(demo_boot(harness))
+    return vm_runner.run(BOOT)
 
 
 def test_plain_libvirt_loses_the_fresh_data(vm: BootResult) -> None:

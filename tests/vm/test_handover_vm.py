@@ -8,7 +8,6 @@ device-mapper) is checked here afterwards: files intact, fsck clean.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,7 +31,7 @@ from .harness import (
 pytestmark = pytest.mark.vm
 
 
-def _boot(hook: Path) -> Boot:
+def _boot(hook: str) -> Boot:
     return Boot(
         name="handover",
         libvirt=True,
@@ -61,13 +60,13 @@ def _boot(hook: Path) -> Boot:
     )
 
 
+# The drop-in as install-hook renders it for this checkout's interpreter.
+BOOT = _boot(render(str(REPO / ".venv" / "bin" / "python3")))
+
+
 @pytest.fixture(scope="module")
-def vm(vm_runner: Runner, safeusb_cli: str, tmp_path_factory: pytest.TempPathFactory
-       ) -> BootResult:
-    hook = tmp_path_factory.mktemp("hook") / "safeusb"
-    hook.write_text(render(str(REPO / ".venv" / "bin" / "python3")))
-    hook.chmod(0o755)
-    return vm_runner.run(_boot(hook))
+def vm(vm_runner: Runner, safeusb_cli: str) -> BootResult:
+    return vm_runner.run(BOOT)
 
 
 def ran(vm: BootResult, name: str) -> tuple[ScenarioResult, dict[str, str]]:
