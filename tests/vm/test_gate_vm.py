@@ -48,7 +48,7 @@ BOOT = Boot(
         Scenario("refuse", "gate-refuse.sh", payloads={"data.bin": 4 * MIB}, timeout=180),
         Scenario("others", "gate-others.sh", timeout=180),
         Scenario("hook", "gate-hook.sh", timeout=180),
-        Scenario("virtxml", "gate-virtxml.sh", payloads={"data.bin": 4 * MIB}, timeout=240),
+        Scenario("virtxml", "gate-virtxml.sh", payloads={"data.bin": 4 * MIB}, timeout=420),
         Scenario("give", "gate-give.sh", payloads={"data.bin": 4 * MIB}, timeout=180),
         Scenario("cancel", "gate-cancel.sh", payloads={"data.bin": 12 * MIB}, timeout=240),
         Scenario("restart", "gate-restart.sh", timeout=240),

@@ -31,7 +31,10 @@ note qemu_usb_fds "$(qemu_usb_fds "$qemu")"
 # Back to the host, and out of the definition.
 hostdev_xml "$XML_BUSDEV" >/tmp/su-xml-hostdev.xml
 run_step detach virsh detach-device g1 /tmp/su-xml-hostdev.xml --live
-run_step undefine_dev virt-xml g1 --remove-device --hostdev "$spec"
+# virt-xml defined it with vendor and product (and bus/device, as both sticks match).
+virsh dumpxml --inactive g1 | sed -n "/<hostdev mode='subsystem' type='usb'/,/<\/hostdev>/p" \
+    >/tmp/su-xml-defined.xml
+run_step undefine_dev virsh detach-device g1 /tmp/su-xml-defined.xml --config
 for _ in $(seq 1 100); do [ -z "$(qemu_usb_fds "$qemu")" ] && break; sleep 0.1; done
 "$SAFEUSB" release "$XML_USB" >"$OUT/release.out" 2>&1 || true
 gate_log >"$OUT/gate.log"
