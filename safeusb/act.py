@@ -261,24 +261,35 @@ def release(
     What to give back comes from the record alone, and so does restore (the policy's
     setting when the device was taken); the policy is asked only for records written
     before they carried it, and may be None (unreadable): restore then holds."""
-    with state.lock(key):
-        record = state.load(key)
-        outcome = Outcome(True, release=True)
-        if record is None:
-            outcome.notes.append(f"{key}: nothing recorded; nothing to release")
-            return outcome
-        restore = record.restore
-        if restore is None:
-            restore = True if policy is None else \
-                policy.settings_for(usb, domain or record.domain)[0].restore
-        steps = [step_from_json(s) for s in record.steps]
-        undone: list[str] = []
-        _give_back(steps, runner, roots, key, restore, undone, outcome.not_undone,
-                   outcome.notes)
-        outcome.done.extend(f"undo: {d}" for d in undone)
-        outcome.ok = not outcome.not_undone
-        state.remove(key)
+    with state.lock(key, wait=RELEASE_LOCK_WAIT):
+        return release_locked(roots, key, policy, runner, state, usb, domain)
+
+
+# A release that finds the device's lock taken waits this long: safeusbd may be giving the
+# same device back on its own (its QEMU let go), and then there is nothing left to do.
+RELEASE_LOCK_WAIT = 60.0
+
+
+def release_locked(roots: Roots, key: str, policy: Policy | None, runner: Runner,
+                   state: StateDir, usb: Any = None, domain: str | None = None) -> Outcome:
+    """release, for a caller that holds the device's lock (state.lock(key))."""
+    record = state.load(key)
+    outcome = Outcome(True, release=True)
+    if record is None:
+        outcome.notes.append(f"{key}: nothing recorded; nothing to release")
         return outcome
+    restore = record.restore
+    if restore is None:
+        restore = True if policy is None else \
+            policy.settings_for(usb, domain or record.domain)[0].restore
+    steps = [step_from_json(s) for s in record.steps]
+    undone: list[str] = []
+    _give_back(steps, runner, roots, key, restore, undone, outcome.not_undone,
+               outcome.notes)
+    outcome.done.extend(f"undo: {d}" for d in undone)
+    outcome.ok = not outcome.not_undone
+    state.remove(key)
+    return outcome
 
 
 def _disk_of(node: str) -> str:

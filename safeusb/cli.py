@@ -130,7 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     for cmd, text in (("protect", "guard live USB hotplug into a domain with the gate"),
                       ("unprotect", "give a protected domain its real emulator back")):
         pp = sub.add_parser(cmd, help=text, description=text.capitalize() + ".")
-        pp.add_argument("domain")
+        pp.add_argument("domain", nargs="?" if cmd == "protect" else None)
+        if cmd == "protect":
+            pp.add_argument("--all", action="store_true",
+                            help="every defined domain (those already protected are said "
+                            "to be)")
         pp.add_argument("-c", "--connect", metavar="URI", help="libvirt URI (default: libvirt's)")
     return p
 

@@ -305,6 +305,10 @@ class Daemon:
     actions: DeviceActions
     limits: Limits = field(default_factory=Limits)
     others_may_inspect: bool = True
+    # Something to follow besides connections (devices handed over, new domains to
+    # protect): then the daemon does not exit when idle.
+    keep_alive: Callable[[], bool] = lambda: False
+    on_done: Callable[[str], None] = lambda _op: None  # a prepare or release finished
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _active: int = 0
     _threads: set[threading.Thread] = field(default_factory=set)
@@ -341,6 +345,9 @@ class Daemon:
                         last_seen = time.monotonic()
                     wait = max(0.0, last_seen + self.limits.idle_exit - time.monotonic())
                     if not busy and wait == 0:
+                        if self._keep_alive():
+                            last_seen = time.monotonic()
+                            continue
                         log.info("safeusbd: idle for %g s; exiting", self.limits.idle_exit)
                         break
                     wait = min(wait, 1.0) if busy else wait
@@ -361,6 +368,13 @@ class Daemon:
                 thread.join()
             os.close(self._wake[0])
             os.close(self._wake[1])
+
+    def _keep_alive(self) -> bool:
+        try:
+            return self.keep_alive()
+        except Exception:  # when in doubt, stay
+            log.exception("safeusbd: internal error deciding whether to stay")
+            return True
 
     def _accept(self) -> None:
         try:
@@ -509,6 +523,8 @@ class Daemon:
         else:
             done = self.actions.release(args, caller.domain if caller.role == "domain"
                                         else None)
+        with contextlib.suppress(Exception):
+            self.on_done(op)
         if not done.ok:
             log.warning("safeusbd: %s: %s %s: %s: %s", caller.describe(), op,
                         args.describe(), done.kind, done.message)
@@ -643,9 +659,62 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what callers that are neither root nor a domain's QEMU may ask "
                    "(default inspect)")
     p.add_argument("--libvirt-uri", default="qemu:///system", metavar="URI",
-                   help="libvirt to confirm domains with (read-only)")
+                   help="libvirt to confirm domains with, and to follow domain events of")
+    p.add_argument("--no-events", action="store_true",
+                   help="follow neither uevents (devices handed over are then given back "
+                   "only by `safeusb release` or the hook) nor libvirt's domain events")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+def protect_new_domains(policy_path: str) -> bool:
+    """The policy's [service] protect_new_domains, read now (PolicyError when the file
+    cannot be used)."""
+    from .policy import Policy  # noqa: PLC0415
+
+    return Policy.from_file(policy_path).protect_new_domains
+
+
+def start_following(daemon: Daemon, args: argparse.Namespace) -> list[Callable[[], None]]:
+    """Follow uevents (devices handed over coming back or leaving: safeusb.events) and
+    libvirt's domain events (new domains, stopped ones: safeusb.domains); the daemon then
+    stays up while there is something to follow. Returns how to stop each."""
+    from . import events  # noqa: PLC0415
+    from .domains import DomainWatch, domain_active  # noqa: PLC0415
+    from .protect import change_on  # noqa: PLC0415
+
+    stops: list[Callable[[], None]] = []
+    started = events.start(Roots.host(), args.state_dir, args.policy,
+                           domain_active=domain_active(args.libvirt_uri))
+    watch = loop = None
+    if started is not None:
+        watch, loop = started
+        stops.append(loop.stop)
+        daemon.on_done = loop.poke
+
+    def stopped(name: str) -> None:
+        if watch is not None and loop is not None:
+            watch.domain_stopped(name)
+            loop.poke(f"domain {name} stopped")
+
+    def protect_new() -> bool:
+        return protect_new_domains(args.policy)
+
+    domains = DomainWatch(args.libvirt_uri, protect_new,
+                          lambda conn, dom, lv: change_on(conn, dom, lv, True), stopped)
+    domains.start()
+    stops.append(domains.stop)
+
+    def keep_alive() -> bool:
+        if watch is not None and watch.watching():
+            return True
+        try:
+            return protect_new()
+        except SafeUSBError:
+            return False
+
+    daemon.keep_alive = keep_alive
+    return stops
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -682,12 +751,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                       request_timeout=args.request_timeout, idle_exit=idle),
         others_may_inspect=args.others == "inspect",
     )
+    followers = None if args.no_events else start_following(daemon, args)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop())
     _preload()
     log.info("safeusbd: listening on %s (policy %s, state %s)", where, args.policy,
              args.state_dir)
-    daemon.serve_forever()
+    try:
+        daemon.serve_forever()
+    finally:
+        for stop in followers or ():
+            stop()
     if where == args.socket:  # a socket of its own: nobody answers there any more
         with contextlib.suppress(OSError):
             os.unlink(args.socket)

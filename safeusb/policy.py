@@ -16,6 +16,9 @@ A TOML file (default /etc/safeusb/policy.toml; see examples/*.toml):
     vendor_product = "46f4:0001"   # or a list; also serial, usb_class, port, domain
     mount = "unmount"
 
+    [service]             # safeusbd itself
+    protect_new_domains = false   # true: safeusbd protects each domain as it is defined
+
 Actions: "refuse"; "unmount" (flush, unmount in every namespace, take down holders and
 swap); "force" (the same; processes holding device nodes are reported and left to get I/O
 errors, or ended first with kill = true). Dirty data alone is always flushed. For network:
@@ -123,6 +126,7 @@ class Policy:
     source: str = "built-in defaults"
     defaults: Settings = field(default_factory=Settings)
     rules: tuple[Rule, ...] = ()
+    protect_new_domains: bool = False  # [service]: safeusbd protects new domains
 
     def settings_for(self, usb: UsbDevice | None, domain: str | None) -> tuple[Settings, str]:
         """The settings that apply, and which rule gave them."""
@@ -168,7 +172,7 @@ class Policy:
         except RecursionError:
             raise PolicyError(path, "nested too deeply") from None
         loader = _Loader(path, text)
-        unknown = set(doc) - {"defaults", "rules"}
+        unknown = set(doc) - {"defaults", "rules", "service"}
         if unknown:
             key = sorted(unknown)[0]
             raise PolicyError(path, f"unknown key {key!r}", loader.line_of(key))
@@ -178,7 +182,7 @@ class Policy:
             raise PolicyError(path, "'rules' must be an array of tables ([[rules]])",
                               loader.line_of("rules"))
         rules = tuple(loader.rule(r, i, defaults) for i, r in enumerate(rules_doc, 1))
-        return cls(path, defaults, rules)
+        return cls(path, defaults, rules, **loader.service(doc.get("service", {})))
 
 
 class _Loader:
@@ -229,6 +233,18 @@ class _Loader:
                 key = sorted(stray)[0]
                 raise self.fail(key, f"[defaults]: {key!r} belongs in a [[rules]] table")
         return replace(base, **values)
+
+    def service(self, table: Any) -> dict[str, bool]:
+        if not isinstance(table, dict):
+            raise PolicyError(self.path, "[service] must be a table", self.line_of("service"))
+        out: dict[str, bool] = {}
+        for key, value in table.items():
+            if key != "protect_new_domains":
+                raise self.fail(key, f"[service]: unknown key {key!r}")
+            if not isinstance(value, bool):
+                raise self.fail(key, f"[service]: {key} must be true or false")
+            out[key] = value
+        return out
 
     def rule(self, table: Any, index: int, defaults: Settings) -> Rule:
         where = f"[[rules]] #{index}"

@@ -25,7 +25,7 @@ from typing import Any
 from lxml import etree
 
 from . import confinement, trust
-from .errors import EXIT_IN_USE, SafeUSBError
+from .errors import EXIT_IN_USE, SafeUSBError, UsageError
 from .gate import GATE_ROOT, PROG, is_gate_path, launcher_path
 from .hostdev import parse_xml
 
@@ -146,6 +146,54 @@ def _domain_xml(dom: Any, libvirt: Any) -> etree._Element:
     return parse_xml(dom.XMLDesc(flags).encode(), dom.name())
 
 
+def is_protected(root: etree._Element, source: str = "domain",
+                 gate_root: str = GATE_ROOT) -> bool:
+    """The definition runs the gate: safeusb's metadata, or an emulator under the gate."""
+    el = root.find("devices/emulator")
+    current = (el.text or "").strip() if el is not None else ""
+    try:
+        return real_emulator(root, source) is not None or is_gate_path(current, gate_root)
+    except ProtectError:
+        return True  # safeusb's metadata, damaged: not ours to change again
+
+
+def confinement_check(conn: Any) -> list[str]:
+    """What the admin must still do for the gate under libvirt's confinement (notes), or
+    ProtectError when the gate cannot run under it yet."""
+    refusal, notes = confinement.advice(
+        confinement.libvirt_security_models(conn.getCapabilities().encode()))
+    if refusal:
+        raise ProtectError(refusal)
+    return list(notes)
+
+
+def change_on(conn: Any, dom: Any, libvirt: Any, protect: bool,
+              notes: list[str] | None = None) -> str:
+    """Protect (or unprotect) one domain on an open connection; ProtectError when it
+    cannot be done as asked, libvirt's error as it comes. ``notes``: the confinement
+    check's, when the caller made it already."""
+    name = dom.name()
+    if not dom.isPersistent():
+        raise ProtectError(f"{name}: a transient domain has no definition to change")
+    root = _domain_xml(dom, libvirt)
+    if protect:
+        if notes is None:
+            try:
+                notes = confinement_check(conn)
+            except ProtectError as exc:
+                raise ProtectError(f"{name}: {exc}") from None
+        new = protect_xml(root, name)
+        current = (_emulator(root, name).text or "").strip()
+        ensure_launcher(current)
+    else:
+        new = unprotect_xml(root, name)
+    conn.defineXML(to_text(new))
+    emulator = (_emulator(new, name).text or "").strip()
+    later = " (the running QEMU keeps its emulator until the domain restarts)" \
+        if dom.isActive() else ""
+    return "\n".join([f"{name}: emulator {emulator}{later}", *(notes or ())])
+
+
 def change_domain(name: str, uri: str | None, protect: bool) -> str:
     import libvirt  # noqa: PLC0415
 
@@ -153,32 +201,67 @@ def change_domain(name: str, uri: str | None, protect: bool) -> str:
     try:
         conn = libvirt.open(uri)
         try:
-            dom = conn.lookupByName(name)
-            if not dom.isPersistent():
-                raise ProtectError(f"{name}: a transient domain has no definition to change")
-            root = _domain_xml(dom, libvirt)
-            notes: list[str] = []
-            if protect:
-                refusal, notes = confinement.advice(
-                    confinement.libvirt_security_models(conn.getCapabilities().encode()))
-                if refusal:
-                    raise ProtectError(f"{name}: {refusal}")
-                new = protect_xml(root, name)
-                current = (_emulator(root, name).text or "").strip()
-                ensure_launcher(current)
-            else:
-                new = unprotect_xml(root, name)
-            conn.defineXML(to_text(new))
-            emulator = (_emulator(new, name).text or "").strip()
-            running = dom.isActive()
+            return change_on(conn, conn.lookupByName(name), libvirt, protect)
         finally:
             conn.close()
     except libvirt.libvirtError as exc:
         raise LibvirtError(f"{name}: {exc}") from None
-    later = " (the running QEMU keeps its emulator until the domain restarts)" if running else ""
-    return "\n".join([f"{name}: emulator {emulator}{later}", *notes])
+
+
+def protect_all(uri: str | None) -> tuple[list[str], bool]:
+    """Protect every defined domain: a line for each (protected now, already protected,
+    or why not), and whether every one is protected now."""
+    import libvirt  # noqa: PLC0415
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    lines: list[str] = []
+    ok = True
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise LibvirtError(f"libvirt: {exc}") from None
+    try:
+        domains = sorted(conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT),
+                         key=lambda d: d.name())
+        try:
+            notes = confinement_check(conn)
+        except ProtectError as exc:
+            refusal: str | None = str(exc)
+            notes = []
+        else:
+            refusal = None
+        for dom in domains:
+            name = dom.name()
+            try:
+                if is_protected(_domain_xml(dom, libvirt), name):
+                    emulator = (_emulator(_domain_xml(dom, libvirt), name).text or "").strip()
+                    lines.append(f"{name}: already protected (emulator {emulator})")
+                    continue
+                if refusal is not None:
+                    raise ProtectError(f"{name}: {refusal}")
+                lines.append(change_on(conn, dom, libvirt, True, notes=[]))
+            except (SafeUSBError, libvirt.libvirtError) as exc:
+                ok = False
+                text = str(exc)
+                lines.append(f"{name}: NOT protected: "
+                             f"{text[len(name) + 2:] if text.startswith(name + ': ') else text}")
+        if not domains:
+            lines.append("no domains are defined")
+        lines.extend(notes)
+    finally:
+        conn.close()
+    return lines, ok
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "all", False):
+        if args.command != "protect" or args.domain is not None:
+            raise UsageError("--all goes with protect and no DOMAIN")
+        lines, ok = protect_all(args.connect)
+        print("\n".join(lines))
+        return 0 if ok else EXIT_IN_USE
+    if args.domain is None:
+        raise UsageError(f"{args.command}: give a DOMAIN" + (" or --all" if args.command ==
+                                                              "protect" else ""))
     print(change_domain(args.domain, args.connect, args.command == "protect"))
     return 0

@@ -88,8 +88,10 @@ class StateDir:
         return os.path.join(self.path, f"{safe}.{suffix}")
 
     @contextlib.contextmanager
-    def lock(self, key: str) -> Iterator[None]:
-        """One safeusb at a time per device."""
+    def lock(self, key: str, wait: float = 0.0) -> Iterator[None]:
+        """One safeusb at a time per device. With ``wait``, wait up to that many seconds
+        for another holder to finish (release waits for safeusbd giving the device back
+        on its own, for instance) before DeviceBusy."""
         self._ensure()
         path = self._file(key, "lock")
         try:
@@ -104,11 +106,16 @@ class StateDir:
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
                 raise StateError(f"lock {path} is not a regular file of this user: "
                                  "state is not trusted")
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise DeviceBusy(f"{key}: another safeusb is preparing or releasing it "
-                                 "right now") from None
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise DeviceBusy(f"{key}: another safeusb is preparing or releasing "
+                                         "it right now") from None
+                    time.sleep(0.1)
             yield
         finally:
             os.close(fd)
@@ -179,6 +186,27 @@ class StateDir:
                     problems.append(str(exc))
                     continue
                 if record is not None and record.domain == domain:
+                    keys.append(record.key)
+        return keys, problems
+
+    def keys(self) -> tuple[list[str], list[str]]:
+        """Every device with a record, and a line for each record that cannot be read."""
+        try:
+            names = sorted(os.listdir(self.path))
+        except FileNotFoundError:
+            return [], []
+        except OSError as exc:
+            return [], [f"cannot list {self.path}: {exc.strerror or exc}"]
+        keys: list[str] = []
+        problems: list[str] = []
+        for name in names:
+            if name.endswith(".json"):
+                try:
+                    record = self.load(name[: -len(".json")])
+                except StateError as exc:
+                    problems.append(str(exc))
+                    continue
+                if record is not None:
                     keys.append(record.key)
         return keys, problems
 

@@ -97,15 +97,25 @@ class Status:
     usb_present: bool
     devices: tuple[DeviceStatus, ...]
     libvirt: str  # "connected to URI", or why not
+    unprotected: tuple[str, ...] | None = None  # domains without the gate (None: unknown)
 
     def as_json(self) -> dict[str, Any]:
         return {"schema_version": 1, "usb": self.usb_present, "libvirt": self.libvirt,
-                "devices": [d.as_json() for d in self.devices]}
+                "devices": [d.as_json() for d in self.devices],
+                "unprotected_domains": None if self.unprotected is None
+                else list(self.unprotected)}
+
+    def protection_line(self) -> str | None:
+        if not self.unprotected:
+            return None
+        return ("domains not protected (live USB hotplug into them is not guarded; "
+                "`safeusb protect --all`): " + ", ".join(self.unprotected))
 
     def as_text(self) -> str:
         if not self.usb_present:
+            extra = self.protection_line()
             return ("This host has no USB subsystem (/sys/bus/usb is missing): "
-                    "no USB devices to show.\n")
+                    "no USB devices to show.\n" + (extra + "\n" if extra else ""))
         lines = []
         for d in self.devices:
             u = d.usb
@@ -122,33 +132,48 @@ class Status:
             if d.domains:
                 lines.append(f"{indent}  wanted by: " + ", ".join(f"{n} ({s})"
                                                                   for n, s in d.domains))
+        extra = self.protection_line()
+        if extra:
+            lines.append(extra)
         lines.append(f"libvirt: {self.libvirt}")
         return "\n".join(lines) + "\n"
 
 
-def _domains(uri: str | None) -> tuple[list[tuple[str, str, DomainInfo]], str]:
+def _domains(uri: str | None) -> tuple[list[tuple[str, str, DomainInfo]], str,
+                                        tuple[str, ...] | None]:
+    """Each domain (name, state, USB devices), libvirt's state in words, and the domains
+    whose definition does not run the gate."""
     try:
         import libvirt  # noqa: PLC0415
     except ImportError:
-        return [], "libvirt-python is not installed: domains not shown"
+        return [], "libvirt-python is not installed: domains not shown", None
+    from .hostdev import parse_xml  # noqa: PLC0415
+    from .protect import is_protected  # noqa: PLC0415
+
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     try:
         conn = libvirt.openReadOnly(uri)
     except libvirt.libvirtError as exc:
-        return [], f"not reachable ({exc.get_error_message()}): domains not shown"
+        return [], f"not reachable ({exc.get_error_message()}): domains not shown", None
     out = []
+    unprotected: list[str] = []
     try:
         for dom in conn.listAllDomains(0):
             state = "running" if dom.isActive() else "defined"
             try:
-                info = DomainInfo.from_xml(dom.XMLDesc(0).encode(), dom.name())
-            except SafeUSBError:
+                xml = dom.XMLDesc(0).encode()
+                info = DomainInfo.from_xml(xml, dom.name())
+                if dom.isPersistent():
+                    xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode()
+                if not is_protected(parse_xml(xml, dom.name()), dom.name()):
+                    unprotected.append(dom.name())
+            except (SafeUSBError, libvirt.libvirtError):
                 continue
             out.append((dom.name(), state, info))
         uri_text = conn.getURI()
     finally:
         conn.close()
-    return out, f"connected to {uri_text}"
+    return out, f"connected to {uri_text}", tuple(sorted(unprotected))
 
 
 def _wants(info: DomainInfo, usb: UsbDevice) -> bool:
@@ -165,7 +190,7 @@ def _wants(info: DomainInfo, usb: UsbDevice) -> bool:
 def collect(roots: Roots, uri: str | None = None) -> Status:
     if not os.path.isdir(roots.sys_path("bus", "usb")):
         return Status(False, (), "not asked (no USB)")
-    domains, libvirt_state = _domains(uri)
+    domains, libvirt_state, unprotected = _domains(uri)
     runner = Runner.for_roots(roots)
     devices = []
     for usb in sorted(sysfs.list_usb_devices(roots),
@@ -175,4 +200,4 @@ def collect(roots: Roots, uri: str | None = None) -> Status:
                                                           runner))
         wanted = tuple((n, s) for n, s, info in domains if _wants(info, usb))
         devices.append(DeviceStatus(usb, hub, findings, wanted))
-    return Status(True, tuple(devices), libvirt_state)
+    return Status(True, tuple(devices), libvirt_state, unprotected)
