@@ -1,0 +1,19 @@
+#!/bin/bash
+# The policy asks safeusbd to protect new domains and to unmount (and later remount)
+# sticks; `safeusb status` names g1 as unprotected; `safeusb protect --all` protects it,
+# a second run says it already is; g1 restarts behind the gate.
+. "$GUEST_LIB"
+. "$GUEST_DIR/gate-lib.sh"
+mkdir -p /etc/safeusb
+printf '[defaults]\nmount = "unmount"\nrestore = true\n\n[service]\nprotect_new_domains = true\n' \
+    >/etc/safeusb/policy.toml
+run_step status_before "$SAFEUSB" status
+run_step all "$SAFEUSB" protect --all
+run_step all_again "$SAFEUSB" protect --all
+run_step status_after "$SAFEUSB" status
+note inactive_emulator "$(emulator_of --inactive)"
+run_step destroy virsh destroy g1
+run_step start virsh start --paused g1
+note live_emulator "$(emulator_of)"
+note state "$(virsh domstate g1)"
+cp /var/log/libvirt/qemu/g1.log "$OUT/g1.log"
