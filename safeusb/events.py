@@ -276,16 +276,13 @@ class HandoverWatch:
             tracked.domain_stopped = True
         if held:
             tracked.phase = HELD
-            return False
+            # Open with no interface claimed: QEMU may be about to close it (it frees the
+            # interfaces first); look again soon.
+            return not now.claimed
         if tracked.phase != HELD and not tracked.domain_stopped:
             return False  # not yet taken: QEMU has still to open it
-        if not now.claimed and self._open_still(now):
-            return True
         self._let_go(key, tracked)
         return False
-
-    def _open_still(self, now: DeviceNow) -> bool:
-        return bool(self.holders(now.dev))
 
     def _let_go(self, key: str, tracked: Tracked) -> None:
         why = "its domain stopped" if tracked.phase != HELD else \

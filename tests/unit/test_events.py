@@ -1,0 +1,359 @@
+"""safeusbd's following of handed-over devices (safeusb.events), on built sysfs trees with
+a fake event source and fake node holders; the real kernel is in tests/vm/test_events_vm.py."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from safeusb import events
+from safeusb.events import EventLoop, HandoverWatch, UEvent, device_now, node_holders
+from safeusb.roots import Roots
+from safeusb.state import Record, StateDir, new_record
+from tests.unit.fakesys import FakeSystem
+
+HANG = 10.0
+KEY = "2-1"
+HANDOFF = {"kind": "handoff", "text": "hold /dev/sda; unbind usb-storage from 2-1:1.0",
+           "disks": ["/dev/sda"], "interfaces": [["2-1:1.0", "usb-storage"]]}
+UNMOUNT = {"kind": "unmount", "text": "unmount /srv in mount namespace 1", "device": "sda",
+           "source": "/dev/sda", "mountpoint": "/srv", "fstype": "ext4", "options": "rw",
+           "mnt_ns": 1, "pid": 1}
+
+
+class Host:
+    """A stick at 2-1 (bus 2 device 3), a state directory, who holds its node, what was
+    given back."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.fs = FakeSystem(tmp_path / "root")
+        self.path = self.fs.usb_device(KEY, 0x46F4, 0x0001, busnum=2, devnum=3)
+        self.state = StateDir(str(tmp_path / "state"))
+        self.open_by: list[tuple[int, str]] = []
+        self.given: list[str] = []
+        self.active: dict[str, bool | None] = {}
+
+    def driver(self, name: str | None) -> None:
+        link = self.path / f"{KEY}:1.0" / "driver"
+        link.unlink(missing_ok=True)
+        if name is not None:
+            target = self.fs.sys / "bus/usb/drivers" / name
+            target.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(target, link.parent))
+
+    def record(self, *steps: dict[str, object], domain: str | None = "g1") -> Record:
+        record = new_record(KEY, domain, list(steps), True)
+        self.state.save(record)
+        return record
+
+    def give_back(self, key: str, record: Record) -> tuple[bool, list[str]]:
+        self.given.append(key)
+        self.state.remove(key)
+        return True, [f"undo: {s['text']}" for s in reversed(record.steps)]
+
+    def watch(self) -> HandoverWatch:
+        return HandoverWatch(self.fs.roots, self.state, self.give_back,
+                             holders=lambda dev: list(self.open_by),
+                             domain_active=lambda name: self.active.get(name))
+
+    def handed_over(self) -> HandoverWatch:
+        """A record with the handoff done, the driver unbound: what prepare leaves."""
+        self.record(UNMOUNT, HANDOFF)
+        self.driver(None)
+        return self.watch()
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Host:
+    return Host(tmp_path)
+
+
+def test_device_now_reads_drivers_and_node(host: Host) -> None:
+    now = device_now(host.fs.roots, KEY)
+    assert now is not None and now.dev == "189:130"
+    assert now.drivers == {"2-1:1.0": "usb-storage"} and not now.claimed
+    host.driver("usbfs")
+    now = device_now(host.fs.roots, KEY)
+    assert now is not None and now.claimed
+    host.driver(None)
+    now = device_now(host.fs.roots, KEY)
+    assert now is not None and now.drivers == {"2-1:1.0": None}
+    assert device_now(host.fs.roots, "2-9") is None
+
+
+def test_not_yet_opened_by_qemu_is_left_alone(host: Host) -> None:
+    """Between prepare and QEMU opening the device it is unclaimed and closed, as after
+    QEMU let go: never given back for that."""
+    watch = host.handed_over()
+    for _ in range(3):
+        assert watch.scan() is False
+    assert host.given == [] and host.state.load(KEY) is not None
+    assert watch.tracked[KEY].phase == events.WAITING and watch.watching()
+
+
+def test_held_then_let_go_is_given_back_once(host: Host,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    watch = host.handed_over()
+    host.driver("usbfs")
+    host.open_by = [(401, "qemu-system-x86")]
+    watch.scan()
+    assert watch.tracked[KEY].phase == events.HELD and host.given == []
+    host.driver(None)  # QEMU released its claim ...
+    assert watch.scan() is True  # ... but still has the node open: look again soon
+    assert host.given == []
+    host.open_by = []  # ... and closed it
+    with caplog.at_level(logging.INFO, logger="safeusb"):
+        assert watch.scan() is False
+    assert host.given == [KEY] and host.state.load(KEY) is None
+    assert not watch.watching()
+    text = caplog.text
+    assert "2-1 is back on the host (QEMU let go of it" in text
+    assert "undo: unmount /srv" in text and "given back to the host; record removed" in text
+    watch.scan()
+    assert host.given == [KEY]
+
+
+def test_driver_bound_again_by_qemu_counts_as_let_go(host: Host) -> None:
+    """`virsh detach-device`: QEMU releases the interfaces and has the kernel bind
+    usb-storage again before it closes the node."""
+    watch = host.handed_over()
+    host.driver("usbfs")
+    watch.scan()
+    host.driver("usb-storage")
+    watch.scan()
+    assert host.given == [KEY]
+
+
+def test_held_by_an_open_node_alone(host: Host) -> None:
+    """QEMU holds the node with no interface claimed (a reset in progress): held."""
+    watch = host.handed_over()
+    host.open_by = [(401, "qemu-system-x86")]
+    watch.scan()
+    assert watch.tracked[KEY].phase == events.HELD
+    assert watch.scan() is True and host.given == []
+    host.open_by = []
+    watch.scan()
+    assert host.given == [KEY]
+
+
+def test_device_gone_removes_its_record(host: Host, caplog: pytest.LogCaptureFixture) -> None:
+    watch = host.handed_over()
+    host.driver("usbfs")
+    watch.scan()
+    shutil.rmtree(host.path)
+    (host.fs.sys / "bus/usb/devices" / KEY).unlink()
+    with caplog.at_level(logging.INFO, logger="safeusb"):
+        watch.scan()
+    assert host.given == [] and host.state.load(KEY) is None and not watch.watching()
+    assert "2-1 left the host while handed over to domain g1 (no device is at its port)" \
+        in caplog.text
+    assert "not given back: unmount /srv in mount namespace 1; hold /dev/sda" in caplog.text
+
+
+def test_another_device_at_the_port_means_the_first_is_gone(host: Host) -> None:
+    watch = host.handed_over()
+    host.driver("usbfs")
+    watch.scan()
+    (host.path / "dev").write_text("189:131\n")  # re-enumerated: device 4
+    host.driver("usb-storage")
+    watch.scan()
+    assert host.given == [] and host.state.load(KEY) is None
+
+
+def test_domain_stopped_gives_back_what_it_never_took(host: Host) -> None:
+    watch = host.handed_over()
+    watch.scan()
+    watch.domain_stopped("g2")
+    watch.scan()
+    assert host.given == []
+    watch.domain_stopped("g1")
+    watch.scan()
+    assert host.given == [KEY]
+
+
+def test_domain_stopped_while_still_held_waits_for_the_node(host: Host) -> None:
+    watch = host.handed_over()
+    host.driver("usbfs")
+    watch.domain_stopped("g1")
+    watch.scan()
+    assert host.given == []
+
+
+@pytest.mark.parametrize(("active", "given"), [(False, True), (True, False), (None, False)])
+def test_at_startup_libvirt_decides_for_devices_nobody_holds(
+        host: Host, active: bool | None, given: bool) -> None:
+    """safeusbd started after QEMU let go: given back only if libvirt says the domain is
+    not running; running or unknown: waiting."""
+    watch = host.handed_over()
+    host.active["g1"] = active
+    watch.scan()
+    assert (host.given == [KEY]) is given
+    watch.scan()
+    assert (host.given == [KEY]) is given
+
+
+def test_a_record_without_handoff_is_not_touched(host: Host) -> None:
+    """A prepare in progress (or stopped part-way) writes records without a handoff."""
+    host.record(UNMOUNT)
+    host.driver(None)
+    watch = host.watch()
+    host.active["g1"] = False
+    watch.scan()
+    shutil.rmtree(host.path)
+    watch.scan()
+    assert host.given == [] and host.state.load(KEY) is not None and not watch.watching()
+
+
+def test_a_busy_lock_is_tried_again(host: Host) -> None:
+    watch = host.handed_over()
+    host.driver("usbfs")
+    watch.scan()
+    host.driver(None)
+    with host.state.lock(KEY):
+        assert watch.scan() is True
+        assert host.given == []
+    watch.scan()
+    assert host.given == [KEY]
+
+
+def test_untrusted_records_are_reported_and_left(host: Host,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    watch = host.handed_over()
+    bad = Path(host.state.path) / "2-2.json"
+    bad.write_text("{not json")
+    bad.chmod(0o600)
+    with caplog.at_level(logging.WARNING, logger="safeusb"):
+        watch.scan()
+    assert "2-2.json is garbled" in caplog.text and bad.exists()
+
+
+# --- the event thread ----------------------------------------------------------------------
+
+class FakeSource:
+    def __init__(self) -> None:
+        self.events: queue.SimpleQueue[UEvent] = queue.SimpleQueue()
+        self.closed = False
+
+    def poll(self, timeout: float | None) -> UEvent | None:
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def loop(host: Host) -> Iterator[tuple[EventLoop, FakeSource]]:
+    source = FakeSource()
+    lp = EventLoop(host.handed_over(), source, settle=0.01, follow_up=(0.01, 0.02),
+                   recheck=0.05)
+    lp.start()
+    yield lp, source
+    lp.stop()
+    assert source.closed and not lp.thread.is_alive()
+
+
+def until(check: object, what: str) -> None:
+    deadline = time.monotonic() + HANG
+    while not check():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {HANG} s: {what}")
+        time.sleep(0.01)
+
+
+def test_uevents_drive_the_give_back(host: Host, loop: tuple[EventLoop, FakeSource]) -> None:
+    lp, source = loop
+    until(lambda: KEY in lp.watch.tracked, "the record followed from the first scan")
+    host.driver("usbfs")
+    source.events.put(UEvent("bind", str(host.path / "2-1:1.0"), "usbfs"))
+    until(lambda: lp.watch.tracked[KEY].phase == events.HELD, "held after the bind")
+    host.open_by = [(401, "qemu-system-x86")]
+    host.driver(None)
+    source.events.put(UEvent("unbind", str(host.path / "2-1:1.0"), None))
+    scans = lp.scans
+    until(lambda: lp.scans >= scans + 2, "follow-up scans while the node is open")
+    assert host.given == []
+    host.open_by = []  # closed without a uevent: a follow-up or the recheck sees it
+    until(lambda: host.given == [KEY], "given back once the node closed")
+
+
+def test_a_poke_scans(host: Host, loop: tuple[EventLoop, FakeSource]) -> None:
+    lp, _ = loop
+    until(lambda: KEY in lp.watch.tracked, "followed")
+    lp.watch.domain_stopped("g1")
+    lp.poke("domain g1 stopped")
+    until(lambda: host.given == [KEY], "given back after the poke")
+
+
+# --- the real host's pieces ----------------------------------------------------------------
+
+def test_node_holders_finds_this_process_by_device_number() -> None:
+    st = os.stat("/dev/null")
+    dev = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    with open("/dev/null", "rb"):
+        assert (os.getpid(), open(f"/proc/{os.getpid()}/comm").read().strip()) in \
+            node_holders(Roots.host(), dev)
+    assert node_holders(Roots.host(), "nonsense") == []
+
+
+def test_udevd_running_means_its_control_socket(tmp_path: Path) -> None:
+    path = tmp_path / "control"
+    assert not events.udevd_running(str(path))
+    path.write_text("")
+    assert not events.udevd_running(str(path))
+    path.unlink()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    try:
+        assert events.udevd_running(str(path))
+    finally:
+        s.close()
+
+
+def test_pyudev_source_reads_the_kernel_when_no_udevd(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(events, "udevd_running", lambda: False)
+    try:
+        src = events.PyudevSource()
+    except OSError as exc:  # a sandbox without netlink
+        pytest.skip(f"no netlink uevent socket here: {exc}")
+    assert src.source == "kernel"
+    assert src.poll(0.01) is None or isinstance(src.poll(0.01), UEvent)
+    src.close()
+
+
+def test_start_without_uevents_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    def broken() -> None:
+        raise OSError("netlink is not allowed")
+
+    monkeypatch.setattr(events, "PyudevSource", broken)
+    with caplog.at_level(logging.WARNING, logger="safeusb"):
+        assert events.start(Roots.host(), str(tmp_path / "st"), str(tmp_path / "p")) is None
+    assert "cannot read uevents (netlink is not allowed)" in caplog.text
+    assert "run `safeusb release`" in caplog.text
+
+
+def test_the_loop_survives_a_failing_scan(host: Host, caplog: pytest.LogCaptureFixture) -> None:
+    class Boom(HandoverWatch):
+        def scan(self) -> bool:
+            raise RuntimeError("boom")
+
+    boom = Boom(host.fs.roots, host.state, host.give_back)
+    lp = EventLoop(boom, FakeSource(), settle=0.01, recheck=0.01)
+    with caplog.at_level(logging.ERROR, logger="safeusb"):
+        lp.start()
+        until(lambda: lp.scans >= 1, "a scan")
+        lp.poke("again")
+        until(lambda: lp.scans >= 2, "another scan after the failure")
+        lp.stop()
+    assert "internal error following handed-over devices" in caplog.text
