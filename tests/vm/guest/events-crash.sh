@@ -6,8 +6,8 @@
 . "$GUEST_DIR/events-lib.sh"
 mp=/tmp/su-crash
 handed_over_then CRASH "$mp"
-qemu=$(qemu_pid)
+qemu=$(dom_qemu_pid)
 note qemu_pid "$qemu"
 kill -KILL "$qemu"
 back_on_host CRASH "$mp"
-note state_after "$(virsh domstate g1)"
+note state_after "$(virsh domstate "$DOM")"

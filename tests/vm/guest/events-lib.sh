@@ -1,5 +1,13 @@
 # Shared by the events scenarios (sourced after lib.sh and gate-lib.sh): safeusbd gives
-# devices back on its own; nothing here runs `safeusb release`.
+# devices back on its own; nothing here runs `safeusb release`. The domain is g2, which
+# safeusbd protected when it was defined (events-newdomain.sh).
+DOM=g2
+
+# dom_qemu_pid: the pid libvirt tracks for g2.
+dom_qemu_pid() { cat "/run/libvirt/qemu/$DOM.pid" 2>/dev/null; }
+
+# unwritten_kb DEV: dirty and under-writeback kB of the device.
+unwritten_kb() { echo $(( $(bdi_stat "$1" BdiReclaimable) + $(bdi_stat "$1" BdiWriteback) )); }
 
 # record_of USB: the record safeusb keeps while the device is handed over.
 record_of() { echo "/run/safeusb/$1.json"; }
@@ -41,11 +49,11 @@ handed_over_then() {
     note dirty_kb "$(bdi_stat "$dev" BdiReclaimable)"
     note options_before "$(awk -v m="$mp" '$5 == m { print $6 }' /proc/self/mountinfo)"
     hostdev_xml "$busdev" >"/tmp/$var-hostdev.xml"
-    virsh attach-device g1 "/tmp/$var-hostdev.xml" --live >"$OUT/attach.out" 2>&1
+    virsh attach-device "$DOM" "/tmp/$var-hostdev.xml" --live >"$OUT/attach.out" 2>&1
     note attach_rc $?
     note mounted_handed "$(mounted "$mp")"
     note record_handed "$([ -e "$(record_of "$usb")" ] && echo 1 || echo 0)"
-    note qemu_fds_handed "$(qemu_usb_fds "$(qemu_pid)")"
+    note qemu_fds_handed "$(qemu_usb_fds "$(dom_qemu_pid)")"
     note node "$(usb_node "$busdev")"
     # Still handed over a few seconds later: safeusbd did not take it back while QEMU
     # holds it.

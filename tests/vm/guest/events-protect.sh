@@ -1,7 +1,8 @@
 #!/bin/bash
 # The policy asks safeusbd to protect new domains and to unmount (and later remount)
 # sticks; `safeusb status` names g1 as unprotected; `safeusb protect --all` protects it,
-# a second run says it already is; g1 restarts behind the gate.
+# a second run says it already is, and status names no domain any more. g1 then stops:
+# the domains used from here on are defined later (events-newdomain.sh).
 . "$GUEST_LIB"
 . "$GUEST_DIR/gate-lib.sh"
 mkdir -p /etc/safeusb
@@ -13,7 +14,3 @@ run_step all_again "$SAFEUSB" protect --all
 run_step status_after "$SAFEUSB" status
 note inactive_emulator "$(emulator_of --inactive)"
 run_step destroy virsh destroy g1
-run_step start virsh start --paused g1
-note live_emulator "$(emulator_of)"
-note state "$(virsh domstate g1)"
-cp /var/log/libvirt/qemu/g1.log "$OUT/g1.log"
