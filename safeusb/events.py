@@ -4,12 +4,14 @@ prepare leaves a record under the state directory (/run/safeusb/KEY.json) for ev
 it handed over. This module watches those devices through the kernel's uevents (pyudev)
 and decides, for each record with a handoff:
 
-- **held**: an interface is claimed through usbfs (the ``usbfs`` driver is bound to it:
-  QEMU's usb-host claims every interface) or some process has the device's usbfs node
-  (``/dev/bus/usb/BBB/DDD``, char 189:N, matched by device number, so a node in QEMU's
-  private /dev counts) open;
-- **let go**: it was seen held and now neither is true: QEMU closed it (``virsh
-  detach-device``, guest shutdown, QEMU killed), so it is given back by its record
+- **held**: the domain's QEMU (the pid libvirt keeps in /run/libvirt/qemu/NAME.pid) has
+  the device's usbfs node (``/dev/bus/usb/BBB/DDD``, char 189:N, matched by device
+  number, so a node in QEMU's private /dev counts) open; another process opening it for
+  a moment (lsusb, a udev helper) takes nothing. For a record without a domain, any
+  process holding the node or claiming an interface (the ``usbfs`` driver bound) counts;
+- **let go**: it was seen held and now no interface is claimed and nobody has the node
+  open: QEMU closed it (``virsh detach-device``, guest shutdown, QEMU killed), so it is
+  given back by its record
   (drivers bound again, and with ``restore = true`` holders reactivated and filesystems
   remounted), logged, and the record is removed;
 - **gone**: the USB device is no longer at its port, or another device is (a new device
@@ -176,6 +178,15 @@ def node_holders(roots: Roots, dev: str) -> list[tuple[int, str]]:
     return out
 
 
+def libvirt_qemu_pid(domain: str, pid_dir: str = "/run/libvirt/qemu") -> int | None:
+    """The pid libvirt keeps for the domain's QEMU (a root file), or None."""
+    from .peer import read_pid_file  # noqa: PLC0415
+
+    if not domain or "/" in domain or domain in (".", ".."):
+        return None
+    return read_pid_file(os.path.join(pid_dir, f"{domain}.pid"))
+
+
 # --- following the records -----------------------------------------------------------------
 
 HELD, WAITING = "held", "waiting"
@@ -207,11 +218,13 @@ class HandoverWatch:
 
     def __init__(self, roots: Roots, state: StateDir, give_back: GiveBack,
                  holders: Callable[[str], list[tuple[int, str]]] | None = None,
-                 domain_active: Callable[[str], bool | None] | None = None) -> None:
+                 domain_active: Callable[[str], bool | None] | None = None,
+                 domain_pid: Callable[[str], int | None] | None = None) -> None:
         self.roots = roots
         self.state = state
         self.give_back = give_back
         self.holders = holders or (lambda dev: node_holders(roots, dev))
+        self.domain_pid = domain_pid or libvirt_qemu_pid
         self.domain_active = domain_active or (lambda _name: None)
         self.tracked: dict[str, Tracked] = {}
         self.stopped: set[str] = set()  # domains libvirt said stopped, not yet handled
@@ -260,8 +273,9 @@ class HandoverWatch:
         if now is None or (tracked is not None and tracked.dev != now.dev):
             self._gone(key, record, now)
             return False
-        holders = [] if now.claimed else self.holders(now.dev)
-        held = now.claimed or bool(holders)
+        holders = self.holders(now.dev)
+        busy = now.claimed or bool(holders)
+        held = self._held_by_domain(record.domain, now, holders)
         if tracked is None:
             tracked = Tracked(now.dev, HELD if held else WAITING, record.domain)
             if not held and startup and record.domain is not None \
@@ -281,8 +295,20 @@ class HandoverWatch:
             return not now.claimed
         if tracked.phase != HELD and not tracked.domain_stopped:
             return False  # not yet taken: QEMU has still to open it
+        if busy:
+            return True  # its QEMU let go, another process has it open for now
         self._let_go(key, tracked)
         return False
+
+    def _held_by_domain(self, domain: str | None, now: DeviceNow,
+                        holders: list[tuple[int, str]]) -> bool:
+        """The domain's QEMU (libvirt's pid for it) has the node open. Any other process
+        opening it for a moment (lsusb, a udev helper) takes nothing. For a record without
+        a domain, anyone holding or claiming it counts."""
+        if domain is None:
+            return now.claimed or bool(holders)
+        pid = self.domain_pid(domain)
+        return pid is not None and any(p == pid for p, _ in holders)
 
     def _let_go(self, key: str, tracked: Tracked) -> None:
         why = "its domain stopped" if tracked.phase != HELD else \
@@ -295,8 +321,10 @@ class HandoverWatch:
             if now is None or now.dev != tracked.dev:
                 self._gone(key, record, now, locked=True)
                 return
-            if now.claimed or self.holders(now.dev):
-                tracked.phase = HELD
+            holders = self.holders(now.dev)
+            if now.claimed or holders:
+                if self._held_by_domain(tracked.domain, now, holders):
+                    tracked.phase = HELD
                 return
             log.info("safeusbd: %s is back on the host (%s); giving it back by its record",
                      key, why)

@@ -40,6 +40,7 @@ class Host:
         self.open_by: list[tuple[int, str]] = []
         self.given: list[str] = []
         self.active: dict[str, bool | None] = {}
+        self.qemu: dict[str, int] = {"g1": 401}  # libvirt's pid files
 
     def driver(self, name: str | None) -> None:
         link = self.path / f"{KEY}:1.0" / "driver"
@@ -62,7 +63,8 @@ class Host:
     def watch(self) -> HandoverWatch:
         return HandoverWatch(self.fs.roots, self.state, self.give_back,
                              holders=lambda dev: list(self.open_by),
-                             domain_active=lambda name: self.active.get(name))
+                             domain_active=lambda name: self.active.get(name),
+                             domain_pid=lambda name: self.qemu.get(name))
 
     def handed_over(self) -> HandoverWatch:
         """A record with the handoff done, the driver unbound: what prepare leaves."""
@@ -126,8 +128,10 @@ def test_driver_bound_again_by_qemu_counts_as_let_go(host: Host) -> None:
     usb-storage again before it closes the node."""
     watch = host.handed_over()
     host.driver("usbfs")
+    host.open_by = [(401, "qemu-system-x86")]
     watch.scan()
     host.driver("usb-storage")
+    host.open_by = []
     watch.scan()
     assert host.given == [KEY]
 
@@ -142,6 +146,58 @@ def test_held_by_an_open_node_alone(host: Host) -> None:
     host.open_by = []
     watch.scan()
     assert host.given == [KEY]
+
+
+def test_another_process_opening_the_node_takes_nothing(host: Host) -> None:
+    """lsusb or a udev helper opening the node before QEMU does is not QEMU taking it:
+    its closing gives nothing back (the domain may be about to open it)."""
+    watch = host.handed_over()
+    host.open_by = [(77, "lsusb")]
+    watch.scan()
+    assert watch.tracked[KEY].phase == events.WAITING
+    host.open_by = []
+    watch.scan()
+    assert host.given == []
+    host.open_by = [(401, "qemu-system-x86")]
+    watch.scan()
+    assert watch.tracked[KEY].phase == events.HELD
+
+
+def test_let_go_waits_for_every_holder(host: Host) -> None:
+    """QEMU gone, but another process has the node open (or claims it): looked at again,
+    given back once nobody has it."""
+    watch = host.handed_over()
+    host.open_by = [(401, "qemu-system-x86")]
+    watch.scan()
+    host.open_by = [(77, "lsusb")]
+    assert watch.scan() is True and host.given == []
+    host.open_by = []
+    host.driver("usbfs")  # a program of the user's claimed it
+    assert watch.scan() is True and host.given == []
+    host.driver(None)
+    watch.scan()
+    assert host.given == [KEY]
+
+
+def test_without_a_domain_anyone_holding_it_counts(host: Host) -> None:
+    host.record(UNMOUNT, HANDOFF, domain=None)
+    host.driver(None)
+    watch = host.watch()
+    host.open_by = [(900, "someprogram")]
+    watch.scan()
+    assert watch.tracked[KEY].phase == events.HELD
+    host.open_by = []
+    watch.scan()
+    assert host.given == [KEY]
+
+
+def test_libvirt_qemu_pid_reads_only_a_root_file(tmp_path: Path) -> None:
+    (tmp_path / "g1.pid").write_text("4242\n")
+    (tmp_path / "g1.pid").chmod(0o644)
+    expected = 4242 if os.geteuid() == 0 else None  # read_pid_file wants root's file
+    assert events.libvirt_qemu_pid("g1", str(tmp_path)) == expected
+    assert events.libvirt_qemu_pid("none", str(tmp_path)) is None
+    assert events.libvirt_qemu_pid("../g1", str(tmp_path)) is None
 
 
 def test_device_gone_removes_its_record(host: Host, caplog: pytest.LogCaptureFixture) -> None:
@@ -215,8 +271,10 @@ def test_a_record_without_handoff_is_not_touched(host: Host) -> None:
 def test_a_busy_lock_is_tried_again(host: Host) -> None:
     watch = host.handed_over()
     host.driver("usbfs")
+    host.open_by = [(401, "qemu-system-x86")]
     watch.scan()
     host.driver(None)
+    host.open_by = []
     with host.state.lock(KEY):
         assert watch.scan() is True
         assert host.given == []
@@ -275,9 +333,9 @@ def test_uevents_drive_the_give_back(host: Host, loop: tuple[EventLoop, FakeSour
     lp, source = loop
     until(lambda: KEY in lp.watch.tracked, "the record followed from the first scan")
     host.driver("usbfs")
+    host.open_by = [(401, "qemu-system-x86")]
     source.events.put(UEvent("bind", str(host.path / "2-1:1.0"), "usbfs"))
     until(lambda: lp.watch.tracked[KEY].phase == events.HELD, "held after the bind")
-    host.open_by = [(401, "qemu-system-x86")]
     host.driver(None)
     source.events.put(UEvent("unbind", str(host.path / "2-1:1.0"), None))
     scans = lp.scans
