@@ -110,7 +110,8 @@ def _given_back(vm: BootResult, r: ScenarioResult, n: dict[str, str], stick: str
 
 def test_detach_gives_the_stick_back_remounted_without_release(vm: BootResult) -> None:
     """(c) `virsh detach-device`: QEMU releases the interfaces and closes the node;
-    safeusbd binds usb-storage if the kernel has not, and remounts."""
+    safeusbd binds usb-storage (QEMU as libvirt-qemu cannot have the kernel do it; as
+    root it does) and remounts."""
     r, n = ran(vm, "detach")
     _handed_over(r, n)
     r.expect(r.file("detach.rc").strip() == "0" and n.get("in_domain") == "0",
