@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -11,16 +10,14 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import EXIT_FREE, EXIT_IN_USE, SafeUSBError, UsageError, XMLError, exit_code_for
-from .inspect import inspect
-from .model import Target
-from .report import as_json, as_text
+from .logsetup import setup_logging
 from .roots import Roots
-from .run import Runner, setup_logging
-from .selector import Selector, resolve
-from .snapshot import read_snapshot
 
+# Each command imports what it uses when it runs: `inspect` pays for no acting, policy,
+# libvirt or network code at start-up.
 if TYPE_CHECKING:
     from .act import Outcome
+    from .model import Target
     from .policy import Policy
 
 # Paths known here so the parser needs no policy or state code (loaded per command).
@@ -146,6 +143,8 @@ def add_selector_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def target_from_args(args: argparse.Namespace, roots: Roots) -> Target:
+    from .selector import Selector, resolve  # noqa: PLC0415
+
     if (args.selector is None) == (args.xml is None):
         raise UsageError("give exactly one of SELECTOR or --xml FILE")
     if args.xml is not None:
@@ -164,9 +163,15 @@ def target_from_args(args: argparse.Namespace, roots: Roots) -> Target:
 
 
 def cmd_inspect(args: argparse.Namespace, roots: Roots) -> int:
+    from .inspect import inspect  # noqa: PLC0415
+    from .report import as_json, as_text  # noqa: PLC0415
+    from .snapshot import read_snapshot  # noqa: PLC0415
+
     target = target_from_args(args, roots)
-    findings = inspect(read_snapshot(roots, target, Runner()))
+    findings = inspect(read_snapshot(roots, target, mount_debugfs=True))
     if args.json:
+        import json  # noqa: PLC0415
+
         json.dump(as_json(findings), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
@@ -176,6 +181,8 @@ def cmd_inspect(args: argparse.Namespace, roots: Roots) -> int:
 
 def _print_outcome(verb: str, head: str, outcome: Outcome, as_json: bool) -> int:
     if as_json:
+        import json  # noqa: PLC0415
+
         json.dump(outcome.as_json(), sys.stdout, indent=2)
         sys.stdout.write("\n")
         return EXIT_FREE if outcome.ok else EXIT_IN_USE
@@ -206,7 +213,7 @@ def _print_outcome(verb: str, head: str, outcome: Outcome, as_json: bool) -> int
 def cmd_prepare(args: argparse.Namespace, roots: Roots) -> int:
     from .act import prepare  # noqa: PLC0415 (the acting code only when acting)
     from .policy import Policy  # noqa: PLC0415
-    from .run import stderr_progress  # noqa: PLC0415
+    from .run import Runner, stderr_progress  # noqa: PLC0415
     from .state import StateDir  # noqa: PLC0415
 
     target = target_from_args(args, roots)
@@ -219,6 +226,7 @@ def cmd_prepare(args: argparse.Namespace, roots: Roots) -> int:
 
 def cmd_release(args: argparse.Namespace, roots: Roots) -> int:
     from .act import release, target_key  # noqa: PLC0415
+    from .run import Runner  # noqa: PLC0415
     from .state import StateDir  # noqa: PLC0415
 
     target = target_from_args(args, roots)
@@ -291,6 +299,8 @@ def cmd_status(args: argparse.Namespace, roots: Roots) -> int:
 
     status = collect(roots, args.connect)
     if args.json:
+        import json  # noqa: PLC0415
+
         json.dump(status.as_json(), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:

@@ -649,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .run import setup_logging  # noqa: PLC0415
+    from .logsetup import setup_logging  # noqa: PLC0415
 
     try:
         args = build_parser().parse_args(argv)
