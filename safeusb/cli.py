@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import EXIT_FREE, EXIT_IN_USE, SafeUSBError, UsageError, XMLError, exit_code_for
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 # Paths known here so the parser needs no policy or state code (loaded per command).
 DEFAULT_POLICY = "/etc/safeusb/policy.toml"
 DEFAULT_STATE_DIR = "/run/safeusb"
+DEFAULT_SOCKET = "/run/safeusb/safeusbd.sock"  # protocol.DEFAULT_SOCKET, without its import
+DAEMON_TIMEOUT = 60.0  # seconds for safeusbd's answer before the host is read here
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_selector_arguments(ins)
     ins.add_argument("--json", action="store_true", help="machine-readable output")
+    add_daemon_arguments(ins)
 
     for name, text in (
         ("prepare", "make a device free for a guest by the policy (flush, unmount, tear "
@@ -81,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "which libvirt domains reference it.")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument("-c", "--connect", metavar="URI", help="libvirt URI (read-only)")
+    add_daemon_arguments(st)
 
     dm = sub.add_parser("demo", help="show the problem and the fix on a real kernel",
                         description="Boot a Debian kernel under QEMU with two USB sticks, "
@@ -142,6 +147,32 @@ def add_selector_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--xml", metavar="FILE", help="a file holding a libvirt USB <hostdev>")
 
 
+def add_daemon_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--local", action="store_true",
+                   help="read the host in this process; by default a running safeusbd is "
+                   "asked, and the host is read here only when it cannot answer")
+    p.add_argument("--daemon-socket", metavar="PATH", default=DEFAULT_SOCKET,
+                   help=argparse.SUPPRESS)
+
+
+def ask_daemon(args: argparse.Namespace, what: dict[str, Any]) -> dict[str, Any] | None:
+    """safeusbd's inspect answer for the device, or None when it cannot give one (not
+    running, not permitted, overloaded, an older protocol, a device it cannot find...):
+    the caller then reads the host itself, so the daemon changes how fast the answer
+    comes, never what it says."""
+    if args.local or not os.path.exists(args.daemon_socket):
+        return None
+    from .client import ask  # noqa: PLC0415 (only when there is a daemon to ask)
+
+    try:
+        answer = ask("inspect", what, args.daemon_socket, timeout=DAEMON_TIMEOUT)
+    except SafeUSBError as exc:
+        logging.getLogger("safeusb").debug("safeusbd did not answer (%s): reading the "
+                                           "host here", exc)
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
 def target_from_args(args: argparse.Namespace, roots: Roots) -> Target:
     from .selector import Selector, resolve  # noqa: PLC0415
 
@@ -163,6 +194,24 @@ def target_from_args(args: argparse.Namespace, roots: Roots) -> Target:
 
 
 def cmd_inspect(args: argparse.Namespace, roots: Roots) -> int:
+    if args.selector is not None and args.xml is None and roots.live:
+        answer = ask_daemon(args, {"selector": args.selector})
+        if answer is not None:
+            from .report import text_of_json  # noqa: PLC0415
+
+            try:
+                text = text_of_json(answer)
+            except ValueError:
+                pass  # not an answer to show: read the host here
+            else:
+                if args.json:
+                    import json  # noqa: PLC0415
+
+                    json.dump(answer, sys.stdout, indent=2)
+                    sys.stdout.write("\n")
+                else:
+                    sys.stdout.write(text)
+                return EXIT_FREE if answer["free"] else EXIT_IN_USE
     from .inspect import inspect  # noqa: PLC0415
     from .report import as_json, as_text  # noqa: PLC0415
     from .snapshot import read_snapshot  # noqa: PLC0415
@@ -297,7 +346,10 @@ def cmd_attach(args: argparse.Namespace, roots: Roots) -> int:
 def cmd_status(args: argparse.Namespace, roots: Roots) -> int:
     from .status import collect  # noqa: PLC0415
 
-    status = collect(roots, args.connect)
+    def ask(bus: int, addr: int) -> dict[str, Any] | None:
+        return ask_daemon(args, {"bus": bus, "addr": addr})
+
+    status = collect(roots, args.connect, None if not roots.live else ask)
     if args.json:
         import json  # noqa: PLC0415
 

@@ -191,10 +191,12 @@ def _probe_exclusive(roots: Roots, names: list[str]) -> tuple[str, ...]:
 def read_snapshot(
     roots: Roots, target: Target, runner: Runner | None = None,
     net_match: NetMatch | None = None, mount_debugfs: bool = False,
+    skip_pids: frozenset[int] = frozenset(),
 ) -> Snapshot:
     """Read everything the host does with the target, once. ``net_match`` replaces the
     device-to-network-interface mapping (tests). Debugfs, when missing, is mounted through
-    ``runner``, or with ``mount_debugfs`` through a runner made only then."""
+    ``runner``, or with ``mount_debugfs`` through a runner made only then. This process,
+    and ``skip_pids`` (the command that asked safeusbd), are not counted as users."""
     nodes = sysfs.nodes_under(target.syspath)
     all_blocks = _read_all_blocks(roots)
     names = _Names(roots, all_blocks)
@@ -244,7 +246,7 @@ def read_snapshot(
 
     node_keys: set[tuple[NodeKind, DevNum]] = {(n.kind, n.devnum) for n in nodes}
     node_keys |= {("block", b.devnum) for b in blocks.values()}
-    skip = frozenset({os.getpid()}) if roots.live else frozenset()
+    skip = frozenset({os.getpid()}) | skip_pids if roots.live else frozenset()
     proc_scan = scan_processes(roots, pids, frozenset(node_keys), frozenset(fs), skip)
     problems.extend(proc_scan.unreadable)
 
