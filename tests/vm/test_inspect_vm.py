@@ -43,6 +43,7 @@ BOOT = Boot(
         Scenario("held", "inspect-held.sh"),
         Scenario("ns", "inspect-ns.sh"),
         Scenario("dirty", "inspect-dirty.sh", payloads={"data.bin": 4 * MIB}),
+        Scenario("daemon", "inspect-daemon.sh", timeout=240),
         Scenario("parts", "inspect-parts.sh"),
         Scenario("luks", "inspect-luks.sh"),
         Scenario("lvm", "inspect-lvm.sh"),
@@ -218,3 +219,38 @@ def test_other_emulated_devices_appear(sel_vm: BootResult, what: str, vidpid: st
     r = ran(sel_vm, "devices")
     seen = r.file("usb")
     r.expect(f" {vidpid} " in seen, f"{what} ({vidpid}) not on the guest's USB bus:\n{seen}")
+
+
+def test_inspect_and_status_through_safeusbd_print_what_reading_here_prints(
+        vm: BootResult) -> None:
+    """The dirty stick (mounted, 4 MiB unwritten) with a process holding a file on it:
+    `safeusb inspect` and `status` answered by safeusbd print, byte for byte, what they
+    print reading the host themselves (--local); an unprivileged user gets root's answer
+    through the daemon, where reading the host itself cannot see the holder."""
+    r = ran(vm, "daemon")
+    notes = r.notes()
+    r.expect(notes.get("daemon_up") == "yes", f"safeusbd did not start:\n"
+             f"{r.file('safeusbd.log')}")
+    for form in ("json", "text"):
+        there, here = r.inspect(f"d_{form}"), r.inspect(f"l_{form}")
+        r.expect((there.rc, there.stdout, there.stderr) == (here.rc, here.stdout, here.stderr),
+                 f"inspect ({form}) through safeusbd differs:\n{there.stdout}\n--- read "
+                 f"here:\n{here.stdout}")
+    here = r.inspect("l_json")
+    r.expect(here.rc == 1 and here.reasons("mount") and here.reasons("dirty"),
+             f"the dirty stick is not shown mounted with dirty data:\n{here.stdout}")
+    holder = int(notes["holder"])
+    r.expect(any(o.get("pid") == holder for o in here.reasons("open")),
+             f"pid {holder} holding a file on the stick is not shown:\n{here.stdout}")
+    nobody_there, nobody_here = r.inspect("n_d_text"), r.inspect("n_l_text")
+    r.expect((nobody_there.rc, nobody_there.stdout) == (1, r.inspect("l_text").stdout),
+             f"an unprivileged user through safeusbd does not get root's answer:\n"
+             f"{nobody_there.stdout}{nobody_there.stderr}")
+    r.expect("run as root" in nobody_here.stdout and f"pid {holder}" not in nobody_here.stdout,
+             f"an unprivileged user reading the host saw what only root can:\n"
+             f"{nobody_here.stdout}")
+    status_there, status_here = r.file("status_d.out"), r.file("status_l.out")
+    r.expect(notes.get("status_d_rc") == notes.get("status_l_rc") == "0"
+             and status_there == status_here and "NOT safe" in status_here,
+             f"status through safeusbd differs:\n{status_there}\n--- read here:\n"
+             f"{status_here}")
