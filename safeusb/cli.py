@@ -42,14 +42,30 @@ def _timeout(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Skipped:
+    """A command that is not built. Building each costs argparse some milliseconds at
+    every start (it looks up message translations for each), so main builds only the
+    command given. Takes its arguments and does nothing."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+_Adds = argparse.ArgumentParser | _Skipped
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line; with ``only``, that command alone (the others are not built)."""
     p = _Parser(prog="safeusb", description="Make USB passthrough to QEMU/libvirt guests safe.")
     p.add_argument("--version", action="version", version=f"safeusb {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step to stderr")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    ins = sub.add_parser(
+    def add_parser(name: str, **kwargs: Any) -> _Adds:
+        return sub.add_parser(name, **kwargs) if only in (None, name) else _Skipped()
+
+    ins = add_parser(
         "inspect",
         help="tell everything the host does with a USB device",
         description="Tell everything the host does with a USB device. Exit 0: nothing uses "
@@ -65,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("release", "give a device back to the host: rebind its drivers and, with "
                     "restore = true, reactivate and remount what prepare took"),
     ):
-        sp = sub.add_parser(name, help=text.split(":")[0], description=text.capitalize() + ".")
+        sp = add_parser(name, help=text.split(":")[0], description=text.capitalize() + ".")
         add_selector_arguments(sp)
         sp.add_argument("--policy", metavar="FILE", default=DEFAULT_POLICY,
                         help=f"policy file (default {DEFAULT_POLICY})")
@@ -79,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--timeout", type=_timeout, metavar="SECONDS",
                             help="flush timeout (default: the policy's flush_timeout)")
 
-    st = sub.add_parser("status", help="every USB device, what uses it, which domains want it",
+    st = add_parser("status", help="every USB device, what uses it, which domains want it",
                         description="Every USB device on the host as a tree, what the host "
                         "does with each, whether handing it to a guest is safe now, and "
                         "which libvirt domains reference it.")
@@ -87,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("-c", "--connect", metavar="URI", help="libvirt URI (read-only)")
     add_daemon_arguments(st)
 
-    dm = sub.add_parser("demo", help="show the problem and the fix on a real kernel",
+    dm = add_parser("demo", help="show the problem and the fix on a real kernel",
                         description="Boot a Debian kernel under QEMU with two USB sticks, "
                         "libvirtd and a guest; hand each mounted stick with fresh data to the "
                         "guest, without and with safeusb; read both back from outside.")
@@ -97,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "its USB host devices first"),
                       ("detach-device", "detach a device from a domain as virsh does, then "
                                          "give its USB host devices back to the host")):
-        ap = sub.add_parser(cmd, help=text, description=text.capitalize() + ".")
+        ap = add_parser(cmd, help=text, description=text.capitalize() + ".")
         ap.add_argument("domain")
         ap.add_argument("file", help="device XML, as for virsh")
         for flag in ("live", "config", "current", "persistent"):
@@ -110,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     for cmd, text in (("install-hook", "install the libvirt QEMU hook drop-in "
                                         "(/etc/libvirt/hooks/qemu.d/safeusb)"),
                       ("uninstall-hook", "remove the libvirt QEMU hook drop-in")):
-        hp = sub.add_parser(cmd, help=text, description=text.capitalize() + ".")
+        hp = add_parser(cmd, help=text, description=text.capitalize() + ".")
         hp.add_argument("--root", metavar="DIR", default="/",
                         help="install below DIR (DESTDIR-style, for packaging)")
         if cmd == "install-hook":
@@ -131,13 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     for cmd, text in (("protect", "guard live USB hotplug into a domain with the gate"),
                       ("unprotect", "give a protected domain its real emulator back")):
-        pp = sub.add_parser(cmd, help=text, description=text.capitalize() + ".")
+        pp = add_parser(cmd, help=text, description=text.capitalize() + ".")
         pp.add_argument("domain")
         pp.add_argument("-c", "--connect", metavar="URI", help="libvirt URI (default: libvirt's)")
     return p
 
 
-def add_selector_arguments(p: argparse.ArgumentParser) -> None:
+def add_selector_arguments(p: _Adds) -> None:
     p.add_argument(
         "selector",
         nargs="?",
@@ -147,7 +163,7 @@ def add_selector_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--xml", metavar="FILE", help="a file holding a libvirt USB <hostdev>")
 
 
-def add_daemon_arguments(p: argparse.ArgumentParser) -> None:
+def add_daemon_arguments(p: _Adds) -> None:
     p.add_argument("--local", action="store_true",
                    help="read the host in this process; by default a running safeusbd is "
                    "asked, and the host is read here only when it cannot answer")
@@ -373,9 +389,21 @@ COMMANDS = {"demo": cmd_demo, "status": cmd_status, "attach-device": cmd_attach,
             "install-confinement": cmd_confinement, "uninstall-confinement": cmd_confinement}
 
 
+def _command_in(argv: list[str]) -> str | None:
+    """The command the arguments name, when the parser need build no other: not for
+    top-level help or version, nor for a name that is no command (its error lists them)."""
+    for arg in argv:
+        if arg in ("-h", "--help", "--version"):
+            return None
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS or arg in ("protect", "unprotect") else None
+    return None
+
+
 def main(argv: Sequence[str] | None = None, roots: Roots | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = build_parser(_command_in(argv)).parse_args(argv)
         acting = args.command in ("prepare", "release", "protect", "unprotect",
                                   "attach-device", "detach-device")
         setup_logging(logging.INFO if (args.verbose or acting) else logging.WARNING, acting)
