@@ -138,7 +138,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                                                "libvirtd's"),
                       ("uninstall-confinement", "take safeusb's rules out of libvirt's "
                                                 "AppArmor profiles")):
-        cp = sub.add_parser(cmd, help=text, description=text.capitalize() + ".")
+        cp = add_parser(cmd, help=text, description=text.capitalize() + ".")
         cp.add_argument("--root", metavar="DIR", default="/",
                         help="below DIR (DESTDIR-style, for packaging; nothing is reloaded)")
         if cmd == "install-confinement":

@@ -19,7 +19,8 @@ ARGVS = [
     ["status", "--json", "-c", "test:///default"], ["status", "--local"], ["demo", "--keep"],
     ["attach-device", "g1", "f.xml", "--live"], ["detach-device", "g1"],
     ["install-hook", "--root", "/tmp/x", "--python", "/usr/bin/python3"],
-    ["uninstall-hook"], ["protect", "g1"], ["unprotect", "g1", "-c", "qemu:///system"],
+    ["uninstall-hook"], ["install-confinement", "--print"],
+    ["uninstall-confinement", "--root", "/tmp/x"], ["protect", "g1"], ["unprotect", "g1", "-c", "qemu:///system"],
 ]
 
 
