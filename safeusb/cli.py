@@ -213,7 +213,7 @@ def cmd_inspect(args: argparse.Namespace, roots: Roots) -> int:
     if args.selector is not None and args.xml is None and roots.live:
         answer = ask_daemon(args, {"selector": args.selector})
         if answer is not None:
-            from .report import text_of_json  # noqa: PLC0415
+            from .textout import text_of_json  # noqa: PLC0415
 
             try:
                 text = text_of_json(answer)

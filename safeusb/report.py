@@ -7,41 +7,16 @@ from typing import Any
 from .classes import class_json
 from .inspect import Findings
 from .model import DevNum, fmt_devnum
+from .textout import findings_text, text_of_json
+
+__all__ = ["SCHEMA_VERSION", "as_json", "as_text", "text_of_json"]
 
 SCHEMA_VERSION = 1
 
 
 def as_text(f: Findings) -> str:
-    return _text(f.snapshot.target.describe(), [r.text for r in f.reasons],
+    return findings_text(f.snapshot.target.describe(), [r.text for r in f.reasons],
                  [w.text for w in f.warnings], list(f.notes))
-
-
-def text_of_json(doc: dict[str, Any]) -> str:
-    """The text of findings from their JSON form (as_json, or safeusbd's inspect answer):
-    the very lines as_text gives for them. ValueError when the object lacks them."""
-    try:
-        head, free, notes = doc["target"], doc["free"], doc["notes"]
-        reasons = [r["text"] for r in doc["reasons"]]
-        warnings = [w["text"] for w in doc["warnings"]]
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"not an inspect object: {exc}") from None
-    texts = [head, *reasons, *warnings, *notes]
-    if not isinstance(free, bool) or free != (not reasons) \
-            or not all(isinstance(t, str) for t in texts):
-        raise ValueError("not an inspect object: wrong types")
-    return _text(head, reasons, warnings, notes)
-
-
-def _text(head: str, reasons: list[str], warnings: list[str], notes: list[str]) -> str:
-    tail = ["  warning: " + w for w in warnings] + ["  note: " + n for n in notes]
-    if not reasons:
-        return "\n".join([f"{head}: nothing on the host uses it; it can be handed over now",
-                          *tail]) + "\n"
-    count = f"{len(reasons)} reason" + ("s" if len(reasons) != 1 else "")
-    lines = [f"{head}: in use, not safe to hand over ({count})"]
-    lines.extend("  " + r for r in reasons)
-    lines.extend(tail)
-    return "\n".join(lines) + "\n"
 
 
 def as_json(f: Findings) -> dict[str, Any]:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from safeusb import protocol
-from safeusb.report import as_json, as_text, text_of_json
+from safeusb.report import as_json, as_text
+from safeusb.textout import text_of_json
 from tests.unit.test_fixtures import NAMES, findings
 
 

@@ -230,7 +230,7 @@ def test_inspect_and_status_through_safeusbd_print_what_reading_here_prints(
     `safeusb inspect` and `status` answered by safeusbd print, byte for byte, what they
     print reading the host themselves (--local); an unprivileged user gets root's answer
     through the daemon, holder included, which reading the host as that user cannot see."""
-    from safeusb.report import text_of_json  # noqa: PLC0415
+    from safeusb.textout import text_of_json  # noqa: PLC0415
 
     r = ran(sel_vm, "daemon")
     notes = r.notes()
