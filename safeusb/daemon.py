@@ -704,8 +704,8 @@ def _preload() -> None:
     is queued by the kernel meanwhile)."""
     import importlib  # noqa: PLC0415
 
-    for name in (".act", ".inspect", ".policy", ".report", ".run", ".selector",
-                 ".snapshot", ".state", "libvirt"):
+    for name in (".act", ".inspect", ".inputdev", ".modeswitch", ".netinfo", ".policy",
+                 ".report", ".run", ".selector", ".snapshot", ".state", "libvirt"):
         with contextlib.suppress(ImportError):
             importlib.import_module(name, __package__)
 
