@@ -365,7 +365,7 @@ def cmd_status(args: argparse.Namespace, roots: Roots) -> int:
     def ask(bus: int, addr: int) -> dict[str, Any] | None:
         return ask_daemon(args, {"bus": bus, "addr": addr})
 
-    status = collect(roots, args.connect, None if not roots.live else ask)
+    status = collect(roots, args.connect, ask=ask if roots.live else None)
     if args.json:
         import json  # noqa: PLC0415
 

@@ -197,7 +197,7 @@ def _wants(info: DomainInfo, usb: UsbDevice) -> bool:
     return False
 
 
-def collect(roots: Roots, uri: str | None = None, ask: Asker | None = None) -> Status:
+def collect(roots: Roots, uri: str | None = None, *, ask: Asker | None = None) -> Status:
     """Every USB device; each one that is not a hub inspected by safeusbd through ``ask``
     when it answers, else here."""
     if not os.path.isdir(roots.sys_path("bus", "usb")):
