@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .found import Found
-from .inputdev import InputScan, input_reasons, read_inputs
 from .model import MountNamespace, Node, Target
-from .modeswitch import SwitchDb, modeswitch_warnings, read_switch_db
-from .netinfo import NetMatch, NetScan, device_match, net_reasons, read_network
 from .roots import Roots
+
+if TYPE_CHECKING:  # each class's module is imported where it is used: start-up stays short
+    from .found import Found
+    from .inputdev import InputScan
+    from .modeswitch import SwitchDb
+    from .netinfo import NetMatch, NetScan
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,10 @@ def read_classes(
 ) -> ClassSnapshot:
     """Read, once, what the per-class decisions need. ``net_match`` replaces the
     device-to-interface mapping (tests name veth pairs with it)."""
+    from .inputdev import read_inputs  # noqa: PLC0415
+    from .modeswitch import read_switch_db  # noqa: PLC0415
+    from .netinfo import device_match, read_network  # noqa: PLC0415
+
     if net_match is None:
         net_match = device_match(target.syspath, target.usb.sysname if target.usb else None)
     net = read_network(roots, pids, namespaces, net_match)
@@ -40,12 +46,17 @@ def read_classes(
 
 
 def class_reasons(classes: ClassSnapshot) -> list[Found]:
+    from .inputdev import input_reasons  # noqa: PLC0415
+    from .netinfo import net_reasons  # noqa: PLC0415
+
     return [*net_reasons(classes.net), *input_reasons(classes.inputs)]
 
 
 def class_warnings(classes: ClassSnapshot, target: Target, nodes: tuple[Node, ...]) -> list[Found]:
     if target.usb is None:
         return []
+    from .modeswitch import modeswitch_warnings  # noqa: PLC0415
+
     return modeswitch_warnings(target.usb, nodes, classes.switch_db)
 
 

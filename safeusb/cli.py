@@ -3,29 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import EXIT_FREE, EXIT_IN_USE, SafeUSBError, UsageError, XMLError, exit_code_for
-from .inspect import inspect
-from .model import Target
-from .report import as_json, as_text
+from .logsetup import setup_logging
 from .roots import Roots
-from .run import Runner, setup_logging
-from .selector import Selector, resolve
-from .snapshot import read_snapshot
 
+# Each command imports what it uses when it runs: `inspect` pays for no acting, policy,
+# libvirt or network code at start-up.
 if TYPE_CHECKING:
     from .act import Outcome
+    from .model import Target
     from .policy import Policy
 
 # Paths known here so the parser needs no policy or state code (loaded per command).
 DEFAULT_POLICY = "/etc/safeusb/policy.toml"
 DEFAULT_STATE_DIR = "/run/safeusb"
+DEFAULT_SOCKET = "/run/safeusb/safeusbd.sock"  # protocol.DEFAULT_SOCKET, without its import
+DAEMON_TIMEOUT = 60.0  # seconds for safeusbd's answer before the host is read here
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,14 +42,30 @@ def _timeout(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Skipped:
+    """A command that is not built. Building each costs argparse some milliseconds at
+    every start (it looks up message translations for each), so main builds only the
+    command given. Takes its arguments and does nothing."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+_Adds = argparse.ArgumentParser | _Skipped
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line; with ``only``, that command alone (the others are not built)."""
     p = _Parser(prog="safeusb", description="Make USB passthrough to QEMU/libvirt guests safe.")
     p.add_argument("--version", action="version", version=f"safeusb {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step to stderr")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    ins = sub.add_parser(
+    def add_parser(name: str, **kwargs: Any) -> _Adds:
+        return sub.add_parser(name, **kwargs) if only in (None, name) else _Skipped()
+
+    ins = add_parser(
         "inspect",
         help="tell everything the host does with a USB device",
         description="Tell everything the host does with a USB device. Exit 0: nothing uses "
@@ -57,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_selector_arguments(ins)
     ins.add_argument("--json", action="store_true", help="machine-readable output")
+    add_daemon_arguments(ins)
 
     for name, text in (
         ("prepare", "make a device free for a guest by the policy (flush, unmount, tear "
@@ -64,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("release", "give a device back to the host: rebind its drivers and, with "
                     "restore = true, reactivate and remount what prepare took"),
     ):
-        sp = sub.add_parser(name, help=text.split(":")[0], description=text.capitalize() + ".")
+        sp = add_parser(name, help=text.split(":")[0], description=text.capitalize() + ".")
         add_selector_arguments(sp)
         sp.add_argument("--policy", metavar="FILE", default=DEFAULT_POLICY,
                         help=f"policy file (default {DEFAULT_POLICY})")
@@ -78,14 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--timeout", type=_timeout, metavar="SECONDS",
                             help="flush timeout (default: the policy's flush_timeout)")
 
-    st = sub.add_parser("status", help="every USB device, what uses it, which domains want it",
+    st = add_parser("status", help="every USB device, what uses it, which domains want it",
                         description="Every USB device on the host as a tree, what the host "
                         "does with each, whether handing it to a guest is safe now, and "
                         "which libvirt domains reference it.")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument("-c", "--connect", metavar="URI", help="libvirt URI (read-only)")
+    add_daemon_arguments(st)
 
-    dm = sub.add_parser("demo", help="show the problem and the fix on a real kernel",
+    dm = add_parser("demo", help="show the problem and the fix on a real kernel",
                         description="Boot a Debian kernel under QEMU with two USB sticks, "
                         "libvirtd and a guest; hand each mounted stick with fresh data to the "
                         "guest, without and with safeusb; read both back from outside.")
@@ -95,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "its USB host devices first"),
                       ("detach-device", "detach a device from a domain as virsh does, then "
                                          "give its USB host devices back to the host")):
-        ap = sub.add_parser(cmd, help=text, description=text.capitalize() + ".")
+        ap = add_parser(cmd, help=text, description=text.capitalize() + ".")
         ap.add_argument("domain")
         ap.add_argument("file", help="device XML, as for virsh")
         for flag in ("live", "config", "current", "persistent"):
@@ -108,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     for cmd, text in (("install-hook", "install the libvirt QEMU hook drop-in "
                                         "(/etc/libvirt/hooks/qemu.d/safeusb)"),
                       ("uninstall-hook", "remove the libvirt QEMU hook drop-in")):
-        hp = sub.add_parser(cmd, help=text, description=text.capitalize() + ".")
+        hp = add_parser(cmd, help=text, description=text.capitalize() + ".")
         hp.add_argument("--root", metavar="DIR", default="/",
                         help="install below DIR (DESTDIR-style, for packaging)")
         if cmd == "install-hook":
@@ -120,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "libvirtd's"),
                       ("uninstall-confinement", "take safeusb's rules out of libvirt's "
                                                 "AppArmor profiles")):
-        cp = sub.add_parser(cmd, help=text, description=text.capitalize() + ".")
+        cp = add_parser(cmd, help=text, description=text.capitalize() + ".")
         cp.add_argument("--root", metavar="DIR", default="/",
                         help="below DIR (DESTDIR-style, for packaging; nothing is reloaded)")
         if cmd == "install-confinement":
@@ -129,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for cmd, text in (("protect", "guard live USB hotplug into a domain with the gate"),
                       ("unprotect", "give a protected domain its real emulator back")):
-        pp = sub.add_parser(cmd, help=text, description=text.capitalize() + ".")
+        pp = add_parser(cmd, help=text, description=text.capitalize() + ".")
         pp.add_argument("domain", nargs="?" if cmd == "protect" else None)
         if cmd == "protect":
             pp.add_argument("--all", action="store_true",
@@ -139,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_selector_arguments(p: argparse.ArgumentParser) -> None:
+def add_selector_arguments(p: _Adds) -> None:
     p.add_argument(
         "selector",
         nargs="?",
@@ -149,7 +167,35 @@ def add_selector_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--xml", metavar="FILE", help="a file holding a libvirt USB <hostdev>")
 
 
+def add_daemon_arguments(p: _Adds) -> None:
+    p.add_argument("--local", action="store_true",
+                   help="read the host in this process; by default a running safeusbd is "
+                   "asked, and the host is read here only when it cannot answer")
+    p.add_argument("--daemon-socket", metavar="PATH", default=DEFAULT_SOCKET,
+                   help=argparse.SUPPRESS)
+
+
+def ask_daemon(args: argparse.Namespace, what: dict[str, Any]) -> dict[str, Any] | None:
+    """safeusbd's inspect answer for the device, or None when it cannot give one (not
+    running, not permitted, overloaded, an older protocol, a device it cannot find...):
+    the caller then reads the host itself, so the daemon changes how fast the answer
+    comes, never what it says."""
+    if args.local or not os.path.exists(args.daemon_socket):
+        return None
+    from .client import ask  # noqa: PLC0415 (only when there is a daemon to ask)
+
+    try:
+        answer = ask("inspect", what, args.daemon_socket, timeout=DAEMON_TIMEOUT)
+    except SafeUSBError as exc:
+        logging.getLogger("safeusb").debug("safeusbd did not answer (%s): reading the "
+                                           "host here", exc)
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
 def target_from_args(args: argparse.Namespace, roots: Roots) -> Target:
+    from .selector import Selector, resolve  # noqa: PLC0415
+
     if (args.selector is None) == (args.xml is None):
         raise UsageError("give exactly one of SELECTOR or --xml FILE")
     if args.xml is not None:
@@ -168,9 +214,33 @@ def target_from_args(args: argparse.Namespace, roots: Roots) -> Target:
 
 
 def cmd_inspect(args: argparse.Namespace, roots: Roots) -> int:
+    if args.selector is not None and args.xml is None and roots.live:
+        answer = ask_daemon(args, {"selector": args.selector})
+        if answer is not None:
+            from .textout import text_of_json  # noqa: PLC0415
+
+            try:
+                text = text_of_json(answer)
+            except ValueError:
+                pass  # not an answer to show: read the host here
+            else:
+                if args.json:
+                    import json  # noqa: PLC0415
+
+                    json.dump(answer, sys.stdout, indent=2)
+                    sys.stdout.write("\n")
+                else:
+                    sys.stdout.write(text)
+                return EXIT_FREE if answer["free"] else EXIT_IN_USE
+    from .inspect import inspect  # noqa: PLC0415
+    from .report import as_json, as_text  # noqa: PLC0415
+    from .snapshot import read_snapshot  # noqa: PLC0415
+
     target = target_from_args(args, roots)
-    findings = inspect(read_snapshot(roots, target, Runner()))
+    findings = inspect(read_snapshot(roots, target, mount_debugfs=True))
     if args.json:
+        import json  # noqa: PLC0415
+
         json.dump(as_json(findings), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
@@ -180,6 +250,8 @@ def cmd_inspect(args: argparse.Namespace, roots: Roots) -> int:
 
 def _print_outcome(verb: str, head: str, outcome: Outcome, as_json: bool) -> int:
     if as_json:
+        import json  # noqa: PLC0415
+
         json.dump(outcome.as_json(), sys.stdout, indent=2)
         sys.stdout.write("\n")
         return EXIT_FREE if outcome.ok else EXIT_IN_USE
@@ -210,7 +282,7 @@ def _print_outcome(verb: str, head: str, outcome: Outcome, as_json: bool) -> int
 def cmd_prepare(args: argparse.Namespace, roots: Roots) -> int:
     from .act import prepare  # noqa: PLC0415 (the acting code only when acting)
     from .policy import Policy  # noqa: PLC0415
-    from .run import stderr_progress  # noqa: PLC0415
+    from .run import Runner, stderr_progress  # noqa: PLC0415
     from .state import StateDir  # noqa: PLC0415
 
     target = target_from_args(args, roots)
@@ -223,6 +295,7 @@ def cmd_prepare(args: argparse.Namespace, roots: Roots) -> int:
 
 def cmd_release(args: argparse.Namespace, roots: Roots) -> int:
     from .act import release, target_key  # noqa: PLC0415
+    from .run import Runner  # noqa: PLC0415
     from .state import StateDir  # noqa: PLC0415
 
     target = target_from_args(args, roots)
@@ -293,8 +366,13 @@ def cmd_attach(args: argparse.Namespace, roots: Roots) -> int:
 def cmd_status(args: argparse.Namespace, roots: Roots) -> int:
     from .status import collect  # noqa: PLC0415
 
-    status = collect(roots, args.connect)
+    def ask(bus: int, addr: int) -> dict[str, Any] | None:
+        return ask_daemon(args, {"bus": bus, "addr": addr})
+
+    status = collect(roots, args.connect, ask=ask if roots.live else None)
     if args.json:
+        import json  # noqa: PLC0415
+
         json.dump(status.as_json(), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
@@ -315,9 +393,21 @@ COMMANDS = {"demo": cmd_demo, "status": cmd_status, "attach-device": cmd_attach,
             "install-confinement": cmd_confinement, "uninstall-confinement": cmd_confinement}
 
 
+def _command_in(argv: list[str]) -> str | None:
+    """The command the arguments name, when the parser need build no other: not for
+    top-level help or version, nor for a name that is no command (its error lists them)."""
+    for arg in argv:
+        if arg in ("-h", "--help", "--version"):
+            return None
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS or arg in ("protect", "unprotect") else None
+    return None
+
+
 def main(argv: Sequence[str] | None = None, roots: Roots | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = build_parser(_command_in(argv)).parse_args(argv)
         acting = args.command in ("prepare", "release", "protect", "unprotect",
                                   "attach-device", "detach-device")
         setup_logging(logging.INFO if (args.verbose or acting) else logging.WARNING, acting)

@@ -113,7 +113,7 @@ class Done:
 class DeviceActions(Protocol):
     """The work behind the ops: the host's by default, a fake in unit tests."""
 
-    def inspect(self, args: DeviceArgs) -> dict[str, Any]: ...
+    def inspect(self, args: DeviceArgs, caller_pid: int | None = None) -> dict[str, Any]: ...
 
     def prepare(self, args: DeviceArgs, cancel: threading.Event) -> Done: ...
 
@@ -145,13 +145,17 @@ class HostActions:
                 raise NoSuchDevice(args.describe(), f"the selector names {now}")
         return target
 
-    def inspect(self, args: DeviceArgs) -> dict[str, Any]:
+    def inspect(self, args: DeviceArgs, caller_pid: int | None = None) -> dict[str, Any]:
+        """What `safeusb inspect --json` prints; the asking process is left out, as the
+        command leaves itself out."""
         from .inspect import inspect  # noqa: PLC0415
         from .report import as_json  # noqa: PLC0415
         from .run import Runner  # noqa: PLC0415
         from .snapshot import read_snapshot  # noqa: PLC0415
 
-        return as_json(inspect(read_snapshot(self.roots, self._target(args), Runner())))
+        skip = frozenset() if caller_pid is None else frozenset({caller_pid})
+        return as_json(inspect(read_snapshot(self.roots, self._target(args), Runner(),
+                                             skip_pids=skip)))
 
     def prepare(self, args: DeviceArgs, cancel: threading.Event) -> Done:
         from .act import prepare  # noqa: PLC0415
@@ -504,7 +508,7 @@ class Daemon:
                                                "protocol": proto.VERSION,
                                                "caller": caller.as_json()})
         if op == "inspect":
-            return proto.ok_reply(request.id, self.actions.inspect(args))
+            return proto.ok_reply(request.id, self.actions.inspect(args, caller.peer.pid))
         log.info("safeusbd: %s: %s %s%s", caller.describe(), op, args.describe(),
                  f" for domain {args.domain}" if args.domain and args.names_device() else "")
         started = time.monotonic()
@@ -718,7 +722,7 @@ def start_following(daemon: Daemon, args: argparse.Namespace) -> list[Callable[[
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .run import setup_logging  # noqa: PLC0415
+    from .logsetup import setup_logging  # noqa: PLC0415
 
     try:
         args = build_parser().parse_args(argv)
@@ -774,8 +778,8 @@ def _preload() -> None:
     is queued by the kernel meanwhile)."""
     import importlib  # noqa: PLC0415
 
-    for name in (".act", ".inspect", ".policy", ".report", ".run", ".selector",
-                 ".snapshot", ".state", "libvirt"):
+    for name in (".act", ".inspect", ".inputdev", ".modeswitch", ".netinfo", ".policy",
+                 ".report", ".run", ".selector", ".snapshot", ".state", "libvirt"):
         with contextlib.suppress(ImportError):
             importlib.import_module(name, __package__)
 

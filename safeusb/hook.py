@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from .act import prepare, release_domain, target_key
 from .domain import DomainInfo, policy_for_domain
 from .errors import NoSuchDevice, SafeUSBError, XMLError
+from .logsetup import setup_logging
 from .policy import DEFAULT_PATH, Policy
 from .roots import Roots
-from .run import Runner, setup_logging
+from .run import Runner
 from .selector import Selector, resolve
 from .state import DEFAULT_DIR, StateDir
 

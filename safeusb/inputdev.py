@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
+import struct
 from dataclasses import dataclass
 
 from .found import Found
@@ -12,7 +12,7 @@ from .roots import Roots
 
 # The kernel prints capability bitmaps as unsigned longs of the reading process's width
 # (32-bit words to a 32-bit process), most significant first, unpadded.
-WORD_BITS = ctypes.sizeof(ctypes.c_long) * 8
+WORD_BITS = struct.calcsize("l") * 8  # the kernel's long, as in its bitmaps
 
 EV_KEY, EV_REL, EV_ABS = 0x01, 0x02, 0x03
 REL_X, REL_Y = 0x00, 0x01

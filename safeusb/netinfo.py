@@ -8,10 +8,8 @@ rtnetlink. Reading here; deciding is ``net_reasons``, a pure function.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-import socket
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -279,6 +277,8 @@ def _unplaced(roots: Roots, pids: list[int], known: Iterable[_Source]) -> list[i
 
 
 def _setns(fd: int) -> None:
+    import ctypes  # noqa: PLC0415 (only to enter a namespace)
+
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.setns(fd, _CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
@@ -335,6 +335,8 @@ def link_id(netns: int, msg: Any) -> LinkId:
 
 
 def addresses_from(msgs: Iterable[Any], ifindex: int) -> tuple[NetAddress, ...]:
+    import socket  # noqa: PLC0415 (only where there is a network to read)
+
     out = []
     for a in msgs:
         if a["index"] != ifindex:
@@ -354,6 +356,8 @@ def addresses_from(msgs: Iterable[Any], ifindex: int) -> tuple[NetAddress, ...]:
 def routes_from(msgs: Iterable[Any], ifindex: int) -> tuple[NetRoute, ...]:
     """Routes that leave through the interface (directly or as one path of several),
     default routes first; the kernel's local table is left out."""
+    import socket  # noqa: PLC0415 (only where there is a network to read)
+
     out = []
     for r in msgs:
         table = _attr(r, "RTA_TABLE") or r["table"]
@@ -489,6 +493,8 @@ def held_by_descriptors(roots: Roots, pids: Iterable[int], known: set[int]) -> l
 
 
 def _collect(reads: list[_NsRead], match: NetMatch, problems: list[Unreadable]) -> NetScan:
+    import socket  # noqa: PLC0415 (only where there is a network to read)
+
     interfaces: list[NetInterface] = []
     mine: dict[int, list[tuple[int, str]]] = {}  # netns -> (ifindex, name) of the device's
     for ns in reads:

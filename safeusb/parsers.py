@@ -15,6 +15,8 @@ class ParseError(ValueError):
 
 def unescape(field: str) -> str:
     """Undo the kernel's octal escaping of spaces, tabs, newlines and backslashes."""
+    if "\\" not in field:
+        return field  # nearly every field: no escape to undo
     return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 

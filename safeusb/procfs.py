@@ -14,6 +14,9 @@ from .recording import RecordedStat, Stater, is_recording
 from .roots import Roots
 
 _GONE = (errno.ENOENT, errno.ESRCH)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_S_IFMT, _S_IFBLK, _S_IFCHR = 0o170000, stat.S_IFBLK, stat.S_IFCHR
+_DIRS: tuple[UseKind, ...] = ("cwd", "root")
 
 
 def list_pids(roots: Roots) -> list[int]:
@@ -39,9 +42,11 @@ def read_mount_namespaces(roots: Roots, pids: Iterable[int]) -> NamespaceScan:
     members: dict[int, list[int]] = {}
     problems: list[Unreadable] = []
     denied: list[int] = []
+    proc = roots.proc
+    seen: dict[str, int] = {}  # link text -> inode: most processes share a few namespaces
     for pid in pids:
         try:
-            link = os.readlink(roots.proc_path(str(pid), "ns", "mnt"))
+            link = os.readlink(f"{proc}/{pid}/ns/mnt")
         except OSError as exc:
             if exc.errno in _GONE:
                 continue
@@ -50,10 +55,18 @@ def read_mount_namespaces(roots: Roots, pids: Iterable[int]) -> NamespaceScan:
                 continue
             problems.append(Unreadable(f"mount namespace of pid {pid}", str(exc)))
             continue
-        try:
-            members.setdefault(parse_ns_link(link), []).append(pid)
-        except ParseError as exc:
-            problems.append(Unreadable(f"mount namespace of pid {pid}", str(exc)))
+        inode = seen.get(link)
+        if inode is None:
+            try:
+                inode = seen[link] = parse_ns_link(link)
+            except ParseError as exc:
+                problems.append(Unreadable(f"mount namespace of pid {pid}", str(exc)))
+                continue
+        found = members.get(inode)
+        if found is None:
+            members[inode] = [pid]
+        else:
+            found.append(pid)
     namespaces = []
     for inode, pids_in in sorted(members.items()):
         for pid in pids_in:
@@ -194,20 +207,6 @@ class _Scanner:
         self.denied: list[int] = []
         self.problems: list[Unreadable] = []
 
-    def classify(
-        self, st: os.stat_result | RecordedStat
-    ) -> tuple[tuple[NodeKind, DevNum] | None, DevNum | None]:
-        mode = st.st_mode
-        if stat.S_ISBLK(mode):
-            num = self.blk_raw.get(st.st_rdev)
-            if num is not None:
-                return ("block", num), None
-        elif stat.S_ISCHR(mode):
-            num = self.chr_raw.get(st.st_rdev)
-            if num is not None:
-                return ("char", num), None
-        return None, self.fs_raw.get(st.st_dev)
-
     def _stat_link(self, pid: int, link: str, dir_fd: int | None = None
                    ) -> os.stat_result | RecordedStat:
         if self.recorded is None:
@@ -218,14 +217,19 @@ class _Scanner:
         return found
 
     def scan(self, pids: list[int]) -> None:
+        """One look at each process: a stat of each descriptor, working and root directory
+        (sorted by st_dev/st_rdev against plain dicts before any path is read), and its
+        maps only where they name one of the filesystems. Names are read for matches only."""
         proc = self.roots.proc
-        classify = self.classify
+        blk, chrs, fs_raw = self.blk_raw, self.chr_raw, self.fs_raw
+        maps_keys = self.maps_keys
+        live = self.recorded is None
+        stat_link = self._stat_link
         for pid in pids:
             base = f"{proc}/{pid}"
             found: list[tuple[UseKind, str, tuple[NodeKind, DevNum] | None, DevNum | None]] = []
-            # Descriptors: one stat each (following the link); the name only for matches.
             try:
-                dfd = os.open(f"{base}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                dfd = os.open(f"{base}/fd", _DIR_FLAGS)
             except OSError as exc:
                 if exc.errno == errno.EACCES:
                     self.denied.append(pid)
@@ -235,37 +239,47 @@ class _Scanner:
             try:
                 for name in os.listdir(dfd):
                     try:
-                        st = self._stat_link(pid, name, dfd)
+                        st = os.stat(name, dir_fd=dfd) if live else stat_link(pid, name, dfd)
                     except OSError:
                         continue  # closed meanwhile
-                    node, fs = classify(st)
-                    if node or fs:
-                        try:
-                            target = os.readlink(name, dir_fd=dfd)
-                        except OSError:
+                    node: tuple[NodeKind, DevNum] | None = None
+                    fs: DevNum | None = None
+                    kind = st.st_mode & _S_IFMT
+                    if kind == _S_IFBLK and st.st_rdev in blk:
+                        node = ("block", blk[st.st_rdev])
+                    elif kind == _S_IFCHR and st.st_rdev in chrs:
+                        node = ("char", chrs[st.st_rdev])
+                    else:
+                        fs = fs_raw.get(st.st_dev)
+                        if fs is None:
                             continue
-                        found.append(("fd", target, node, fs))
+                    try:
+                        target = os.readlink(name, dir_fd=dfd)
+                    except OSError:
+                        continue
+                    found.append(("fd", target, node, fs))
             except OSError as exc:
                 if exc.errno not in _GONE:
                     self.problems.append(Unreadable(f"open files of pid {pid}", str(exc)))
                 continue
             finally:
                 os.close(dfd)
-            for how in ("cwd", "root"):
+            for how in _DIRS:
                 link = f"{base}/{how}"
                 try:
-                    st = self._stat_link(pid, link)
+                    st = os.stat(link) if live else stat_link(pid, link)
                 except OSError:
                     continue  # kernel threads and zombies have none
-                if st.st_dev in self.fs_raw:
+                fs = fs_raw.get(st.st_dev)
+                if fs is not None:
                     try:
                         path = os.readlink(link)
                     except OSError:
                         path = "?"
-                    found.append((how, path, None, self.fs_raw[st.st_dev]))
-            if self.maps_keys:
+                    found.append((how, path, None, fs))
+            if maps_keys:
                 data = _read_bytes(f"{base}/maps")
-                if data and any(key in data for key in self.maps_keys):
+                if data and any(key in data for key in maps_keys):
                     for dev, path in parse_maps_devices(data.decode("utf-8", "replace")).items():
                         if dev in self.fs:
                             found.append(("mmap", path, None, dev))

@@ -7,21 +7,16 @@ from typing import Any
 from .classes import class_json
 from .inspect import Findings
 from .model import DevNum, fmt_devnum
+from .textout import findings_text, text_of_json
+
+__all__ = ["SCHEMA_VERSION", "as_json", "as_text", "text_of_json"]
 
 SCHEMA_VERSION = 1
 
 
 def as_text(f: Findings) -> str:
-    head = f.snapshot.target.describe()
-    notes = ["  warning: " + w.text for w in f.warnings] + ["  note: " + n for n in f.notes]
-    if f.free:
-        return "\n".join([f"{head}: nothing on the host uses it; it can be handed over now",
-                          *notes]) + "\n"
-    count = f"{len(f.reasons)} reason" + ("s" if len(f.reasons) != 1 else "")
-    lines = [f"{head}: in use, not safe to hand over ({count})"]
-    lines.extend("  " + r.text for r in f.reasons)
-    lines.extend(notes)
-    return "\n".join(lines) + "\n"
+    return findings_text(f.snapshot.target.describe(), [r.text for r in f.reasons],
+                 [w.text for w in f.warnings], list(f.notes))
 
 
 def as_json(f: Findings) -> dict[str, Any]:

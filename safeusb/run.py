@@ -8,7 +8,6 @@ import ctypes
 import errno
 import fcntl
 import logging
-import logging.handlers
 import os
 import select
 import signal
@@ -680,23 +679,6 @@ def _mount_flags(options: str) -> tuple[int, str]:
         elif opt and opt != "rw":
             data.append(opt)
     return flags, ",".join(data)
-
-
-def setup_logging(stderr_level: int, to_syslog: bool, tag: str = "safeusb") -> None:
-    """Log to stderr at the given level and, when acting, every action to syslog."""
-    logger = logging.getLogger("safeusb")
-    logger.setLevel(logging.INFO if to_syslog else stderr_level)
-    err = logging.StreamHandler(sys.stderr)
-    err.setLevel(stderr_level)
-    err.setFormatter(logging.Formatter("safeusb: %(message)s"))
-    logger.addHandler(err)
-    if to_syslog and os.path.exists("/dev/log"):
-        try:
-            syslog = logging.handlers.SysLogHandler(address="/dev/log")
-        except OSError:
-            return
-        syslog.setFormatter(logging.Formatter(tag + "[%(process)d]: %(message)s"))
-        logger.addHandler(syslog)
 
 
 def stderr_progress(text: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from typing import TYPE_CHECKING
 
 from . import recording, sysfs
 from .classes import read_classes
@@ -20,11 +21,13 @@ from .model import (
     Unreadable,
     fmt_devnum,
 )
-from .netinfo import NetMatch
 from .parsers import ParseError, parse_bdi_stats
 from .procfs import list_pids, read_mount_namespaces, read_swaps, scan_processes
 from .roots import Roots
-from .run import Runner, StepFailed
+
+if TYPE_CHECKING:
+    from .netinfo import NetMatch
+    from .run import Runner
 
 
 def _under(path: str, directory: str) -> bool:
@@ -137,12 +140,15 @@ def _bdi_of(block: BlockDevice, blocks: dict[str, BlockDevice]) -> DevNum:
 
 
 def _read_dirty(
-    roots: Roots, bdis: list[DevNum], runner: Runner | None
+    roots: Roots, bdis: list[DevNum], runner: Runner | None, mount_debugfs: bool
 ) -> tuple[DirtyStat, ...]:
     base = os.path.join(roots.debugfs, "bdi")
-    if roots.live and not os.path.isdir(base) and runner is not None and os.geteuid() == 0:
+    if roots.live and not os.path.isdir(base) and (runner is not None or mount_debugfs) \
+            and os.geteuid() == 0:
+        from .run import Runner, StepFailed  # noqa: PLC0415 (the acting code only to mount)
+
         try:
-            runner.mount_debugfs(roots.debugfs)
+            (runner or Runner()).mount_debugfs(roots.debugfs)
         except (StepFailed, OSError):
             pass  # reported below as unreadable figures
     out = []
@@ -184,10 +190,13 @@ def _probe_exclusive(roots: Roots, names: list[str]) -> tuple[str, ...]:
 
 def read_snapshot(
     roots: Roots, target: Target, runner: Runner | None = None,
-    net_match: NetMatch | None = None,
+    net_match: NetMatch | None = None, mount_debugfs: bool = False,
+    skip_pids: frozenset[int] = frozenset(),
 ) -> Snapshot:
     """Read everything the host does with the target, once. ``net_match`` replaces the
-    device-to-network-interface mapping (tests)."""
+    device-to-network-interface mapping (tests). Debugfs, when missing, is mounted through
+    ``runner``, or with ``mount_debugfs`` through a runner made only then. This process,
+    and ``skip_pids`` (the command that asked safeusbd), are not counted as users."""
     nodes = sysfs.nodes_under(target.syspath)
     all_blocks = _read_all_blocks(roots)
     names = _Names(roots, all_blocks)
@@ -237,12 +246,12 @@ def read_snapshot(
 
     node_keys: set[tuple[NodeKind, DevNum]] = {(n.kind, n.devnum) for n in nodes}
     node_keys |= {("block", b.devnum) for b in blocks.values()}
-    skip = frozenset({os.getpid()}) if roots.live else frozenset()
+    skip = frozenset({os.getpid()}) | skip_pids if roots.live else frozenset()
     proc_scan = scan_processes(roots, pids, frozenset(node_keys), frozenset(fs), skip)
     problems.extend(proc_scan.unreadable)
 
     bdis = sorted({_bdi_of(b, all_blocks) for b in blocks.values()})
-    dirty = _read_dirty(roots, bdis, runner)
+    dirty = _read_dirty(roots, bdis, runner, mount_debugfs)
     exclusive = _probe_exclusive(roots, list(blocks))
     return Snapshot(
         target=target,

@@ -28,7 +28,7 @@ class SlowThenUndo:
     def __init__(self, mark: Path) -> None:
         self.mark = mark
 
-    def inspect(self, args: DeviceArgs) -> dict[str, Any]:
+    def inspect(self, args: DeviceArgs, caller_pid: int | None = None) -> dict[str, Any]:
         return {"free": True}
 
     def prepare(self, args: DeviceArgs, cancel: threading.Event) -> Done:

@@ -38,7 +38,7 @@ class FakeActions:
     started: threading.Event = field(default_factory=threading.Event)
     cancelled: list[bool] = field(default_factory=list)
 
-    def inspect(self, args: DeviceArgs) -> dict[str, Any]:
+    def inspect(self, args: DeviceArgs, caller_pid: int | None = None) -> dict[str, Any]:
         self.calls.append(("inspect", args, None))
         return {"free": True}
 

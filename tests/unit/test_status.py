@@ -45,3 +45,45 @@ def test_without_usb(tmp_path: Path, safeusb_cmd: list[str]) -> None:
     p = subprocess.run([*safeusb_cmd, "status", "--json"], capture_output=True, text=True,
                        check=False)
     assert p.returncode == 0 and isinstance(json.loads(p.stdout)["devices"], list)
+
+
+def test_answers_from_safeusbd_show_as_findings_read_here(tmp_path: Path) -> None:
+    """Each device's inspect answer (what safeusbd sends: the inspect JSON, through the
+    protocol's encoding) gives the status that reading the tree here gives; a device it
+    gives no answer for, or an answer that is not an inspect object, is read here."""
+    from safeusb import protocol  # noqa: PLC0415
+    from safeusb.inspect import inspect  # noqa: PLC0415
+    from safeusb.model import Target  # noqa: PLC0415
+    from safeusb.report import as_json  # noqa: PLC0415
+    from safeusb.snapshot import read_snapshot  # noqa: PLC0415
+    from safeusb.sysfs import list_usb_devices  # noqa: PLC0415
+
+    fs = FakeSystem(tmp_path)
+    busy = fs.usb_device("2-1", 0x46F4, 0x0001, busnum=2, devnum=3)
+    fs.disk(busy, "sda", 8, 0)
+    free = fs.usb_device("2-2", 0x46F4, 0x0001, busnum=2, devnum=4, serial="S2")
+    fs.disk(free, "sdb", 8, 16)
+    odd = fs.usb_device("2-3", 0x46F4, 0x0001, busnum=2, devnum=5, serial="S3")
+    fs.disk(odd, "sdc", 8, 32)
+    fs.process(1, "init", LINUX_NS,
+               ROOT_MOUNT + mount_line(300, "8:0", "/srv/photos", "/dev/sda"))
+    fs.bdi(8, 0, 4096, 0)
+    by_addr = {(u.busnum, u.devnum): u for u in list_usb_devices(fs.roots)}
+    asked: list[tuple[int, int]] = []
+
+    def ask(bus: int, addr: int) -> dict | None:  # type: ignore[type-arg]
+        asked.append((bus, addr))
+        if addr == 4:
+            return None  # no answer: read here
+        if addr == 5:
+            return {"free": True, "reasons": [{"kind": "mount"}]}  # not inspect's
+        usb = by_addr[(bus, addr)]
+        doc = as_json(inspect(read_snapshot(fs.roots, Target(usb.syspath, usb))))
+        return protocol.strict_loads(protocol.ok_reply(1, doc)[:-1])["result"]  # type: ignore[no-any-return]
+
+    here = collect(fs.roots)
+    there = collect(fs.roots, ask=ask)
+    assert sorted(asked) == [(2, 3), (2, 4), (2, 5)]
+    assert there.as_text() == here.as_text()
+    assert there.as_json() == here.as_json()
+    assert "NOT safe: mounted at /srv/photos, 4.0 MiB dirty" in there.as_text()

@@ -57,7 +57,11 @@ SELECTOR_BOOT = Boot(
     sticks=(Stick("sel", Image.msdos_two()),),
     devices=(UsbDevice.kbd(), UsbDevice.serial_port(), UsbDevice.net()),
     scenarios=(Scenario("devices", "devices.sh"),
-               Scenario("selectors", "inspect-selectors.sh")),
+               Scenario("selectors", "inspect-selectors.sh"),
+               # Five commands under software emulation, one a status of every device: a
+               # bound on a hang only.
+               Scenario("daemon", "inspect-daemon.sh", payloads={"data.bin": 4 * MIB},
+                        timeout=360)),
     modules=("xhci_pci", "usb_storage", "sd_mod", "usbhid", "ftdi_sio", "cdc_ether",
              "rndis_host"),
 )
@@ -218,3 +222,35 @@ def test_other_emulated_devices_appear(sel_vm: BootResult, what: str, vidpid: st
     r = ran(sel_vm, "devices")
     seen = r.file("usb")
     r.expect(f" {vidpid} " in seen, f"{what} ({vidpid}) not on the guest's USB bus:\n{seen}")
+
+
+def test_inspect_and_status_through_safeusbd_print_what_reading_here_prints(
+        sel_vm: BootResult) -> None:
+    """A stick's partition mounted with 4 MiB unwritten and a process holding a file on it:
+    `safeusb inspect` and `status` answered by safeusbd print, byte for byte, what they
+    print reading the host themselves (--local); an unprivileged user gets root's answer
+    through the daemon, holder included, which reading the host as that user cannot see."""
+    from safeusb.textout import text_of_json  # noqa: PLC0415
+
+    r = ran(sel_vm, "daemon")
+    notes = r.notes()
+    r.expect(notes.get("daemon_up") == "yes", f"safeusbd did not start:\n"
+             f"{r.file('safeusbd.log')}")
+    there, here = r.inspect("d_json"), r.inspect("l_json")
+    r.expect((there.rc, there.stdout, there.stderr) == (here.rc, here.stdout, here.stderr),
+             f"inspect through safeusbd differs:\n{there.stdout}\n--- read here:\n"
+             f"{here.stdout}")
+    r.expect(here.rc == 1 and here.reasons("mount") and here.reasons("dirty"),
+             f"the dirty stick is not shown mounted with dirty data:\n{here.stdout}")
+    holder = int(notes["holder"])
+    r.expect(any(o.get("pid") == holder for o in here.reasons("open")),
+             f"pid {holder} holding a file on the stick is not shown:\n{here.stdout}")
+    nobody = r.inspect("n_d_text")
+    r.expect((nobody.rc, nobody.stdout) == (1, text_of_json(here.json)),
+             f"an unprivileged user through safeusbd does not get root's answer:\n"
+             f"{nobody.stdout}{nobody.stderr}")
+    status_there, status_here = r.file("status_d.out"), r.file("status_l.out")
+    r.expect(notes.get("status_d_rc") == notes.get("status_l_rc") == "0"
+             and status_there == status_here and "NOT safe" in status_here,
+             f"status through safeusbd differs:\n{status_there}\n--- read here:\n"
+             f"{status_here}")
