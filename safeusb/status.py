@@ -97,15 +97,24 @@ class Status:
     usb_present: bool
     devices: tuple[DeviceStatus, ...]
     libvirt: str  # "connected to URI", or why not
+    guard: dict[str, Any] | None = None  # guard.report(), on the host only
 
     def as_json(self) -> dict[str, Any]:
-        return {"schema_version": 1, "usb": self.usb_present, "libvirt": self.libvirt,
-                "devices": [d.as_json() for d in self.devices]}
+        out = {"schema_version": 1, "usb": self.usb_present, "libvirt": self.libvirt,
+               "devices": [d.as_json() for d in self.devices]}
+        if self.guard is not None:
+            out["guard"] = self.guard
+        return out
+
+    def _guard_text(self) -> str:
+        from .guard import as_text  # noqa: PLC0415
+
+        return as_text(self.guard) if self.guard is not None else ""
 
     def as_text(self) -> str:
         if not self.usb_present:
             return ("This host has no USB subsystem (/sys/bus/usb is missing): "
-                    "no USB devices to show.\n")
+                    "no USB devices to show.\n") + self._guard_text()
         lines = []
         for d in self.devices:
             u = d.usb
@@ -123,7 +132,7 @@ class Status:
                 lines.append(f"{indent}  wanted by: " + ", ".join(f"{n} ({s})"
                                                                   for n, s in d.domains))
         lines.append(f"libvirt: {self.libvirt}")
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n" + self._guard_text()
 
 
 def _domains(uri: str | None) -> tuple[list[tuple[str, str, DomainInfo]], str]:
@@ -162,9 +171,10 @@ def _wants(info: DomainInfo, usb: UsbDevice) -> bool:
     return False
 
 
-def collect(roots: Roots, uri: str | None = None) -> Status:
+def collect(roots: Roots, uri: str | None = None,
+            guard: dict[str, Any] | None = None) -> Status:
     if not os.path.isdir(roots.sys_path("bus", "usb")):
-        return Status(False, (), "not asked (no USB)")
+        return Status(False, (), "not asked (no USB)", guard)
     domains, libvirt_state = _domains(uri)
     runner = Runner.for_roots(roots)
     devices = []
@@ -175,4 +185,4 @@ def collect(roots: Roots, uri: str | None = None) -> Status:
                                                           runner))
         wanted = tuple((n, s) for n, s, info in domains if _wants(info, usb))
         devices.append(DeviceStatus(usb, hub, findings, wanted))
-    return Status(True, tuple(devices), libvirt_state)
+    return Status(True, tuple(devices), libvirt_state, guard)
