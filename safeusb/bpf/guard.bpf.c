@@ -202,9 +202,12 @@ static __always_inline int refuse(__u32 kind, struct usb_device *udev, int ifnum
 		e->ifnum = ifnum;
 		__builtin_memcpy(e->driver, driver, NAME_LEN);
 		if (written && wlen) {
-			if (wlen > NAME_LEN - 1)
-				wlen = NAME_LEN - 1;
-			bpf_probe_read_user(e->written, wlen & (NAME_LEN - 1), written);
+			__u64 n = wlen < NAME_LEN - 1 ? wlen : NAME_LEN - 1;
+
+			/* keep the bound where the verifier sees it */
+			asm volatile("" : "+r"(n));
+			n &= NAME_LEN - 1;
+			bpf_probe_read_user(e->written, n, written);
 		}
 		bpf_ringbuf_submit(e, 0);
 	}
