@@ -26,10 +26,10 @@ BOOT = Boot(
     ),
     scenarios=(
         Scenario("control", "guard-control.sh", payloads=DATA),
-        Scenario("sysfs", "guard-sysfs.sh", payloads=DATA),
-        Scenario("redirect", "guard-redirect.sh", payloads=DATA),
-        Scenario("qemu", "guard-qemu.sh", payloads=DATA),
-        Scenario("idle", "guard-idle.sh"),
+        Scenario("sysfs", "guard-sysfs.sh", payloads=DATA, timeout=180),
+        Scenario("redirect", "guard-redirect.sh", payloads=DATA, timeout=180),
+        Scenario("qemu", "guard-qemu.sh", payloads=DATA, timeout=240),
+        Scenario("idle", "guard-idle.sh", timeout=300),
     ),
 )
 

@@ -73,9 +73,12 @@ attempt("DISCONNECT_CLAIM", 0x8108551B, bytearray(struct.pack("II256s", ifnum, 0
 PY
 }
 
-# redirect BUS:DEV TAG SECONDS INTF: usbredirect sending the device to a local listener
-# (it claims the device as it connects), kept running SECONDS; notes whether it still runs
-# and which driver INTF has meanwhile (usbfs: usbredirect took it).
+# redirect USB TAG SECONDS INTF: usbredirect sending the stick at port USB to a local
+# listener (it claims the device as it connects), kept running SECONDS; notes whether it
+# still runs and which driver INTF has meanwhile (usbfs: usbredirect took it).
+# Debian's usbredirect selects by vendor:product only and every emulated stick is
+# 46f4:0001, so it runs in a mount namespace whose /sys/bus/usb/devices lists that stick
+# alone (libusb and libudev enumerate from there), as if it were the only one plugged in.
 redirect() {
     local port=$((4000 + RANDOM % 1000))
     python3 -c 'import socket, sys, time
@@ -87,7 +90,12 @@ c, _ = s.accept()
 time.sleep(float(sys.argv[2]) + 2)' "$port" "$3" &
     local server=$!
     sleep 1
-    usbredirect --device "${1%%:*}-${1##*:}" --to "127.0.0.1:$port" \
+    unshare -m sh -c 'set -e
+        d=$(mktemp -d)
+        mount -t tmpfs none "$d"
+        ln -s "$(readlink -f "/sys/bus/usb/devices/$1")" "$d/$1"
+        mount --bind "$d" /sys/bus/usb/devices
+        exec usbredirect --device 46f4:0001 --to "127.0.0.1:$2"' sh "$1" "$port" \
         >"$OUT/$2.out" 2>"$OUT/$2.err" &
     local pid=$!
     sleep "$3"

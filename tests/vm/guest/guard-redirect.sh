@@ -5,5 +5,5 @@
 guard_on
 intf=$(storage_intf "$REDIR_USB")
 mount_dirty "$REDIR_DEV" /tmp/g-redir
-redirect "$REDIR_BUSDEV" redirect 4 "$intf"
+redirect "$REDIR_USB" redirect 4 "$intf"
 after "$REDIR_DEV" /tmp/g-redir "$REDIR_USB" "$intf"
