@@ -43,10 +43,12 @@ def _kept(r: ScenarioResult, vm: BootResult, stick: str, scenario: str) -> None:
     """Still mounted, its 4 MiB still unwritten, usb-storage still bound, and (after the
     VM's final sync) the image holds the file and is fsck-clean."""
     n = r.notes()
-    r.expect(int(n.get("dirty_kb") or 0) >= 4000, f"4 MiB were not left unwritten ({n})")
+    # (ext4's journal commits may write part of the 4 MiB meanwhile; as in the other tiers,
+    # at least 1 MiB must still be unwritten for the scenario to show anything)
+    r.expect(int(n.get("dirty_kb") or 0) >= 1024, f"the data was not left unwritten ({n})")
     r.expect(n.get("mounted_after") == "1" and n.get("driver_after") == "usb-storage"
              and n.get("dirty_kb_after", "gone").isdigit()
-             and int(n["dirty_kb_after"]) >= 4000,
+             and int(n["dirty_kb_after"]) >= 1024,
              f"the stick did not stay with the host, mounted with its data unwritten ({n})")
     check = vm.check_stick(stick, {"data.bin": (scenario, "data.bin")})
     r.expect(check.intact, check.summary())
@@ -64,7 +66,7 @@ def test_control_unbind_without_guard_loses_data(vm: BootResult) -> None:
     r = vm.scenario("control")
     r.expect_ran()
     n = r.notes()
-    r.expect(int(n.get("dirty_kb") or 0) >= 4000, f"4 MiB were not left unwritten ({n})")
+    r.expect(int(n.get("dirty_kb") or 0) >= 1024, f"the data was not left unwritten ({n})")
     r.expect(n.get("unbind_rc") == "0" and n.get("driver_after") == "",
              f"without the guard the unbind should have gone through ({n})")
     check = vm.check_stick("control", {"data.bin": ("control", "data.bin")})

@@ -6,7 +6,7 @@
 guard_on
 intf=$(storage_intf "$IDLE_USB")
 note intf "$intf"
-redirect "$IDLE_USB" first 4 "$intf"
+redirect "$IDLE_USB" first 30 "$intf"
 note driver_after_first "$(basename "$(readlink "/sys/bus/usb/devices/$intf/driver" 2>/dev/null)")"
 for i in $(seq 1 300); do
     [ -e "/sys/bus/usb/devices/$intf/driver" ] || break
@@ -14,7 +14,7 @@ for i in $(seq 1 300); do
 done
 note prepared "$([ -e "/sys/bus/usb/devices/$intf/driver" ] && echo 0 || echo 1)"
 note record "$([ -e "/run/safeusb/$IDLE_USB.json" ] && echo 1 || echo 0)"
-redirect "$IDLE_USB" second 5 "$intf"
+redirect "$IDLE_USB" second 30 "$intf"
 "$SAFEUSB" guard status >"$OUT/guard-status.out" 2>&1
 note status_rc $?
 "$SAFEUSB" status >"$OUT/status.out" 2>&1

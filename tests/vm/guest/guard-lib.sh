@@ -74,11 +74,13 @@ PY
 }
 
 # redirect USB TAG SECONDS INTF: usbredirect sending the stick at port USB to a local
-# listener (it claims the device as it connects), kept running SECONDS; notes whether it
-# still runs and which driver INTF has meanwhile (usbfs: usbredirect took it).
+# listener (it claims the device as it connects), until it took the stick or said why (at
+# most SECONDS); notes whether it still runs and which driver INTF has then (usbfs:
+# usbredirect took it).
 # Debian's usbredirect selects by vendor:product only and every emulated stick is
 # 46f4:0001, so it runs in a mount namespace whose /sys/bus/usb/devices lists that stick
-# alone (libusb and libudev enumerate from there), as if it were the only one plugged in.
+# and its hubs alone (libusb and libudev enumerate from there), as if it were the only
+# stick plugged in.
 redirect() {
     local port=$((4000 + RANDOM % 1000))
     python3 -c 'import socket, sys, time
@@ -87,18 +89,30 @@ s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", int(sys.argv[1])))
 s.listen(1)
 c, _ = s.accept()
-time.sleep(float(sys.argv[2]) + 2)' "$port" "$3" &
+time.sleep(float(sys.argv[2]) + 3)' "$port" "$3" &
     local server=$!
     sleep 1
     unshare -m sh -c 'set -e
         d=$(mktemp -d)
         mount -t tmpfs none "$d"
-        ln -s "$(readlink -f "/sys/bus/usb/devices/$1")" "$d/$1"
+        p=$(readlink -f "/sys/bus/usb/devices/$1")
+        while [ -e "$p/busnum" ]; do  # the stick and the hubs above it
+            ln -s "$p" "$d/$(basename "$p")"
+            p=$(dirname "$p")
+        done
         mount --bind "$d" /sys/bus/usb/devices
         exec usbredirect --device 46f4:0001 --to "127.0.0.1:$2"' sh "$1" "$port" \
         >"$OUT/$2.out" 2>"$OUT/$2.err" &
-    local pid=$!
-    sleep "$3"
+    local pid=$! i
+    # until it took the stick, gave up or said why (it starts slowly under TCG)
+    for i in $(seq 1 $(( $3 * 5 ))); do
+        [ "$(basename "$(readlink "/sys/bus/usb/devices/$4/driver" 2>/dev/null)")" = usbfs ] \
+            && break
+        [ -s "$OUT/$2.err" ] && break
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.2
+    done
+    sleep 1
     note "$2_running" "$(kill -0 "$pid" 2>/dev/null && echo 1 || echo 0)"
     note "$2_driver" "$(basename "$(readlink "/sys/bus/usb/devices/$4/driver" 2>/dev/null)")"
     kill "$pid" "$server" 2>/dev/null

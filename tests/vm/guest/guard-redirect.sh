@@ -5,5 +5,5 @@
 guard_on
 intf=$(storage_intf "$REDIR_USB")
 mount_dirty "$REDIR_DEV" /tmp/g-redir
-redirect "$REDIR_USB" redirect 4 "$intf"
+redirect "$REDIR_USB" redirect 30 "$intf"
 after "$REDIR_DEV" /tmp/g-redir "$REDIR_USB" "$intf"
