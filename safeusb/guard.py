@@ -575,6 +575,9 @@ def as_text(rep: dict[str, Any], refusals: int = 5) -> str:
         lines = [f"guard: on: detaching {', '.join(rep['guarded_drivers'])} is refused "
                  f"unless safeusb hands the device over ({c.get('refused', '?')} refused, "
                  f"{c.get('exempted', '?')} let through for safeusb)"]
+        if c.get("events_lost"):
+            lines.append(f"  {c['events_lost']} refusals were not reported (the ring buffer "
+                         "was full); they were refused all the same")
         if rep.get("reader") is None:
             lines.append("  refusals are not being read: safeusbd is not running (they are "
                          "still refused, but not logged and nothing is prepared)")
