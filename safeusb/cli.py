@@ -95,6 +95,19 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             sp.add_argument("--timeout", type=_timeout, metavar="SECONDS",
                             help="flush timeout (default: the policy's flush_timeout)")
 
+    gd = add_parser(
+        "guard", help="the kernel guard: refuse every detach of a USB stick's driver",
+        description="The kernel guard (BPF LSM): refuse, with EBUSY, every detach of "
+        "usb-storage/uas from a USB interface (usbfs, sysfs unbind/authorized/remove) "
+        "unless safeusb hands the device over; safeusbd logs each refusal and prepares an "
+        "idle device by the policy so that the next attempt passes. enable and disable "
+        "need root. Exit codes of status: 0 on, 3 off, 4 not available on this kernel "
+        "(the reason and the boot parameter are printed).")
+    gd.add_argument("action", choices=("enable", "disable", "status"))
+    gd.add_argument("--json", action="store_true", help="machine-readable output")
+    gd.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
+                    help=argparse.SUPPRESS)
+
     st = add_parser("status", help="every USB device, what uses it, which domains want it",
                         description="Every USB device on the host as a tree, what the host "
                         "does with each, whether handing it to a guest is safe now, and "
@@ -369,7 +382,12 @@ def cmd_status(args: argparse.Namespace, roots: Roots) -> int:
     def ask(bus: int, addr: int) -> dict[str, Any] | None:
         return ask_daemon(args, {"bus": bus, "addr": addr})
 
-    status = collect(roots, args.connect, ask=ask if roots.live else None)
+    guard_state = None
+    if roots.sys == "/sys":  # the guard is this host's kernel's, not a recording's
+        from .guard import report  # noqa: PLC0415
+
+        guard_state = report(DEFAULT_STATE_DIR)
+    status = collect(roots, args.connect, guard_state, ask=ask if roots.live else None)
     if args.json:
         import json  # noqa: PLC0415
 
@@ -377,6 +395,39 @@ def cmd_status(args: argparse.Namespace, roots: Roots) -> int:
         sys.stdout.write("\n")
     else:
         sys.stdout.write(status.as_text())
+    return EXIT_FREE
+
+
+def cmd_guard(args: argparse.Namespace, roots: Roots) -> int:
+    from . import guard  # noqa: PLC0415
+
+    if args.action == "status":
+        rep = guard.report(args.state_dir)
+        if args.json:
+            import json  # noqa: PLC0415
+
+            json.dump(rep, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            sys.stdout.write(guard.as_text(rep))
+        if rep["enabled"]:
+            return guard.STATUS_ON
+        return guard.STATUS_OFF if rep["available"] else guard.STATUS_UNAVAILABLE
+    if args.action == "disable":
+        print("guard: disabled" if guard.disable() else "guard: was not enabled")
+        return EXIT_FREE
+    avail = guard.availability()
+    if not avail.available and not guard.enabled():
+        print("safeusb: guard not available on this kernel: " + "; ".join(avail.reasons)
+              + (f"; to enable it: {avail.hint}" if avail.hint else ""), file=sys.stderr)
+        return guard.STATUS_UNAVAILABLE
+    loaded = guard.enable()
+    if loaded is None:
+        print("guard: already enabled")
+    else:
+        print(f"guard: enabled: {', '.join(guard.GUARDED_DRIVERS)} cannot be detached "
+              f"unless safeusb hands the device over (load {loaded.load_seconds:.3f} s, "
+              f"attach {loaded.attach_seconds:.3f} s, object {loaded.object_bytes} bytes)")
     return EXIT_FREE
 
 
@@ -388,7 +439,7 @@ def cmd_demo(args: argparse.Namespace, roots: Roots) -> int:
 
 COMMANDS = {"demo": cmd_demo, "status": cmd_status, "attach-device": cmd_attach,
             "detach-device": cmd_attach, "inspect": cmd_inspect, "prepare": cmd_prepare,
-            "release": cmd_release,
+            "release": cmd_release, "guard": cmd_guard,
             "install-hook": cmd_install_hook, "uninstall-hook": cmd_install_hook,
             "install-confinement": cmd_confinement, "uninstall-confinement": cmd_confinement}
 
@@ -409,7 +460,8 @@ def main(argv: Sequence[str] | None = None, roots: Roots | None = None) -> int:
         argv = sys.argv[1:] if argv is None else list(argv)
         args = build_parser(_command_in(argv)).parse_args(argv)
         acting = args.command in ("prepare", "release", "protect", "unprotect",
-                                  "attach-device", "detach-device")
+                                  "attach-device", "detach-device") or (
+            args.command == "guard" and args.action != "status")
         setup_logging(logging.INFO if (args.verbose or acting) else logging.WARNING, acting)
         if args.command in ("protect", "unprotect"):
             from . import protect  # noqa: PLC0415

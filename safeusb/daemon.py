@@ -313,6 +313,7 @@ class Daemon:
     # protect): then the daemon does not exit when idle.
     keep_alive: Callable[[], bool] = lambda: False
     on_done: Callable[[str], None] = lambda _op: None  # a prepare or release finished
+    stay: Callable[[], bool] = lambda: False  # no idle exit while this says so (the guard)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _active: int = 0
     _threads: set[threading.Thread] = field(default_factory=set)
@@ -345,6 +346,7 @@ class Daemon:
                 if self.limits.idle_exit is not None:
                     with self._lock:
                         busy = self._active > 0
+                    busy = busy or self.stay()
                     if busy:
                         last_seen = time.monotonic()
                     wait = max(0.0, last_seen + self.limits.idle_exit - time.monotonic())
@@ -628,6 +630,51 @@ def _warn_unreachable(path: str) -> None:
         parent = os.path.dirname(parent)
 
 
+# --- the kernel guard's refusals ---------------------------------------------------------
+
+def _stop(daemon: Daemon, watcher: Any) -> None:
+    watcher.stopping.set()
+    daemon.stop()
+
+
+def _guard_enabled() -> bool:
+    from .guard import enabled  # noqa: PLC0415
+
+    return enabled()
+
+
+def _guard_watcher(actions: DeviceActions, state_dir: str) -> Any:
+    """Read the kernel guard's refusals (safeusb guard) whenever it is enabled: log each,
+    and prepare an idle device by the policy so that the next attempt passes."""
+    from . import guard  # noqa: PLC0415
+    from .state import StateDir  # noqa: PLC0415
+
+    refusals = guard.RefusalLog(state_dir)
+    state = StateDir(state_dir)
+
+    def prepare(port: str) -> tuple[bool, str]:
+        try:
+            done = actions.prepare(DeviceArgs(selector=port), threading.Event())
+        except SafeUSBError as exc:
+            return False, str(exc)
+        if done.ok:
+            steps = done.outcome.get("done") or []
+            return True, "; ".join(steps) or "nothing to tear down"
+        return False, done.message
+
+    def taken(port: str) -> bool:
+        try:
+            return state.load(port) is not None
+        except SafeUSBError:
+            return True  # a record that cannot be trusted: leave the device alone
+
+    watcher = guard.GuardWatcher(
+        handle=lambda r: guard.handle_refusal(r, prepare, refusals, taken),
+        state_dir=state_dir)
+    watcher.start()
+    return watcher
+
+
 # --- the command --------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -754,10 +801,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         limits=Limits(max_connections=args.max_connections,
                       request_timeout=args.request_timeout, idle_exit=idle),
         others_may_inspect=args.others == "inspect",
+        stay=_guard_enabled,
     )
     followers = None if args.no_events else start_following(daemon, args)
+    watcher = _guard_watcher(daemon.actions, args.state_dir)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: daemon.stop())
+        signal.signal(sig, lambda *_: _stop(daemon, watcher))
     _preload()
     log.info("safeusbd: listening on %s (policy %s, state %s)", where, args.policy,
              args.state_dir)

@@ -363,13 +363,32 @@ class Runner:
             raise StepFailed(f"cannot hold {', '.join(busy)} exclusively: claimed by another "
                              "holder (a mount or a program that appeared meanwhile)")
         try:
-            for iface, driver in interfaces:
-                self.write_sysfs(os.path.join(self.sys_root, "bus/usb/drivers", driver,
-                                              "unbind"), iface)
+            # The kernel guard (safeusb guard) refuses every other unbind of usb-storage/uas.
+            with contextlib.ExitStack() as guard_mark:
+                if interfaces and not self.dry_run:
+                    guard_mark.enter_context(self._guard_handover())
+                for iface, driver in interfaces:
+                    self.write_sysfs(os.path.join(self.sys_root, "bus/usb/drivers", driver,
+                                                  "unbind"), iface)
             if interfaces and not self.dry_run:
                 self._wait_gone(holds)
         finally:
             self.release_holds()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _guard_handover() -> Iterator[None]:
+        from .guard import GuardError, handover  # noqa: PLC0415
+
+        mark = handover()
+        try:
+            mark.__enter__()
+        except GuardError as exc:
+            raise StepFailed(str(exc)) from None
+        try:
+            yield
+        finally:
+            mark.__exit__(None, None, None)
 
     def _wait_gone(self, disks: Sequence[str], timeout: float = 15.0) -> None:
         names = [os.path.basename(d) for d in disks]

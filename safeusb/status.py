@@ -131,12 +131,16 @@ class Status:
     devices: tuple[DeviceStatus, ...]
     libvirt: str  # "connected to URI", or why not
     unprotected: tuple[str, ...] | None = None  # domains without the gate (None: unknown)
+    guard: dict[str, Any] | None = None  # guard.report(), on the host only
 
     def as_json(self) -> dict[str, Any]:
-        return {"schema_version": 1, "usb": self.usb_present, "libvirt": self.libvirt,
-                "devices": [d.as_json() for d in self.devices],
-                "unprotected_domains": None if self.unprotected is None
-                else list(self.unprotected)}
+        out: dict[str, Any] = {
+            "schema_version": 1, "usb": self.usb_present, "libvirt": self.libvirt,
+            "devices": [d.as_json() for d in self.devices],
+            "unprotected_domains": None if self.unprotected is None else list(self.unprotected)}
+        if self.guard is not None:
+            out["guard"] = self.guard
+        return out
 
     def protection_line(self) -> str | None:
         if not self.unprotected:
@@ -144,11 +148,17 @@ class Status:
         return ("domains not protected (live USB hotplug into them is not guarded; "
                 "`safeusb protect --all`): " + ", ".join(self.unprotected))
 
+    def _guard_text(self) -> str:
+        from .guard import as_text  # noqa: PLC0415
+
+        return as_text(self.guard) if self.guard is not None else ""
+
     def as_text(self) -> str:
         if not self.usb_present:
             extra = self.protection_line()
             return ("This host has no USB subsystem (/sys/bus/usb is missing): "
-                    "no USB devices to show.\n" + (extra + "\n" if extra else ""))
+                    "no USB devices to show.\n" + (extra + "\n" if extra else "")
+                    + self._guard_text())
         lines = []
         for d in self.devices:
             u = d.usb
@@ -169,7 +179,7 @@ class Status:
         if extra:
             lines.append(extra)
         lines.append(f"libvirt: {self.libvirt}")
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n" + self._guard_text()
 
 
 def _domains(uri: str | None) -> tuple[list[tuple[str, str, DomainInfo]], str,
@@ -222,11 +232,12 @@ def _wants(info: DomainInfo, usb: UsbDevice) -> bool:
     return False
 
 
-def collect(roots: Roots, uri: str | None = None, *, ask: Asker | None = None) -> Status:
+def collect(roots: Roots, uri: str | None = None, guard: dict[str, Any] | None = None, *,
+            ask: Asker | None = None) -> Status:
     """Every USB device; each one that is not a hub inspected by safeusbd through ``ask``
     when it answers, else here."""
     if not os.path.isdir(roots.sys_path("bus", "usb")):
-        return Status(False, (), "not asked (no USB)")
+        return Status(False, (), "not asked (no USB)", None, guard)
     domains, libvirt_state, unprotected = _domains(uri)
     runner: Runner | None = None
     devices = []
@@ -250,4 +261,4 @@ def collect(roots: Roots, uri: str | None = None, *, ask: Asker | None = None) -
             findings = inspect(read_snapshot(roots, Target(usb.syspath, usb), runner))
         wanted = tuple((n, s) for n, s, info in domains if _wants(info, usb))
         devices.append(DeviceStatus(usb, hub, findings, wanted))
-    return Status(True, tuple(devices), libvirt_state, unprotected)
+    return Status(True, tuple(devices), libvirt_state, unprotected, guard)

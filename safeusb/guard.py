@@ -1,0 +1,596 @@
+"""The kernel guard: a BPF LSM program (safeusb/bpf/guard.bpf.c) that refuses, with EBUSY,
+to detach usb-storage/uas from a USB interface, whoever asks (usbfs ioctls, sysfs unbind,
+authorized, remove, bConfigurationValue), unless safeusb itself is handing it over.
+
+Loaded and pinned under /sys/fs/bpf/safeusb/ through libbpf (libbpf1, by ctypes): the
+pinned links keep it attached with no process running. Its refusals arrive in a ring
+buffer that safeusbd reads (GuardWatcher): each is logged, kept for `safeusb status`, and
+an idle device is prepared by the policy so that the next attempt passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import SafeUSBError
+
+log = logging.getLogger("safeusb")
+
+PIN_DIR = "/sys/fs/bpf/safeusb"
+OBJECT = Path(__file__).resolve().parent / "bpf" / "guard.bpf.o"
+GUARDED_DRIVERS = ("usb-storage", "uas")
+PROGRAMS = ("guard_ioctl", "guard_sysfs_write")
+MAPS = ("events", "guarded_drivers", "exempt", "counters")
+REFUSALS_FILE = "refusals.json"  # in the state directory (/run/safeusb), the last ones
+KEEP_REFUSALS = 20
+BOOT_HINT = "lsm=lockdown,capability,landlock,yama,apparmor,bpf"
+
+# Exit codes of `safeusb guard status`.
+STATUS_ON = 0
+STATUS_OFF = 3         # available, not enabled
+STATUS_UNAVAILABLE = 4  # this kernel cannot run it (the reason is printed)
+
+KINDS = {
+    1: "usbfs USBDEVFS_DISCONNECT",
+    2: "usbfs USBDEVFS_DISCONNECT_CLAIM",
+    3: "sysfs unbind",
+    4: "sysfs authorized",
+    5: "sysfs remove",
+    6: "sysfs bConfigurationValue",
+}
+
+
+class GuardError(SafeUSBError):
+    pass
+
+
+# --- the kernel's side -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Availability:
+    available: bool
+    reasons: list[str]
+    lsms: list[str] | None
+    hint: str | None
+
+
+def _securityfs(sys_root: str) -> str:
+    path = os.path.join(sys_root, "kernel/security")
+    if not os.path.exists(os.path.join(path, "lsm")) and os.geteuid() == 0 and \
+            sys_root == "/sys":
+        with contextlib.suppress(OSError):
+            _mount("securityfs", path, "securityfs")
+    return path
+
+
+def availability(sys_root: str = "/sys") -> Availability:
+    """Can this kernel run the guard? Every missing piece, with the boot parameter."""
+    reasons: list[str] = []
+    hint: str | None = None
+    sec = _securityfs(sys_root)
+    lsms: list[str] | None = None
+    try:
+        lsms = Path(sec, "lsm").read_text().strip().split(",")
+    except OSError as exc:
+        reasons.append(f"the active LSMs cannot be read ({os.path.join(sec, 'lsm')}: "
+                       f"{exc.strerror}): securityfs is not there, or the kernel has no LSM "
+                       "support")
+    if lsms is not None and "bpf" not in lsms:
+        reasons.append(f"BPF LSM is not active (active: {','.join(lsms)})")
+        hint = (f"boot with lsm={','.join([*lsms, 'bpf'])} on the kernel command line "
+                "(the kernel must be built with CONFIG_BPF_LSM=y)")
+    if not os.path.exists(os.path.join(sys_root, "kernel/btf/vmlinux")):
+        reasons.append("the kernel has no BTF (/sys/kernel/btf/vmlinux: "
+                       "CONFIG_DEBUG_INFO_BTF)")
+    try:
+        lockdown = Path(sec, "lockdown").read_text()
+        if "[confidentiality]" in lockdown:
+            reasons.append("the kernel is locked down to confidentiality, which refuses "
+                           "the kernel reads the guard makes")
+    except OSError:
+        pass
+    if not reasons and os.geteuid() == 0 and sys_root == "/sys":
+        probe = probe_lsm_programs()
+        if probe is not None:
+            reasons.append(probe)
+    if not OBJECT.exists():
+        reasons.append(f"the guard's BPF object is not built ({OBJECT}; scripts/build-bpf)")
+    return Availability(not reasons, reasons, lsms, hint)
+
+
+BPF_PROG_TYPE_LSM = 29
+
+
+def probe_lsm_programs() -> str | None:
+    """Does the kernel load a BPF LSM program (libbpf's probe: a minimal program)? None
+    when it does, else why not. Root only."""
+    try:
+        lib = libbpf().lib
+    except GuardError as exc:
+        return str(exc)
+    rc = int(lib.libbpf_probe_bpf_prog_type(BPF_PROG_TYPE_LSM, None))
+    if rc == 1:
+        return None
+    why = os.strerror(-rc) if rc < 0 else "the probe program was refused"
+    return ("the kernel does not load BPF LSM programs although bpf is among the active "
+            f"LSMs ({why}): it may lack BPF trampolines (CONFIG_DYNAMIC_FTRACE_WITH_"
+            "DIRECT_CALLS) or run in a sandbox that forbids them")
+
+
+def _mount(source: str, target: str, fstype: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(source.encode(), target.encode(), fstype.encode(), 0, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target)
+
+
+def _bpffs() -> None:
+    if not os.path.ismount("/sys/fs/bpf"):
+        try:
+            _mount("bpf", "/sys/fs/bpf", "bpf")
+        except OSError as exc:
+            raise GuardError(f"cannot mount bpffs at /sys/fs/bpf: {exc.strerror}") from None
+
+
+def enabled(pin_dir: str = PIN_DIR) -> bool:
+    return all(os.path.exists(os.path.join(pin_dir, f"link_{p}")) for p in PROGRAMS)
+
+
+# --- libbpf ------------------------------------------------------------------------------
+
+_SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+
+
+class _Libbpf:
+    def __init__(self) -> None:
+        name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+        try:
+            lib = ctypes.CDLL(name, use_errno=True)
+        except OSError as exc:
+            raise GuardError(f"libbpf is not installed ({exc}; Debian package libbpf1)") \
+                from None
+        p, i, s, u = ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint64
+        sig: dict[str, tuple[Any, list[Any]]] = {
+            "bpf_object__open_file": (p, [s, p]),
+            "bpf_object__load": (i, [p]),
+            "bpf_object__close": (None, [p]),
+            "bpf_object__find_program_by_name": (p, [p, s]),
+            "bpf_object__find_map_by_name": (p, [p, s]),
+            "bpf_program__attach": (p, [p]),
+            "bpf_link__pin": (i, [p, s]),
+            "bpf_link__destroy": (i, [p]),
+            "bpf_map__pin": (i, [p, s]),
+            "bpf_map__fd": (i, [p]),
+            "bpf_obj_get": (i, [s]),
+            "bpf_map_update_elem": (i, [i, p, p, u]),
+            "bpf_map_lookup_elem": (i, [i, p, p]),
+            "bpf_map_delete_elem": (i, [i, p]),
+            "ring_buffer__new": (p, [i, _SAMPLE_FN, p, p]),
+            "ring_buffer__poll": (i, [p, i]),
+            "ring_buffer__free": (None, [p]),
+            "libbpf_probe_bpf_prog_type": (i, [i, p]),
+        }
+        for fn, (res, args) in sig.items():
+            f = getattr(lib, fn)
+            f.restype, f.argtypes = res, args
+        self.lib = lib
+
+    @staticmethod
+    def err(what: str, rc: int | None = None) -> GuardError:
+        code = -rc if rc is not None and rc < 0 else ctypes.get_errno()
+        return GuardError(f"{what}: {os.strerror(code) if code else 'failed'}")
+
+
+_LIB: _Libbpf | None = None
+
+
+def libbpf() -> _Libbpf:
+    global _LIB  # noqa: PLW0603
+    if _LIB is None:
+        _LIB = _Libbpf()
+    return _LIB
+
+
+def _obj_get(path: str) -> int:
+    fd = int(libbpf().lib.bpf_obj_get(path.encode()))
+    if fd < 0:
+        raise libbpf().err(f"cannot open {path}", fd)
+    return fd
+
+
+# --- enable / disable ------------------------------------------------------------------
+
+@dataclass
+class Loaded:
+    load_seconds: float
+    attach_seconds: float
+    object_bytes: int
+
+
+def enable(drivers: tuple[str, ...] = GUARDED_DRIVERS, pin_dir: str = PIN_DIR,
+           obj_path: Path = OBJECT) -> Loaded | None:
+    """Load, attach and pin the guard; None when it already was."""
+    if enabled(pin_dir):
+        return None
+    avail = availability()
+    if not avail.available:
+        raise GuardError("; ".join(avail.reasons))
+    _bpffs()
+    disable(pin_dir)  # a half-pinned guard from an interrupted enable
+    os.makedirs(pin_dir, mode=0o700, exist_ok=True)
+    lib = libbpf().lib
+    t0 = time.monotonic()
+    obj = lib.bpf_object__open_file(str(obj_path).encode(), None)
+    if not obj:
+        raise libbpf().err(f"cannot open {obj_path}")
+    links: list[int] = []
+    try:
+        rc = lib.bpf_object__load(obj)
+        if rc:
+            raise libbpf().err("the kernel refused to load the guard (libbpf's log above)",
+                               rc)
+        t1 = time.monotonic()
+        # The driver names first: from the moment it is attached it refuses.
+        dmap = lib.bpf_object__find_map_by_name(obj, b"guarded_drivers")
+        one = ctypes.c_uint8(1)
+        for d in drivers:
+            key = ctypes.create_string_buffer(d.encode(), 32)
+            if lib.bpf_map_update_elem(lib.bpf_map__fd(dmap), key, ctypes.byref(one), 0):
+                raise libbpf().err(f"cannot guard {d}")
+        for m in MAPS:
+            mp = lib.bpf_object__find_map_by_name(obj, m.encode())
+            rc = lib.bpf_map__pin(mp, os.path.join(pin_dir, m).encode())
+            if rc:
+                raise libbpf().err(f"cannot pin map {m}", rc)
+        for name in PROGRAMS:
+            prog = lib.bpf_object__find_program_by_name(obj, name.encode())
+            link = lib.bpf_program__attach(prog)
+            if not link:
+                raise libbpf().err(f"cannot attach {name}")
+            links.append(link)
+            rc = lib.bpf_link__pin(link, os.path.join(pin_dir, f"link_{name}").encode())
+            if rc:
+                raise libbpf().err(f"cannot pin {name}", rc)
+        t2 = time.monotonic()
+    except BaseException:
+        for link in links:
+            lib.bpf_link__destroy(link)
+        lib.bpf_object__close(obj)
+        disable(pin_dir)
+        raise
+    for link in links:  # the pins keep them attached
+        lib.bpf_link__destroy(link)
+    lib.bpf_object__close(obj)
+    log.info("guard: enabled (drivers %s)", ", ".join(drivers))
+    return Loaded(t1 - t0, t2 - t1, obj_path.stat().st_size)
+
+
+def disable(pin_dir: str = PIN_DIR) -> bool:
+    """Unpin everything: the links go first, so nothing is refused from then on. True when
+    something was pinned."""
+    if not os.path.isdir(pin_dir):
+        return False
+    names = [f"link_{p}" for p in PROGRAMS] + list(MAPS)
+    names += sorted(set(os.listdir(pin_dir)) - set(names))
+    for n in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(pin_dir, n))
+    os.rmdir(pin_dir)
+    log.info("guard: disabled")
+    return True
+
+
+def counters(pin_dir: str = PIN_DIR) -> dict[str, int]:
+    fd = _obj_get(os.path.join(pin_dir, "counters"))
+    try:
+        out: dict[str, int] = {}
+        for i, name in enumerate(("refused", "exempted", "events_lost")):
+            key, val = ctypes.c_uint32(i), ctypes.c_uint64(0)
+            if libbpf().lib.bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(val)):
+                raise libbpf().err("cannot read the guard's counters")
+            out[name] = int(val.value)
+        return out
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def handover(pin_dir: str = PIN_DIR) -> Iterator[None]:
+    """Let this process detach guarded drivers (safeusb's own handover) while inside.
+
+    The mark is kept on this process's task in the kernel (task storage, set through a
+    pidfd), so it cannot outlive it or pass to another process. Without the guard it is
+    a no-op; when the guard is on and the mark cannot be set, this raises: the unbind
+    would be refused anyway, and the reason is clearer."""
+    path = os.path.join(pin_dir, "exempt")
+    if not os.path.exists(path):
+        yield
+        return
+    fd = _obj_get(path)
+    pidfd = os.pidfd_open(os.getpid())
+    key, val = ctypes.c_int(pidfd), ctypes.c_uint64(1)
+    try:
+        if libbpf().lib.bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(val), 0):
+            raise libbpf().err("cannot let safeusb's own handover past the kernel guard")
+        try:
+            yield
+        finally:
+            libbpf().lib.bpf_map_delete_elem(fd, ctypes.byref(key))
+    finally:
+        os.close(pidfd)
+        os.close(fd)
+
+
+# --- refusals ---------------------------------------------------------------------------
+
+class _Event(ctypes.Structure):
+    _fields_ = [  # mirrors struct guard_event in bpf/guard.bpf.c
+        ("device_id", ctypes.c_uint64),
+        ("pid", ctypes.c_uint32),
+        ("tid", ctypes.c_uint32),
+        ("uid", ctypes.c_uint32),
+        ("kind", ctypes.c_uint32),
+        ("ifnum", ctypes.c_int32),
+        ("busnum", ctypes.c_uint32),
+        ("devnum", ctypes.c_uint32),
+        ("vendor", ctypes.c_uint16),
+        ("product", ctypes.c_uint16),
+        ("comm", ctypes.c_char * 16),
+        ("port", ctypes.c_char * 32),
+        ("driver", ctypes.c_char * 32),
+        ("serial", ctypes.c_char * 64),
+        ("written", ctypes.c_char * 32),
+    ]
+
+
+def _text(b: bytes) -> str:
+    return b.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+@dataclass
+class Refusal:
+    time: float
+    pid: int
+    comm: str
+    uid: int
+    kind: str
+    driver: str
+    port: str           # sysfs name of the device (2-1), "" when the kernel did not say
+    interface: str      # 2-1:1.0 when known
+    vendor_product: str
+    serial: str
+    device_id: int      # kernfs id of the device's sysfs directory (never reused)
+    outcome: str = ""   # what the service did about it
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Refusal:
+        e = _Event.from_buffer_copy(data[:ctypes.sizeof(_Event)])
+        port = _text(e.port)
+        interface = ""
+        written = _text(e.written).strip()
+        if not port and written:  # a driver's unbind file: the interface written to it
+            interface = written
+            port = written.split(":", 1)[0]
+        elif port and e.ifnum >= 0:
+            interface = ""  # filled by the service from sysfs (configuration.number)
+        vp = f"{e.vendor:04x}:{e.product:04x}" if e.vendor or e.product else ""
+        return cls(time.time(), int(e.pid), _text(e.comm), int(e.uid),
+                   KINDS.get(int(e.kind), f"kind {e.kind}"), _text(e.driver), port, interface,
+                   vp, _text(e.serial), int(e.device_id), "")
+
+    def describe(self) -> str:
+        what = self.interface or self.port or "a USB interface"
+        ident = " ".join(x for x in (self.vendor_product,
+                                     f"serial {self.serial}" if self.serial else "") if x)
+        return (f"pid {self.pid} ({self.comm}, uid {self.uid}) tried to detach "
+                f"{self.driver} from {what}{f' ({ident})' if ident else ''} through "
+                f"{self.kind}: refused")
+
+
+class RefusalLog:
+    """The last refusals, in STATE_DIR/refusals.json (root's, mode 0600)."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.path = os.path.join(state_dir, REFUSALS_FILE)
+        self._lock = threading.Lock()
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return []
+        return [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
+
+    def add(self, r: Refusal) -> None:
+        with self._lock:
+            items = [*self.read(), asdict(r)][-KEEP_REFUSALS:]
+            os.makedirs(os.path.dirname(self.path), mode=0o711, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=".refusals.")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(items, f, indent=1)
+            os.replace(tmp, self.path)
+
+
+Handler = Callable[[Refusal], str]
+
+
+@dataclass
+class GuardWatcher:
+    """Reads the guard's refusals while it is enabled (it may be enabled later)."""
+
+    handle: Handler
+    pin_dir: str = PIN_DIR
+    state_dir: str | None = None  # where to say which process reads (READER_FILE)
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> threading.Thread:
+        t = threading.Thread(target=self.run, daemon=True, name="safeusbd-guard")
+        t.start()
+        return t
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            path = os.path.join(self.pin_dir, "events")
+            if not enabled(self.pin_dir) or not os.path.exists(path):
+                self.stopping.wait(1.0)
+                continue
+            try:
+                self._consume(path)
+            except Exception:
+                log.exception("guard: reading refusals failed; retrying")
+                self.stopping.wait(1.0)
+
+    def _consume(self, path: str) -> None:
+        lib = libbpf().lib
+        fd = _obj_get(path)
+        pending: list[Refusal] = []
+
+        def sample(_ctx: int | None, data: int | None, size: int) -> int:
+            if data:
+                pending.append(Refusal.from_bytes(ctypes.string_at(data, size)))
+            return 0
+
+        cb = _SAMPLE_FN(sample)
+        rb = lib.ring_buffer__new(fd, cb, None, None)
+        if not rb:
+            os.close(fd)
+            raise libbpf().err("cannot read the guard's ring buffer")
+        log.info("guard: reading refusals from %s", path)
+        reader = os.path.join(self.state_dir, READER_FILE) if self.state_dir else None
+        if reader:
+            os.makedirs(os.path.dirname(reader), mode=0o711, exist_ok=True)
+            Path(reader).write_text(f"{os.getpid()}\n")
+        try:
+            while not self.stopping.is_set() and enabled(self.pin_dir):
+                n = lib.ring_buffer__poll(rb, 500)
+                if n < 0 and n != -errno.EINTR:
+                    raise libbpf().err("ring buffer poll", n)
+                while pending:
+                    r = pending.pop(0)
+                    try:
+                        r.outcome = self.handle(r)
+                    except Exception as exc:  # one refusal's trouble never stops the watch
+                        log.exception("guard: handling a refusal failed")
+                        r.outcome = f"not handled: {exc}"
+        finally:
+            lib.ring_buffer__free(rb)
+            os.close(fd)
+            if reader:
+                with contextlib.suppress(OSError):
+                    os.unlink(reader)
+
+
+# --- what the service does with a refusal -------------------------------------------------
+
+READER_FILE = "guard-reader"  # in the state directory: the pid of the safeusbd reading
+
+
+def device_dir(r: Refusal, sys_root: str = "/sys") -> str | None:
+    """The refused device's sysfs directory, if it is still the same device (its kernfs id,
+    which is the directory's inode number, is never reused)."""
+    if not r.port or "/" in r.port or r.port.startswith("."):
+        return None
+    path = os.path.join(sys_root, "bus/usb/devices", r.port)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if r.device_id and st.st_ino != r.device_id:
+        return None
+    return os.path.realpath(path)
+
+
+def handle_refusal(r: Refusal, prepare: Callable[[str], tuple[bool, str]],
+                   refusals: RefusalLog, already_taken: Callable[[str], bool],
+                   sys_root: str = "/sys") -> str:
+    """Log the refusal; prepare an idle device by the policy so the next attempt passes.
+
+    prepare(port) -> (done, text): safeusb's own prepare under the service's policy (it
+    inspects first and refuses a busy device with the reasons)."""
+    log.warning("guard: %s", r.describe())
+    if not r.port:
+        outcome = "the device is not known (the kernel did not say which): nothing prepared"
+    elif device_dir(r, sys_root) is None:
+        outcome = f"{r.port} is no longer the device that was refused: nothing prepared"
+    elif already_taken(r.port):
+        outcome = f"{r.port} is already taken by safeusb: nothing more to do"
+    else:
+        done, text = prepare(r.port)
+        if done:
+            outcome = (f"{r.port} was idle: prepared by the policy ({text}); the next "
+                       f"attempt passes; `safeusb release {r.port}` gives it back")
+        else:
+            outcome = f"{r.port} stays with the host: {text}"
+    log.warning("guard: %s: %s", r.interface or r.port or "?", outcome)
+    r.outcome = outcome
+    refusals.add(r)
+    return outcome
+
+
+def report(state_dir: str, pin_dir: str = PIN_DIR) -> dict[str, Any]:
+    """The guard's state for `safeusb guard status` and `safeusb status`."""
+    avail = availability()
+    on = enabled(pin_dir)
+    out: dict[str, Any] = {
+        "available": avail.available, "enabled": on, "unavailable_because": avail.reasons,
+        "boot_parameter": avail.hint, "lsms": avail.lsms,
+        "guarded_drivers": list(GUARDED_DRIVERS), "counters": None, "reader": None,
+        "refusals": RefusalLog(state_dir).read(),
+    }
+    if on:
+        try:
+            out["counters"] = counters(pin_dir)
+        except GuardError as exc:
+            out["counters_error"] = str(exc)
+        out["reader"] = _reader(state_dir)
+    return out
+
+
+def _reader(state_dir: str) -> int | None:
+    try:
+        pid = int(Path(state_dir, READER_FILE).read_text().strip())
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except (OSError, ValueError):
+        return None
+    return pid if comm.startswith(("safeusbd", "python")) else None
+
+
+def as_text(rep: dict[str, Any], refusals: int = 5) -> str:
+    if rep["enabled"]:
+        c = rep.get("counters") or {}
+        lines = [f"guard: on: detaching {', '.join(rep['guarded_drivers'])} is refused "
+                 f"unless safeusb hands the device over ({c.get('refused', '?')} refused, "
+                 f"{c.get('exempted', '?')} let through for safeusb)"]
+        if c.get("events_lost"):
+            lines.append(f"  {c['events_lost']} refusals were not reported (the ring buffer "
+                         "was full); they were refused all the same")
+        if rep.get("reader") is None:
+            lines.append("  refusals are not being read: safeusbd is not running (they are "
+                         "still refused, but not logged and nothing is prepared)")
+    elif rep["available"]:
+        lines = ["guard: off (available: `safeusb guard enable`)"]
+    else:
+        lines = ["guard: not available on this kernel: " + "; ".join(rep["unavailable_because"])]
+        if rep.get("boot_parameter"):
+            lines.append(f"  to enable it: {rep['boot_parameter']}")
+    for r in rep["refusals"][-refusals:]:
+        when = time.strftime("%H:%M:%S", time.localtime(float(r.get("time", 0))))
+        what = r.get("interface") or r.get("port") or "?"
+        lines.append(f"  {when} pid {r.get('pid')} ({r.get('comm')}, uid {r.get('uid')}) "
+                     f"{r.get('kind')} of {what} {r.get('vendor_product', '')} "
+                     f"serial {r.get('serial') or '-'}: {r.get('outcome') or 'refused'}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,169 @@
+"""The kernel guard's user-space side on fakes: what the kernel's events decode to, what the
+service does with a refusal, how availability and state are told. The program itself is
+proven on the real kernel (tests/vm/test_guard_vm.py)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import pytest
+
+from safeusb import guard
+
+
+def event(**kw: object) -> bytes:
+    e = guard._Event()
+    for k, v in kw.items():
+        setattr(e, k, v)
+    return bytes(e)
+
+
+def test_event_layout_matches_the_c_struct() -> None:
+    # struct guard_event in safeusb/bpf/guard.bpf.c: 8 + 7*4 + 2*2 + 16 + 32 + 32 + 64 + 32
+    assert ctypes.sizeof(guard._Event) == 216
+    assert guard._Event.written.offset == 184
+    src = (Path(guard.__file__).parent / "bpf" / "guard.bpf.c").read_text()
+    body = src.split("struct guard_event {", 1)[1].split("};", 1)[0]
+    c_fields = [line.split(";")[0].split()[-1].split("[")[0] for line in body.splitlines()
+                if ";" in line]
+    assert c_fields == [f[0] for f in guard._Event._fields_]
+
+
+def test_refusal_from_a_usbfs_event() -> None:
+    r = guard.Refusal.from_bytes(event(
+        device_id=1234, pid=77, tid=78, uid=0, kind=1, ifnum=0, busnum=2, devnum=3,
+        vendor=0x46F4, product=0x0001, comm=b"usbredirect", port=b"2-1",
+        driver=b"usb-storage", serial=b"STICK1"))
+    assert (r.pid, r.comm, r.uid, r.port, r.vendor_product, r.serial, r.driver) == (
+        77, "usbredirect", 0, "2-1", "46f4:0001", "STICK1", "usb-storage")
+    assert r.kind == "usbfs USBDEVFS_DISCONNECT"
+    assert r.describe() == ("pid 77 (usbredirect, uid 0) tried to detach usb-storage from "
+                            "2-1 (46f4:0001 serial STICK1) through usbfs "
+                            "USBDEVFS_DISCONNECT: refused")
+
+
+def test_refusal_from_a_driver_unbind_file_names_what_was_written() -> None:
+    r = guard.Refusal.from_bytes(event(pid=5, kind=3, ifnum=-1, comm=b"bash",
+                                       driver=b"usb-storage", written=b"2-1.4:1.0\n"))
+    assert (r.port, r.interface, r.kind, r.device_id) == ("2-1.4", "2-1.4:1.0",
+                                                          "sysfs unbind", 0)
+
+
+@pytest.fixture
+def fake_sys(tmp_path: Path) -> Path:
+    (tmp_path / "bus/usb/devices/2-1").mkdir(parents=True)
+    return tmp_path
+
+
+def _handle(fake_sys: Path, tmp_path: Path, r: guard.Refusal,
+            prepare_says: tuple[bool, str] = (True, "hold /dev/sda; unbind usb-storage"),
+            taken: bool = False) -> tuple[str, list[str]]:
+    asked: list[str] = []
+
+    def prepare(port: str) -> tuple[bool, str]:
+        asked.append(port)
+        return prepare_says
+
+    log = guard.RefusalLog(str(tmp_path / "state"))
+    out = guard.handle_refusal(r, prepare, log, lambda _p: taken, sys_root=str(fake_sys))
+    assert log.read()[-1]["outcome"] == out
+    return out, asked
+
+
+def _refusal(port: str, device_id: int) -> guard.Refusal:
+    return guard.Refusal(0.0, 9, "qemu-system-x86", 64055, "usbfs USBDEVFS_DISCONNECT",
+                         "usb-storage", port, "", "46f4:0001", "S", device_id)
+
+
+def test_idle_device_is_prepared_and_the_user_told(fake_sys: Path, tmp_path: Path) -> None:
+    ino = os.stat(fake_sys / "bus/usb/devices/2-1").st_ino
+    out, asked = _handle(fake_sys, tmp_path, _refusal("2-1", ino))
+    assert asked == ["2-1"]
+    assert out.startswith("2-1 was idle: prepared by the policy") and "release 2-1" in out
+
+
+def test_busy_device_stays_with_the_reason(fake_sys: Path, tmp_path: Path) -> None:
+    ino = os.stat(fake_sys / "bus/usb/devices/2-1").st_ino
+    out, _ = _handle(fake_sys, tmp_path, _refusal("2-1", ino),
+                     prepare_says=(False, "/dev/sda mounted at /mnt"))
+    assert out == "2-1 stays with the host: /dev/sda mounted at /mnt"
+
+
+def test_another_device_at_the_same_port_is_not_prepared(fake_sys: Path,
+                                                         tmp_path: Path) -> None:
+    ino = os.stat(fake_sys / "bus/usb/devices/2-1").st_ino
+    out, asked = _handle(fake_sys, tmp_path, _refusal("2-1", ino + 1))
+    assert asked == [] and "no longer the device" in out
+
+
+def test_device_already_taken_is_left(fake_sys: Path, tmp_path: Path) -> None:
+    ino = os.stat(fake_sys / "bus/usb/devices/2-1").st_ino
+    out, asked = _handle(fake_sys, tmp_path, _refusal("2-1", ino), taken=True)
+    assert asked == [] and "already taken" in out
+
+
+@pytest.mark.parametrize("port", ["", "../2-1", ".."])
+def test_unknown_or_odd_port_is_never_prepared(fake_sys: Path, tmp_path: Path,
+                                               port: str) -> None:
+    out, asked = _handle(fake_sys, tmp_path, _refusal(port, 0))
+    assert asked == []
+    assert "nothing prepared" in out
+
+
+def test_refusal_log_keeps_the_last(tmp_path: Path) -> None:
+    log = guard.RefusalLog(str(tmp_path))
+    for i in range(guard.KEEP_REFUSALS + 5):
+        log.add(_refusal(f"2-{i}", i))
+    items = log.read()
+    assert len(items) == guard.KEEP_REFUSALS and items[-1]["port"] == f"2-{guard.KEEP_REFUSALS + 4}"
+    (tmp_path / guard.REFUSALS_FILE).write_text("{garbled")
+    assert log.read() == []
+
+
+def test_availability_without_bpf_lsm_names_the_boot_parameter(tmp_path: Path) -> None:
+    (tmp_path / "kernel/security").mkdir(parents=True)
+    (tmp_path / "kernel/security/lsm").write_text("lockdown,capability,yama,apparmor")
+    a = guard.availability(str(tmp_path))
+    assert not a.available
+    assert "BPF LSM is not active (active: lockdown,capability,yama,apparmor)" in a.reasons
+    assert a.hint is not None and "lsm=lockdown,capability,yama,apparmor,bpf" in a.hint
+    assert any("no BTF" in r for r in a.reasons)
+
+
+def test_availability_locked_down_to_confidentiality(tmp_path: Path) -> None:
+    (tmp_path / "kernel/security").mkdir(parents=True)
+    (tmp_path / "kernel/btf").mkdir(parents=True)
+    (tmp_path / "kernel/btf/vmlinux").write_bytes(b"")
+    (tmp_path / "kernel/security/lsm").write_text("lockdown,capability,bpf")
+    (tmp_path / "kernel/security/lockdown").write_text("none integrity [confidentiality]\n")
+    a = guard.availability(str(tmp_path))
+    assert a.hint is None
+    assert any("confidentiality" in r for r in a.reasons)
+
+
+def test_status_text() -> None:
+    off = {"enabled": False, "available": False,
+           "unavailable_because": ["BPF LSM is not active (active: lockdown,capability)"],
+           "boot_parameter": "boot with lsm=lockdown,capability,bpf", "refusals": []}
+    assert guard.as_text(off) == (
+        "guard: not available on this kernel: BPF LSM is not active (active: "
+        "lockdown,capability)\n  to enable it: boot with lsm=lockdown,capability,bpf\n")
+    on = {"enabled": True, "available": True, "guarded_drivers": ["usb-storage", "uas"],
+          "counters": {"refused": 3, "exempted": 1}, "reader": None,
+          "refusals": [{"time": 0, "pid": 9, "comm": "usbredirect", "uid": 0,
+                        "kind": "usbfs USBDEVFS_DISCONNECT", "port": "2-1",
+                        "vendor_product": "46f4:0001", "serial": "S",
+                        "outcome": "2-1 was idle: prepared"}]}
+    text = guard.as_text(on)
+    assert text.startswith("guard: on: detaching usb-storage, uas is refused unless safeusb "
+                           "hands the device over (3 refused, 1 let through for safeusb)")
+    assert "safeusbd is not running" in text
+    assert "pid 9 (usbredirect, uid 0) usbfs USBDEVFS_DISCONNECT of 2-1 46f4:0001 serial S: " \
+        "2-1 was idle: prepared" in text
+
+
+def test_handover_without_the_guard_does_nothing(tmp_path: Path) -> None:
+    with guard.handover(str(tmp_path / "no-guard")):
+        pass
