@@ -216,6 +216,7 @@ class Boot:
     # libvirt as Debian ships it ("stock"), or root QEMU without confinement ("lab"):
     # only for a scenario that says why.
     libvirt_config: str = "stock"
+    files: Mapping[str, Path] = field(default_factory=dict)  # name -> file: $SHARE/files/NAME
 
     def stick(self, name: str) -> Stick:
         for s in self.sticks:
@@ -487,6 +488,10 @@ def _write_plan(share: Path, boot: Boot) -> None:
                 shutil.copy(src, dest)
             else:
                 dest.write_text(src)
+    if boot.files:
+        (share / "files").mkdir()
+        for name, src in boot.files.items():
+            shutil.copy(src, share / "files" / name)
     sticks = "".join(f"{s.var} {s.serial(i)}\n" for i, s in enumerate(boot.sticks))
     (share / "sticks").write_text(sticks)
     env = {
