@@ -29,8 +29,11 @@ def vm(vm_runner: Runner, packages: Packages) -> BootResult:
         rw_overlays=("/usr",),  # dpkg installs below /usr; /etc and /var are overlays too
         files={"safeusb.deb": packages.deb},
         sticks=(Stick("dirty", Image.ext4()), Stick("idle", Image.ext4())),
+        # dpkg reads its whole database over 9p and byte-compiles under emulation:
+        # dpkg -i alone took 2.8 min on 2 cores under a load average of 14.
         scenarios=(Scenario("package", "package.sh", payloads={"data.bin": 4 * MIB},
-                            timeout=600),),
+                            timeout=720),),
+        timeout=1080,
     ))
 
 
@@ -72,9 +75,7 @@ def test_dpkg_install_uses_nothing_of_the_checkout(
 def test_packaged_hook_refuses_the_mounted_stick(
         vm: BootResult, run: tuple[ScenarioResult, dict[str, str]]) -> None:
     r, n = run
-    r.expect(n.get("restarted") == "0" and n.get("plain_installed_rc") == "0",
-             f"libvirtd restart or a plain domain start failed ({n})\n"
-             f"{r.file('plain-installed.out')}")
+    r.expect(n.get("restarted") == "0", f"libvirtd did not come back after its restart ({n})")
     r.expect(int(n.get("dirty_kb") or 0) >= 1024, f"4 MiB were not dirty before ({n})")
     refused = r.file("refused.out")
     r.expect(n.get("refused_rc") != "0" and "safeusb:" in refused and "/tmp/pk" in refused,
@@ -110,9 +111,9 @@ def test_dpkg_remove_leaves_no_working_hook_and_purge_the_rest(
     r.expect(n.get("hook_removed_rc") == "0" and not r.file("hook-removed.out").strip(),
              f"the kept drop-in still acts (exit {n.get('hook_removed_rc')}):\n"
              f"{r.file('hook-removed.out')}")
-    r.expect(n.get("plain_removed_rc") == "0" and n.get("idle_removed_rc") == "0",
-             f"libvirt does not start domains after dpkg -r ({n})\n"
-             f"{r.file('plain-removed.out')}{r.file('idle-removed.out')}")
+    r.expect(n.get("idle_removed_rc") == "0",
+             f"libvirt does not start a domain with a USB device after dpkg -r:\n"
+             f"{r.file('idle-removed.out')}")
     r.expect(n.get("libvirtd_after_remove") == n.get("libvirtd_restarted"),
              f"libvirtd was restarted by dpkg -r ({n})")
     r.expect(n.get("purge_rc") == "0", f"dpkg -P failed:\n{r.file('dpkg-p.out')}")
