@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from safeusb import confinement
+
 ROOT = Path(__file__).resolve().parents[2]
 SNIPPET = ROOT / "apparmor" / "libvirt-qemu.safeusb"
 TE = ROOT / "selinux" / "safeusb.te"
@@ -104,8 +106,6 @@ def test_selinux_build_fails_on_a_broken_module(tmp_path: Path) -> None:
 
 
 def test_the_shipped_rules_are_what_install_confinement_renders_for_system_paths() -> None:
-    from safeusb import confinement
-
     blocks = confinement.render(None)
     for name, rel in (("libvirt-qemu.safeusb", confinement.QEMU_LOCAL),
                       ("usr.sbin.libvirtd.safeusb", confinement.LIBVIRTD_LOCAL)):
@@ -116,8 +116,6 @@ def test_the_shipped_rules_are_what_install_confinement_renders_for_system_paths
 
 
 def test_rules_for_a_virtual_environment_parse_and_name_its_paths(tmp_path: Path) -> None:
-    from safeusb import confinement
-
     paths = confinement.Paths(gate="/opt/su env/bin/safeusb-qemu-gate",
                               python="/opt/py[3]/bin/python3.11",
                               read_only=("/opt/su env", "/usr/lib/python3/dist-packages",
@@ -132,8 +130,6 @@ def test_rules_for_a_virtual_environment_parse_and_name_its_paths(tmp_path: Path
 
 
 def test_install_and_uninstall_keep_the_admins_own_rules(tmp_path: Path) -> None:
-    from safeusb import confinement
-
     local = tmp_path / "etc/apparmor.d" / confinement.QEMU_LOCAL
     local.parent.mkdir(parents=True)
     local.write_text("  # the admin's\n  /srv/isos/** r,\n")
@@ -153,8 +149,6 @@ def test_install_and_uninstall_keep_the_admins_own_rules(tmp_path: Path) -> None
 
 
 def test_an_unfinished_block_is_left_for_the_admin(tmp_path: Path) -> None:
-    from safeusb import confinement
-
     local = tmp_path / "etc/apparmor.d" / confinement.QEMU_LOCAL
     local.parent.mkdir(parents=True)
     local.write_text(confinement.BEGIN + "\n  /x r,\n")
@@ -169,8 +163,6 @@ CAPS = b"""<capabilities><host><uuid>x</uuid>
 
 
 def test_protect_refuses_under_apparmor_until_the_rules_are_installed(tmp_path: Path) -> None:
-    from safeusb import confinement
-
     models = confinement.libvirt_security_models(CAPS)
     assert models == ("apparmor", "dac")
     refusal, _ = confinement.advice(models, str(tmp_path))
