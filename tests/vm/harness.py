@@ -217,6 +217,9 @@ class Boot:
     # only for a scenario that says why.
     libvirt_config: str = "stock"
     files: Mapping[str, Path] = field(default_factory=dict)  # name -> file: $SHARE/files/NAME
+    # stock: `safeusb install-confinement` from .venv before libvirtd (stock-up.sh); off
+    # for a boot that installs safeusb its own way (the package boot).
+    safeusb_confinement: bool = True
 
     def stick(self, name: str) -> Stick:
         for s in self.sticks:
@@ -499,6 +502,7 @@ def _write_plan(share: Path, boot: Boot) -> None:
         "LIBVIRT": "1" if boot.libvirt else "0",
         "SAFEUSBD": "1" if boot.safeusbd else "0",
         "LIBVIRT_CONFIG": boot.libvirt_config,
+        "SAFEUSB_CONFINEMENT": "1" if boot.safeusb_confinement else "0",
         "SAFEUSB": str(SAFEUSB),
         "REPO": str(REPO),
         "GUEST_DIR": str(GUEST_DIR),
