@@ -68,9 +68,14 @@ def test_dpkg_install_uses_nothing_of_the_checkout(
              f"/usr/bin/safeusb starts with {n.get('shebang')!r}")
     r.expect(n.get("inspect_rc") == "0",
              f"/usr/bin/safeusb inspect of the idle stick:\n{r.file('inspect.out')}")
+    r.expect("safeusb install-confinement" in r.file("dpkg-i.out"),
+             f"postinst did not say how to install the AppArmor rules:\n{r.file('dpkg-i.out')}")
+    r.expect(n.get("confinement_rc") == "0" and n.get("confinement_names_checkout") == "0",
+             f"the packaged install-confinement failed or named the checkout ({n}):\n"
+             f"{r.file('confinement.out')}")
     r.expect(n.get("aa_parse_rc") == "0",
-             f"libvirt's AppArmor template with the package's include does not parse "
-             f"({n.get('aa_include')}):\n{r.file('aa.out')}")
+             f"libvirt's AppArmor domain template does not parse with safeusb's rules:\n"
+             f"{r.file('aa.out')}")
 
 
 def test_packaged_hook_refuses_the_mounted_stick(

@@ -48,13 +48,12 @@ note shebang "$(head -1 /usr/bin/safeusb)"
 /usr/bin/safeusb inspect "$IDLE_DEV" >"$OUT/inspect.out" 2>&1
 note inspect_rc $?
 
-# The AppArmor include the package asked for, as the admin adds it (an overlay: the
-# host's file is untouched), checked by the parser in libvirt's domain template.
+# AppArmor as the package says (the packaged command; /etc is an overlay, the host's
+# files are untouched); libvirt's domain template must still parse with the rules.
 aa_local=/etc/apparmor.d/local/abstractions/libvirt-qemu
-if grep -q "include if exists <abstractions/safeusb/libvirt-qemu>" "$OUT/dpkg-i.out"; then
-    echo "include if exists <abstractions/safeusb/libvirt-qemu>" >>"$aa_local"
-    note aa_include added
-fi
+/usr/bin/safeusb install-confinement >"$OUT/confinement.out" 2>&1
+note confinement_rc $?
+note confinement_names_checkout "$(grep -c "$REPO" "$aa_local" /etc/apparmor.d/local/usr.sbin.libvirtd 2>/dev/null | awk -F: '{s += $2} END {print s + 0}')"
 apparmor_parser -Q -K -I /etc/apparmor.d /etc/apparmor.d/libvirt/TEMPLATE.qemu >"$OUT/aa.out" 2>&1
 note aa_parse_rc $?
 
@@ -110,7 +109,8 @@ note idle_removed_rc $?
 virsh destroy p2 >/dev/null 2>&1
 note libvirtd_after_remove "$(pgrep -x libvirtd)"
 
-# dpkg -P: the rest goes; domains still start (the AppArmor include is "if exists").
+# dpkg -P: the rest goes; domains still start (install-confinement's rules, left in the
+# admin's files, include nothing of the package).
 dpkg -P safeusb >"$OUT/dpkg-p.out" 2>&1
 note purge_rc $?
 note status_purged "$(dpkg-query -W -f='${db:Status-Abbrev}' safeusb 2>&1)"
