@@ -111,7 +111,7 @@ def test_deb_layout(packages: Packages) -> None:
     postinst = deb_control(deb, "postinst")
     assert "deb-systemd-helper enable 'safeusbd.socket'" in postinst
     assert "restart it" in postinst
-    assert "run 'safeusb install-confinement'" in postinst
+    assert "'safeusb install-confinement' before 'safeusb protect'" in postinst
     # It says so (in its messages); it never restarts or signals libvirtd itself.
     code = re.sub(r'"[^"]*"', '""', postinst)
     assert not re.search(r"(systemctl|deb-systemd-invoke|invoke-rc\.d|service|kill)\b[^\n]*"
