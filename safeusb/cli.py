@@ -145,6 +145,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if cmd == "install-hook":
             hp.add_argument("--python", metavar="PATH",
                             help="interpreter the hook runs (default: this one)")
+            hp.add_argument("--site", metavar="DIR", action="append",
+                            help="packaging: the directory safeusb is installed in on the "
+                                 "target system (e.g. /usr/lib/python3/dist-packages); "
+                                 "repeat it for its dependencies' directories. The drop-in "
+                                 "then does nothing once the package is removed")
 
     for cmd, text in (("install-confinement", "put safeusb's rules into libvirt's AppArmor "
                                                "profiles (/etc/apparmor.d/local) and reload "
@@ -335,7 +340,8 @@ def cmd_install_hook(args: argparse.Namespace, roots: Roots) -> int:
     from . import install  # noqa: PLC0415
 
     if args.command == "install-hook":
-        print(install.install(args.root, args.python).describe("installed"))
+        print(install.install(args.root, args.python, sites=args.site)
+              .describe("installed"))
     else:
         print(install.uninstall(args.root).describe("removed"))
     return EXIT_FREE

@@ -1,4 +1,4 @@
-"""The libvirt QEMU hook, behind the shell drop-in libvirt_hooks/safeusb.in.
+"""The libvirt QEMU hook, behind the shell drop-in safeusb/libvirt_hook.in.
 
     python -I -m safeusb.hook DOMAIN OPERATION SUB-OPERATION EXTRA  < domain XML
 

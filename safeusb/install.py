@@ -15,7 +15,7 @@ from . import trust
 from .errors import SafeUSBError, UsageError
 from .state import DEFAULT_DIR as STATE_DIR
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "libvirt_hooks" / "safeusb.in"
+TEMPLATE = Path(__file__).resolve().parent / "libvirt_hook.in"
 HOOK_DIR = "etc/libvirt/hooks/qemu.d"
 HOOK_NAME = "safeusb"
 MARK = "# safeusb: libvirt QEMU hook"
@@ -72,9 +72,16 @@ sys.exit(boot())
 """
 
 
-def code_dirs() -> tuple[str, list[str]]:
+def code_dirs(sites: list[str] | None = None) -> tuple[str, list[str]]:
     """This safeusb's package directory, and the directories the hook imports from: the
-    one holding the package, then those of its dependencies (where this Python has them)."""
+    one holding the package, then those of its dependencies (where this Python has them).
+    With ``sites`` (packaging: the target system's directories, the first holding
+    safeusb), those directories as given."""
+    if sites:
+        for site in sites:
+            if not os.path.isabs(site) or site != os.path.normpath(site):
+                raise UsageError(f"--site must be a normalized absolute path: {site!r}")
+        return os.path.join(sites[0], "safeusb"), list(dict.fromkeys(sites))
     package = os.path.dirname(os.path.abspath(__file__))
     dirs = [os.path.dirname(package)]
     for name in ("lxml", "pyroute2", "libvirt"):
@@ -102,10 +109,25 @@ def boot_source(package: str, dirs: list[str]) -> str:
     return text
 
 
-def render(python: str, boot: str | None = None) -> str:
-    if not os.path.isabs(python) or any(c in python for c in " \t\n'\"$`\\;|&<>"):
+_SPECIAL = " \t\n'\"$`\\;|&<>*?[]{}~#"
+
+
+def render(python: str, boot: str | None = None, removable: str | None = None) -> str:
+    """The drop-in's text. ``removable`` (a packaged drop-in: the package directory) makes
+    it do nothing once that directory's hook module is gone: a package's conffile stays
+    after the package is removed, until it is purged (as Debian policy has init scripts
+    and cron files do)."""
+    if not os.path.isabs(python) or any(c in python for c in _SPECIAL):
         raise UsageError(f"--python must be an absolute path without special characters: "
                          f"{python!r}")
+    guard = ""
+    if removable is not None:
+        if not os.path.isabs(removable) or any(c in removable for c in _SPECIAL):
+            raise UsageError(f"--site must be an absolute path without special characters: "
+                             f"{removable!r}")
+        guard = ("# Installed by a package: once the package is removed (this file stays until\n"
+                 "# it is purged), do nothing.\n"
+                 f"[ -f {removable}/hook.py ] || exit 0\n")
     if boot is None:
         boot = boot_source(*code_dirs())
     try:
@@ -113,7 +135,7 @@ def render(python: str, boot: str | None = None) -> str:
     except OSError as exc:
         raise InstallError(f"hook template {TEMPLATE}: {exc.strerror or exc}") from None
     return (text.replace("@PYTHON@", python).replace("@STATE_DIR@", STATE_DIR)
-            .replace("@BOOT@", boot))
+            .replace("@IF_REMOVED@", guard).replace("@BOOT@", boot))
 
 
 def verify(python: str, boot: str) -> None:
@@ -142,12 +164,15 @@ def _libvirtd_running() -> bool:
     return False
 
 
-def install(root: str = "/", python: str | None = None, check: bool | None = None) -> Installed:
+def install(root: str = "/", python: str | None = None, check: bool | None = None,
+            sites: list[str] | None = None) -> Installed:
     """Write the drop-in under root; on the real system (or with check) first prove that
-    its Python runs the hook from code only root can change."""
+    its Python runs the hook from code only root can change. ``sites``: render it for a
+    package (see code_dirs and render)."""
     python = python or interpreter()
-    boot = boot_source(*code_dirs())
-    content = render(python, boot)
+    package, dirs = code_dirs(sites)
+    boot = boot_source(package, dirs)
+    content = render(python, boot, removable=package if sites else None)
     if check or (check is None and root == "/"):
         verify(python, boot)
     directory = os.path.join(root, HOOK_DIR)

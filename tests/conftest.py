@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+from tests.packaging import Packages
 
 # Timings never decide a test here: machines are shared and noisy.
 settings.register_profile("safeusb", deadline=None,
@@ -17,6 +20,7 @@ settings.register_profile("safeusb", deadline=None,
 settings.load_profile("safeusb")
 
 ROOT = Path(__file__).resolve().parent.parent
+_PACKAGES_KEY = pytest.StashKey[Packages]()
 SAFEUSB = ROOT / ".venv" / "bin" / "safeusb"
 
 
@@ -25,6 +29,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "hostile: bad or malicious input")
     config.addinivalue_line("markers", "fault: an injected failure")
     config.addinivalue_line("markers", "race: concurrent actors")
+    config.addinivalue_line("markers", "package: builds the .deb, wheel, sdist and RPMs")
 
 
 def require_root() -> None:
@@ -32,6 +37,16 @@ def require_root() -> None:
         if os.environ.get("CI") == "true":
             pytest.fail("host-kernel tests must run as root in CI")
         pytest.skip("host-kernel tests need root (loop devices, mounts, namespaces)")
+
+
+@pytest.fixture(scope="session")
+def packages(pytestconfig: pytest.Config) -> Iterator[Packages]:
+    """The packages built from this checkout (tests/packaging.py), each on first use."""
+    built = Packages()
+    pytestconfig.stash[_PACKAGES_KEY] = built
+    yield built
+    if not os.environ.get("SAFEUSB_VM_KEEP"):
+        built.cleanup()
 
 
 @pytest.fixture
@@ -81,7 +96,13 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
             counts[report.outcome] = counts.get(report.outcome, 0) + 1
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    built = config.stash.get(_PACKAGES_KEY, None)
+    if built is not None and built.seconds:
+        terminalreporter.section("package builds")
+        terminalreporter.write_line(built.summary())
+        if os.environ.get("SAFEUSB_VM_KEEP"):
+            terminalreporter.write_line(f"kept {built.workdir}")
     if not any(_outcomes.values()):
         return
     terminalreporter.section("reliability figures")

@@ -158,6 +158,33 @@ def test_install_is_idempotent_and_never_overwrites(tmp_path: Path) -> None:
     assert not (tmp_path / "etc/libvirt/hooks/qemu").exists()
 
 
+
+def test_packaged_dropin_names_the_target_system_and_goes_inert_when_removed(
+        tmp_path: Path) -> None:
+    """install-hook --site (what a package build runs): the drop-in names the target's
+    directories, not this checkout's, and once the package's code is gone (dpkg -r keeps
+    conffiles) it lets every domain start without running Python; while the code is
+    there a USB domain still goes to Python and fails closed when Python is broken."""
+    site = tmp_path / "site"
+    done = install(str(tmp_path / "root"), "/nonexistent/python", sites=[str(site)])
+    text = Path(done.path).read_text()
+    assert f"PACKAGE = {str(site / 'safeusb')!r}" in text
+    assert f"CODE_DIRS = {[str(site)]!r}" in text
+    assert str(Path(__file__).resolve().parents[2]) not in text
+    hook_path = Path(done.path)
+    p = _call(hook_path, ["g1", "prepare", "begin", "-"], _xml("by-id.xml"))
+    assert p.returncode == 0 and p.stderr == b""
+    (site / "safeusb").mkdir(parents=True)
+    (site / "safeusb" / "hook.py").write_text("")
+    p = _call(hook_path, ["g1", "prepare", "begin", "-"], _xml("by-id.xml"))
+    assert p.returncode == 1 and b"refusing to start" in p.stderr
+    assert _call(hook_path, ["d", "prepare", "begin", "-"], _xml("none.xml")).returncode == 0
+    with pytest.raises(Exception, match="normalized absolute path"):
+        install(str(tmp_path / "root"), "/usr/bin/python3", sites=["usr/lib/python3"])
+    with pytest.raises(Exception, match="without special characters"):
+        install(str(tmp_path / "root"), "/usr/bin/python3", sites=["/usr/lib/p y"])
+
+
 @pytest.mark.hostile
 def test_hostile_domain_documents(busy: FakeSystem, tmp_path: Path) -> None:
     usb = b"<hostdev mode='subsystem' type='usb'><source><vendor id='0x46f4'/>" \

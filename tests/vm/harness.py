@@ -216,6 +216,10 @@ class Boot:
     # libvirt as Debian ships it ("stock"), or root QEMU without confinement ("lab"):
     # only for a scenario that says why.
     libvirt_config: str = "stock"
+    files: Mapping[str, Path] = field(default_factory=dict)  # name -> file: $SHARE/files/NAME
+    # stock: `safeusb install-confinement` from .venv before libvirtd (stock-up.sh); off
+    # for a boot that installs safeusb its own way (the package boot).
+    safeusb_confinement: bool = True
 
     def stick(self, name: str) -> Stick:
         for s in self.sticks:
@@ -487,6 +491,10 @@ def _write_plan(share: Path, boot: Boot) -> None:
                 shutil.copy(src, dest)
             else:
                 dest.write_text(src)
+    if boot.files:
+        (share / "files").mkdir()
+        for name, src in boot.files.items():
+            shutil.copy(src, share / "files" / name)
     sticks = "".join(f"{s.var} {s.serial(i)}\n" for i, s in enumerate(boot.sticks))
     (share / "sticks").write_text(sticks)
     env = {
@@ -494,6 +502,7 @@ def _write_plan(share: Path, boot: Boot) -> None:
         "LIBVIRT": "1" if boot.libvirt else "0",
         "SAFEUSBD": "1" if boot.safeusbd else "0",
         "LIBVIRT_CONFIG": boot.libvirt_config,
+        "SAFEUSB_CONFINEMENT": "1" if boot.safeusb_confinement else "0",
         "SAFEUSB": str(SAFEUSB),
         "REPO": str(REPO),
         "GUEST_DIR": str(GUEST_DIR),
