@@ -220,6 +220,7 @@ class Boot:
     # stock: `safeusb install-confinement` from .venv before libvirtd (stock-up.sh); off
     # for a boot that installs safeusb its own way (the package boot).
     safeusb_confinement: bool = True
+    nested_domain: bool = True  # define and start g1 (paused) once libvirtd is up
 
     def stick(self, name: str) -> Stick:
         for s in self.sticks:
@@ -503,6 +504,7 @@ def _write_plan(share: Path, boot: Boot) -> None:
         "SAFEUSBD": "1" if boot.safeusbd else "0",
         "LIBVIRT_CONFIG": boot.libvirt_config,
         "SAFEUSB_CONFINEMENT": "1" if boot.safeusb_confinement else "0",
+        "NESTED_DOMAIN": "1" if boot.nested_domain else "0",
         "SAFEUSB": str(SAFEUSB),
         "REPO": str(REPO),
         "GUEST_DIR": str(GUEST_DIR),

@@ -28,6 +28,7 @@ def vm(vm_runner: Runner, packages: Packages) -> BootResult:
         libvirt=True,
         rw_overlays=("/usr",),  # dpkg installs below /usr; /etc and /var are overlays too
         safeusb_confinement=False,  # nothing of the checkout's installation in AppArmor
+        nested_domain=False,  # the scenario defines the domains it starts
         files={"safeusb.deb": packages.deb},
         sticks=(Stick("dirty", Image.ext4()), Stick("idle", Image.ext4())),
         # dpkg reads its whole database over 9p and byte-compiles under emulation:
