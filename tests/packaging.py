@@ -79,8 +79,8 @@ def copy_tree(dest: Path) -> None:
 class Packages:
     """Packages built from this checkout in a temporary directory, each on first use."""
 
-    def __init__(self) -> None:
-        self.workdir = Path(tempfile.mkdtemp(prefix="safeusb-pkg-"))
+    def __init__(self, workdir: Path | None = None) -> None:
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="safeusb-pkg-"))
         self.seconds: dict[str, float] = {}
 
     def _timed(self, name: str, argv: list[str], cwd: Path, log: str) -> None:

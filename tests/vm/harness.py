@@ -27,7 +27,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -216,7 +216,9 @@ class Boot:
     # libvirt as Debian ships it ("stock"), or root QEMU without confinement ("lab"):
     # only for a scenario that says why.
     libvirt_config: str = "stock"
-    files: Mapping[str, Path] = field(default_factory=dict)  # name -> file: $SHARE/files/NAME
+    # name -> file for $SHARE/files/NAME, or what makes it in a directory of the boot's
+    # own, run when the boot is (a package built meanwhile)
+    files: Mapping[str, Path | Callable[[Path], Path]] = field(default_factory=dict)
     # stock: `safeusb install-confinement` from .venv before libvirtd (stock-up.sh); off
     # for a boot that installs safeusb its own way (the package boot).
     safeusb_confinement: bool = True
@@ -495,6 +497,10 @@ def _write_plan(share: Path, boot: Boot) -> None:
     if boot.files:
         (share / "files").mkdir()
         for name, src in boot.files.items():
+            if not isinstance(src, Path):
+                made = share.parent / "made" / name
+                made.mkdir(parents=True)
+                src = src(made)
             shutil.copy(src, share / "files" / name)
     sticks = "".join(f"{s.var} {s.serial(i)}\n" for i, s in enumerate(boot.sticks))
     (share / "sticks").write_text(sticks)

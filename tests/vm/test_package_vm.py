@@ -7,6 +7,7 @@ sets up. The stick refused at start is checked from outside afterwards."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -17,26 +18,35 @@ from .harness import MIB, REPO, Boot, BootResult, Image, Runner, Scenario, Scena
 pytestmark = pytest.mark.vm
 
 
+def _deb(where: Path) -> Path:
+    """The .deb, built from this checkout while the boot starts (tests/packaging.py)."""
+    built = Packages(workdir=where)
+    return built.deb
+
+
+BOOT = Boot(
+    name="package",
+    libvirt=True,
+    rw_overlays=("/usr",),  # dpkg installs below /usr; /etc and /var are overlays too
+    safeusb_confinement=False,  # nothing of the checkout's installation in AppArmor
+    nested_domain=False,  # the scenario defines the domains it starts
+    files={"safeusb.deb": _deb},
+    sticks=(Stick("dirty", Image.ext4()), Stick("idle", Image.ext4())),
+    # dpkg reads its whole database over 9p and byte-compiles under emulation:
+    # dpkg -i alone took 2.8 min on 2 cores under a load average of 14.
+    scenarios=(Scenario("package", "package.sh", payloads={"data.bin": 4 * MIB},
+                        timeout=720),),
+    timeout=1080,
+)
+
+
 @pytest.fixture(scope="module")
-def vm(vm_runner: Runner, packages: Packages) -> BootResult:
+def vm(vm_runner: Runner) -> BootResult:
     missing = missing_tools("deb")
     if missing:
         pytest.fail(f"cannot build the .deb: {', '.join(missing)} missing "
                     "(scripts/setup --test installs them)", pytrace=False)
-    return vm_runner.run(Boot(
-        name="package",
-        libvirt=True,
-        rw_overlays=("/usr",),  # dpkg installs below /usr; /etc and /var are overlays too
-        safeusb_confinement=False,  # nothing of the checkout's installation in AppArmor
-        nested_domain=False,  # the scenario defines the domains it starts
-        files={"safeusb.deb": packages.deb},
-        sticks=(Stick("dirty", Image.ext4()), Stick("idle", Image.ext4())),
-        # dpkg reads its whole database over 9p and byte-compiles under emulation:
-        # dpkg -i alone took 2.8 min on 2 cores under a load average of 14.
-        scenarios=(Scenario("package", "package.sh", payloads={"data.bin": 4 * MIB},
-                            timeout=720),),
-        timeout=1080,
-    ))
+    return vm_runner.run(BOOT)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +103,27 @@ def test_packaged_hook_refuses_the_mounted_stick(
              f"the refusal changed the stick ({n})")
     check = vm.check_stick("dirty", {"data.bin": ("package", "data.bin")})
     r.expect(check.intact, "image not intact after the refused start:\n" + check.summary())
+
+
+def test_packaged_gate_refuses_a_live_attach_of_the_mounted_stick(
+        run: tuple[ScenarioResult, dict[str, str]]) -> None:
+    """The package's safeusbd and gate: a protected domain running as libvirt-qemu under
+    AppArmor; `virsh attach-device --live` of the mounted stick is refused with the
+    reason and the stick stays mounted with its data unwritten."""
+    r, n = run
+    r.expect(n.get("protect_rc") == "0" and n.get("protected_start_rc") == "0"
+             and n.get("protected_emulator", "").startswith("/usr/local/lib/safeusb/gate/")
+             and n.get("protected_user") == "libvirt-qemu",
+             f"the domain did not run behind the packaged gate ({n})\n"
+             f"{r.file('protect.out')}{r.file('protected-start.out')}")
+    live = r.file("live.out")
+    r.expect(n.get("live_rc") != "0" and "safeusb:" in live and "/tmp/pk" in live,
+             f"the live attach was not refused naming the mountpoint:\n{live}\n"
+             f"--- safeusbd\n{r.file('safeusbd.log')}")
+    r.expect(n.get("mounted_after_live") == "1" and n.get("live_in_domain") == "0"
+             and int(n.get("dirty_kb_after_live") or 0) >= 1024,
+             f"the refused attach changed the stick or the domain ({n})")
+    r.expect(n.get("unprotect_rc") == "0", r.file("unprotect.out"))
 
 
 def test_packaged_hook_lets_the_idle_stick_go_and_gives_it_back(

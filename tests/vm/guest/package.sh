@@ -2,7 +2,8 @@
 # The .deb built from this checkout, installed as an admin would while libvirtd runs:
 # dpkg -i (nothing of the checkout used: clean PATH, no PYTHONPATH, cwd /), the AppArmor
 # include it asks for, libvirtd restarted as it says. Then the packaged hook refuses
-# `virsh start` of a domain with the mounted stick holding unwritten data, and lets a
+# `virsh start` of a domain with the mounted stick holding unwritten data, the packaged
+# gate (a protected domain, the package's safeusbd) refuses its live attach, and lets a
 # domain with the idle stick start and gives the stick back at destroy. dpkg -r: the
 # hook does nothing any more and domains (with and without USB devices) start; dpkg -P:
 # the package's files are gone and domains still start.
@@ -75,6 +76,30 @@ note refused_rc $?
 note p1_state "$(virsh domstate p1 2>&1)"
 note mounted_after_refusal "$(mounted /tmp/pk)"
 note dirty_kb_after_refusal "$(bdi_stat "$DIRTY_DEV" BdiReclaimable)"
+
+# The packaged gate: safeusbd from the package (on its own: no systemd here), the plain
+# domain protected and started behind the gate as libvirt-qemu under AppArmor; a live
+# attach of the same mounted stick is refused with the reason, the stick left as it was.
+setsid /usr/bin/safeusbd -v >"$OUT/safeusbd.log" 2>&1 </dev/null &
+for _ in $(seq 1 300); do [ -S /run/safeusb/safeusbd.sock ] && break; sleep 0.2; done
+/usr/bin/safeusb protect plain >"$OUT/protect.out" 2>&1
+note protect_rc $?
+virsh start --paused plain >"$OUT/protected-start.out" 2>&1
+note protected_start_rc $?
+note protected_emulator "$(virsh dumpxml plain | sed -n 's|.*<emulator>\(.*\)</emulator>.*|\1|p')"
+note protected_user "$(ps -o user= -p "$(cat /run/libvirt/qemu/plain.pid 2>/dev/null)" 2>/dev/null)"
+printf "<hostdev mode='subsystem' type='usb'><source><address bus='%s' device='%s'/></source></hostdev>\n" \
+    "${DIRTY_BUSDEV%%:*}" "${DIRTY_BUSDEV##*:}" >/tmp/pk-hostdev.xml
+virsh attach-device plain /tmp/pk-hostdev.xml --live >"$OUT/live.out" 2>&1
+note live_rc $?
+note mounted_after_live "$(mounted /tmp/pk)"
+note dirty_kb_after_live "$(bdi_stat "$DIRTY_DEV" BdiReclaimable)"
+note live_in_domain "$(virsh dumpxml plain | grep -c "<hostdev mode='subsystem' type='usb'")"
+virsh destroy plain >/dev/null 2>&1
+/usr/bin/safeusb unprotect plain >"$OUT/unprotect.out" 2>&1
+note unprotect_rc $?
+pkill -x safeusbd
+for _ in $(seq 1 50); do pgrep -x safeusbd >/dev/null || break; sleep 0.1; done
 
 # The idle stick: the domain starts with it; destroy gives it back to the host.
 domain_xml p2 "$IDLE_BUSDEV" >/tmp/p2.xml
