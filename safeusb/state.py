@@ -14,7 +14,7 @@ import math
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,27 +170,13 @@ class StateDir:
     def keys_for_domain(self, domain: str) -> tuple[list[str], list[str]]:
         """Devices whose records say they were taken for the domain, and a line for each
         record that could not be read (it may be this domain's: never skipped in silence)."""
-        try:
-            names = sorted(os.listdir(self.path))
-        except FileNotFoundError:
-            return [], []
-        except OSError as exc:
-            return [], [f"cannot list {self.path}: {exc.strerror or exc}"]
-        keys: list[str] = []
-        problems: list[str] = []
-        for name in names:
-            if name.endswith(".json"):
-                try:
-                    record = self.load(name[: -len(".json")])
-                except StateError as exc:
-                    problems.append(str(exc))
-                    continue
-                if record is not None and record.domain == domain:
-                    keys.append(record.key)
-        return keys, problems
+        return self._keys(lambda record: record.domain == domain)
 
     def keys(self) -> tuple[list[str], list[str]]:
         """Every device with a record, and a line for each record that cannot be read."""
+        return self._keys(lambda record: True)
+
+    def _keys(self, wanted: Callable[[Record], bool]) -> tuple[list[str], list[str]]:
         try:
             names = sorted(os.listdir(self.path))
         except FileNotFoundError:
@@ -206,7 +192,7 @@ class StateDir:
                 except StateError as exc:
                     problems.append(str(exc))
                     continue
-                if record is not None:
+                if record is not None and wanted(record):
                     keys.append(record.key)
         return keys, problems
 

@@ -425,6 +425,24 @@ class BootResult:
 # --------------------------------------------------------------------------- machinery
 
 
+def libvirt_scenario(vm: BootResult, name: str) -> tuple[ScenarioResult, dict[str, str]]:
+    """A scenario of a boot with libvirt that ran, and its notes; the test fails with
+    libvirt's log when libvirtd or the nested domain g1 did not start."""
+    if "domain_started" not in vm.timings:
+        log = vm.share / "out" / "libvirt.log"
+        pytest.fail(vm.boot_report("libvirtd or the nested domain g1 did not start\n"
+                                   + (log.read_text() if log.exists() else "")), pytrace=False)
+    r = vm.scenario(name)
+    r.expect_ran()
+    return r, r.notes()
+
+
+def step(r: ScenarioResult, tag: str) -> str:
+    """What a guest script's run_step TAG kept: exit code, stdout and stderr."""
+    return (f"{tag}: exit {r.file(f'{tag}.rc').strip()}\n{r.file(f'{tag}.out')}"
+            f"{r.file(f'{tag}.err')}")
+
+
 def _run(argv: Sequence[str], stdin: str | None = None) -> str:
     proc = subprocess.run(list(argv), input=stdin, capture_output=True, text=True, check=False)
     if proc.returncode != 0:

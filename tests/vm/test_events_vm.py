@@ -18,7 +18,8 @@ import pytest
 
 from safeusb.gate import GATE_ROOT
 
-from .harness import MIB, Boot, BootResult, Image, Runner, Scenario, ScenarioResult, Stick
+from .harness import MIB, Boot, BootResult, Image, Runner, Scenario, ScenarioResult, Stick, step
+from .harness import libvirt_scenario as ran
 
 pytestmark = pytest.mark.vm
 
@@ -48,21 +49,6 @@ BOOT = Boot(
 @pytest.fixture(scope="module")
 def vm(vm_runner: Runner, safeusb_cli: str) -> BootResult:
     return vm_runner.run(BOOT)
-
-
-def ran(vm: BootResult, name: str) -> tuple[ScenarioResult, dict[str, str]]:
-    if "domain_started" not in vm.timings:
-        log = vm.share / "out" / "libvirt.log"
-        pytest.fail(vm.boot_report("libvirtd or the nested domain g1 did not start\n"
-                                   + (log.read_text() if log.exists() else "")), pytrace=False)
-    r = vm.scenario(name)
-    r.expect_ran()
-    return r, r.notes()
-
-
-def step(r: ScenarioResult, tag: str) -> str:
-    return (f"{tag}: exit {r.file(f'{tag}.rc').strip()}\n{r.file(f'{tag}.out')}"
-            f"{r.file(f'{tag}.err')}")
 
 
 def daemon_log(vm: BootResult) -> str:
