@@ -300,6 +300,12 @@ class Runner:
                     except subprocess.TimeoutExpired:
                         self._log(f"pid {p.pid} (sync) is still waiting in "
                                   "the kernel; left to finish on its own")
+        if any(p.returncode != 0 for p in procs):
+            # A write that failed is most often a device on its way out: the kernel
+            # fails its I/O before sysfs lets go of it. Give the removal a moment.
+            deadline = time.monotonic() + 2.0
+            while self._present(step.bdi) and time.monotonic() < deadline:
+                time.sleep(0.05)
         if not self._present(step.bdi):
             if all(p.returncode == 0 for p in procs):
                 raise DeviceGone(f"{step.device} was removed from the host just after its "

@@ -22,8 +22,9 @@ BOOT = Boot(
     scenarios=(
         Scenario("timeout", "fault-timeout.sh", payloads={"data.bin": 4 * MIB}),
         Scenario("ebusy", "fault-ebusy.sh", payloads={"data.bin": 4 * MIB}),
+        # Enough that the flush still runs when prepare gets there and the pull comes.
         Scenario("pull", "fault-pull.sh",
-                 payloads={"before.bin": 1 * MIB, "data.bin": 8 * MIB}),
+                 payloads={"before.bin": 1 * MIB, "data.bin": 16 * MIB}),
         Scenario("runfull", "fault-runfull.sh", payloads={"data.bin": 2 * MIB}),
     ),
 )

@@ -15,12 +15,15 @@ note dirty_kb "$start_kb"
 "$SAFEUSB" prepare "$PULLED_USB" --policy "$unmount_policy" --json >"$OUT/prepare.out" 2>"$OUT/prepare.err" &
 prep=$!
 for _ in $(seq 1 600); do grep -q "run: /usr/bin/sync" "$OUT/prepare.err" && break; sleep 0.05; done
-# Pull once the flush has visibly begun, with most of the data still to write.
-for _ in $(seq 1 300); do
+# Pull once the flush has visibly begun (or 2 s after its sync started), with most of the
+# data still to write: at 1 MiB/s the 16 MiB take 16 s.
+end=$(( $(date +%s%N) + 2000000000 ))
+while [ "$(date +%s%N)" -lt "$end" ]; do
     left=$(unwritten 2>/dev/null || echo 0)
     [ "$left" -lt $(( start_kb - 512 )) ] && break
     sleep 0.05
 done
+left=$(unwritten 2>/dev/null || echo 0)
 note left_at_pull_kb "$left"
 pull PULLED
 gone "/sys/bus/usb/devices/$PULLED_USB" 20 && note pulled 1
