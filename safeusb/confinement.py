@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import SafeUSBError
+from .install import Installed, code_dirs
 
 PROG = "safeusb-qemu-gate"
 APPARMOR_DIR = "etc/apparmor.d"
@@ -86,8 +87,6 @@ class Paths:
 
     @classmethod
     def of_this_installation(cls) -> Paths:
-        from .install import code_dirs  # noqa: PLC0415
-
         gate = os.path.realpath(os.path.join(os.path.dirname(sys.executable), PROG))
         package, dirs = code_dirs()
         ro = [os.path.realpath(d) for d in (sys.prefix, os.path.dirname(package), *dirs)]
@@ -156,15 +155,6 @@ def _replace_block(text: str, body: str | None) -> str:
     return kept + _block(body)
 
 
-@dataclass(frozen=True)
-class Change:
-    path: str
-    changed: bool
-
-    def describe(self, verb: str) -> str:
-        return f"{verb} {self.path}" if self.changed else f"{self.path}: already up to date"
-
-
 def _write(path: str, text: str) -> None:
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o755, exist_ok=True)
@@ -191,20 +181,20 @@ def _read(path: str) -> str:
         raise ConfinementError(f"{path}: {exc.strerror or exc}") from None
 
 
-def _apply(root: str, blocks: dict[str, str | None]) -> list[Change]:
+def _apply(root: str, blocks: dict[str, str | None]) -> list[Installed]:
     changes = []
     for rel, body in blocks.items():
         path = os.path.join(root, APPARMOR_DIR, rel)
         current = _read(path)
         new = _replace_block(current, body)
         if new == current:
-            changes.append(Change(path, False))
+            changes.append(Installed(path, False, False))
             continue
         try:
             _write(path, new)
         except OSError as exc:
             raise ConfinementError(f"{path}: {exc.strerror or exc}") from None
-        changes.append(Change(path, True))
+        changes.append(Installed(path, True, False))
     return changes
 
 
