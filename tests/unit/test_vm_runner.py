@@ -4,7 +4,6 @@ once; a boot asked for without a plan runs at once."""
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ def test_planned_boots_run_two_at_a_time_each_once(monkeypatch: pytest.MonkeyPat
     most = 0
     calls: list[str] = []
     lock = threading.Lock()
+    together = threading.Barrier(2, timeout=30)  # the first two must run at the same time
 
     def fake_run(boot: Boot, workroot: Path | None = None) -> BootResult:
         nonlocal most
@@ -25,10 +25,11 @@ def test_planned_boots_run_two_at_a_time_each_once(monkeypatch: pytest.MonkeyPat
             calls.append(boot.name)
             running.add(boot.name)
             most = max(most, len(running))
-        time.sleep(0.05)
+        if boot.name in ("b0", "b1"):
+            together.wait()
         with lock:
             running.discard(boot.name)
-        return BootResult(boot=boot, workdir=Path("/nonexistent"), rc=0, wall_seconds=0.05,
+        return BootResult(boot=boot, workdir=Path("/nonexistent"), rc=0, wall_seconds=0.0,
                           error=None, timings={}, payload_sums={})
 
     monkeypatch.setattr(harness, "run_boot", fake_run)
