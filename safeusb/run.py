@@ -44,6 +44,14 @@ class FlushTimeout(StepFailed):
     pass
 
 
+class SyscallFailed(StepFailed):
+    """A system call made for a step failed with errno."""
+
+    def __init__(self, message: str, errno: int) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
 class NothingToDo(SafeUSBError):
     """A step found what it would change already gone (a mount unmounted meanwhile by its
     owner or by propagation): nothing was done, and nothing is to be put back."""
@@ -198,7 +206,7 @@ class Runner:
             raise StepFailed(f"{what}: cannot enter the mount namespace of pid {pid}: "
                              f"{os.strerror(code - 100)}")
         if code:
-            raise StepFailed(f"{what}: {os.strerror(code)}")
+            raise SyscallFailed(f"{what}: {os.strerror(code)}", code)
 
     def _still_mounted(self, pid: int, mountpoint: str) -> bool:
         try:
@@ -220,10 +228,14 @@ class Runner:
         path = mountpoint.encode()
         try:
             self._in_namespace(pid, lambda libc: int(libc.umount2(path, 0)), what)
-        except StepFailed:
+        except StepFailed as e:
             if not self._still_mounted(pid, mountpoint):  # it went between look and act
                 self._log(str(gone))
                 raise gone from None
+            if isinstance(e, SyscallFailed) and e.errno == errno.EINVAL:
+                # Not a mount point when asked, one again now: mounted anew meanwhile.
+                raise StepFailed(f"{what}: {mountpoint} was mounted again while prepare ran: "
+                                 "claimed by another holder") from None
             raise
 
     def mount_in(self, pid: int, mnt_ns: int, source: str, mountpoint: str, fstype: str,

@@ -319,6 +319,46 @@ class _OwnerUnmountsFirst(Runner):
         return super()._still_mounted(pid, mountpoint)
 
 
+class _MountedAgainMeanwhile(Runner):
+    """Another program unmounts and mounts the device again between prepare's look and
+    its umount2: the call finds no mount (EINVAL), the next look finds a new one."""
+
+    looks = 0
+
+    def _still_mounted(self, pid: int, mountpoint: str) -> bool:
+        self.looks += 1
+        if self.looks == 1:
+            run("umount", mountpoint)
+            return True
+        if self.looks == 2:  # after the failed umount2: somebody mounted it again
+            run("mount", self.node, mountpoint)
+        return super()._still_mounted(pid, mountpoint)
+
+    def __init__(self, node: str) -> None:
+        super().__init__()
+        self.node = node
+
+
+@pytest.mark.race
+def test_mount_made_again_meanwhile_is_a_claim_not_an_errno(loop_ext4: Loop,
+                                                            tmp_path: Path) -> None:
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    run("mount", loop_ext4.node, str(mnt))
+    try:
+        roots = Roots.host()
+        target = resolve(Selector.from_string(loop_ext4.node), roots)
+        outcome = prepare(roots, target, Policy.from_text(UNMOUNT),
+                          _MountedAgainMeanwhile(loop_ext4.node),
+                          StateDir(str(tmp_path / "state")))
+        assert not outcome.ok
+        assert "mounted again while prepare ran: claimed by another holder" in \
+            (outcome.error or ""), outcome.error
+        assert not outcome.host_state().startswith("changed"), outcome.host_state()
+    finally:
+        run("umount", str(mnt), check=False)
+
+
 @pytest.mark.race
 def test_mount_gone_meanwhile_is_neither_an_error_nor_put_back(loop_ext4: Loop,
                                                                tmp_path: Path) -> None:
