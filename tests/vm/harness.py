@@ -361,9 +361,28 @@ class BootResult:
     def boot_report(self, message: str) -> str:
         lines = self.console.splitlines()
         notable = [ln for ln in lines if KERNEL_NOTABLE.search(ln)][-15:]
+        tail = 25 if self.rc is not None else 80  # killed: SysRq-W's stacks too
+        marks = [f"{k} {v:.1f}" for k, v in sorted(self.timings.items(), key=lambda i: i[1])]
         return "\n".join([f"[vm boot {self.boot.name}] {message}",
+                          "--- guest marks (uptime s)", *marks,
+                          *self._unfinished_scenarios(),
                           "--- console (notable lines)", *notable,
-                          "--- console (last 25 lines)", *lines[-25:]])
+                          f"--- console (last {tail} lines)", *lines[-tail:]])
+
+    def _unfinished_scenarios(self) -> list[str]:
+        """What a scenario that never ended had written so far (the share is the host's
+        directory: readable after the VM was killed)."""
+        out: list[str] = []
+        for s in self.boot.scenarios:
+            d = self.share / "out" / s.name
+            if not d.is_dir() or (d / "rc").exists():
+                continue
+            for name in ("notes", "stdout", "stderr"):
+                p = d / name
+                text = p.read_text(errors="replace").splitlines()[-15:] if p.exists() else []
+                if text:
+                    out += [f"--- scenario {s.name} unfinished: {name} (last 15 lines)", *text]
+        return out
 
     def scenario(self, name: str) -> ScenarioResult:
         if name not in {s.name for s in self.boot.scenarios}:
@@ -600,6 +619,7 @@ def run_boot(boot: Boot, workroot: Path | None = None) -> BootResult:
         try:
             rc: int | None = proc.wait(timeout=boot.timeout)
         except subprocess.TimeoutExpired:
+            _show_blocked_tasks(workdir / "qmp.sock")
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             rc = None
@@ -611,6 +631,28 @@ def run_boot(boot: Boot, workroot: Path | None = None) -> BootResult:
         error = f"the guest driver did not finish (vng exit {rc})"
     return BootResult(boot=boot, workdir=workdir, rc=rc, wall_seconds=wall, error=error,
                       timings=_read_timings(share), payload_sums=sums)
+
+
+def _show_blocked_tasks(qmp: Path) -> None:
+    """Before a stuck VM is killed: SysRq-W (tasks in uninterruptible sleep, with their
+    stacks) on the guest console, so the report says where it hung."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(qmp))
+            stream = sock.makefile("rwb")
+            json.loads(stream.readline())
+            for cmd in ({"execute": "qmp_capabilities"},
+                        {"execute": "human-monitor-command",
+                         "arguments": {"command-line": "sendkey alt-sysrq-w"}}):
+                stream.write(json.dumps(cmd).encode() + b"\n")
+                stream.flush()
+                while "return" not in (msg := json.loads(stream.readline())):
+                    if "error" in msg:
+                        return
+        time.sleep(5)
+    except (OSError, ValueError):
+        pass
 
 
 class PullService(threading.Thread):

@@ -16,6 +16,7 @@ mark driver_start
 . "$share/boot.env"
 
 sysctl -q -w vm.dirty_writeback_centisecs=0 vm.dirty_expire_centisecs=360000
+sysctl -q -w kernel.sysrq=1  # the host sends SysRq-W before it kills a stuck VM
 mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug
 for m in $MODULES; do modprobe "$m" || log "modprobe $m failed"; done
 

@@ -14,9 +14,13 @@ cd /
 hook=/etc/libvirt/hooks/qemu.d/safeusb
 site=/usr/lib/python3/dist-packages
 
-start_libvirtd() {
+start_libvirtd() {  # at most 120 s
     libvirtd -d
-    for _ in $(seq 1 600); do timeout 5 virsh -q version >/dev/null 2>&1 && return 0; sleep 0.1; done
+    local deadline=$(( $(date +%s) + 120 ))
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+        timeout 5 virsh -q version >/dev/null 2>&1 && return 0
+        sleep 0.2
+    done
     return 1
 }
 domain_xml() {  # NAME BUS:DEV
@@ -59,7 +63,8 @@ apparmor_parser -Q -K -I /etc/apparmor.d /etc/apparmor.d/libvirt/TEMPLATE.qemu >
 note aa_parse_rc $?
 
 pkill -x libvirtd
-for _ in $(seq 1 100); do pgrep -x libvirtd >/dev/null || break; sleep 0.1; done
+for _ in $(seq 1 300); do pgrep -x libvirtd >/dev/null || break; sleep 0.1; done
+note old_libvirtd_gone "$(pgrep -x libvirtd >/dev/null && echo 0 || echo 1)"
 start_libvirtd
 note restarted $?
 note libvirtd_restarted "$(pgrep -x libvirtd)"
