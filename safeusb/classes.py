@@ -34,14 +34,14 @@ def read_classes(
     """Read, once, what the per-class decisions need. ``net_match`` replaces the
     device-to-interface mapping (tests name veth pairs with it)."""
     from .inputdev import read_inputs  # noqa: PLC0415
-    from .modeswitch import read_switch_db  # noqa: PLC0415
+    from .modeswitch import SWITCH_DBS  # noqa: PLC0415
     from .netinfo import device_match, read_network  # noqa: PLC0415
 
     if net_match is None:
         net_match = device_match(target.syspath, target.usb.sysname if target.usb else None)
     net = read_network(roots, pids, namespaces, net_match)
     inputs = read_inputs(roots, target.syspath)
-    db = read_switch_db() if target.usb is not None and roots.live else None
+    db = SWITCH_DBS.get() if target.usb is not None and roots.live else None
     return ClassSnapshot(net, inputs, db)
 
 

@@ -823,14 +823,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _preload() -> None:
-    """Import what requests use now, so that no decision pays for it (a waiting caller
-    is queued by the kernel meanwhile)."""
+    """Import and read what requests use now, so that no decision pays for it (a
+    waiting caller is queued by the kernel meanwhile)."""
     import importlib  # noqa: PLC0415
 
-    for name in (".act", ".inspect", ".inputdev", ".modeswitch", ".netinfo", ".policy",
+    for name in (".act", ".guard", ".inspect", ".inputdev", ".modeswitch", ".netinfo", ".policy",
                  ".report", ".run", ".selector", ".snapshot", ".state", "libvirt"):
         with contextlib.suppress(ImportError):
             importlib.import_module(name, __package__)
+    from .modeswitch import SWITCH_DBS  # noqa: PLC0415
+
+    SWITCH_DBS.get()  # read the mode-switch database now; again only when it changes
 
 
 if __name__ == "__main__":

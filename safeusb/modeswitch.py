@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 
 from .found import Found
@@ -70,6 +71,55 @@ def _add(db: dict[Id, set[Id]], name: str, text: str) -> None:
     if m:
         initial = (int(m.group(1), 16), int(m.group(2), 16))
         db.setdefault(initial, set()).update(parse_config(text, initial))
+
+
+Signature = tuple[tuple[str, int, int, int], ...]
+
+
+def _signature(root: str) -> Signature:
+    """Identity of every file the database is read from (name, inode, size, mtime):
+    equal signatures, equal database."""
+    paths = [os.path.join(root, rel) for rel in RULES]
+    for rel in CONFIG_DIRS:
+        d = os.path.join(root, rel)
+        paths.append(d)
+        try:
+            paths += [os.path.join(d, n) for n in sorted(os.listdir(d))]
+        except OSError:
+            continue
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        out.append((path, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+class SwitchDbCache:
+    """The database read once and again only when one of its files changed: unpacking
+    Debian's configuration pack costs more than the rest of an inspection (a service
+    asked for many decisions keeps one of these)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kept: dict[str, tuple[Signature, SwitchDb | None]] = {}
+
+    def get(self, root: str = "/") -> SwitchDb | None:
+        sig = _signature(root)
+        with self._lock:
+            kept = self._kept.get(root)
+        if kept is not None and kept[0] == sig:
+            return kept[1]
+        db = read_switch_db(root)
+        if _signature(root) == sig:  # not changed while it was read
+            with self._lock:
+                self._kept[root] = (sig, db)
+        return db
+
+
+SWITCH_DBS = SwitchDbCache()
 
 
 def read_switch_db(root: str = "/") -> SwitchDb | None:

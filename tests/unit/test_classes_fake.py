@@ -18,7 +18,7 @@ import pytest
 from safeusb.classes import ClassSnapshot
 from safeusb.inputdev import InputDevice, InputScan, input_reasons, parse_bitmap
 from safeusb.inspect import Findings, inspect
-from safeusb.modeswitch import SwitchDb, parse_config, read_switch_db
+from safeusb.modeswitch import SwitchDb, SwitchDbCache, parse_config, read_switch_db
 from safeusb.netinfo import (
     LinkId,
     NetAddress,
@@ -204,6 +204,27 @@ def test_switch_db_parsing(tmp_path: Path) -> None:
     assert db.storage_vendors == frozenset({0x19D2})
     assert read_switch_db(str(tmp_path / "nothing")) is None
     assert parse_config("TargetProduct= 0x0031\n", (0x19D2, 0x2000)) == ((0x19D2, 0x31),)
+
+
+def test_switch_db_cache_reads_again_only_when_a_file_changed(tmp_path: Path) -> None:
+    _switch_tree(tmp_path)
+    root = str(tmp_path)
+    cache = SwitchDbCache()
+    first = cache.get(root)
+    assert first is not None and cache.get(root) is first  # unchanged: the same object
+    extra = tmp_path / "etc/usb_modeswitch.d/19d2:0117"
+    _write(extra, "TargetProduct=0x0031\n")  # a local addition
+    added = cache.get(root)
+    assert added is not first and added is not None
+    assert added.switches_to[(0x19D2, 0x0117)] == ((0x19D2, 0x0031),)
+    _write(extra, "TargetProduct=0x0032, 0x0033\n")  # edited in place
+    os.utime(extra, ns=(1, 1))
+    edited = cache.get(root)
+    assert edited is not None and edited.switches_to[(0x19D2, 0x0117)] == (
+        (0x19D2, 0x0032), (0x19D2, 0x0033))
+    extra.unlink()
+    assert (0x19D2, 0x0117) not in (cache.get(root) or SwitchDb()).switches_to
+    assert cache.get(str(tmp_path / "nothing")) is None
 
 
 def test_installed_switch_db() -> None:
