@@ -58,6 +58,9 @@ def main() -> int:
                 ("the gate's decision (asking safeusbd)", r"decided in (\d+) ms",
                  sc.file("gate.log")),
                 ("safeusbd's prepare", r"prepare .*: done \(handed over\) in (\d+) ms",
+                 (res.share / "out" / "safeusbd.log").read_text(errors="replace")),
+                ("  its CPU time (its own thread)",
+                 r"prepare .*: done \(handed over\) in \d+ ms \(CPU (\d+) ms\)",
                  (res.share / "out" / "safeusbd.log").read_text(errors="replace"))):
             ms = [float(m) / 1000 for m in re.findall(pattern, text)]
             if ms:

@@ -513,7 +513,7 @@ class Daemon:
             return proto.ok_reply(request.id, self.actions.inspect(args, caller.peer.pid))
         log.info("safeusbd: %s: %s %s%s", caller.describe(), op, args.describe(),
                  f" for domain {args.domain}" if args.domain and args.names_device() else "")
-        started = time.monotonic()
+        started, cpu = time.monotonic(), time.thread_time()
         if op == "prepare":
             cancel = threading.Event()
             with self._lock:
@@ -535,9 +535,9 @@ class Daemon:
             log.warning("safeusbd: %s: %s %s: %s: %s", caller.describe(), op,
                         args.describe(), done.kind, done.message)
             return proto.error_reply(request.id, done.kind, done.message, done.outcome)
-        log.info("safeusbd: %s: %s %s: done (%s) in %.0f ms", caller.describe(), op,
-                 args.describe(), done.outcome.get("host_state"),
-                 (time.monotonic() - started) * 1000)
+        log.info("safeusbd: %s: %s %s: done (%s) in %.0f ms (CPU %.0f ms)", caller.describe(),
+                 op, args.describe(), done.outcome.get("host_state"),
+                 (time.monotonic() - started) * 1000, (time.thread_time() - cpu) * 1000)
         return proto.ok_reply(request.id, done.outcome)
 
 
