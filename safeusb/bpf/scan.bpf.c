@@ -1,0 +1,183 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+/*
+ * safeusb's in-kernel scan: BPF iterators that walk every process's working and root
+ * directory (iter/task), open files (iter/task_file) and file-backed mappings
+ * (iter/task_vma) in the kernel, and write out only those on the device being inspected:
+ * files whose filesystem (s_dev) or device node (i_rdev) is in the devs map, which
+ * safeusb/bpfscan.py fills before it reads the iterators.
+ *
+ * Only thread group leaders are reported: /proc/PID/fd, cwd, root and maps, which the
+ * /proc scan reads, are the leader's. Files on filesystems whose stat() may report
+ * another device than the superblock's (overlayfs, btrfs) are written out with
+ * REC_STAT so that user space stats them as the /proc scan does. Records are fixed-size
+ * (struct scan_rec, mirrored in safeusb/bpfscan.py); names are read by user space for the
+ * few that match.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+
+#define S_IFMT 00170000
+#define S_IFBLK 0060000
+#define S_IFCHR 0020000
+
+#define OVERLAYFS_SUPER_MAGIC 0x794c7630
+#define BTRFS_SUPER_MAGIC 0x9123683e
+
+/* Bits of a devs map value: what the device number is to the inspected device. */
+#define DEV_FS 1	/* a filesystem on it (s_dev) */
+#define DEV_BLOCK 2	/* one of its block nodes (i_rdev) */
+#define DEV_CHAR 4	/* one of its character nodes (i_rdev) */
+
+enum rec_kind {
+	REC_FD = 1,
+	REC_CWD = 2,
+	REC_ROOT = 3,
+	REC_MMAP = 4,
+};
+
+#define REC_STAT 1	/* flags: user space must stat it (st_dev may differ from s_dev) */
+
+struct scan_rec {
+	__u32 kind;
+	__u32 tgid;
+	__s32 fd;	/* -1 but for REC_FD */
+	__u32 mode;
+	__u32 dev;	/* s_dev, the kernel's encoding (major << 20 | minor) */
+	__u32 rdev;	/* i_rdev */
+	__u32 flags;
+	__u32 pad;
+	__u64 ino;
+	__u64 start;	/* REC_MMAP: the mapping's start address */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, __u32);
+} devs SEC(".maps");
+
+static __always_inline __u32 bits(__u32 dev)
+{
+	__u32 *v = bpf_map_lookup_elem(&devs, &dev);
+
+	return v ? *v : 0;
+}
+
+static __always_inline int special(struct super_block *sb)
+{
+	unsigned long magic = BPF_CORE_READ(sb, s_magic);
+
+	return magic == OVERLAYFS_SUPER_MAGIC || magic == BTRFS_SUPER_MAGIC;
+}
+
+static __always_inline void emit(struct seq_file *seq, __u32 kind, __u32 tgid, __s32 fd,
+				 struct inode *inode, __u64 start, __u32 flags)
+{
+	struct scan_rec r = {};
+
+	r.kind = kind;
+	r.tgid = tgid;
+	r.fd = fd;
+	r.mode = BPF_CORE_READ(inode, i_mode);
+	r.dev = BPF_CORE_READ(inode, i_sb, s_dev);
+	r.rdev = BPF_CORE_READ(inode, i_rdev);
+	r.ino = BPF_CORE_READ(inode, i_ino);
+	r.start = start;
+	r.flags = flags;
+	bpf_seq_write(seq, &r, sizeof(r));
+}
+
+/* An inode found as a file, working or root directory: on the device? */
+static __always_inline __u32 wanted(struct inode *inode)
+{
+	struct super_block *sb = BPF_CORE_READ(inode, i_sb);
+	__u32 mode = BPF_CORE_READ(inode, i_mode) & S_IFMT;
+	__u32 dev = BPF_CORE_READ(sb, s_dev);
+
+	if (mode == S_IFBLK && (bits(BPF_CORE_READ(inode, i_rdev)) & DEV_BLOCK))
+		return 1;
+	if (mode == S_IFCHR && (bits(BPF_CORE_READ(inode, i_rdev)) & DEV_CHAR))
+		return 1;
+	if (bits(dev) & DEV_FS)
+		return 1;
+	if (special(sb))
+		return 1 | (REC_STAT << 8);
+	return 0;
+}
+
+static __always_inline int leader(struct task_struct *task)
+{
+	return BPF_CORE_READ(task, pid) == BPF_CORE_READ(task, tgid);
+}
+
+static __always_inline void dir(struct seq_file *seq, struct task_struct *task,
+				struct dentry *dentry, __u32 kind)
+{
+	struct inode *inode = BPF_CORE_READ(dentry, d_inode);
+	__u32 w;
+
+	if (!inode)
+		return;
+	w = wanted(inode);
+	if (w)
+		emit(seq, kind, BPF_CORE_READ(task, tgid), -1, inode, 0, w >> 8);
+}
+
+SEC("iter/task")
+int scan_dirs(struct bpf_iter__task *ctx)
+{
+	struct task_struct *task = ctx->task;
+	struct fs_struct *fs;
+
+	if (!task || !leader(task))
+		return 0;
+	fs = BPF_CORE_READ(task, fs);
+	if (!fs)
+		return 0;
+	dir(ctx->meta->seq, task, BPF_CORE_READ(fs, pwd.dentry), REC_CWD);
+	dir(ctx->meta->seq, task, BPF_CORE_READ(fs, root.dentry), REC_ROOT);
+	return 0;
+}
+
+SEC("iter/task_file")
+int scan_files(struct bpf_iter__task_file *ctx)
+{
+	struct task_struct *task = ctx->task;
+	struct file *file = ctx->file;
+	struct inode *inode;
+	__u32 w;
+
+	if (!task || !file || !leader(task))
+		return 0;
+	inode = BPF_CORE_READ(file, f_inode);
+	if (!inode)
+		return 0;
+	w = wanted(inode);
+	if (w)
+		emit(ctx->meta->seq, REC_FD, BPF_CORE_READ(task, tgid), ctx->fd, inode, 0, w >> 8);
+	return 0;
+}
+
+SEC("iter/task_vma")
+int scan_maps(struct bpf_iter__task_vma *ctx)
+{
+	struct task_struct *task = ctx->task;
+	struct vm_area_struct *vma = ctx->vma;
+	struct inode *inode;
+
+	if (!task || !vma || !leader(task))
+		return 0;
+	/* /proc/PID/maps prints the device of file_inode(vm_file), as this reads it. */
+	inode = BPF_CORE_READ(vma, vm_file, f_inode);
+	if (!inode)
+		return 0;
+	if (bits(BPF_CORE_READ(inode, i_sb, s_dev)) & DEV_FS)
+		emit(ctx->meta->seq, REC_MMAP, BPF_CORE_READ(task, tgid), -1, inode,
+		     BPF_CORE_READ(vma, vm_start), 0);
+	return 0;
+}
+
+char LICENSE[] SEC("license") = "GPL";
