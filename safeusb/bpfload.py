@@ -46,6 +46,7 @@ class Libbpf:
             "bpf_map_update_elem": (i, [i, p, p, u]),
             "bpf_map_lookup_elem": (i, [i, p, p]),
             "bpf_map_delete_elem": (i, [i, p]),
+            "bpf_map_get_next_key": (i, [i, p, p]),
             "ring_buffer__new": (p, [i, SAMPLE_FN, p, p]),
             "ring_buffer__poll": (i, [p, i]),
             "ring_buffer__free": (None, [p]),
@@ -71,3 +72,19 @@ def libbpf() -> Libbpf:
     if _LIB is None:
         _LIB = Libbpf()
     return _LIB
+
+
+def mount(source: str, target: str, fstype: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(source.encode(), target.encode(), fstype.encode(), 0, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target)
+
+
+def bpffs() -> None:
+    """Mount bpffs at /sys/fs/bpf if it is not there."""
+    if not os.path.ismount("/sys/fs/bpf"):
+        try:
+            mount("bpf", "/sys/fs/bpf", "bpf")
+        except OSError as exc:
+            raise BPFError(f"cannot mount bpffs at /sys/fs/bpf: {exc.strerror}") from None

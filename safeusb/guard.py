@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bpfload import SAMPLE_FN, BPFError, libbpf
+from .bpfload import SAMPLE_FN, BPFError, bpffs, libbpf, mount
 
 log = logging.getLogger("safeusb")
 
@@ -70,7 +70,7 @@ def _securityfs(sys_root: str) -> str:
     if not os.path.exists(os.path.join(path, "lsm")) and os.geteuid() == 0 and \
             sys_root == "/sys":
         with contextlib.suppress(OSError):
-            _mount("securityfs", path, "securityfs")
+            mount("securityfs", path, "securityfs")
     return path
 
 
@@ -128,21 +128,6 @@ def probe_lsm_programs() -> str | None:
             "DIRECT_CALLS) or run in a sandbox that forbids them")
 
 
-def _mount(source: str, target: str, fstype: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mount(source.encode(), target.encode(), fstype.encode(), 0, None) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), target)
-
-
-def _bpffs() -> None:
-    if not os.path.ismount("/sys/fs/bpf"):
-        try:
-            _mount("bpf", "/sys/fs/bpf", "bpf")
-        except OSError as exc:
-            raise GuardError(f"cannot mount bpffs at /sys/fs/bpf: {exc.strerror}") from None
-
-
 def enabled(pin_dir: str = PIN_DIR) -> bool:
     return all(os.path.exists(os.path.join(pin_dir, f"link_{p}")) for p in PROGRAMS)
 
@@ -171,7 +156,7 @@ def enable(drivers: tuple[str, ...] = GUARDED_DRIVERS, pin_dir: str = PIN_DIR,
     avail = availability()
     if not avail.available:
         raise GuardError("; ".join(avail.reasons))
-    _bpffs()
+    bpffs()
     disable(pin_dir)  # a half-pinned guard from an interrupted enable
     os.makedirs(pin_dir, mode=0o700, exist_ok=True)
     lib = libbpf().lib

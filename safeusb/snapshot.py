@@ -8,6 +8,7 @@ import stat
 from typing import TYPE_CHECKING
 
 from . import recording, sysfs
+from .bpfscan import scan as scan_processes
 from .classes import read_classes
 from .model import (
     BlockDevice,
@@ -22,7 +23,7 @@ from .model import (
     fmt_devnum,
 )
 from .parsers import ParseError, parse_bdi_stats
-from .procfs import list_pids, read_mount_namespaces, read_swaps, scan_processes
+from .procfs import list_pids, read_mount_namespaces, read_swaps
 from .roots import Roots
 
 if TYPE_CHECKING:
@@ -247,7 +248,7 @@ def read_snapshot(
     node_keys: set[tuple[NodeKind, DevNum]] = {(n.kind, n.devnum) for n in nodes}
     node_keys |= {("block", b.devnum) for b in blocks.values()}
     skip = frozenset({os.getpid()}) | skip_pids if roots.live else frozenset()
-    proc_scan = scan_processes(roots, pids, frozenset(node_keys), frozenset(fs), skip)
+    proc_scan, _why = scan_processes(roots, pids, frozenset(node_keys), frozenset(fs), skip)
     problems.extend(proc_scan.unreadable)
 
     bdis = sorted({_bdi_of(b, all_blocks) for b in blocks.values()})
