@@ -34,14 +34,15 @@ from .roots import Roots
 log = logging.getLogger("safeusb")
 
 OBJECT = Path(__file__).resolve().parent / "bpf" / "scan.bpf.o"
-PROGRAMS = ("scan_dirs", "scan_files", "scan_maps")
+PROGRAMS = ("scan_dirs", "scan_files", "scan_maps")  # read for a device's uses
+NS_PROGRAM = "scan_ns"  # every process's mount namespace
 ENV = "SAFEUSB_SCAN"
 PIN_ROOT = "/sys/fs/bpf"
 PIN_PREFIX = "safeusb-scan-"
 
 # struct scan_rec in bpf/scan.bpf.c
 _REC = struct.Struct("<IIiIIIIIQQ")
-_FD, _CWD, _ROOT, _MMAP = 1, 2, 3, 4
+_FD, _CWD, _ROOT, _MMAP, _MNTNS = 1, 2, 3, 4, 5
 _REC_STAT = 1
 _DEV_FS, _DEV_BLOCK, _DEV_CHAR = 1, 2, 4
 _KIND: dict[int, UseKind] = {_CWD: "cwd", _ROOT: "root"}
@@ -109,7 +110,7 @@ def _load(obj_path: Path, pin_dir: str) -> None:
                               f"{tmp}/devs".encode())
         if rc:
             raise Unavailable(str(libbpf().err("cannot pin the scan's device map", rc)))
-        for name in PROGRAMS:
+        for name in (*PROGRAMS, NS_PROGRAM):
             prog = lib.bpf_object__find_program_by_name(obj, name.encode())
             link = lib.bpf_program__attach_iter(prog, None) if prog else None
             if not link:
@@ -181,31 +182,59 @@ def read_records(devs: dict[int, int], obj_path: Path = OBJECT) -> bytes:
                 key, val = ctypes.c_uint32(dev), ctypes.c_uint32(bits)
                 if lib.bpf_map_update_elem(mfd, ctypes.byref(key), ctypes.byref(val), 0):
                     raise Unavailable(str(libbpf().err("cannot fill the scan's device map")))
-            out: list[bytes] = []
-            for name in PROGRAMS:
-                lfd = lib.bpf_obj_get(f"{pin_dir}/{name}".encode())
-                if lfd < 0:
-                    raise Unavailable(str(libbpf().err(f"cannot open {pin_dir}/{name}", lfd)))
-                try:
-                    fd = lib.bpf_iter_create(lfd)
-                finally:
-                    os.close(lfd)
-                if fd < 0:
-                    raise Unavailable(str(libbpf().err(f"cannot create the iterator {name}",
-                                                       fd)))
-                try:
-                    while chunk := os.read(fd, 1 << 20):
-                        out.append(chunk)
-                except OSError as exc:
-                    raise Unavailable(f"reading the iterator {name}: {exc.strerror}") \
-                        from None
-                finally:
-                    os.close(fd)
-            return b"".join(out)
+            return b"".join(_run(pin_dir, name) for name in PROGRAMS)
         finally:
             os.close(mfd)
     finally:
         os.close(dfd)  # and the lock with it
+
+
+def _run(pin_dir: str, name: str) -> bytes:
+    """Everything one pinned iterator writes out."""
+    lib = libbpf().lib
+    lfd = lib.bpf_obj_get(f"{pin_dir}/{name}".encode())
+    if lfd < 0:
+        raise Unavailable(str(libbpf().err(f"cannot open {pin_dir}/{name}", lfd)))
+    try:
+        fd = lib.bpf_iter_create(lfd)
+    finally:
+        os.close(lfd)
+    if fd < 0:
+        raise Unavailable(str(libbpf().err(f"cannot create the iterator {name}", fd)))
+    out: list[bytes] = []
+    try:
+        while chunk := os.read(fd, 1 << 20):
+            out.append(chunk)
+    except OSError as exc:
+        raise Unavailable(f"reading the iterator {name}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    return b"".join(out)
+
+
+def mount_namespaces(obj_path: Path = OBJECT) -> dict[int, int]:
+    """Every process's mount namespace (pid -> inode number), as /proc/PID/ns/mnt names
+    it, in one pass. Raises Unavailable."""
+    try:
+        pin_dir = _pin_dir(obj_path)
+        if not os.path.isdir(pin_dir):
+            _load(obj_path, pin_dir)
+    except (BPFError, OSError) as exc:
+        raise Unavailable(str(exc)) from None
+    data = _run(pin_dir, NS_PROGRAM)
+    return {r[1]: r[8] for r in _REC.iter_unpack(data) if r[0] == _MNTNS}
+
+
+def namespaces_of(roots: Roots) -> dict[int, int] | None:
+    """mount_namespaces() where the in-kernel scan may run (as scan() decides), else None:
+    the /proc scan reads each process's link."""
+    if os.environ.get(ENV, "") == "proc" or unavailable(roots) is not None:
+        return None
+    try:
+        return mount_namespaces()
+    except Unavailable as exc:
+        log.debug("scan: mount namespaces from /proc, not BPF iterators: %s", exc)
+        return None
 
 
 def scan_processes_kernel(

@@ -37,14 +37,27 @@ class NamespaceScan:
     unreadable: tuple[Unreadable, ...]
 
 
-def read_mount_namespaces(roots: Roots, pids: Iterable[int]) -> NamespaceScan:
-    """Every mount namespace that has a process, with its mount table, read once each."""
+def read_mount_namespaces(roots: Roots, pids: Iterable[int],
+                          ns_of: dict[int, int] | None = None) -> NamespaceScan:
+    """Every mount namespace that has a process, with its mount table, read once each.
+    ``ns_of`` (pid -> namespace inode, from the in-kernel scan) replaces reading each
+    process's /proc/PID/ns/mnt; a pid it lacks has gone."""
     members: dict[int, list[int]] = {}
     problems: list[Unreadable] = []
     denied: list[int] = []
     proc = roots.proc
     seen: dict[str, int] = {}  # link text -> inode: most processes share a few namespaces
     for pid in pids:
+        if ns_of is not None:
+            inode = ns_of.get(pid)
+            if inode is None:
+                continue
+            found = members.get(inode)
+            if found is None:
+                members[inode] = [pid]
+            else:
+                found.append(pid)
+            continue
         try:
             link = os.readlink(f"{proc}/{pid}/ns/mnt")
         except OSError as exc:

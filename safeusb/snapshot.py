@@ -8,6 +8,7 @@ import stat
 from typing import TYPE_CHECKING
 
 from . import recording, sysfs
+from .bpfscan import namespaces_of
 from .bpfscan import scan as scan_processes
 from .classes import read_classes
 from .model import (
@@ -207,7 +208,7 @@ def read_snapshot(
     members = _closure(start, all_blocks)
 
     pids = list_pids(roots)
-    ns_scan = read_mount_namespaces(roots, pids)
+    ns_scan = read_mount_namespaces(roots, pids, namespaces_of(roots))
     namespaces = ns_scan.namespaces
     problems: list[Unreadable] = list(ns_scan.unreadable)
 

@@ -11,10 +11,11 @@
  * another device than the superblock's (overlayfs, btrfs) are written out with
  * REC_STAT so that user space stats them as the /proc scan does. Records are fixed-size
  * (struct scan_rec, mirrored in safeusb/bpfscan.py); names are read by user space for the
- * few that match.
+ * few that match. Fields are read directly (BTF pointers, CO-RE relocated through
+ * vmlinux.h's preserve_access_index): the map program runs once per mapping of every
+ * process, and a probe-read helper call per field costs more than the rest of it.
  */
 #include "vmlinux.h"
-#include <bpf/bpf_core_read.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
 
@@ -35,6 +36,7 @@ enum rec_kind {
 	REC_CWD = 2,
 	REC_ROOT = 3,
 	REC_MMAP = 4,
+	REC_MNTNS = 5,	/* every leader's mount namespace: ino is its inode number */
 };
 
 #define REC_STAT 1	/* flags: user space must stat it (st_dev may differ from s_dev) */
@@ -68,7 +70,7 @@ static __always_inline __u32 bits(__u32 dev)
 
 static __always_inline int special(struct super_block *sb)
 {
-	unsigned long magic = BPF_CORE_READ(sb, s_magic);
+	unsigned long magic = sb->s_magic;
 
 	return magic == OVERLAYFS_SUPER_MAGIC || magic == BTRFS_SUPER_MAGIC;
 }
@@ -81,10 +83,10 @@ static __always_inline void emit(struct seq_file *seq, __u32 kind, __u32 tgid, _
 	r.kind = kind;
 	r.tgid = tgid;
 	r.fd = fd;
-	r.mode = BPF_CORE_READ(inode, i_mode);
-	r.dev = BPF_CORE_READ(inode, i_sb, s_dev);
-	r.rdev = BPF_CORE_READ(inode, i_rdev);
-	r.ino = BPF_CORE_READ(inode, i_ino);
+	r.mode = inode->i_mode;
+	r.dev = inode->i_sb->s_dev;
+	r.rdev = inode->i_rdev;
+	r.ino = inode->i_ino;
 	r.start = start;
 	r.flags = flags;
 	bpf_seq_write(seq, &r, sizeof(r));
@@ -93,13 +95,13 @@ static __always_inline void emit(struct seq_file *seq, __u32 kind, __u32 tgid, _
 /* An inode found as a file, working or root directory: on the device? */
 static __always_inline __u32 wanted(struct inode *inode)
 {
-	struct super_block *sb = BPF_CORE_READ(inode, i_sb);
-	__u32 mode = BPF_CORE_READ(inode, i_mode) & S_IFMT;
-	__u32 dev = BPF_CORE_READ(sb, s_dev);
+	struct super_block *sb = inode->i_sb;
+	__u32 mode = inode->i_mode & S_IFMT;
+	__u32 dev = sb->s_dev;
 
-	if (mode == S_IFBLK && (bits(BPF_CORE_READ(inode, i_rdev)) & DEV_BLOCK))
+	if (mode == S_IFBLK && (bits(inode->i_rdev) & DEV_BLOCK))
 		return 1;
-	if (mode == S_IFCHR && (bits(BPF_CORE_READ(inode, i_rdev)) & DEV_CHAR))
+	if (mode == S_IFCHR && (bits(inode->i_rdev) & DEV_CHAR))
 		return 1;
 	if (bits(dev) & DEV_FS)
 		return 1;
@@ -110,20 +112,20 @@ static __always_inline __u32 wanted(struct inode *inode)
 
 static __always_inline int leader(struct task_struct *task)
 {
-	return BPF_CORE_READ(task, pid) == BPF_CORE_READ(task, tgid);
+	return task->pid == task->tgid;
 }
 
 static __always_inline void dir(struct seq_file *seq, struct task_struct *task,
 				struct dentry *dentry, __u32 kind)
 {
-	struct inode *inode = BPF_CORE_READ(dentry, d_inode);
+	struct inode *inode = dentry ? dentry->d_inode : NULL;
 	__u32 w;
 
 	if (!inode)
 		return;
 	w = wanted(inode);
 	if (w)
-		emit(seq, kind, BPF_CORE_READ(task, tgid), -1, inode, 0, w >> 8);
+		emit(seq, kind, task->tgid, -1, inode, 0, w >> 8);
 }
 
 SEC("iter/task")
@@ -134,11 +136,31 @@ int scan_dirs(struct bpf_iter__task *ctx)
 
 	if (!task || !leader(task))
 		return 0;
-	fs = BPF_CORE_READ(task, fs);
+	fs = task->fs;
 	if (!fs)
 		return 0;
-	dir(ctx->meta->seq, task, BPF_CORE_READ(fs, pwd.dentry), REC_CWD);
-	dir(ctx->meta->seq, task, BPF_CORE_READ(fs, root.dentry), REC_ROOT);
+	dir(ctx->meta->seq, task, fs->pwd.dentry, REC_CWD);
+	dir(ctx->meta->seq, task, fs->root.dentry, REC_ROOT);
+	return 0;
+}
+
+SEC("iter/task")
+int scan_ns(struct bpf_iter__task *ctx)
+{
+	struct task_struct *task = ctx->task;
+	struct nsproxy *nsp;
+	struct scan_rec r = {};
+
+	if (!task || !leader(task))
+		return 0;
+	nsp = task->nsproxy;
+	if (!nsp || !nsp->mnt_ns)
+		return 0;	/* exiting: /proc/PID/ns/mnt is gone too */
+	r.kind = REC_MNTNS;
+	r.tgid = task->tgid;
+	r.fd = -1;
+	r.ino = nsp->mnt_ns->ns.inum;
+	bpf_seq_write(ctx->meta->seq, &r, sizeof(r));
 	return 0;
 }
 
@@ -152,12 +174,12 @@ int scan_files(struct bpf_iter__task_file *ctx)
 
 	if (!task || !file || !leader(task))
 		return 0;
-	inode = BPF_CORE_READ(file, f_inode);
+	inode = file->f_inode;
 	if (!inode)
 		return 0;
 	w = wanted(inode);
 	if (w)
-		emit(ctx->meta->seq, REC_FD, BPF_CORE_READ(task, tgid), ctx->fd, inode, 0, w >> 8);
+		emit(ctx->meta->seq, REC_FD, task->tgid, ctx->fd, inode, 0, w >> 8);
 	return 0;
 }
 
@@ -166,17 +188,19 @@ int scan_maps(struct bpf_iter__task_vma *ctx)
 {
 	struct task_struct *task = ctx->task;
 	struct vm_area_struct *vma = ctx->vma;
+	struct file *file;
 	struct inode *inode;
 
-	if (!task || !vma || !leader(task))
+	if (!task || !vma)
 		return 0;
 	/* /proc/PID/maps prints the device of file_inode(vm_file), as this reads it. */
-	inode = BPF_CORE_READ(vma, vm_file, f_inode);
-	if (!inode)
+	file = vma->vm_file;
+	if (!file)
 		return 0;
-	if (bits(BPF_CORE_READ(inode, i_sb, s_dev)) & DEV_FS)
-		emit(ctx->meta->seq, REC_MMAP, BPF_CORE_READ(task, tgid), -1, inode,
-		     BPF_CORE_READ(vma, vm_start), 0);
+	inode = file->f_inode;
+	if (!(bits(inode->i_sb->s_dev) & DEV_FS) || !leader(task))
+		return 0;
+	emit(ctx->meta->seq, REC_MMAP, task->tgid, -1, inode, vma->vm_start, 0);
 	return 0;
 }
 

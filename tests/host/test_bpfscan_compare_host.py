@@ -159,3 +159,16 @@ def test_scan_falls_back_to_proc_with_the_reason(held, monkeypatch: pytest.Monke
     assert why == "refused for the test"
     assert differences(scan, procfs.scan_processes(Roots.host(), sorted(ours), nodes, fs)) == []
     assert scan.uses
+
+
+def test_mount_namespaces_from_the_kernel_match_proc(held) -> None:  # type: ignore[no-untyped-def]
+    ours, _nodes, _fs = held
+    roots = Roots.host()
+    pids = sorted([1, os.getpid(), *ours])
+    ns_of = bpfscan.mount_namespaces()
+    for pid in pids:
+        assert f"mnt:[{ns_of[pid]}]" == os.readlink(f"/proc/{pid}/ns/mnt")
+    kernel = procfs.read_mount_namespaces(roots, pids, ns_of)
+    proc = procfs.read_mount_namespaces(roots, pids)
+    assert kernel == proc
+    assert len({ns.inode for ns in kernel.namespaces}) >= 2  # the private one too
