@@ -63,8 +63,8 @@ def _from_kdev(v: int) -> DevNum:
 
 def unavailable(roots: Roots) -> str | None:
     """Why the in-kernel scan cannot run for these roots, or None when it may."""
-    if not roots.live or is_recording(roots):
-        return "not the live system (a recording is read through its own /proc)"
+    if not roots.live or is_recording(roots) or roots.proc != "/proc":
+        return "not the live system's /proc (a recording is read through its own)"
     if os.geteuid() != 0:
         return "not root (BPF iterators need CAP_BPF and CAP_PERFMON)"
     if not os.path.exists("/sys/kernel/btf/vmlinux"):
