@@ -342,12 +342,16 @@ def scan(
     nodes: frozenset[tuple[NodeKind, DevNum]],
     fs_devnums: frozenset[DevNum],
     skip_pids: frozenset[int] = frozenset(),
+    kernel: bool = True,
 ) -> tuple[ProcessScan, str | None]:
-    """What processes hold on the device: in the kernel where it can, else through /proc.
-    Returns the scan and, when /proc was read, why the in-kernel scan was not used."""
+    """What processes hold on the device: in the kernel where it can (and ``kernel``),
+    else through /proc. Returns the scan and, when /proc was read, why the in-kernel scan
+    was not used."""
     choice = os.environ.get(ENV, "")
-    if choice == "proc":
-        why: str | None = f"{ENV}=proc"
+    if not kernel:
+        why: str | None = "the caller reads /proc only"
+    elif choice == "proc":
+        why = f"{ENV}=proc"
     else:
         try:
             return scan_processes_kernel(roots, pids, nodes, fs_devnums, skip_pids), None

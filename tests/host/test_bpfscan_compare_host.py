@@ -172,3 +172,26 @@ def test_mount_namespaces_from_the_kernel_match_proc(held) -> None:  # type: ign
     proc = procfs.read_mount_namespaces(roots, pids)
     assert kernel == proc
     assert len({ns.inode for ns in kernel.namespaces}) >= 2  # the private one too
+
+
+def test_snapshots_alike_with_and_without_the_kernel_scan(held, loop_ext4: Loop) -> None:  # type: ignore[no-untyped-def]
+    from safeusb.selector import Selector, resolve  # noqa: PLC0415
+    from safeusb.snapshot import read_snapshot  # noqa: PLC0415
+
+    roots = Roots.host()
+    target = resolve(Selector.from_string(loop_ext4.node), roots)
+    kernel = read_snapshot(roots, target)
+    proc = read_snapshot(roots, target, kernel_scan=False)
+    ours = set(held[0])
+    # Other processes of the host come and go between the two: the device's users are
+    # this test's processes only.
+    assert {u.pid for u in kernel.uses} == ours
+    assert kernel.uses == proc.uses
+    assert kernel.fs_devices == proc.fs_devices
+
+    def mounts(snap):  # type: ignore[no-untyped-def]
+        return sorted((ns.inode, ns.pid, m.mountpoint) for ns in snap.namespaces
+                      for m in ns.mounts if m.devnum in snap.fs_devices)
+
+    assert mounts(kernel) == mounts(proc)
+    assert len({inode for inode, _, _ in mounts(kernel)}) == 2  # the host's, the private one
