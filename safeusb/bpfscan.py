@@ -22,7 +22,6 @@ import logging
 import os
 import stat
 import struct
-from pathlib import Path
 
 from .bpfload import BPFError, bpffs, libbpf
 from .model import DevNum, NodeKind, ProcessUse, UseKind
@@ -33,7 +32,9 @@ from .roots import Roots
 
 log = logging.getLogger("safeusb")
 
-OBJECT = Path(__file__).resolve().parent / "bpf" / "scan.bpf.o"
+# A str, not a pathlib.Path: pathlib (and urllib, ipaddress with it) costs the command
+# ~6 ms of start-up, and nothing else on the inspect path imports it.
+OBJECT = os.path.join(os.path.dirname(os.path.realpath(__file__)), "bpf", "scan.bpf.o")
 PROGRAMS = ("scan_dirs", "scan_files", "scan_maps")  # read for a device's uses
 NS_PROGRAM = "scan_ns"  # every process's mount namespace
 ENV = "SAFEUSB_SCAN"
@@ -69,7 +70,7 @@ def unavailable(roots: Roots) -> str | None:
         return "not root (BPF iterators need CAP_BPF and CAP_PERFMON)"
     if not os.path.exists("/sys/kernel/btf/vmlinux"):
         return "the kernel has no BTF (/sys/kernel/btf/vmlinux: CONFIG_DEBUG_INFO_BTF)"
-    if not OBJECT.exists():
+    if not os.path.exists(OBJECT):
         return f"the scan's BPF object is not built ({OBJECT}; scripts/build-bpf)"
     try:
         with open("/proc/self/status", encoding="ascii", errors="replace") as f:
@@ -82,13 +83,13 @@ def unavailable(roots: Roots) -> str | None:
     return None
 
 
-def _pin_dir(obj_path: Path) -> str:
+def _pin_dir(obj_path: str) -> str:
     """Where this build of the object stays loaded: a new build gets a new directory."""
     st = os.stat(obj_path)
     return f"{PIN_ROOT}/{PIN_PREFIX}{st.st_size:x}-{st.st_mtime_ns:x}"
 
 
-def _load(obj_path: Path, pin_dir: str) -> None:
+def _load(obj_path: str, pin_dir: str) -> None:
     """Load the iterator programs and pin their links and the device map in pin_dir
     (made whole under a temporary name, then renamed: a concurrent load loses the rename
     and removes its own)."""
@@ -97,7 +98,7 @@ def _load(obj_path: Path, pin_dir: str) -> None:
     tmp = f"{pin_dir}-tmp{os.getpid()}"  # bpffs refuses names with a dot
     os.makedirs(tmp, mode=0o700, exist_ok=True)
     quiet = lib.libbpf_set_print(None)  # its log would go to our stderr
-    obj = lib.bpf_object__open_file(str(obj_path).encode(), None)
+    obj = lib.bpf_object__open_file(obj_path.encode(), None)
     try:
         if not obj:
             raise Unavailable(str(libbpf().err(f"cannot open {obj_path}")))
@@ -155,7 +156,7 @@ def unload() -> bool:
     return found
 
 
-def read_records(devs: dict[int, int], obj_path: Path = OBJECT) -> bytes:
+def read_records(devs: dict[int, int], obj_path: str = OBJECT) -> bytes:
     """Run the iterator programs for the device numbers (kernel encoding -> DEV_ bits)
     and read what each writes out. The programs are loaded once and stay pinned under
     /sys/fs/bpf (loading costs more than a scan); a scan holds an exclusive lock on their
@@ -212,7 +213,7 @@ def _run(pin_dir: str, name: str) -> bytes:
     return b"".join(out)
 
 
-def mount_namespaces(obj_path: Path = OBJECT) -> dict[int, int]:
+def mount_namespaces(obj_path: str = OBJECT) -> dict[int, int]:
     """Every process's mount namespace (pid -> inode number), as /proc/PID/ns/mnt names
     it, in one pass. Raises Unavailable."""
     try:
