@@ -173,7 +173,9 @@ def read_records(devs: dict[int, int], obj_path: str = OBJECT) -> bytes:
         fcntl.flock(dfd, fcntl.LOCK_EX)
         mfd = lib.bpf_obj_get(f"{pin_dir}/devs".encode())
         if mfd < 0:
-            raise Unavailable(str(libbpf().err(f"cannot open {pin_dir}/devs", mfd)))
+            why = str(libbpf().err(f"cannot open {pin_dir}/devs", mfd))
+            _remove(pin_dir)  # broken: the next scan loads it again
+            raise Unavailable(why)
         try:
             key, nxt = ctypes.c_uint32(0), ctypes.c_uint32(0)
             while lib.bpf_map_get_next_key(mfd, None, ctypes.byref(nxt)) == 0:
@@ -195,7 +197,9 @@ def _run(pin_dir: str, name: str) -> bytes:
     lib = libbpf().lib
     lfd = lib.bpf_obj_get(f"{pin_dir}/{name}".encode())
     if lfd < 0:
-        raise Unavailable(str(libbpf().err(f"cannot open {pin_dir}/{name}", lfd)))
+        why = str(libbpf().err(f"cannot open {pin_dir}/{name}", lfd))
+        _remove(pin_dir)  # broken: the next scan loads it again
+        raise Unavailable(why)
     try:
         fd = lib.bpf_iter_create(lfd)
     finally:

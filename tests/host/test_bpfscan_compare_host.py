@@ -195,3 +195,18 @@ def test_snapshots_alike_with_and_without_the_kernel_scan(held, loop_ext4: Loop)
 
     assert mounts(kernel) == mounts(proc)
     assert len({inode for inode, _, _ in mounts(kernel)}) == 2  # the host's, the private one
+
+
+def test_loaded_afresh_and_a_broken_pin_reloaded(held) -> None:  # type: ignore[no-untyped-def]
+    ours, nodes, fs = held
+    bpfscan.unload()
+    assert not [n for n in os.listdir(bpfscan.PIN_ROOT) if n.startswith(bpfscan.PIN_PREFIX)]
+    kernel, proc = _both(sorted(ours), nodes, fs)  # loads and pins the programs
+    assert differences(kernel, proc) == []
+    pin = bpfscan._pin_dir(bpfscan.OBJECT)
+    os.unlink(os.path.join(pin, "scan_files"))
+    with pytest.raises(bpfscan.Unavailable, match="scan_files"):
+        bpfscan.scan_processes_kernel(Roots.host(), sorted(ours), nodes, fs)
+    assert not os.path.exists(pin)  # removed, so that the next scan loads it again
+    kernel, proc = _both(sorted(ours), nodes, fs)
+    assert differences(kernel, proc) == []
