@@ -22,6 +22,7 @@ import logging
 import os
 import stat
 import struct
+from typing import Any
 
 from .bpfload import BPFError, bpffs, libbpf
 from .model import DevNum, NodeKind, ProcessUse, UseKind
@@ -96,7 +97,8 @@ def _load(obj_path: str, pin_dir: str) -> None:
     lib = libbpf().lib
     bpffs()
     tmp = f"{pin_dir}-tmp{os.getpid()}"  # bpffs refuses names with a dot
-    os.makedirs(tmp, mode=0o700, exist_ok=True)
+    _remove(tmp)  # left by a load that died, or made by someone else
+    os.mkdir(tmp, 0o700)
     quiet = lib.libbpf_set_print(None)  # its log would go to our stderr
     obj = lib.bpf_object__open_file(obj_path.encode(), None)
     try:
@@ -137,11 +139,53 @@ def _load(obj_path: str, pin_dir: str) -> None:
             _remove(f"{PIN_ROOT}/{name}")
 
 
+def _lib() -> Any:
+    try:
+        return libbpf().lib
+    except BPFError as exc:
+        raise Unavailable(str(exc)) from None
+
+
+def _ready(obj_path: str) -> str:
+    """The pinned directory of this build, loaded first if it is not there. /sys/fs/bpf
+    is writable by everyone (sticky, like /tmp): a directory of that name that is not
+    root's own, mode 0700, is removed (or, if it cannot be, refused) and never used."""
+    try:
+        pin_dir = _pin_dir(obj_path)
+        for _ in range(3):  # remove a stranger's, load, check
+            try:
+                st = os.lstat(pin_dir)
+            except FileNotFoundError:
+                _load(obj_path, pin_dir)
+                continue
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() \
+                    and not st.st_mode & 0o077:
+                return pin_dir
+            _remove(pin_dir)
+            if os.path.lexists(pin_dir):
+                break
+    except (BPFError, OSError) as exc:
+        raise Unavailable(str(exc)) from None
+    raise Unavailable(f"{pin_dir} is not root's own, and cannot be removed")
+
+
 def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        for name in os.listdir(path):
+    """Remove a pinned directory and what is pinned in it; never through a symlink."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError:  # not a directory (a symlink, a pinned object): only the name goes
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    try:
+        for name in os.listdir(fd):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{path}/{name}")
+                os.unlink(name, dir_fd=fd)
+    finally:
+        os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
         os.rmdir(path)
 
 
@@ -161,13 +205,11 @@ def read_records(devs: dict[int, int], obj_path: str = OBJECT) -> bytes:
     and read what each writes out. The programs are loaded once and stay pinned under
     /sys/fs/bpf (loading costs more than a scan); a scan holds an exclusive lock on their
     directory while it sets the device map. Raises Unavailable with the reason."""
+    lib = _lib()
+    pin_dir = _ready(obj_path)
     try:
-        lib = libbpf().lib
-        pin_dir = _pin_dir(obj_path)
-        if not os.path.isdir(pin_dir):
-            _load(obj_path, pin_dir)
-        dfd = os.open(pin_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except (BPFError, OSError) as exc:
+        dfd = os.open(pin_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
         raise Unavailable(str(exc)) from None
     try:
         fcntl.flock(dfd, fcntl.LOCK_EX)
@@ -220,13 +262,7 @@ def _run(pin_dir: str, name: str) -> bytes:
 def mount_namespaces(obj_path: str = OBJECT) -> dict[int, int]:
     """Every process's mount namespace (pid -> inode number), as /proc/PID/ns/mnt names
     it, in one pass. Raises Unavailable."""
-    try:
-        pin_dir = _pin_dir(obj_path)
-        if not os.path.isdir(pin_dir):
-            _load(obj_path, pin_dir)
-    except (BPFError, OSError) as exc:
-        raise Unavailable(str(exc)) from None
-    data = _run(pin_dir, NS_PROGRAM)
+    data = _run(_ready(obj_path), NS_PROGRAM)
     return {r[1]: r[8] for r in _REC.iter_unpack(data) if r[0] == _MNTNS}
 
 

@@ -210,3 +210,25 @@ def test_loaded_afresh_and_a_broken_pin_reloaded(held) -> None:  # type: ignore[
     assert not os.path.exists(pin)  # removed, so that the next scan loads it again
     kernel, proc = _both(sorted(ours), nodes, fs)
     assert differences(kernel, proc) == []
+
+
+def test_a_pin_directory_not_roots_own_is_never_used(held, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    ours, nodes, fs = held
+    bpfscan.unload()
+    pin = bpfscan._pin_dir(bpfscan.OBJECT)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("x")
+    os.symlink(victim, pin)  # as anyone may, /sys/fs/bpf being world-writable
+    try:
+        kernel, proc = _both(sorted(ours), nodes, fs)
+        assert differences(kernel, proc) == []
+        assert (victim / "keep").exists()  # removed the link, not what it points to
+        assert os.path.isdir(pin) and not os.path.islink(pin)
+        os.chmod(pin, 0o755)  # not private: removed and loaded again
+        kernel, proc = _both(sorted(ours), nodes, fs)
+        assert differences(kernel, proc) == []
+        assert os.stat(pin).st_mode & 0o777 == 0o700
+    finally:
+        if os.path.islink(pin):
+            os.unlink(pin)
