@@ -4,10 +4,13 @@
 Builds a busy host (processes holding open files, many mount namespaces, one loop-backed
 ext4 mounted in some of them), then times, in one run, against `lsblk -J` + `findmnt -N
 PID` for each namespace + `fuser -m`:
-- the /proc path: `safeusb inspect --local /dev/loopN` (the command reads /proc itself);
+- the /proc path: `SAFEUSB_SCAN=proc safeusb inspect --local /dev/loopN` (the command
+  reads /proc itself);
+- the in-kernel path: `SAFEUSB_SCAN=kernel safeusb inspect --local /dev/loopN` (open files,
+  cwd/root and mappings found by BPF iterators; the rest as on the /proc path), or why it
+  cannot run here;
 - through the service: `safeusb inspect /dev/loopN` answered by a safeusbd started from
   this checkout on a socket of its own (the scan runs in the daemon, already started);
-- the in-kernel path (BPF iterators), or why it has no line.
 Prints figures at several sizes, each path's cost per 1,000 processes (a least-squares
 slope over the sizes) and the load. Needs root.
 Run: sudo .venv/bin/python benchmarks/inspect_busy_host.py
@@ -31,8 +34,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SAFEUSB = ROOT / ".venv" / "bin" / "safeusb"
 SAFEUSBD = ROOT / ".venv" / "bin" / "safeusbd"
 PYTHON = ROOT / ".venv" / "bin" / "python"
-IN_KERNEL_WHY = ("not built: BPF iterators (iter/task_file, iter/task_vma) are to share "
-                 "the kernel guard's toolchain (safeusb/bpf/), not in this checkout")
 
 
 def run(*argv: str) -> str:
@@ -184,9 +185,20 @@ def main() -> int:
         print(f"interpreter start-up, {name}: {t * 1000:.1f} ms")
     print("wall ms (CPU ms: the commands' own, safeusbd's included), medians; x: against by "
           "hand")
-    print(f"{'procs':>6} {'fds':>7} {'mntns':>6} {'/proc':>14} {'safeusbd':>14} "
-          f"{'by hand':>14} {'/proc x':>12} {'safeusbd x':>12}  exit  same")
-    rows: list[tuple[int, float, float, float, float, float, float]] = []
+    sys.path.insert(0, str(ROOT))
+    from safeusb import bpfscan  # noqa: PLC0415
+    from safeusb.roots import Roots  # noqa: PLC0415
+
+    why = bpfscan.unavailable(Roots.host())
+    if why is None:
+        try:
+            bpfscan.read_records({})
+        except bpfscan.Unavailable as exc:
+            why = str(exc)
+    print(f"{'procs':>6} {'fds':>7} {'mntns':>6} {'/proc':>14} {'in-kernel':>14} "
+          f"{'safeusbd':>14} {'by hand':>14} {'/proc x':>12} {'kernel x':>12} "
+          f"{'safeusbd x':>12}  exit  same")
+    rows: list[tuple[int, float, float, float, float, float, float, float, float]] = []
     with tempfile.TemporaryDirectory(prefix="safeusb-bench-") as tmp:
         host = BusyHost(Path(tmp))
         try:
@@ -194,12 +206,18 @@ def main() -> int:
                 for size in (int(s) for s in args.sizes.split(",")):
                     host.grow(size, args.namespaces, args.mounted_in)
                     node = host.loop
-                    local_argv = [str(SAFEUSB), "inspect", "--local", node]
+                    local_argv = ["env", "SAFEUSB_SCAN=proc", str(SAFEUSB), "inspect",
+                                  "--local", node]
+                    kernel_argv = ["env", "SAFEUSB_SCAN=kernel", str(SAFEUSB), "inspect",
+                                   "--local", node]
                     daemon_argv = [str(SAFEUSB), "inspect", "--daemon-socket", sock, node]
                     local = subprocess.run(local_argv, capture_output=True, check=False)
                     served = subprocess.run(daemon_argv, capture_output=True, check=False)
-                    same = (local.returncode, local.stdout) == (served.returncode,
-                                                                 served.stdout)
+                    outs = [(local.returncode, local.stdout), (served.returncode, served.stdout)]
+                    if why is None:
+                        kern = subprocess.run(kernel_argv, capture_output=True, check=False)
+                        outs.append((kern.returncode, kern.stdout))
+                    same = all(o == outs[0] for o in outs)
 
                     def by_hand(node: str = node) -> None:
                         subprocess.run(["lsblk", "-J"], stdout=subprocess.DEVNULL, check=False)
@@ -213,33 +231,45 @@ def main() -> int:
                         subprocess.run(argv, stdout=subprocess.DEVNULL, check=False)
 
                     t_local, c_local = timed_cpu(lambda a=local_argv: quiet(a), args.repeat)
+                    t_kern, c_kern = (timed_cpu(lambda a=kernel_argv: quiet(a), args.repeat)
+                                      if why is None else (float("nan"), float("nan")))
                     t_daemon, c_daemon = timed_cpu(lambda a=daemon_argv: quiet(a),
                                                    args.repeat, also=dpid)
                     t_hand, c_hand = timed_cpu(by_hand, args.repeat)
                     nprocs = sum(1 for p in os.listdir("/proc") if p.isdigit())
-                    rows.append((nprocs, t_local, t_daemon, t_hand, c_local, c_daemon, c_hand))
+                    rows.append((nprocs, t_local, t_kern, t_daemon, t_hand,
+                                 c_local, c_kern, c_daemon, c_hand))
 
                     def ms(wall: float, cpu: float) -> str:
+                        if wall != wall:  # nan: not run
+                            return "-"
                         return f"{wall * 1000:.0f} ({cpu * 1000:.0f})"
 
                     def x(a: float, ca: float, hand: float = t_hand,
                           chand: float = c_hand) -> str:
+                        if a != a:
+                            return "-"
                         return f"{a / hand:.2f} ({ca / chand:.2f})"
 
                     print(f"{nprocs:>6} {count_fds():>7} {len(host.ns_pids):>6} "
-                          f"{ms(t_local, c_local):>14} {ms(t_daemon, c_daemon):>14} "
+                          f"{ms(t_local, c_local):>14} {ms(t_kern, c_kern):>14} "
+                          f"{ms(t_daemon, c_daemon):>14} "
                           f"{ms(t_hand, c_hand):>14} {x(t_local, c_local):>12} "
+                          f"{x(t_kern, c_kern):>12} "
                           f"{x(t_daemon, c_daemon):>12}  {local.returncode:>4}  "
                           f"{'yes' if same else 'NO'}", flush=True)
         finally:
             host.close()
     xs = [r[0] for r in rows]
-    for i, name in ((1, "/proc path"), (2, "through safeusbd"), (3, "by hand")):
+    for i, name in ((1, "/proc path"), (2, "in-kernel"), (3, "through safeusbd"),
+                    (4, "by hand")):
+        if i == 2 and why is not None:
+            print(f"{name:>17}: not run: {why}")
+            continue
         k, c = slope(xs, [r[i] * 1000 for r in rows])
-        kc, cc = slope(xs, [r[i + 3] * 1000 for r in rows])
+        kc, cc = slope(xs, [r[i + 4] * 1000 for r in rows])
         print(f"{name:>17}: {k:6.1f} ms per 1,000 processes, {c:6.1f} ms at none "
               f"(CPU: {kc:5.1f} ms per 1,000, {cc:5.1f} ms at none)")
-    print(f"        in-kernel: {IN_KERNEL_WHY}")
     print(f"load average at end: {load()}")
     print("goal: /proc path <= 0.5 x by hand at every size; in-kernel <= 0.1 x at 3,000 and "
           "10,000")

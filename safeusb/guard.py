@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import json
 import logging
@@ -25,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SafeUSBError
+from .bpfload import SAMPLE_FN, BPFError, bpffs, libbpf, mount
 
 log = logging.getLogger("safeusb")
 
@@ -53,8 +52,7 @@ KINDS = {
 }
 
 
-class GuardError(SafeUSBError):
-    pass
+GuardError = BPFError  # libbpf's failures are the guard's
 
 
 # --- the kernel's side -----------------------------------------------------------------
@@ -72,7 +70,7 @@ def _securityfs(sys_root: str) -> str:
     if not os.path.exists(os.path.join(path, "lsm")) and os.geteuid() == 0 and \
             sys_root == "/sys":
         with contextlib.suppress(OSError):
-            _mount("securityfs", path, "securityfs")
+            mount("securityfs", path, "securityfs")
     return path
 
 
@@ -130,78 +128,8 @@ def probe_lsm_programs() -> str | None:
             "DIRECT_CALLS) or run in a sandbox that forbids them")
 
 
-def _mount(source: str, target: str, fstype: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mount(source.encode(), target.encode(), fstype.encode(), 0, None) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), target)
-
-
-def _bpffs() -> None:
-    if not os.path.ismount("/sys/fs/bpf"):
-        try:
-            _mount("bpf", "/sys/fs/bpf", "bpf")
-        except OSError as exc:
-            raise GuardError(f"cannot mount bpffs at /sys/fs/bpf: {exc.strerror}") from None
-
-
 def enabled(pin_dir: str = PIN_DIR) -> bool:
     return all(os.path.exists(os.path.join(pin_dir, f"link_{p}")) for p in PROGRAMS)
-
-
-# --- libbpf ------------------------------------------------------------------------------
-
-_SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
-
-
-class _Libbpf:
-    def __init__(self) -> None:
-        name = ctypes.util.find_library("bpf") or "libbpf.so.1"
-        try:
-            lib = ctypes.CDLL(name, use_errno=True)
-        except OSError as exc:
-            raise GuardError(f"libbpf is not installed ({exc}; Debian package libbpf1)") \
-                from None
-        p, i, s, u = ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint64
-        sig: dict[str, tuple[Any, list[Any]]] = {
-            "bpf_object__open_file": (p, [s, p]),
-            "bpf_object__load": (i, [p]),
-            "bpf_object__close": (None, [p]),
-            "bpf_object__find_program_by_name": (p, [p, s]),
-            "bpf_object__find_map_by_name": (p, [p, s]),
-            "bpf_program__attach": (p, [p]),
-            "bpf_link__pin": (i, [p, s]),
-            "bpf_link__destroy": (i, [p]),
-            "bpf_map__pin": (i, [p, s]),
-            "bpf_map__fd": (i, [p]),
-            "bpf_obj_get": (i, [s]),
-            "bpf_map_update_elem": (i, [i, p, p, u]),
-            "bpf_map_lookup_elem": (i, [i, p, p]),
-            "bpf_map_delete_elem": (i, [i, p]),
-            "ring_buffer__new": (p, [i, _SAMPLE_FN, p, p]),
-            "ring_buffer__poll": (i, [p, i]),
-            "ring_buffer__free": (None, [p]),
-            "libbpf_probe_bpf_prog_type": (i, [i, p]),
-        }
-        for fn, (res, args) in sig.items():
-            f = getattr(lib, fn)
-            f.restype, f.argtypes = res, args
-        self.lib = lib
-
-    @staticmethod
-    def err(what: str, rc: int | None = None) -> GuardError:
-        code = -rc if rc is not None and rc < 0 else ctypes.get_errno()
-        return GuardError(f"{what}: {os.strerror(code) if code else 'failed'}")
-
-
-_LIB: _Libbpf | None = None
-
-
-def libbpf() -> _Libbpf:
-    global _LIB  # noqa: PLW0603
-    if _LIB is None:
-        _LIB = _Libbpf()
-    return _LIB
 
 
 def _obj_get(path: str) -> int:
@@ -228,7 +156,7 @@ def enable(drivers: tuple[str, ...] = GUARDED_DRIVERS, pin_dir: str = PIN_DIR,
     avail = availability()
     if not avail.available:
         raise GuardError("; ".join(avail.reasons))
-    _bpffs()
+    bpffs()
     disable(pin_dir)  # a half-pinned guard from an interrupted enable
     os.makedirs(pin_dir, mode=0o700, exist_ok=True)
     lib = libbpf().lib
@@ -464,7 +392,7 @@ class GuardWatcher:
                 pending.append(Refusal.from_bytes(ctypes.string_at(data, size)))
             return 0
 
-        cb = _SAMPLE_FN(sample)
+        cb = SAMPLE_FN(sample)
         rb = lib.ring_buffer__new(fd, cb, None, None)
         if not rb:
             os.close(fd)

@@ -37,14 +37,29 @@ class NamespaceScan:
     unreadable: tuple[Unreadable, ...]
 
 
-def read_mount_namespaces(roots: Roots, pids: Iterable[int]) -> NamespaceScan:
-    """Every mount namespace that has a process, with its mount table, read once each."""
+def read_mount_namespaces(roots: Roots, pids: Iterable[int],
+                          ns_of: dict[int, int] | None = None) -> NamespaceScan:
+    """Every mount namespace that has a process, with its mount table, read once each.
+    ``ns_of`` (pid -> namespace inode, from the in-kernel scan) replaces reading each
+    process's /proc/PID/ns/mnt; a pid it lacks has gone. Only the process whose mount
+    table is read has its link read, so that a namespace is read through the same process
+    as without ``ns_of``: one whose link is denied is tried no further."""
     members: dict[int, list[int]] = {}
     problems: list[Unreadable] = []
     denied: list[int] = []
     proc = roots.proc
     seen: dict[str, int] = {}  # link text -> inode: most processes share a few namespaces
     for pid in pids:
+        if ns_of is not None:
+            inode = ns_of.get(pid)
+            if inode is None:
+                continue
+            found = members.get(inode)
+            if found is None:
+                members[inode] = [pid]
+            else:
+                found.append(pid)
+            continue
         try:
             link = os.readlink(f"{proc}/{pid}/ns/mnt")
         except OSError as exc:
@@ -70,6 +85,8 @@ def read_mount_namespaces(roots: Roots, pids: Iterable[int]) -> NamespaceScan:
     namespaces = []
     for inode, pids_in in sorted(members.items()):
         for pid in pids_in:
+            if ns_of is not None and not _same_namespace(proc, pid, inode, denied):
+                continue
             path = roots.proc_path(str(pid), "mountinfo")
             try:
                 with open(path, encoding="utf-8", errors="surrogateescape") as f:
@@ -91,7 +108,7 @@ def read_mount_namespaces(roots: Roots, pids: Iterable[int]) -> NamespaceScan:
     # ids are already known belongs to a namespace already read.
     known_ids = {m.mount_id for ns in namespaces for m in ns.mounts}
     unreadable_pids = []
-    for pid in denied:
+    for pid in sorted(denied) if ns_of is not None else denied:
         try:
             with open(roots.proc_path(str(pid), "mountinfo"), encoding="utf-8",
                       errors="surrogateescape") as f:
@@ -129,6 +146,18 @@ def read_mount_namespaces(roots: Roots, pids: Iterable[int]) -> NamespaceScan:
                         )
                     )
     return NamespaceScan(tuple(namespaces), tuple(problems))
+
+
+def _same_namespace(proc: str, pid: int, inode: int, denied: list[int]) -> bool:
+    """Is /proc/PID/ns/mnt readable, and the namespace the kernel said? A pid whose link
+    is denied goes to ``denied``, as when every link is read."""
+    try:
+        link = os.readlink(f"{proc}/{pid}/ns/mnt")
+    except OSError as exc:
+        if exc.errno == errno.EACCES:
+            denied.append(pid)
+        return False
+    return link == f"mnt:[{inode}]"
 
 
 def read_swaps(roots: Roots) -> tuple[tuple[str, str, int, int], ...]:

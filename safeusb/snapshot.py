@@ -8,6 +8,8 @@ import stat
 from typing import TYPE_CHECKING
 
 from . import recording, sysfs
+from .bpfscan import namespaces_of
+from .bpfscan import scan as scan_processes
 from .classes import read_classes
 from .model import (
     BlockDevice,
@@ -22,7 +24,7 @@ from .model import (
     fmt_devnum,
 )
 from .parsers import ParseError, parse_bdi_stats
-from .procfs import list_pids, read_mount_namespaces, read_swaps, scan_processes
+from .procfs import list_pids, read_mount_namespaces, read_swaps
 from .roots import Roots
 
 if TYPE_CHECKING:
@@ -191,12 +193,14 @@ def _probe_exclusive(roots: Roots, names: list[str]) -> tuple[str, ...]:
 def read_snapshot(
     roots: Roots, target: Target, runner: Runner | None = None,
     net_match: NetMatch | None = None, mount_debugfs: bool = False,
-    skip_pids: frozenset[int] = frozenset(),
+    skip_pids: frozenset[int] = frozenset(), kernel_scan: bool = True,
 ) -> Snapshot:
     """Read everything the host does with the target, once. ``net_match`` replaces the
     device-to-network-interface mapping (tests). Debugfs, when missing, is mounted through
     ``runner``, or with ``mount_debugfs`` through a runner made only then. This process,
-    and ``skip_pids`` (the command that asked safeusbd), are not counted as users."""
+    and ``skip_pids`` (the command that asked safeusbd), are not counted as users. Open
+    files, mappings and mount namespaces are found by BPF iterators where they can run
+    (bpfscan.py), else through /proc; ``kernel_scan=False`` reads /proc only."""
     nodes = sysfs.nodes_under(target.syspath)
     all_blocks = _read_all_blocks(roots)
     names = _Names(roots, all_blocks)
@@ -206,7 +210,8 @@ def read_snapshot(
     members = _closure(start, all_blocks)
 
     pids = list_pids(roots)
-    ns_scan = read_mount_namespaces(roots, pids)
+    ns_scan = read_mount_namespaces(roots, pids,
+                                    namespaces_of(roots) if kernel_scan else None)
     namespaces = ns_scan.namespaces
     problems: list[Unreadable] = list(ns_scan.unreadable)
 
@@ -247,7 +252,8 @@ def read_snapshot(
     node_keys: set[tuple[NodeKind, DevNum]] = {(n.kind, n.devnum) for n in nodes}
     node_keys |= {("block", b.devnum) for b in blocks.values()}
     skip = frozenset({os.getpid()}) | skip_pids if roots.live else frozenset()
-    proc_scan = scan_processes(roots, pids, frozenset(node_keys), frozenset(fs), skip)
+    proc_scan, _why = scan_processes(roots, pids, frozenset(node_keys), frozenset(fs), skip,
+                                     kernel=kernel_scan)
     problems.extend(proc_scan.unreadable)
 
     bdis = sorted({_bdi_of(b, all_blocks) for b in blocks.values()})

@@ -1,0 +1,207 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+/*
+ * safeusb's in-kernel scan: BPF iterators that walk every process's working and root
+ * directory (iter/task), open files (iter/task_file) and file-backed mappings
+ * (iter/task_vma) in the kernel, and write out only those on the device being inspected:
+ * files whose filesystem (s_dev) or device node (i_rdev) is in the devs map, which
+ * safeusb/bpfscan.py fills before it reads the iterators.
+ *
+ * Only thread group leaders are reported: /proc/PID/fd, cwd, root and maps, which the
+ * /proc scan reads, are the leader's. Files on filesystems whose stat() may report
+ * another device than the superblock's (overlayfs, btrfs) are written out with
+ * REC_STAT so that user space stats them as the /proc scan does. Records are fixed-size
+ * (struct scan_rec, mirrored in safeusb/bpfscan.py); names are read by user space for the
+ * few that match. Fields are read directly (BTF pointers, CO-RE relocated through
+ * vmlinux.h's preserve_access_index): the map program runs once per mapping of every
+ * process, and a probe-read helper call per field costs more than the rest of it.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+
+#define S_IFMT 00170000
+#define S_IFBLK 0060000
+#define S_IFCHR 0020000
+
+#define OVERLAYFS_SUPER_MAGIC 0x794c7630
+#define BTRFS_SUPER_MAGIC 0x9123683e
+
+/* Bits of a devs map value: what the device number is to the inspected device. */
+#define DEV_FS 1	/* a filesystem on it (s_dev) */
+#define DEV_BLOCK 2	/* one of its block nodes (i_rdev) */
+#define DEV_CHAR 4	/* one of its character nodes (i_rdev) */
+
+enum rec_kind {
+	REC_FD = 1,
+	REC_CWD = 2,
+	REC_ROOT = 3,
+	REC_MMAP = 4,
+	REC_MNTNS = 5,	/* every leader's mount namespace: ino is its inode number */
+};
+
+#define REC_STAT 1	/* flags: user space must stat it (st_dev may differ from s_dev) */
+
+struct scan_rec {
+	__u32 kind;
+	__u32 tgid;
+	__s32 fd;	/* -1 but for REC_FD */
+	__u32 mode;
+	__u32 dev;	/* s_dev, the kernel's encoding (major << 20 | minor) */
+	__u32 rdev;	/* i_rdev */
+	__u32 flags;
+	__u32 pad;
+	__u64 ino;
+	__u64 start;	/* REC_MMAP: the mapping's start address */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, __u32);
+} devs SEC(".maps");
+
+static __always_inline __u32 bits(__u32 dev)
+{
+	__u32 *v = bpf_map_lookup_elem(&devs, &dev);
+
+	return v ? *v : 0;
+}
+
+static __always_inline int special(struct super_block *sb)
+{
+	unsigned long magic = sb->s_magic;
+
+	return magic == OVERLAYFS_SUPER_MAGIC || magic == BTRFS_SUPER_MAGIC;
+}
+
+static __always_inline void emit(struct seq_file *seq, __u32 kind, __u32 tgid, __s32 fd,
+				 struct inode *inode, __u64 start, __u32 flags)
+{
+	struct scan_rec r = {};
+
+	r.kind = kind;
+	r.tgid = tgid;
+	r.fd = fd;
+	r.mode = inode->i_mode;
+	r.dev = inode->i_sb->s_dev;
+	r.rdev = inode->i_rdev;
+	r.ino = inode->i_ino;
+	r.start = start;
+	r.flags = flags;
+	bpf_seq_write(seq, &r, sizeof(r));
+}
+
+/* An inode found as a file, working or root directory: on the device? */
+static __always_inline __u32 wanted(struct inode *inode)
+{
+	struct super_block *sb = inode->i_sb;
+	__u32 mode = inode->i_mode & S_IFMT;
+	__u32 dev = sb->s_dev;
+
+	if (mode == S_IFBLK && (bits(inode->i_rdev) & DEV_BLOCK))
+		return 1;
+	if (mode == S_IFCHR && (bits(inode->i_rdev) & DEV_CHAR))
+		return 1;
+	if (bits(dev) & DEV_FS)
+		return 1;
+	if (special(sb))
+		return 1 | (REC_STAT << 8);
+	return 0;
+}
+
+static __always_inline int leader(struct task_struct *task)
+{
+	return task->pid == task->tgid;
+}
+
+static __always_inline void dir(struct seq_file *seq, struct task_struct *task,
+				struct dentry *dentry, __u32 kind)
+{
+	struct inode *inode = dentry ? dentry->d_inode : NULL;
+	__u32 w;
+
+	if (!inode)
+		return;
+	w = wanted(inode);
+	if (w)
+		emit(seq, kind, task->tgid, -1, inode, 0, w >> 8);
+}
+
+SEC("iter/task")
+int scan_dirs(struct bpf_iter__task *ctx)
+{
+	struct task_struct *task = ctx->task;
+	struct fs_struct *fs;
+
+	if (!task || !leader(task))
+		return 0;
+	fs = task->fs;
+	if (!fs)
+		return 0;
+	dir(ctx->meta->seq, task, fs->pwd.dentry, REC_CWD);
+	dir(ctx->meta->seq, task, fs->root.dentry, REC_ROOT);
+	return 0;
+}
+
+SEC("iter/task")
+int scan_ns(struct bpf_iter__task *ctx)
+{
+	struct task_struct *task = ctx->task;
+	struct nsproxy *nsp;
+	struct scan_rec r = {};
+
+	if (!task || !leader(task))
+		return 0;
+	nsp = task->nsproxy;
+	if (!nsp || !nsp->mnt_ns)
+		return 0;	/* exiting: /proc/PID/ns/mnt is gone too */
+	r.kind = REC_MNTNS;
+	r.tgid = task->tgid;
+	r.fd = -1;
+	r.ino = nsp->mnt_ns->ns.inum;
+	bpf_seq_write(ctx->meta->seq, &r, sizeof(r));
+	return 0;
+}
+
+SEC("iter/task_file")
+int scan_files(struct bpf_iter__task_file *ctx)
+{
+	struct task_struct *task = ctx->task;
+	struct file *file = ctx->file;
+	struct inode *inode;
+	__u32 w;
+
+	if (!task || !file || !leader(task))
+		return 0;
+	inode = file->f_inode;
+	if (!inode)
+		return 0;
+	w = wanted(inode);
+	if (w)
+		emit(ctx->meta->seq, REC_FD, task->tgid, ctx->fd, inode, 0, w >> 8);
+	return 0;
+}
+
+SEC("iter/task_vma")
+int scan_maps(struct bpf_iter__task_vma *ctx)
+{
+	struct task_struct *task = ctx->task;
+	struct vm_area_struct *vma = ctx->vma;
+	struct file *file;
+	struct inode *inode;
+
+	if (!task || !vma)
+		return 0;
+	/* /proc/PID/maps prints the device of file_inode(vm_file), as this reads it. */
+	file = vma->vm_file;
+	if (!file)
+		return 0;
+	inode = file->f_inode;
+	if (!(bits(inode->i_sb->s_dev) & DEV_FS) || !leader(task))
+		return 0;
+	emit(ctx->meta->seq, REC_MMAP, task->tgid, -1, inode, vma->vm_start, 0);
+	return 0;
+}
+
+char LICENSE[] SEC("license") = "GPL";

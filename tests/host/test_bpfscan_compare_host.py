@@ -1,0 +1,234 @@
+"""The in-kernel scan (BPF iterators, safeusb/bpfscan.py) against the /proc scan
+(safeusb/procfs.py) on the same live kernel objects: a loop ext4 mounted on the host and
+in a private mount namespace, and processes that hold it every way both look for (a
+descriptor of a file, a memory map of a file whose descriptor was closed, a deleted file
+still open, working directory, root directory, the block node held open, a character
+node), compared field by field. And the comparison itself: an in-kernel scan that drops
+one kind of finding is told apart."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from safeusb import bpfscan, procfs
+from safeusb.model import DevNum, NodeKind, ProcessUse
+from safeusb.procfs import ProcessScan
+from safeusb.roots import Roots
+from tests.host.conftest import Loop, background, mounted, wait_for
+
+HOLD = """
+import mmap, os, sys, time
+mnt = sys.argv[1]
+with open(os.path.join(mnt, "mapped"), "r+b") as f:
+    m = mmap.mmap(f.fileno(), 0)          # the map stays, the descriptor goes
+held = open(os.path.join(mnt, "held"), "rb")
+gone = open(os.path.join(mnt, "gone"), "rb")
+os.unlink(os.path.join(mnt, "gone"))      # deleted, still open
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+CHROOT = """
+import os, sys, time
+os.chroot(sys.argv[1])
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+NULL = os.stat("/dev/null").st_rdev
+
+
+def _devnum(raw: int) -> DevNum:
+    return os.major(raw), os.minor(raw)
+
+
+def differences(a: ProcessScan, b: ProcessScan) -> list[str]:
+    """Field by field: every use of one that the other has not, and the unreadable."""
+    out = []
+    if len(a.uses) != len(b.uses):
+        out.append(f"{len(a.uses)} uses against {len(b.uses)}")
+    for i, (x, y) in enumerate(zip(a.uses, b.uses, strict=False)):
+        for f in dataclasses.fields(ProcessUse):
+            if getattr(x, f.name) != getattr(y, f.name):
+                out.append(f"use {i}: {f.name} {getattr(x, f.name)!r} != {getattr(y, f.name)!r}")
+    if a.unreadable != b.unreadable:
+        out.append(f"unreadable {a.unreadable} != {b.unreadable}")
+    return out
+
+
+@pytest.fixture
+def held(loop_ext4: Loop, tmp_path: Path) -> Iterator[tuple[list[int], frozenset[tuple[NodeKind, DevNum]], frozenset[DevNum]]]:  # noqa: E501
+    if (why := bpfscan.unavailable(Roots.host())) is not None:
+        pytest.skip(f"BPF iterators cannot run here: {why}")
+    dev = _devnum(os.stat(loop_ext4.node).st_rdev)
+    nodes: frozenset[tuple[NodeKind, DevNum]] = frozenset(
+        {("block", dev), ("char", _devnum(NULL))})
+    with mounted(loop_ext4.node, tmp_path / "m") as mnt:
+        (mnt / "mapped").write_bytes(b"m" * 4096)
+        (mnt / "held").write_bytes(b"h")
+        (mnt / "gone").write_bytes(b"g")
+        (mnt / "cwd").mkdir()
+        private = tmp_path / "private"
+        private.mkdir()
+        script = f"mount {loop_ext4.node} {private} && cd {private} && echo ready && exec sleep 600"
+        with open(loop_ext4.node, "rb") as node_fd, \
+                background([sys.executable, "-c", HOLD, str(mnt)], stdout=subprocess.PIPE,
+                           stdin=subprocess.DEVNULL) as a, \
+                background([sys.executable, "-c", CHROOT, str(mnt)],
+                           stdout=subprocess.PIPE) as b, \
+                background(["sleep", "600"], cwd=mnt / "cwd") as c, \
+                background(["sleep", "600"], stdin=node_fd) as d, \
+                background(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                           stdout=subprocess.PIPE) as e:
+            for p in (a, b, e):
+                assert p.stdout is not None
+                assert p.stdout.readline().strip() == b"ready"
+            wait_for(lambda: Path(f"/proc/{e.pid}/comm").read_text().strip() == "sleep")
+            yield [a.pid, b.pid, c.pid, d.pid, e.pid], nodes, frozenset({dev})
+
+
+def _both(pids: list[int], nodes: frozenset[tuple[NodeKind, DevNum]],
+          fs: frozenset[DevNum]) -> tuple[ProcessScan, ProcessScan]:
+    roots = Roots.host()
+    skip = frozenset({os.getpid()})
+    kernel = bpfscan.scan_processes_kernel(roots, pids, nodes, fs, skip)
+    proc = procfs.scan_processes(roots, pids, nodes, fs, skip)
+    return kernel, proc
+
+
+def test_kernel_scan_finds_what_proc_finds(held) -> None:  # type: ignore[no-untyped-def]
+    ours, nodes, fs = held
+    kernel, proc = _both(sorted([1, os.getpid(), *ours]), nodes, fs)
+    assert differences(kernel, proc) == []
+    a, b, c, d, e = ours
+    got = {(u.pid, u.how, u.path.rsplit("/", 1)[-1]) for u in kernel.uses}
+    assert {(a, "fd", "held"), (a, "fd", "gone (deleted)"), (a, "mmap", "mapped"),
+            (a, "fd", "null"), (b, "root", "m"), (c, "cwd", "cwd"),
+            (d, "fd", os.path.basename(os.readlink(f"/proc/{d}/fd/0")))} <= got, got
+    assert (e, "cwd") in {(u.pid, u.how) for u in kernel.uses}
+    assert all(u.fs in fs or u.node in nodes for u in kernel.uses)
+
+
+def test_kernel_scan_over_every_process(held) -> None:  # type: ignore[no-untyped-def]
+    # Without the character node (every process of the host holds /dev/null, and they
+    # come and go between the two scans): uses of the loop device only.
+    ours, nodes, fs = held
+    blocks = frozenset(n for n in nodes if n[0] == "block")
+    pids = procfs.list_pids(Roots.host())
+    kernel, proc = _both(pids, blocks, fs)
+    assert differences(kernel, proc) == []
+    assert {u.pid for u in kernel.uses} == set(ours)
+
+
+@pytest.mark.parametrize("dropped", ["fd", "mmap", "cwd", "root"])
+def test_comparison_tells_a_dropped_kind(held, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+                                         dropped: str) -> None:
+    ours, nodes, fs = held
+    kind = {"fd": 1, "cwd": 2, "root": 3, "mmap": 4}[dropped]
+    real = bpfscan.read_records
+
+    def dropping(devs: dict[int, int]) -> bytes:
+        data = real(devs)
+        size = bpfscan._REC.size
+        return b"".join(data[i:i + size] for i in range(0, len(data), size)
+                        if bpfscan._REC.unpack_from(data, i)[0] != kind)
+
+    monkeypatch.setattr(bpfscan, "read_records", dropping)
+    kernel, proc = _both(sorted(ours), nodes, fs)
+    assert differences(kernel, proc) != []
+    assert dropped not in {u.how for u in kernel.uses}
+    assert dropped in {u.how for u in proc.uses}
+
+
+def test_scan_falls_back_to_proc_with_the_reason(held, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+                                                 ) -> None:
+    ours, nodes, fs = held
+
+    def refused(devs: dict[int, int]) -> bytes:
+        raise bpfscan.Unavailable("refused for the test")
+
+    monkeypatch.setattr(bpfscan, "read_records", refused)
+    scan, why = bpfscan.scan(Roots.host(), sorted(ours), nodes, fs)
+    assert why == "refused for the test"
+    assert differences(scan, procfs.scan_processes(Roots.host(), sorted(ours), nodes, fs)) == []
+    assert scan.uses
+
+
+def test_mount_namespaces_from_the_kernel_match_proc(held) -> None:  # type: ignore[no-untyped-def]
+    ours, _nodes, _fs = held
+    roots = Roots.host()
+    pids = sorted([1, os.getpid(), *ours])
+    ns_of = bpfscan.mount_namespaces()
+    for pid in ours:
+        assert f"mnt:[{ns_of[pid]}]" == os.readlink(f"/proc/{pid}/ns/mnt")
+    kernel = procfs.read_mount_namespaces(roots, pids, ns_of)
+    proc = procfs.read_mount_namespaces(roots, pids)
+    assert kernel == proc
+    assert len({ns.inode for ns in kernel.namespaces}) >= 2  # the private one too
+
+
+def test_snapshots_alike_with_and_without_the_kernel_scan(held, loop_ext4: Loop) -> None:  # type: ignore[no-untyped-def]
+    from safeusb.selector import Selector, resolve  # noqa: PLC0415
+    from safeusb.snapshot import read_snapshot  # noqa: PLC0415
+
+    roots = Roots.host()
+    target = resolve(Selector.from_string(loop_ext4.node), roots)
+    kernel = read_snapshot(roots, target)
+    proc = read_snapshot(roots, target, kernel_scan=False)
+    ours = set(held[0])
+    # Other processes of the host come and go between the two: the device's users are
+    # this test's processes only.
+    assert {u.pid for u in kernel.uses} == ours
+    assert kernel.uses == proc.uses
+    assert kernel.fs_devices == proc.fs_devices
+
+    def mounts(snap):  # type: ignore[no-untyped-def]
+        return sorted((ns.inode, ns.pid, m.mountpoint) for ns in snap.namespaces
+                      for m in ns.mounts if m.devnum in snap.fs_devices)
+
+    assert mounts(kernel) == mounts(proc)
+    assert len({inode for inode, _, _ in mounts(kernel)}) == 2  # the host's, the private one
+
+
+def test_loaded_afresh_and_a_broken_pin_reloaded(held) -> None:  # type: ignore[no-untyped-def]
+    ours, nodes, fs = held
+    bpfscan.unload()
+    assert not [n for n in os.listdir(bpfscan.PIN_ROOT) if n.startswith(bpfscan.PIN_PREFIX)]
+    kernel, proc = _both(sorted(ours), nodes, fs)  # loads and pins the programs
+    assert differences(kernel, proc) == []
+    pin = bpfscan._pin_dir(bpfscan.OBJECT)
+    os.unlink(os.path.join(pin, "scan_files"))
+    with pytest.raises(bpfscan.Unavailable, match="scan_files"):
+        bpfscan.scan_processes_kernel(Roots.host(), sorted(ours), nodes, fs)
+    assert not os.path.exists(pin)  # removed, so that the next scan loads it again
+    kernel, proc = _both(sorted(ours), nodes, fs)
+    assert differences(kernel, proc) == []
+
+
+def test_a_pin_directory_not_roots_own_is_never_used(held, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    ours, nodes, fs = held
+    bpfscan.unload()
+    pin = bpfscan._pin_dir(bpfscan.OBJECT)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("x")
+    os.symlink(victim, pin)  # as anyone may, /sys/fs/bpf being world-writable
+    try:
+        kernel, proc = _both(sorted(ours), nodes, fs)
+        assert differences(kernel, proc) == []
+        assert (victim / "keep").exists()  # removed the link, not what it points to
+        assert os.path.isdir(pin) and not os.path.islink(pin)
+        os.chmod(pin, 0o755)  # not private: removed and loaded again
+        kernel, proc = _both(sorted(ours), nodes, fs)
+        assert differences(kernel, proc) == []
+        assert os.stat(pin).st_mode & 0o777 == 0o700
+    finally:
+        if os.path.islink(pin):
+            os.unlink(pin)
