@@ -61,9 +61,12 @@ SELECTOR_BOOT = Boot(
                # Five commands under software emulation, one a status of every device: a
                # bound on a hang only.
                Scenario("daemon", "inspect-daemon.sh", payloads={"data.bin": 4 * MIB},
-                        timeout=360)),
+                        timeout=360),
+               # The in-kernel scan (BPF iterators) against the /proc scan on Debian 12's
+               # 6.1: the host tier's comparison, run in the guest on its loop devices.
+               Scenario("bpfscan", "bpfscan-compare.sh", timeout=300)),
     modules=("xhci_pci", "usb_storage", "sd_mod", "usbhid", "ftdi_sio", "cdc_ether",
-             "rndis_host"),
+             "rndis_host", "loop"),
 )
 
 
@@ -254,3 +257,14 @@ def test_inspect_and_status_through_safeusbd_print_what_reading_here_prints(
              and status_there == status_here and "NOT safe" in status_here,
              f"status through safeusbd differs:\n{status_there}\n--- read here:\n"
              f"{status_here}")
+
+
+def test_kernel_scan_matches_proc_on_debian_kernel(sel_vm: BootResult) -> None:
+    """The BPF iterators load on 6.1 (CO-RE, the object scripts/build-bpf built) and find
+    what the /proc scan finds, field by field (tests/host/test_bpfscan_compare_host.py)."""
+    r = ran(sel_vm, "bpfscan")
+    n = r.notes()
+    out = r.file("pytest.out")
+    r.expect(n.get("pytest_rc") == "0", f"the comparison failed on {n.get('kernel')}:\n{out}")
+    r.expect(" passed" in out and "skipped" not in out and "failed" not in out,
+             f"the comparison did not run in full on {n.get('kernel')}:\n{out}")
