@@ -57,7 +57,8 @@ SELECTOR_BOOT = Boot(
     sticks=(Stick("sel", Image.msdos_two()),),
     devices=(UsbDevice.kbd(), UsbDevice.serial_port(), UsbDevice.net()),
     scenarios=(Scenario("devices", "devices.sh"),
-               Scenario("selectors", "inspect-selectors.sh"),
+               # Nine inspects and a status: a bound on a hang only.
+               Scenario("selectors", "inspect-selectors.sh", timeout=300),
                # Five commands under software emulation, one a status of every device: a
                # bound on a hang only.
                Scenario("daemon", "inspect-daemon.sh", payloads={"data.bin": 4 * MIB},
