@@ -353,6 +353,7 @@ class _Event(ctypes.Structure):
         ("driver", ctypes.c_char * 32),
         ("serial", ctypes.c_char * 64),
         ("written", ctypes.c_char * 32),
+        ("start_time", ctypes.c_uint64),
     ]
 
 
@@ -374,6 +375,8 @@ class Refusal:
     serial: str
     device_id: int      # kernfs id of the device's sysfs directory (never reused)
     outcome: str = ""   # what the service did about it
+    start_time: int = 0  # the process's start, boot-time ns (to know it again)
+    domain: str = ""    # the libvirt domain whose QEMU it is, confirmed by libvirt
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Refusal:
@@ -389,14 +392,18 @@ class Refusal:
         vp = f"{e.vendor:04x}:{e.product:04x}" if e.vendor or e.product else ""
         return cls(time.time(), int(e.pid), _text(e.comm), int(e.uid),
                    KINDS.get(int(e.kind), f"kind {e.kind}"), _text(e.driver), port, interface,
-                   vp, _text(e.serial), int(e.device_id), "")
+                   vp, _text(e.serial), int(e.device_id), "", int(e.start_time))
+
+    def who(self) -> str:
+        dom = f", QEMU of domain {self.domain}" if self.domain else ""
+        return f"pid {self.pid} ({self.comm}, uid {self.uid}{dom})"
 
     def describe(self) -> str:
         what = self.interface or self.port or "a USB interface"
         ident = " ".join(x for x in (self.vendor_product,
                                      f"serial {self.serial}" if self.serial else "") if x)
-        return (f"pid {self.pid} ({self.comm}, uid {self.uid}) tried to detach "
-                f"{self.driver} from {what}{f' ({ident})' if ident else ''} through "
+        ident = f" ({ident})" if ident else ""
+        return (f"{self.who()} tried to detach {self.driver} from {what}{ident} through "
                 f"{self.kind}: refused")
 
 
@@ -514,13 +521,20 @@ def device_dir(r: Refusal, sys_root: str = "/sys") -> str | None:
     return os.path.realpath(path)
 
 
-def handle_refusal(r: Refusal, prepare: Callable[[str], tuple[bool, str]],
+def handle_refusal(r: Refusal, prepare: Callable[[str, str | None], tuple[bool, str]],
                    refusals: RefusalLog, already_taken: Callable[[str], bool],
-                   sys_root: str = "/sys") -> str:
+                   sys_root: str = "/sys",
+                   domain_of: Callable[[Refusal], str | None] | None = None) -> str:
     """Log the refusal; prepare an idle device by the policy so the next attempt passes.
 
-    prepare(port) -> (done, text): safeusb's own prepare under the service's policy (it
-    inspects first and refuses a busy device with the reasons)."""
+    prepare(port, domain) -> (done, text): safeusb's own prepare under the service's
+    policy (it inspects first and refuses a busy device with the reasons). domain_of: the
+    libvirt domain whose QEMU the refused process is, as libvirt confirms it, or None."""
+    if domain_of is not None:
+        try:
+            r.domain = domain_of(r) or ""
+        except Exception:  # naming the domain is for the report; the refusal stands
+            log.exception("guard: the domain of pid %d cannot be told", r.pid)
     log.warning("guard: %s", r.describe())
     if not r.port:
         outcome = "the device is not known (the kernel did not say which): nothing prepared"
@@ -529,7 +543,7 @@ def handle_refusal(r: Refusal, prepare: Callable[[str], tuple[bool, str]],
     elif already_taken(r.port):
         outcome = f"{r.port} is already taken by safeusb: nothing more to do"
     else:
-        done, text = prepare(r.port)
+        done, text = prepare(r.port, r.domain or None)
         if done:
             outcome = (f"{r.port} was idle: prepared by the policy ({text}); the next "
                        f"attempt passes; `safeusb release {r.port}` gives it back")
@@ -590,7 +604,10 @@ def as_text(rep: dict[str, Any], refusals: int = 5) -> str:
     for r in rep["refusals"][-refusals:]:
         when = time.strftime("%H:%M:%S", time.localtime(float(r.get("time", 0))))
         what = r.get("interface") or r.get("port") or "?"
-        lines.append(f"  {when} pid {r.get('pid')} ({r.get('comm')}, uid {r.get('uid')}) "
+        dom = f", QEMU of domain {r['domain']}" if r.get("domain") else ""
+        to = f" to domain {r['domain']}" if r.get("domain") else ""
+        lines.append(f"  {when} pid {r.get('pid')} ({r.get('comm')}, uid {r.get('uid')}{dom}) "
                      f"{r.get('kind')} of {what} {r.get('vendor_product', '')} "
-                     f"serial {r.get('serial') or '-'}: {r.get('outcome') or 'refused'}")
+                     f"serial {r.get('serial') or '-'}: refused{to}"
+                     + (f": {r['outcome']}" if r.get("outcome") else ""))
     return "\n".join(lines) + "\n"

@@ -70,6 +70,7 @@ struct guard_event {
 	char driver[NAME_LEN];
 	char serial[64];
 	char written[NAME_LEN];	/* for a driver's unbind file: what was written, if known */
+	__u64 start_time;	/* the process's start (boot-time ns), to know it again */
 };
 
 struct {
@@ -161,6 +162,7 @@ static __always_inline struct guard_event *new_event(__u32 kind)
 	e->kind = kind;
 	e->ifnum = -1;
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	e->start_time = BPF_CORE_READ(bpf_get_current_task_btf(), group_leader, start_boottime);
 	return e;
 }
 
