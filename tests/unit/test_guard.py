@@ -170,10 +170,13 @@ def test_status_text() -> None:
     assert "pid 9 (usbredirect, uid 0) usbfs USBDEVFS_DISCONNECT of 2-1 46f4:0001 serial S: " \
         "refused: 2-1 was idle: prepared" in text
     on["refusals"][0].update(domain="g1", comm="qemu-system-x86", uid=64055)
+    on["handed_over"] = 1
     text = guard.as_text(on)
     assert "pid 9 (qemu-system-x86, uid 64055, QEMU of domain g1) usbfs " \
         "USBDEVFS_DISCONNECT of 2-1 46f4:0001 serial S: refused to domain g1: 2-1 was idle" \
         in text
+    assert "1 device(s) handed over by safeusb: binding usb-storage, uas (bind, new_id, " \
+        "drivers_probe) is refused" in text
 
 
 def test_handover_without_the_guard_does_nothing(tmp_path: Path) -> None:
@@ -201,6 +204,26 @@ def test_a_domain_that_cannot_be_told_leaves_the_refusal_standing(fake_sys: Path
     r = _refusal("2-1", ino)
     out, asked = _handle(fake_sys, tmp_path, r, domain_of=broken)
     assert asked == ["2-1"] and r.domain == "" and "was idle" in out
+
+
+@pytest.mark.parametrize(("kind", "written", "what"), [
+    (7, b"2-1:1.0\n", "sysfs bind"), (9, b"2-1:1.0", "sysfs drivers_probe")])
+def test_a_bind_refused_while_handed_over(fake_sys: Path, tmp_path: Path, kind: int,
+                                          written: bytes, what: str) -> None:
+    r = guard.Refusal.from_bytes(event(pid=5, kind=kind, ifnum=-1, comm=b"bash",
+                                       driver=b"usb-storage" if kind == 7 else b"",
+                                       written=written, start_time=123))
+    assert (r.binding, r.interface, r.port, r.kind, r.start_time) == (
+        True, "2-1:1.0", "2-1", what, 123)
+    assert "tried to bind" in r.describe() and "handed over: refused" in r.describe()
+    out, asked = _handle(fake_sys, tmp_path, r)
+    assert asked == [] and "safeusb release" in out
+
+
+def test_new_id_text_is_not_taken_for_an_interface() -> None:
+    r = guard.Refusal.from_bytes(event(pid=5, kind=8, ifnum=-1, comm=b"sh",
+                                       driver=b"usb-storage", written=b"46f4 0001\n"))
+    assert (r.binding, r.interface, r.port, r.kind) == (True, "", "", "sysfs new_id")
 
 
 def _fake_proc(tmp_path: Path, pid: int, cgroup: str, start_ticks: int) -> Path:
