@@ -34,7 +34,9 @@ OBJECT = Path(__file__).resolve().parent / "bpf" / "guard.bpf.o"
 GUARDED_DRIVERS = ("usb-storage", "uas")
 PROGRAMS = ("guard_ioctl", "guard_sysfs_write")
 MAPS = ("events", "guarded_drivers", "exempt", "counters", "handed_over")
-REFUSALS_FILE = "refusals.json"  # in the state directory (/run/safeusb), the last ones
+# in the state directory (/run/safeusb), the last ones; not NAME.json, which is a
+# device's record there (StateDir)
+REFUSALS_FILE = "guard-refusals"
 KEEP_REFUSALS = 20
 BOOT_HINT = "lsm=lockdown,capability,landlock,yama,apparmor,bpf"
 
@@ -546,7 +548,7 @@ class Refusal:
 
 
 class RefusalLog:
-    """The last refusals, in STATE_DIR/refusals.json (root's, mode 0600)."""
+    """The last refusals, in STATE_DIR/guard-refusals (JSON; root's, mode 0600)."""
 
     def __init__(self, state_dir: str) -> None:
         self.path = os.path.join(state_dir, REFUSALS_FILE)

@@ -14,6 +14,7 @@ import pytest
 from safeusb import guard
 from safeusb.daemon import CLOCK_TICKS, refused_domain
 from safeusb.peer import MachineScope
+from safeusb.state import StateDir
 
 
 def event(**kw: object) -> bytes:
@@ -263,3 +264,8 @@ def test_refused_domain_never_for_another_process_or_outside_a_scope(tmp_path: P
     name, why = refused_domain(78, start_ns, resolve, str(proc))
     assert name is None and "no libvirt QEMU domain" in why
     assert refused_domain(79, start_ns, resolve, str(proc))[0] is None  # gone
+
+
+def test_refusal_log_is_no_device_record(tmp_path: Path) -> None:
+    guard.RefusalLog(str(tmp_path)).add(_refusal("2-1", 1))
+    assert StateDir(str(tmp_path)).keys() == ([], [])

@@ -25,5 +25,5 @@ note qemu_usb_fds "$(ls -l "/proc/$qpid/fd" 2>/dev/null | grep -c /dev/bus/usb)"
 timeout 60 virsh -c qemu:///system dumpxml g1 >"$OUT/g1.xml" 2>&1
 "$SAFEUSB" status >"$OUT/status.out" 2>&1
 "$SAFEUSB" guard status >"$OUT/guard-status-after.out" 2>&1
-cp /run/safeusb/refusals.json "$OUT/refusals.json" 2>/dev/null
+cp /run/safeusb/guard-refusals "$OUT/guard-refusals.json" 2>/dev/null
 after "$LV_DEV" /tmp/g-lv "$LV_USB" "$intf"
