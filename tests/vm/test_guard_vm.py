@@ -201,7 +201,7 @@ def test_rebind_refused_while_handed_over(vm: BootResult) -> None:
              and int(n.get("disks_released") or 0) >= 1,
              f"safeusb release did not give the stick back ({n}): "
              f"{r.file('release.out')}{r.file('release.err')}")
-    r.expect(n.get("probe_after_rc") == "0" and "handed over" not in
+    r.expect(n.get("probe_after_rc") == "0" and "device(s) handed over by safeusb" not in
              r.file("guard-status-after.out"),
              f"binding is still refused after the give-back ({n}): "
              f"{r.file('guard-status-after.out')}")
