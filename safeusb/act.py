@@ -173,6 +173,7 @@ def prepare(
                        outcome.notes)
             if not outcome.not_undone:
                 state.remove(key)
+                _guard_forget(roots, state)
             return outcome
         outcome.ok = True
         return outcome
@@ -289,7 +290,17 @@ def release_locked(roots: Roots, key: str, policy: Policy | None, runner: Runner
     outcome.done.extend(f"undo: {d}" for d in undone)
     outcome.ok = not outcome.not_undone
     state.remove(key)
+    _guard_forget(roots, state)
     return outcome
+
+
+def _guard_forget(roots: Roots, state: StateDir) -> None:
+    """The kernel guard stops refusing binds for devices whose records are gone."""
+    if roots.sys != "/sys":
+        return  # a recording's tree: the guard is this host's kernel's
+    from .guard import forget_released  # noqa: PLC0415
+
+    forget_released(state.path, roots.sys)
 
 
 def _disk_of(node: str) -> str:

@@ -427,7 +427,13 @@ def cmd_guard(args: argparse.Namespace, roots: Roots) -> int:
         print("safeusb: guard not available on this kernel: " + "; ".join(avail.reasons)
               + (f"; to enable it: {avail.hint}" if avail.hint else ""), file=sys.stderr)
         return guard.STATUS_UNAVAILABLE
-    loaded = guard.enable()
+    from .events import handed_over  # noqa: PLC0415
+    from .state import StateDir  # noqa: PLC0415
+
+    state = StateDir(args.state_dir)
+    keys, _problems = state.keys()
+    ports = tuple(k for k in keys if (rec := state.load(k)) is not None and handed_over(rec))
+    loaded = guard.enable(handed_over_ports=ports)
     if loaded is None:
         print("guard: already enabled")
     else:

@@ -643,18 +643,64 @@ def _guard_enabled() -> bool:
     return enabled()
 
 
-def _guard_watcher(actions: DeviceActions, state_dir: str) -> Any:
-    """Read the kernel guard's refusals (safeusb guard) whenever it is enabled: log each,
-    and prepare an idle device by the policy so that the next attempt passes."""
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_start_ticks(pid: int, proc: str = "/proc") -> int | None:
+    """/proc/PID/stat's starttime (clock ticks since boot), None once the process is gone."""
+    try:
+        with open(os.path.join(proc, str(pid), "stat"), encoding="utf-8",
+                  errors="replace") as f:
+            text = f.read()
+        return int(text.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def refused_domain(pid: int, start_ns: int, resolve: DomainResolver,
+                   proc: str = "/proc") -> tuple[str | None, str]:
+    """The libvirt domain whose QEMU the refused process is: its cgroup scope, confirmed
+    by libvirt (LibvirtResolver: the running domain with the scope's ID, whose QEMU from
+    libvirt's pid file is in that scope), never what the process says. The cgroup is read
+    first and the process's start time checked after, so a pid reused meanwhile names no
+    domain. Returns the name or None, and why."""
+    from .peer import machine_scope  # noqa: PLC0415
+
+    try:
+        with open(os.path.join(proc, str(pid), "cgroup"), encoding="utf-8") as f:
+            cgroup = f.read(1024 * 1024)
+    except OSError:
+        return None, f"pid {pid} has exited"
+    if start_ns and process_start_ticks(pid, proc) != start_ns * CLOCK_TICKS // 10**9:
+        return None, f"pid {pid} is no longer the process that was refused"
+    scope = machine_scope(cgroup)
+    if scope is None:
+        return None, f"pid {pid} is in no libvirt QEMU domain's cgroup"
+    return resolve(scope)
+
+
+def _guard_watcher(actions: DeviceActions, state_dir: str,
+                   resolve: DomainResolver | None = None) -> Any:
+    """Read the kernel guard's refusals (safeusb guard) whenever it is enabled: log each
+    (with the libvirt domain of a refused QEMU), and prepare an idle device by the policy
+    so that the next attempt passes."""
     from . import guard  # noqa: PLC0415
     from .state import StateDir  # noqa: PLC0415
 
     refusals = guard.RefusalLog(state_dir)
     state = StateDir(state_dir)
 
-    def prepare(port: str) -> tuple[bool, str]:
+    def domain_of(r: guard.Refusal) -> str | None:
+        if resolve is None:
+            return None
+        name, why = refused_domain(r.pid, r.start_time, resolve)
+        log.debug("guard: pid %d: %s", r.pid, why)
+        return name
+
+    def prepare(port: str, domain: str | None) -> tuple[bool, str]:
         try:
-            done = actions.prepare(DeviceArgs(selector=port), threading.Event())
+            done = actions.prepare(DeviceArgs(selector=port, domain=domain),
+                                   threading.Event())
         except SafeUSBError as exc:
             return False, str(exc)
         if done.ok:
@@ -669,7 +715,8 @@ def _guard_watcher(actions: DeviceActions, state_dir: str) -> Any:
             return True  # a record that cannot be trusted: leave the device alone
 
     watcher = guard.GuardWatcher(
-        handle=lambda r: guard.handle_refusal(r, prepare, refusals, taken),
+        handle=lambda r: guard.handle_refusal(r, prepare, refusals, taken,
+                                              domain_of=domain_of),
         state_dir=state_dir)
     watcher.start()
     return watcher
@@ -804,7 +851,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stay=_guard_enabled,
     )
     followers = None if args.no_events else start_following(daemon, args)
-    watcher = _guard_watcher(daemon.actions, args.state_dir)
+    watcher = _guard_watcher(daemon.actions, args.state_dir, resolver)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: _stop(daemon, watcher))
     _preload()

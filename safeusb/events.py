@@ -261,6 +261,10 @@ class HandoverWatch:
         with self.lock:
             for key in set(self.tracked) - set(keys):
                 del self.tracked[key]  # released or removed by someone else
+        if self.roots.sys == "/sys":
+            from .guard import forget_released  # noqa: PLC0415
+
+            forget_released(self.state.path)  # devices that left or were given back
         return again
 
     def _one(self, key: str, startup: bool, stopped: set[str]) -> bool:

@@ -32,8 +32,10 @@ PIN_DIR = "/sys/fs/bpf/safeusb"
 OBJECT = Path(__file__).resolve().parent / "bpf" / "guard.bpf.o"
 GUARDED_DRIVERS = ("usb-storage", "uas")
 PROGRAMS = ("guard_ioctl", "guard_sysfs_write")
-MAPS = ("events", "guarded_drivers", "exempt", "counters")
-REFUSALS_FILE = "refusals.json"  # in the state directory (/run/safeusb), the last ones
+MAPS = ("events", "guarded_drivers", "exempt", "counters", "handed_over")
+# in the state directory (/run/safeusb), the last ones; not NAME.json, which is a
+# device's record there (StateDir)
+REFUSALS_FILE = "guard-refusals"
 KEEP_REFUSALS = 20
 BOOT_HINT = "lsm=lockdown,capability,landlock,yama,apparmor,bpf"
 
@@ -49,7 +51,15 @@ KINDS = {
     4: "sysfs authorized",
     5: "sysfs remove",
     6: "sysfs bConfigurationValue",
+    7: "sysfs bind",
+    8: "sysfs new_id",
+    9: "sysfs drivers_probe",
+    10: "usbfs USBDEVFS_CONNECT",
 }
+# Kinds that would bind a driver (refused while safeusb has a device handed over), and
+# those whose written text names the interface (a driver's unbind or bind, drivers_probe).
+BINDING_KINDS = frozenset({7, 8, 9, 10})
+WRITTEN_NAMES_INTERFACE = frozenset({3, 7, 9})
 
 
 GuardError = BPFError  # libbpf's failures are the guard's
@@ -149,8 +159,10 @@ class Loaded:
 
 
 def enable(drivers: tuple[str, ...] = GUARDED_DRIVERS, pin_dir: str = PIN_DIR,
-           obj_path: Path = OBJECT) -> Loaded | None:
-    """Load, attach and pin the guard; None when it already was."""
+           obj_path: Path = OBJECT, handed_over_ports: tuple[str, ...] = (),
+           sys_root: str = "/sys") -> Loaded | None:
+    """Load, attach and pin the guard; None when it already was. handed_over_ports: the
+    devices safeusb has handed over already (their records), entered before it attaches."""
     if enabled(pin_dir):
         return None
     avail = availability()
@@ -178,6 +190,11 @@ def enable(drivers: tuple[str, ...] = GUARDED_DRIVERS, pin_dir: str = PIN_DIR,
             key = ctypes.create_string_buffer(d.encode(), 32)
             if lib.bpf_map_update_elem(lib.bpf_map__fd(dmap), key, ctypes.byref(one), 0):
                 raise libbpf().err(f"cannot guard {d}")
+        hmap = lib.bpf_object__find_map_by_name(obj, b"handed_over")
+        for port in handed_over_ports:
+            ino = device_inode(port, sys_root)
+            if ino is not None:
+                _map_put(lib.bpf_map__fd(hmap), ino)
         for m in MAPS:
             mp = lib.bpf_object__find_map_by_name(obj, m.encode())
             rc = lib.bpf_map__pin(mp, os.path.join(pin_dir, m).encode())
@@ -262,6 +279,120 @@ def handover(pin_dir: str = PIN_DIR) -> Iterator[None]:
         os.close(fd)
 
 
+# --- devices handed over --------------------------------------------------------------
+#
+# The kernel keeps the sysfs directory's inode number (kernfs id, never reused) of every
+# USB device safeusb handed over; while there is any, binding usb-storage/uas (bind,
+# new_id, drivers_probe) is refused, and so is anything that makes a handed-over device
+# probe drivers again (usbfs CONNECT, authorized, bConfigurationValue, remove). safeusb
+# enters a device before it unbinds the driver, and takes it out once the device's record
+# is gone (given back, or the device left).
+
+HANDED_OVER = "handed_over"
+
+
+def device_inode(port: str, sys_root: str = "/sys") -> int | None:
+    """The inode number of the USB device's sysfs directory (2-1), None when it is gone."""
+    if not port or "/" in port or port.startswith("."):
+        return None
+    try:
+        return os.stat(os.path.join(sys_root, "bus/usb/devices", port)).st_ino
+    except OSError:
+        return None
+
+
+def _map_put(fd: int, ino: int) -> None:
+    key, val = ctypes.c_uint64(ino), ctypes.c_uint64(int(time.time()))
+    if libbpf().lib.bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(val), 0):
+        raise libbpf().err("cannot record a device as handed over in the kernel guard")
+
+
+def _handed_over_fd(pin_dir: str) -> int | None:
+    path = os.path.join(pin_dir, HANDED_OVER)
+    if not enabled(pin_dir) or not os.path.exists(path):
+        return None
+    return _obj_get(path)
+
+
+def mark_handed_over(port: str, sys_root: str = "/sys", pin_dir: str = PIN_DIR) -> None:
+    """Before safeusb unbinds the driver of port's device: nothing else may bind it again
+    while it is handed over. No-op without the guard; GuardError when the guard is on and
+    the entry cannot be made (the handover must not go on unguarded)."""
+    fd = _handed_over_fd(pin_dir)
+    if fd is None:
+        return
+    try:
+        ino = device_inode(port, sys_root)
+        if ino is None:
+            raise GuardError(f"{port} is not in sysfs: it cannot be recorded as handed over")
+        _map_put(fd, ino)
+    finally:
+        os.close(fd)
+
+
+def handed_over_ids(pin_dir: str = PIN_DIR) -> list[int]:
+    """The kernel's entries (sysfs inode numbers); [] without the guard."""
+    fd = _handed_over_fd(pin_dir)
+    if fd is None:
+        return []
+    try:
+        return _keys(fd)
+    finally:
+        os.close(fd)
+
+
+def _keys(fd: int) -> list[int]:
+    lib = libbpf().lib
+    out: list[int] = []
+    key, nxt = ctypes.c_uint64(0), ctypes.c_uint64(0)
+    prev = None
+    while len(out) < 4096:
+        if lib.bpf_map_get_next_key(fd, prev, ctypes.byref(nxt)):
+            break
+        out.append(int(nxt.value))
+        key.value = nxt.value
+        prev = ctypes.byref(key)
+    return out
+
+
+def forget_given_back(recorded_ports: list[str], sys_root: str = "/sys",
+                      pin_dir: str = PIN_DIR) -> list[int]:
+    """Take out every entry that is no longer the device of a record (given back, or the
+    device left: its directory, and so its inode, is gone). Returns those taken out.
+    Entries are only ever added by mark_handed_over (before the unbind), never here, so a
+    prepare running meanwhile keeps its entry: its record exists from its start."""
+    fd = _handed_over_fd(pin_dir)
+    if fd is None:
+        return []
+    try:
+        keep = {ino for p in recorded_ports if (ino := device_inode(p, sys_root)) is not None}
+        gone = [k for k in _keys(fd) if k not in keep]
+        for k in gone:
+            key = ctypes.c_uint64(k)
+            libbpf().lib.bpf_map_delete_elem(fd, ctypes.byref(key))
+        return gone
+    finally:
+        os.close(fd)
+
+
+def forget_released(state_dir: str, sys_root: str = "/sys", pin_dir: str = PIN_DIR) -> None:
+    """forget_given_back by the records in the state directory; never raises (a stale
+    entry only keeps bind refused, which is the safe side), but logs why."""
+    from .state import StateDir  # noqa: PLC0415
+
+    try:
+        if not os.path.exists(os.path.join(pin_dir, HANDED_OVER)):
+            return
+        keys, problems = StateDir(state_dir).keys()
+        if problems:
+            log.warning("guard: records that cannot be read keep their devices guarded: %s",
+                        "; ".join(problems))
+            return
+        forget_given_back(keys, sys_root, pin_dir)
+    except (GuardError, OSError) as exc:
+        log.warning("guard: devices given back are still recorded in the kernel: %s", exc)
+
+
 # --- refusals ---------------------------------------------------------------------------
 
 class _Event(ctypes.Structure):
@@ -281,6 +412,7 @@ class _Event(ctypes.Structure):
         ("driver", ctypes.c_char * 32),
         ("serial", ctypes.c_char * 64),
         ("written", ctypes.c_char * 32),
+        ("start_time", ctypes.c_uint64),
     ]
 
 
@@ -302,6 +434,9 @@ class Refusal:
     serial: str
     device_id: int      # kernfs id of the device's sysfs directory (never reused)
     outcome: str = ""   # what the service did about it
+    start_time: int = 0  # the process's start, boot-time ns (to know it again)
+    binding: bool = False  # a bind refused while a device is handed over
+    domain: str = ""    # the libvirt domain whose QEMU it is, confirmed by libvirt
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Refusal:
@@ -309,7 +444,9 @@ class Refusal:
         port = _text(e.port)
         interface = ""
         written = _text(e.written).strip()
-        if not port and written:  # a driver's unbind file: the interface written to it
+        if not port and written and int(e.kind) in WRITTEN_NAMES_INTERFACE:
+            # a driver's unbind/bind file, drivers_probe: the interface written to it (as
+            # the caller's memory read then: for the report, never to decide)
             interface = written
             port = written.split(":", 1)[0]
         elif port and e.ifnum >= 0:
@@ -317,19 +454,28 @@ class Refusal:
         vp = f"{e.vendor:04x}:{e.product:04x}" if e.vendor or e.product else ""
         return cls(time.time(), int(e.pid), _text(e.comm), int(e.uid),
                    KINDS.get(int(e.kind), f"kind {e.kind}"), _text(e.driver), port, interface,
-                   vp, _text(e.serial), int(e.device_id), "")
+                   vp, _text(e.serial), int(e.device_id), "", int(e.start_time),
+                   int(e.kind) in BINDING_KINDS or not _text(e.driver))
+
+    def who(self) -> str:
+        dom = f", QEMU of domain {self.domain}" if self.domain else ""
+        return f"pid {self.pid} ({self.comm}, uid {self.uid}{dom})"
 
     def describe(self) -> str:
         what = self.interface or self.port or "a USB interface"
         ident = " ".join(x for x in (self.vendor_product,
                                      f"serial {self.serial}" if self.serial else "") if x)
-        return (f"pid {self.pid} ({self.comm}, uid {self.uid}) tried to detach "
-                f"{self.driver} from {what}{f' ({ident})' if ident else ''} through "
+        ident = f" ({ident})" if ident else ""
+        if self.binding:
+            drv = f" {self.driver}" if self.driver else " a driver"
+            return (f"{self.who()} tried to bind{drv} to {what}{ident} through {self.kind} "
+                    "while safeusb has a device handed over: refused")
+        return (f"{self.who()} tried to detach {self.driver} from {what}{ident} through "
                 f"{self.kind}: refused")
 
 
 class RefusalLog:
-    """The last refusals, in STATE_DIR/refusals.json (root's, mode 0600)."""
+    """The last refusals, in STATE_DIR/guard-refusals (JSON; root's, mode 0600)."""
 
     def __init__(self, state_dir: str) -> None:
         self.path = os.path.join(state_dir, REFUSALS_FILE)
@@ -442,22 +588,32 @@ def device_dir(r: Refusal, sys_root: str = "/sys") -> str | None:
     return os.path.realpath(path)
 
 
-def handle_refusal(r: Refusal, prepare: Callable[[str], tuple[bool, str]],
+def handle_refusal(r: Refusal, prepare: Callable[[str, str | None], tuple[bool, str]],
                    refusals: RefusalLog, already_taken: Callable[[str], bool],
-                   sys_root: str = "/sys") -> str:
+                   sys_root: str = "/sys",
+                   domain_of: Callable[[Refusal], str | None] | None = None) -> str:
     """Log the refusal; prepare an idle device by the policy so the next attempt passes.
 
-    prepare(port) -> (done, text): safeusb's own prepare under the service's policy (it
-    inspects first and refuses a busy device with the reasons)."""
+    prepare(port, domain) -> (done, text): safeusb's own prepare under the service's
+    policy (it inspects first and refuses a busy device with the reasons). domain_of: the
+    libvirt domain whose QEMU the refused process is, as libvirt confirms it, or None."""
+    if domain_of is not None:
+        try:
+            r.domain = domain_of(r) or ""
+        except Exception:  # naming the domain is for the report; the refusal stands
+            log.exception("guard: the domain of pid %d cannot be told", r.pid)
     log.warning("guard: %s", r.describe())
-    if not r.port:
+    if r.binding:
+        outcome = ("nothing is bound while safeusb has the device handed over; "
+                   "`safeusb release` gives it back")
+    elif not r.port:
         outcome = "the device is not known (the kernel did not say which): nothing prepared"
     elif device_dir(r, sys_root) is None:
         outcome = f"{r.port} is no longer the device that was refused: nothing prepared"
     elif already_taken(r.port):
         outcome = f"{r.port} is already taken by safeusb: nothing more to do"
     else:
-        done, text = prepare(r.port)
+        done, text = prepare(r.port, r.domain or None)
         if done:
             outcome = (f"{r.port} was idle: prepared by the policy ({text}); the next "
                        f"attempt passes; `safeusb release {r.port}` gives it back")
@@ -485,6 +641,10 @@ def report(state_dir: str, pin_dir: str = PIN_DIR) -> dict[str, Any]:
         except GuardError as exc:
             out["counters_error"] = str(exc)
         out["reader"] = _reader(state_dir)
+        try:
+            out["handed_over"] = len(handed_over_ids(pin_dir))
+        except GuardError as exc:
+            out["handed_over_error"] = str(exc)
     return out
 
 
@@ -506,6 +666,10 @@ def as_text(rep: dict[str, Any], refusals: int = 5) -> str:
         if c.get("events_lost"):
             lines.append(f"  {c['events_lost']} refusals were not reported (the ring buffer "
                          "was full); they were refused all the same")
+        if rep.get("handed_over"):
+            lines.append(f"  {rep['handed_over']} device(s) handed over by safeusb: binding "
+                         f"{', '.join(rep['guarded_drivers'])} (bind, new_id, drivers_probe) "
+                         "is refused until they are given back")
         if rep.get("reader") is None:
             lines.append("  refusals are not being read: safeusbd is not running (they are "
                          "still refused, but not logged and nothing is prepared)")
@@ -518,7 +682,10 @@ def as_text(rep: dict[str, Any], refusals: int = 5) -> str:
     for r in rep["refusals"][-refusals:]:
         when = time.strftime("%H:%M:%S", time.localtime(float(r.get("time", 0))))
         what = r.get("interface") or r.get("port") or "?"
-        lines.append(f"  {when} pid {r.get('pid')} ({r.get('comm')}, uid {r.get('uid')}) "
+        dom = f", QEMU of domain {r['domain']}" if r.get("domain") else ""
+        to = f" to domain {r['domain']}" if r.get("domain") else ""
+        lines.append(f"  {when} pid {r.get('pid')} ({r.get('comm')}, uid {r.get('uid')}{dom}) "
                      f"{r.get('kind')} of {what} {r.get('vendor_product', '')} "
-                     f"serial {r.get('serial') or '-'}: {r.get('outcome') or 'refused'}")
+                     f"serial {r.get('serial') or '-'}: refused{to}"
+                     + (f": {r['outcome']}" if r.get("outcome") else ""))
     return "\n".join(lines) + "\n"

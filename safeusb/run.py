@@ -385,6 +385,9 @@ class Runner:
             with contextlib.ExitStack() as guard_mark:
                 if interfaces and not self.dry_run:
                     guard_mark.enter_context(self._guard_handover())
+                    # ... and, from before the unbind until the give-back, every bind
+                    # but safeusb's own (the device is recorded as handed over).
+                    self._guard_handed_over({i.split(":", 1)[0] for i, _ in interfaces})
                 for iface, driver in interfaces:
                     self.write_sysfs(os.path.join(self.sys_root, "bus/usb/drivers", driver,
                                                   "unbind"), iface)
@@ -392,6 +395,15 @@ class Runner:
                 self._wait_gone(holds)
         finally:
             self.release_holds()
+
+    def _guard_handed_over(self, ports: set[str]) -> None:
+        from .guard import GuardError, mark_handed_over  # noqa: PLC0415
+
+        for port in sorted(ports):
+            try:
+                mark_handed_over(port, self.sys_root)
+            except GuardError as exc:
+                raise StepFailed(str(exc)) from None
 
     @staticmethod
     @contextlib.contextmanager
@@ -421,7 +433,11 @@ class Runner:
     def bind(self, interface: str, driver: str) -> None:
         path = os.path.join(self.sys_root, "bus/usb/drivers", driver, "bind")
         try:
-            self.write_sysfs(path, interface)
+            # The kernel guard refuses every other bind while a device is handed over.
+            with contextlib.ExitStack() as guard_mark:
+                if not self.dry_run:
+                    guard_mark.enter_context(self._guard_handover())
+                self.write_sysfs(path, interface)
         except StepFailed:
             if os.path.exists(os.path.join(self.sys_root, "bus/usb/drivers", driver, interface)):
                 self._log(f"{interface} is already bound to {driver}")

@@ -35,6 +35,7 @@
 #define USBDEVFS_IOCTL 0xc0105512U		/* _IOWR('U', 18, struct usbdevfs_ioctl) */
 #define USBDEVFS_IOCTL32 0xc00c5512U		/* the same from a 32-bit process */
 #define USBDEVFS_DISCONNECT 0x5516U		/* _IO('U', 22) */
+#define USBDEVFS_CONNECT 0x5517U		/* _IO('U', 23) */
 #define USBDEVFS_DISCONNECT_CLAIM 0x8108551bU	/* _IOR('U', 27, struct usbdevfs_disconnect_claim) */
 
 #define S_IFMT 00170000
@@ -52,6 +53,10 @@ enum guard_kind {
 	KIND_SYSFS_AUTHORIZED = 4,
 	KIND_SYSFS_REMOVE = 5,
 	KIND_SYSFS_CONFIGURATION = 6,
+	KIND_SYSFS_BIND = 7,		/* a driver's bind while a device is handed over */
+	KIND_SYSFS_NEW_ID = 8,		/* a driver's new_id (it binds what then matches) */
+	KIND_SYSFS_PROBE = 9,		/* /sys/bus/usb/drivers_probe */
+	KIND_IOCTL_CONNECT = 10,	/* usbfs USBDEVFS_CONNECT on a device handed over */
 };
 
 struct guard_event {
@@ -70,6 +75,7 @@ struct guard_event {
 	char driver[NAME_LEN];
 	char serial[64];
 	char written[NAME_LEN];	/* for a driver's unbind file: what was written, if known */
+	__u64 start_time;	/* the process's start (boot-time ns), to know it again */
 };
 
 struct {
@@ -90,6 +96,19 @@ struct {
 	__type(key, int);
 	__type(value, __u64);
 } exempt SEC(".maps");
+
+/*
+ * USB devices safeusb has handed over (prepare unbound usb-storage/uas): the kernfs id of
+ * the device's sysfs directory (its inode number, never reused), filled by safeusb before
+ * the unbind and emptied after the give-back.  While it holds any entry, nothing but
+ * safeusb may bind usb-storage/uas (or the generic usb driver) or probe drivers.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u64);
+	__type(value, __u64);
+} handed_over SEC(".maps");
 
 /* [0] refusals, [1] exempted detaches, [2] events lost (ring buffer full) */
 struct {
@@ -136,6 +155,28 @@ static __always_inline int intf_guarded(struct usb_interface *intf, char out[NAM
 	return guarded_name(BPF_CORE_READ(drv, name), out);
 }
 
+static long found_one(struct bpf_map *map, const void *key, void *value, void *ctx)
+{
+	*(int *)ctx = 1;
+	return 1;	/* stop at the first */
+}
+
+/* Is any device recorded as handed over? */
+static __always_inline int any_handed_over(void)
+{
+	int found = 0;
+
+	bpf_for_each_map_elem(&handed_over, found_one, &found, 0);
+	return found;
+}
+
+static __always_inline int device_handed_over(struct usb_device *udev)
+{
+	__u64 id = BPF_CORE_READ(udev, dev.kobj.sd, id);
+
+	return bpf_map_lookup_elem(&handed_over, &id) != NULL;
+}
+
 static __always_inline int is_exempt(void)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
@@ -161,6 +202,7 @@ static __always_inline struct guard_event *new_event(__u32 kind)
 	e->kind = kind;
 	e->ifnum = -1;
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	e->start_time = BPF_CORE_READ(bpf_get_current_task_btf(), group_leader, start_boottime);
 	return e;
 }
 
@@ -292,14 +334,21 @@ int BPF_PROG(guard_ioctl, struct file *file, unsigned int cmd, unsigned long arg
 	 */
 	if (bpf_probe_read_user(req, sizeof(req), (void *)arg))
 		return 0;	/* usbfs's own copy fails the same way: EFAULT, nothing detached */
+	ifnum = req[0];
 	if (cmd == USBDEVFS_DISCONNECT_CLAIM) {
 		kind = KIND_DISCONNECT_CLAIM;
+	} else if ((__u32)req[1] == USBDEVFS_CONNECT) {
+		/* usbfs binds whatever driver matches an interface without one
+		 * (libusb_attach_kernel_driver): not on a device safeusb handed over */
+		if (!device_handed_over(udev))
+			return 0;
+		__builtin_memset(driver, 0, sizeof(driver));
+		return refuse(KIND_IOCTL_CONNECT, udev, ifnum, driver, NULL, 0);
 	} else {
 		if ((__u32)req[1] != USBDEVFS_DISCONNECT)
 			return 0;
 		kind = KIND_IOCTL_DISCONNECT;
 	}
-	ifnum = req[0];
 	if (!guarded_ifnum(udev, ifnum, driver))
 		return 0;
 	return refuse(kind, udev, ifnum, driver, NULL, 0);
@@ -373,6 +422,34 @@ int BPF_PROG(guard_sysfs_write, struct file *file, int mask, int ret)
 		written = written_buffer(&wlen);
 		return refuse(KIND_SYSFS_UNBIND, NULL, -1, driver, written, wlen);
 	}
+	if (name_is(kn, "bind", 5) || name_is(kn, "new_id", 7)) {
+		/*
+		 * /sys/bus/usb/drivers/DRIVER/{bind,new_id} of a guarded DRIVER or of the
+		 * generic usb driver, while any device is handed over.  Which interface is
+		 * written is in the caller's memory and only copied after this hook, so it is not
+		 * read to decide: every such write is refused until the give-back.
+		 */
+		up = BPF_CORE_READ(dir, parent);
+		if (!name_is(up, "drivers", 8) || !name_is(BPF_CORE_READ(up, parent), "usb", 4))
+			return 0;
+		if (!guarded_name(BPF_CORE_READ(dir, name), driver) && !streq(driver, "usb", 4))
+			return 0;
+		if (!any_handed_over())
+			return 0;
+		kind = name_is(kn, "bind", 5) ? KIND_SYSFS_BIND : KIND_SYSFS_NEW_ID;
+		written = written_buffer(&wlen);
+		return refuse(kind, NULL, -1, driver, written, wlen);
+	}
+	if (name_is(kn, "drivers_probe", 14)) {
+		/* /sys/bus/usb/drivers_probe: probes every driver for the device written */
+		if (!name_is(dir, "usb", 4) || !name_is(BPF_CORE_READ(dir, parent), "bus", 4))
+			return 0;
+		if (!any_handed_over())
+			return 0;
+		__builtin_memset(driver, 0, sizeof(driver));
+		written = written_buffer(&wlen);
+		return refuse(KIND_SYSFS_PROBE, NULL, -1, driver, written, wlen);
+	}
 	if (name_is(kn, "authorized", 11))
 		kind = KIND_SYSFS_AUTHORIZED;
 	else if (name_is(kn, "remove", 7))
@@ -401,12 +478,14 @@ int BPF_PROG(guard_sysfs_write, struct file *file, int mask, int ret)
 		struct usb_interface *intf = (struct usb_interface *)
 			((char *)dev - bpf_core_field_offset(struct usb_interface, dev));
 
-		if (!intf_guarded(intf, driver))
-			return 0;
 		/* usb_device of an interface: its parent device */
 		dev = BPF_CORE_READ(dev, parent);
 		udev = (struct usb_device *)
 			((char *)dev - bpf_core_field_offset(struct usb_device, dev));
+		/* bound to a guarded driver (a detach), or of a device handed over (authorizing
+		 * it again probes drivers) */
+		if (!intf_guarded(intf, driver) && !device_handed_over(udev))
+			return 0;
 		return refuse(kind, udev, BPF_CORE_READ(intf, altsetting, desc.bInterfaceNumber),
 			      driver, NULL, 0);
 	}
@@ -414,8 +493,13 @@ int BPF_PROG(guard_sysfs_write, struct file *file, int mask, int ret)
 		return 0;
 	udev = (struct usb_device *)((char *)dev - bpf_core_field_offset(struct usb_device, dev));
 	ifnum = any_guarded(udev, driver);
-	if (ifnum < 0)
-		return 0;
+	if (ifnum < 0) {
+		/* a device handed over: a new configuration, authorizing it again or removing
+		 * it (the hub enumerates it anew) would bring usb-storage back */
+		if (!device_handed_over(udev))
+			return 0;
+		__builtin_memset(driver, 0, sizeof(driver));
+	}
 	return refuse(kind, udev, ifnum, driver, NULL, 0);
 }
 

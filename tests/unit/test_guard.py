@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from safeusb import guard
+from safeusb.daemon import CLOCK_TICKS, refused_domain
+from safeusb.peer import MachineScope
+from safeusb.state import StateDir
 
 
 def event(**kw: object) -> bytes:
@@ -21,9 +25,10 @@ def event(**kw: object) -> bytes:
 
 
 def test_event_layout_matches_the_c_struct() -> None:
-    # struct guard_event in safeusb/bpf/guard.bpf.c: 8 + 7*4 + 2*2 + 16 + 32 + 32 + 64 + 32
-    assert ctypes.sizeof(guard._Event) == 216
+    # struct guard_event in safeusb/bpf/guard.bpf.c: 8 + 7*4 + 2*2 + 16 + 32 + 32 + 64 + 32 + 8
+    assert ctypes.sizeof(guard._Event) == 224
     assert guard._Event.written.offset == 184
+    assert guard._Event.start_time.offset == 216
     src = (Path(guard.__file__).parent / "bpf" / "guard.bpf.c").read_text()
     body = src.split("struct guard_event {", 1)[1].split("};", 1)[0]
     c_fields = [line.split(";")[0].split()[-1].split("[")[0] for line in body.splitlines()
@@ -59,15 +64,18 @@ def fake_sys(tmp_path: Path) -> Path:
 
 def _handle(fake_sys: Path, tmp_path: Path, r: guard.Refusal,
             prepare_says: tuple[bool, str] = (True, "hold /dev/sda; unbind usb-storage"),
-            taken: bool = False) -> tuple[str, list[str]]:
+            taken: bool = False,
+            domain_of: Callable[[guard.Refusal], str | None] | None = None,
+            ) -> tuple[str, list[str]]:
     asked: list[str] = []
 
-    def prepare(port: str) -> tuple[bool, str]:
-        asked.append(port)
+    def prepare(port: str, domain: str | None) -> tuple[bool, str]:
+        asked.append(port if domain is None else f"{port} for {domain}")
         return prepare_says
 
     log = guard.RefusalLog(str(tmp_path / "state"))
-    out = guard.handle_refusal(r, prepare, log, lambda _p: taken, sys_root=str(fake_sys))
+    out = guard.handle_refusal(r, prepare, log, lambda _p: taken, sys_root=str(fake_sys),
+                               domain_of=domain_of)
     assert log.read()[-1]["outcome"] == out
     return out, asked
 
@@ -161,9 +169,103 @@ def test_status_text() -> None:
                            "hands the device over (3 refused, 1 let through for safeusb)")
     assert "safeusbd is not running" in text
     assert "pid 9 (usbredirect, uid 0) usbfs USBDEVFS_DISCONNECT of 2-1 46f4:0001 serial S: " \
-        "2-1 was idle: prepared" in text
+        "refused: 2-1 was idle: prepared" in text
+    on["refusals"][0].update(domain="g1", comm="qemu-system-x86", uid=64055)
+    on["handed_over"] = 1
+    text = guard.as_text(on)
+    assert "pid 9 (qemu-system-x86, uid 64055, QEMU of domain g1) usbfs " \
+        "USBDEVFS_DISCONNECT of 2-1 46f4:0001 serial S: refused to domain g1: 2-1 was idle" \
+        in text
+    assert "1 device(s) handed over by safeusb: binding usb-storage, uas (bind, new_id, " \
+        "drivers_probe) is refused" in text
 
 
 def test_handover_without_the_guard_does_nothing(tmp_path: Path) -> None:
     with guard.handover(str(tmp_path / "no-guard")):
         pass
+
+
+def test_refusal_names_the_domain_libvirt_confirms(fake_sys: Path, tmp_path: Path) -> None:
+    ino = os.stat(fake_sys / "bus/usb/devices/2-1").st_ino
+    r = _refusal("2-1", ino)
+    _, asked = _handle(fake_sys, tmp_path, r, prepare_says=(False, "/dev/sda mounted"),
+                       domain_of=lambda _r: "g1")
+    assert asked == ["2-1 for g1"] and r.domain == "g1"
+    assert r.describe().startswith("pid 9 (qemu-system-x86, uid 64055, QEMU of domain g1) "
+                                   "tried to detach usb-storage from 2-1")
+    assert guard.RefusalLog(str(tmp_path / "state")).read()[-1]["domain"] == "g1"
+
+
+def test_a_domain_that_cannot_be_told_leaves_the_refusal_standing(fake_sys: Path,
+                                                                  tmp_path: Path) -> None:
+    def broken(_r: guard.Refusal) -> str | None:
+        raise RuntimeError("libvirt went away")
+
+    ino = os.stat(fake_sys / "bus/usb/devices/2-1").st_ino
+    r = _refusal("2-1", ino)
+    out, asked = _handle(fake_sys, tmp_path, r, domain_of=broken)
+    assert asked == ["2-1"] and r.domain == "" and "was idle" in out
+
+
+@pytest.mark.parametrize(("kind", "written", "what"), [
+    (7, b"2-1:1.0\n", "sysfs bind"), (9, b"2-1:1.0", "sysfs drivers_probe")])
+def test_a_bind_refused_while_handed_over(fake_sys: Path, tmp_path: Path, kind: int,
+                                          written: bytes, what: str) -> None:
+    r = guard.Refusal.from_bytes(event(pid=5, kind=kind, ifnum=-1, comm=b"bash",
+                                       driver=b"usb-storage" if kind == 7 else b"",
+                                       written=written, start_time=123))
+    assert (r.binding, r.interface, r.port, r.kind, r.start_time) == (
+        True, "2-1:1.0", "2-1", what, 123)
+    assert "tried to bind" in r.describe() and "handed over: refused" in r.describe()
+    out, asked = _handle(fake_sys, tmp_path, r)
+    assert asked == [] and "safeusb release" in out
+
+
+def test_new_id_text_is_not_taken_for_an_interface() -> None:
+    r = guard.Refusal.from_bytes(event(pid=5, kind=8, ifnum=-1, comm=b"sh",
+                                       driver=b"usb-storage", written=b"46f4 0001\n"))
+    assert (r.binding, r.interface, r.port, r.kind) == (True, "", "", "sysfs new_id")
+
+
+def _fake_proc(tmp_path: Path, pid: int, cgroup: str, start_ticks: int) -> Path:
+    proc = tmp_path / "proc"
+    (proc / str(pid)).mkdir(parents=True)
+    (proc / str(pid) / "cgroup").write_text(cgroup)
+    fields = ["S"] + ["0"] * 18 + [str(start_ticks)] + ["0"] * 10
+    (proc / str(pid) / "stat").write_text(f"{pid} (qemu-system-x86) " + " ".join(fields))
+    return proc
+
+
+SCOPE = "0::/machine/qemu-1-g1.libvirt-qemu/emulator\n"
+
+
+def test_refused_domain_from_the_cgroup_confirmed_by_libvirt(tmp_path: Path) -> None:
+    start_ns = 5 * 10**9 + 1234
+    proc = _fake_proc(tmp_path, 77, SCOPE, start_ns * CLOCK_TICKS // 10**9)
+    seen: list[MachineScope] = []
+
+    def resolve(scope: MachineScope) -> tuple[str | None, str]:
+        seen.append(scope)
+        return "g1", "domain g1"
+
+    assert refused_domain(77, start_ns, resolve, str(proc)) == ("g1", "domain g1")
+    assert seen[0].domain_id == 1 and seen[0].path == "/machine/qemu-1-g1.libvirt-qemu"
+
+
+def test_refused_domain_never_for_another_process_or_outside_a_scope(tmp_path: Path) -> None:
+    def resolve(_scope: object) -> tuple[str | None, str]:
+        return "g1", "domain g1"
+
+    start_ns = 5 * 10**9
+    proc = _fake_proc(tmp_path, 77, SCOPE, start_ns * CLOCK_TICKS // 10**9 + 1)
+    name, why = refused_domain(77, start_ns, resolve, str(proc))  # the pid was reused
+    assert name is None and "no longer the process" in why
+    proc = _fake_proc(tmp_path / "b", 78, "0::/user.slice\n", start_ns * CLOCK_TICKS // 10**9)
+    name, why = refused_domain(78, start_ns, resolve, str(proc))
+    assert name is None and "no libvirt QEMU domain" in why
+    assert refused_domain(79, start_ns, resolve, str(proc))[0] is None  # gone
+
+
+def test_refusal_log_is_no_device_record(tmp_path: Path) -> None:
+    guard.RefusalLog(str(tmp_path)).add(_refusal("2-1", 1))
+    assert StateDir(str(tmp_path)).keys() == ([], [])

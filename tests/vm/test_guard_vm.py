@@ -7,9 +7,21 @@ attempt, once safeusbd has prepared it on the first refusal."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from .harness import MIB, Boot, BootResult, Image, Runner, Scenario, ScenarioResult, Stick
+from .harness import (
+    MIB,
+    Boot,
+    BootResult,
+    Image,
+    Runner,
+    Scenario,
+    ScenarioResult,
+    Stick,
+    libvirt_scenario,
+)
 
 pytestmark = pytest.mark.vm
 
@@ -22,13 +34,20 @@ BOOT = Boot(
         Stick("sysfs", Image.ext4()),
         Stick("redir", Image.ext4()),
         Stick("qemu", Image.ext4()),
+        Stick("lv", Image.ext4()),
+        Stick("rebind", Image.ext4()),
         Stick("idle", Image.ext4()),
     ),
+    # libvirtd as Debian ships it and the nested domain g1, which no scenario protects
+    libvirt=True,
+    timeout=1800,
     scenarios=(
         Scenario("control", "guard-control.sh", payloads=DATA),
         Scenario("sysfs", "guard-sysfs.sh", payloads=DATA, timeout=180),
         Scenario("redirect", "guard-redirect.sh", payloads=DATA, timeout=180),
         Scenario("qemu", "guard-qemu.sh", payloads=DATA, timeout=240),
+        Scenario("libvirt", "guard-libvirt.sh", payloads=DATA, timeout=420),
+        Scenario("rebind", "guard-rebind.sh", timeout=300),
         Scenario("idle", "guard-idle.sh", timeout=300),
     ),
 )
@@ -137,3 +156,57 @@ def test_idle_stick_taken_at_second_attempt(vm: BootResult) -> None:
     status = r.file("status.out")
     r.expect("guard: on" in status and "usbredirect" in status and "was idle: prepared" in
              status, f"safeusb status does not show the guard and its refusal:\n{status}")
+
+
+def test_virsh_attach_into_unprotected_domain_leaves_stick_with_host(vm: BootResult) -> None:
+    r, n = libvirt_scenario(vm, "libvirt")
+    _guard_enabled(r)
+    r.expect(n.get("qemu_pid", "").isdigit() and n.get("qemu_uid", "0") not in ("", "0")
+             and "(enforce)" in n.get("qemu_label", ""),
+             f"g1's QEMU is not libvirt's stock one (confined, not root): {n}")
+    _kept(r, vm, "lv", "libvirt")
+    log = (vm.share / "out" / "safeusbd.log").read_text(errors="replace")
+    who = re.compile(rf"pid {n['qemu_pid']} \(qemu[^,]*, uid {n['qemu_uid']}, QEMU of domain "
+                     rf"g1\) tried to detach usb-storage from {re.escape(n['port'])} ")
+    r.expect(who.search(log) is not None
+             and f"{n['port']} stays with the host" in log and "mounted" in log,
+             f"safeusbd did not log the refusal naming g1's QEMU ({who.pattern}) and the "
+             f"reason:\n"
+             f"{log[-3000:]}\nvirsh said ({n.get('attach_rc')}): {r.file('attach.out')}"
+             f"{r.file('attach.err')}")
+    status = r.file("status.out")
+    r.expect(f"uid {n['qemu_uid']}, QEMU of domain g1)" in status
+             and "refused to domain g1" in status and n["port"] in status,
+             f"safeusb status does not show the stick refused to g1:\n{status}")
+
+
+def test_rebind_refused_while_handed_over(vm: BootResult) -> None:
+    r = vm.scenario("rebind")
+    r.expect_ran()
+    _guard_enabled(r)
+    n = r.notes()
+    r.expect(n.get("prepare_rc") == "0" and n.get("driver_prepared") == "",
+             f"safeusb prepare did not hand the idle stick over ({n}): "
+             f"{r.file('prepare.out')}{r.file('prepare.err')}")
+    r.expect("1 device(s) handed over by safeusb" in r.file("guard-status-handed.out"),
+             f"guard status: {r.file('guard-status-handed.out')}")
+    for door in ("bind", "probe", "new_id", "config", "auth_intf"):
+        r.expect(n.get(f"{door}_rc") not in (None, "0")
+                 and "busy" in n.get(f"{door}_err", "").lower(),
+                 f"{door}: expected 'Device or resource busy' ({n})")
+    r.expect(r.file("connect.out").split() == ["CONNECT", "EBUSY"],
+             f"usbfs CONNECT: {r.file('connect.out')}")
+    r.expect(n.get("driver_after") == "" and n.get("disks_after") == "0",
+             f"the disk came back to the host while handed over ({n})")
+    r.expect(n.get("release_rc") == "0" and n.get("driver_released") == "usb-storage"
+             and int(n.get("disks_released") or 0) >= 1,
+             f"safeusb release did not give the stick back ({n}): "
+             f"{r.file('release.out')}{r.file('release.err')}")
+    r.expect(n.get("probe_after_rc") == "0" and "device(s) handed over by safeusb" not in
+             r.file("guard-status-after.out"),
+             f"binding is still refused after the give-back ({n}): "
+             f"{r.file('guard-status-after.out')}")
+    log = (vm.share / "out" / "safeusbd.log").read_text(errors="replace")
+    r.expect(f"tried to bind usb-storage to {n['intf']}" in log
+             and "sysfs drivers_probe while safeusb has a device handed over" in log,
+             f"safeusbd did not log the refused binds:\n{log[-3000:]}")
