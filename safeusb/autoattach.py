@@ -23,7 +23,9 @@ safeusbd starts are decided as if they arrived then; devices present when a rule
 to the policy are decided at their next arrival.
 
 A device is decided once its interfaces all have a driver (usb-storage bound: its disk
-is being scanned and comes marked), or ``SETTLE_MAX`` seconds after it arrived.
+is being scanned and comes marked), or ``SETTLE_MAX`` seconds after it arrived. A
+refused prepare of a device that just arrived is tried again after 1, 2 and 4 seconds
+(udev's own probing holds a new disk open for a moment); a refusal changes nothing.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from .roots import Roots
 log = logging.getLogger("safeusb")
 
 SETTLE_MAX = 5.0  # seconds after an arrival to wait for its interfaces' drivers at most
+RETRIES = (1.0, 2.0, 4.0)  # seconds before trying a refused arrival again
 
 
 class Libvirt(Protocol):
@@ -77,6 +80,8 @@ def hostdev_xml(busnum: int, devnum: int) -> str:
 @dataclass
 class Arrival:
     since: float
+    tries: int = 0
+    due: float = 0.0  # not before this (clock) time
 
 
 @dataclass
@@ -95,7 +100,8 @@ class AutoAttach:
     def __init__(self, roots: Roots, load_policy: Callable[[], Policy], libvirt: Libvirt,
                  handover: Handover, has_record: Callable[[str], bool],
                  clock: Callable[[], float] = time.monotonic,
-                 settle_max: float = SETTLE_MAX) -> None:
+                 settle_max: float = SETTLE_MAX,
+                 retries: tuple[float, ...] = RETRIES) -> None:
         self.roots = roots
         self.load_policy = load_policy
         self.libvirt = libvirt
@@ -103,6 +109,7 @@ class AutoAttach:
         self.has_record = has_record
         self.clock = clock
         self.settle_max = settle_max
+        self.retries = retries
         self.lock = threading.Lock()
         self.arrivals: dict[str, Arrival] = {}
         self.returns: set[str] = set()
@@ -144,15 +151,15 @@ class AutoAttach:
             started, self.started = self.started, set()
         again = False
         for key, arrival in sorted(arrivals.items()):
-            settled = self._settled(key, arrival)
+            settled = None if self.clock() < arrival.due else self._settled(key, arrival)
             if settled is None:
                 again = True
                 continue
+            retry = self._arrived(key, arrival) if settled else False
             with self.lock:
-                if self.arrivals.get(key) is arrival:
+                if self.arrivals.get(key) is arrival and not retry:
                     del self.arrivals[key]
-            if settled:
-                self._arrived(key)
+            again |= retry
         for key in sorted(returns):
             self._returned(key)
         for name in sorted(started):
@@ -189,29 +196,38 @@ class AutoAttach:
             return None
         return rule, usb, now.dev
 
-    def _arrived(self, key: str) -> None:
+    def _arrived(self, key: str, arrival: Arrival) -> bool:
+        """Decide an arrival; True to try it again later (a refusal, RETRIES)."""
         found = self._match(key)
         if found is None:
             with self.lock:
                 self.waiting.pop(key, None)
                 self.attached.pop(key, None)
-            return
+            return False
         rule, usb, dev = found
         assert rule.attach_to is not None
         domain = rule.attach_to
-        what = f"{key} ({usb.vid_pid}{f' serial {usb.serial}' if usb.serial else ''})"
-        log.info("safeusbd: attach_to: %s arrived; rule %r hands it to domain %s", what,
-                 rule.name, domain)
+        if arrival.tries == 0:
+            what = f"{key} ({usb.vid_pid}{f' serial {usb.serial}' if usb.serial else ''})"
+            log.info("safeusbd: attach_to: %s arrived; rule %r hands it to domain %s", what,
+                     rule.name, domain)
         if self.has_record(key):
             log.warning("safeusbd: attach_to: %s is already recorded as taken; left alone",
                         key)
-            return
+            return False
         active = self.libvirt.active(domain)
         if active is not True:
             why = "not running" if active is False else "libvirt cannot say whether it runs"
             self._wait(key, dev, rule, domain, f"domain {domain} {why}")
-            return
-        self._attach(key, usb, dev, rule, domain)
+            return False
+        retry = self.retries[arrival.tries] if arrival.tries < len(self.retries) else None
+        if self._attach(key, usb, dev, rule, domain, retry):
+            return False
+        if retry is None:
+            return False
+        arrival.tries += 1
+        arrival.due = self.clock() + retry
+        return True
 
     def _returned(self, key: str) -> None:
         with self.lock:
@@ -250,13 +266,20 @@ class AutoAttach:
         log.info("safeusbd: attach_to: %s stays on the host (%s); it goes to domain %s "
                  "when that starts", key, why, domain)
 
-    def _attach(self, key: str, usb: Any, dev: str, rule: Rule, domain: str) -> None:
+    def _attach(self, key: str, usb: Any, dev: str, rule: Rule, domain: str,
+                retry: float | None = None) -> bool:
+        """Prepare and attach; False when prepare refused (the device stays on the host;
+        with ``retry``, to be tried again in that many seconds)."""
         ok, lines = self.handover.prepare(key, domain)
         if not ok:
+            if retry is not None:
+                log.info("safeusbd: attach_to: %s not handed to domain %s yet (%s); trying "
+                         "again in %g s", key, domain, "; ".join(lines), retry)
+                return False
             log.warning("safeusbd: attach_to: %s NOT handed to domain %s, it stays on the "
                         "host: %s", key, domain, "; ".join(lines))
             self._wait(key, dev, rule, domain, "refused: " + "; ".join(lines))
-            return
+            return False
         for line in lines:
             log.info("safeusbd: attach_to: %s: %s", key, line)
         xml = hostdev_xml(usb.busnum, usb.devnum)
@@ -268,12 +291,13 @@ class AutoAttach:
                         "given back to the host: %s", key, domain, exc,
                         "; ".join(back) or "nothing to do")
             self._wait(key, dev, rule, domain, f"libvirt refused: {exc}")
-            return
+            return True
         with self.lock:
             self.waiting.pop(key, None)
             self.attached[key] = domain
         log.info("safeusbd: attach_to: %s attached to domain %s (bus %d device %d, rule %r)",
                  key, domain, usb.busnum, usb.devnum, rule.name)
+        return True
 
 
 # --- this host ------------------------------------------------------------------------------
