@@ -755,7 +755,16 @@ class PlugService(threading.Thread):
         if device is None or action not in ("plug", "pull"):
             return f"error: not a request: {request}"
         if action == "plug":
-            return qmp_commands(self.qmp, [{"execute": "device_add", "arguments": device}])
+            # A device just deleted lets go of its node a moment after it left the bus:
+            # until then device_add finds the node in use. Tried again for a while.
+            deadline = time.monotonic() + 15
+            while True:
+                answer = qmp_commands(self.qmp, [{"execute": "device_add",
+                                                  "arguments": device}])
+                if answer == "ok" or ("in use" not in answer and "conflict" not in answer) \
+                        or time.monotonic() > deadline:
+                    return answer
+                time.sleep(0.1)
         return qmp_commands(self.qmp, [{"execute": "device_del",
                                         "arguments": {"id": device["id"]}}])
 

@@ -42,6 +42,7 @@ udevadm control --reload
     >>"$OUT/media-mounts.log" 2>/dev/null &
 sampler=$!
 
+mkdir -p /etc/safeusb
 write_policy() {  # VENDOR:PRODUCT: a rule handing that vendor:product to g1
     printf '[defaults]\nmount = "refuse"\n\n[[rules]]\nname = "test stick"\nvendor_product = "%s"\nattach_to = "g1"\n' \
         "$1" >/etc/safeusb/policy.toml
