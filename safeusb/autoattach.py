@@ -13,14 +13,17 @@ each USB device that arrives (a uevent ``add``), by the policy read at that mome
   (``attachDeviceFlags``, live, a ``<hostdev>`` by bus and device number). When libvirt
   refuses, the device is given back at once;
 - **its domain does not run** (or libvirt cannot say): the device stays on the host,
-  marked, and waits; when libvirt says the domain started, it is prepared and attached.
+  marked, and waits.
 
-A device that left the domain (``virsh detach-device``, the guest shut down) is given
-back by the handover watch (safeusb.events) and then waits for the domain's next start:
-it is not attached again while the domain keeps running, so a detach stays a detach.
-Unplugging and plugging it in again is a new arrival. Devices already present when
-safeusbd starts are decided as if they arrived then; devices present when a rule is added
-to the policy are decided at their next arrival.
+When libvirt says a domain started, every device on the host that a rule hands to it and
+that is not taken already (no record) is prepared and attached, as VirtualBox's filters
+take the devices present when a machine starts: those that waited, one given back when
+the domain stopped, and one present since before the rule was written. A device that
+left the running domain (``virsh detach-device``) is given back by the handover watch
+(safeusb.events) and is not attached again while the domain keeps running: a detach
+stays a detach until the domain's next start, or until the device is plugged in again
+(a new arrival). Devices already present when safeusbd starts are decided as if they
+arrived then.
 
 A device is decided once its interfaces all have a driver (usb-storage bound: its disk
 is being scanned and comes marked), or ``SETTLE_MAX`` seconds after it arrived. A
@@ -241,22 +244,24 @@ class AutoAttach:
                    f"given back by domain {rule.attach_to}")
 
     def _started(self, name: str) -> None:
+        """Every device on the host that a rule hands to ``name`` and that nobody took."""
         with self.lock:
-            due = [(k, w) for k, w in sorted(self.waiting.items()) if w.domain == name]
-        for key, waiting in due:
+            for key in [k for k, w in self.waiting.items() if w.domain == name]:
+                del self.waiting[key]
+        try:
+            present = sysfs.list_usb_devices(self.roots)
+        except (SafeUSBError, OSError) as exc:
+            log.warning("safeusbd: attach_to: domain %s started; USB devices cannot be "
+                        "listed: %s", name, exc)
+            return
+        for device in sorted(present, key=lambda u: u.sysname):
+            key = device.sysname
+            if key.startswith("usb"):
+                continue  # a root hub
             found = self._match(key)
-            if found is None or found[2] != waiting.dev:
-                log.info("safeusbd: attach_to: %s, waiting for domain %s, is no longer "
-                         "there", key, name)
-                with self.lock:
-                    self.waiting.pop(key, None)
+            if found is None or found[0].attach_to != name or self.has_record(key):
                 continue
             rule, usb, dev = found
-            if rule.attach_to != name:
-                log.info("safeusbd: attach_to: %s no longer goes to domain %s (rule %r "
-                         "hands it to %s)", key, name, rule.name, rule.attach_to)
-                self._wait(key, dev, rule, str(rule.attach_to), "the policy changed")
-                continue
             log.info("safeusbd: attach_to: domain %s started; handing it %s", name, key)
             self._attach(key, usb, dev, rule, name)
 

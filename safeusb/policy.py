@@ -232,8 +232,9 @@ class _Loader:
             raise PolicyError(self.path, f"{where} must be a table")
         values: dict[str, Any] = {}
         for key, value in table.items():
-            if key not in allowed and key not in _MATCH_KEYS and \
-                    not (key == "attach_to" and where != "[defaults]"):
+            if key == "attach_to" and where == "[defaults]":
+                raise self.fail(key, "[defaults]: 'attach_to' belongs in a [[rules]] table")
+            if key not in allowed and key not in _MATCH_KEYS and key != "attach_to":
                 raise self.fail(key, f"{where}: unknown key {key!r}")
             if key in USE_KINDS:
                 if value not in ACTIONS:
@@ -255,7 +256,7 @@ class _Loader:
                 except ValueError as exc:
                     raise self.fail(key, f"{where}: flush_timeout {exc}") from None
         if where == "[defaults]":
-            stray = set(table) & {*_MATCH_KEYS, "attach_to"}
+            stray = set(table) & set(_MATCH_KEYS)
             if stray:
                 key = sorted(stray)[0]
                 raise self.fail(key, f"[defaults]: {key!r} belongs in a [[rules]] table")

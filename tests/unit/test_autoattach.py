@@ -153,15 +153,27 @@ def test_libvirt_that_cannot_say_means_waiting(f: Fakes) -> None:
     assert f.calls == [] and "cannot say" in auto.waiting[KEY].why
 
 
-def test_a_waiting_device_unplugged_is_not_attached_at_the_start(f: Fakes) -> None:
+def test_at_a_start_every_matching_device_on_the_host_goes(f: Fakes) -> None:
+    """Not only those that waited: one plugged in again meanwhile, one present since
+    before the rule; not one taken already, nor one a rule hands to another domain."""
     f.running["g1"] = False
+    f.policy_text = RULE + ('\n[[rules]]\nname = "other"\nserial = "S5"\n'
+                            'attach_to = "g2"\n')
     auto = f.auto()
     auto.added(str(f.path))
     auto.scan()
-    f.replug(9)  # another device number at the port: not the one that waited
+    f.replug(9)  # another device number at the port
+    f.fs.usb_device("2-2", 0x46F4, 0x0001, busnum=2, devnum=4, serial="S2")  # no arrival
+    f.fs.usb_device("2-4", 0x46F4, 0x0001, busnum=2, devnum=6, serial="S4")
+    f.records.add("2-4")  # taken by someone already
+    f.fs.usb_device("2-5", 0x1234, 0x5678, busnum=2, devnum=7, serial="S5")  # for g2
+    f.running["g1"] = True
     auto.domain_started("g1")
     auto.scan()
-    assert f.calls == [] and KEY not in auto.waiting
+    assert [c for c in f.calls if c[0] == "attach"] == [
+        ("attach", "g1", hostdev_xml(2, 9)), ("attach", "g1", hostdev_xml(2, 4))]
+    assert [c[1] for c in f.calls if c[0] == "prepare"] == [KEY, "2-2"]
+    assert not auto.waiting
 
 
 def test_a_device_settles_before_it_is_decided(f: Fakes) -> None:

@@ -31,15 +31,25 @@ else
 fi
 EOS
 chmod +x /tmp/su-automount.sh
+mountpoint -q /media || mount -t tmpfs -o mode=0755 none /media  # the guest's / is read-only
 : >/tmp/su-automount.log
 mkdir -p /etc/udev/rules.d
 echo 'ACTION=="add", SUBSYSTEM=="block", RUN+="/usr/bin/setsid -f /tmp/su-automount.sh %k $env{UDISKS_IGNORE}"' \
     >/etc/udev/rules.d/90-su-automount.rules
 udevadm control --reload
 
-# Every mount under /media, sampled until the end.
-( while :; do grep -F " /media/" /proc/self/mountinfo; sleep 0.05; done ) \
-    >>"$OUT/media-mounts.log" 2>/dev/null &
+# Every mount under /media, sampled every 50 ms until the end (one process: a shell loop
+# forking grep would take a CPU of its own under emulation).
+python3 -c '
+import sys, time
+while True:
+    with open("/proc/self/mountinfo") as f:
+        lines = [ln for ln in f if " /media/" in ln]
+    if lines:
+        with open(sys.argv[1], "a") as out:
+            out.writelines(lines)
+    time.sleep(0.05)
+' "$OUT/media-mounts.log" &
 sampler=$!
 
 mkdir -p /etc/safeusb
