@@ -740,10 +740,20 @@ def start_following(daemon: Daemon, args: argparse.Namespace) -> list[Callable[[
     stops: list[Callable[[], None]] = []
     roots = Roots.host()
     state = StateDir(args.state_dir)
+    def has_record(key: str) -> bool:
+        """A record for the device; one that cannot be trusted counts (fail closed: the
+        device is then left alone, and the log says why)."""
+        try:
+            return state.load(key) is not None
+        except (SafeUSBError, OSError) as exc:
+            log.warning("safeusbd: attach_to: %s: its record cannot be read (%s); left "
+                        "alone", key, exc)
+            return True
+
     attach = AutoAttach(roots, lambda: Policy.from_file(args.policy),
                         HostLibvirt(args.libvirt_uri),
                         HostHandover(roots, args.policy, args.state_dir),
-                        has_record=lambda key: state.load(key) is not None)
+                        has_record=has_record)
     _check_udev_rules(args.policy)
     started = events.start(roots, args.state_dir, args.policy,
                            domain_active=domain_active(args.libvirt_uri), attach=attach)
