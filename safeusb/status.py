@@ -151,12 +151,15 @@ class AttachStatus:
     policy: str  # the file, or why it cannot be used
     udev_rules: str  # "PATH: up to date" ...
     rules: tuple[AttachRuleStatus, ...]
+    unusable: bool = False  # the policy cannot be read: policy says why
 
     def as_json(self) -> dict[str, Any]:
         return {"policy": self.policy, "udev_rules": self.udev_rules,
-                "rules": [r.as_json() for r in self.rules]}
+                "rules": [r.as_json() for r in self.rules], "policy_error": self.unusable}
 
     def as_text(self) -> str:
+        if self.unusable:
+            return f"attach_to rules: not shown: {self.policy}\n"
         if not self.rules:
             return ""
         return "\n".join([f"attach_to rules ({self.policy}; udev rules {self.udev_rules}):",
@@ -298,7 +301,7 @@ def attach_status(roots: Roots, policy_path: str, state_dir: str,
     try:
         policy = Policy.from_file(policy_path)
     except SafeUSBError as exc:
-        return AttachStatus(f"{exc}", "not checked", ())
+        return AttachStatus(f"{exc}", "not checked", (), unusable=True)
     if not policy.attach_rules:
         return None
     udev = f"{udevrules.rules_path()}: {udevrules.installed_state(policy)}"

@@ -126,3 +126,13 @@ def test_no_attach_to_rules_no_attach_section(tmp_path: Path) -> None:
     policy.write_text('[defaults]\nmount = "unmount"\n')
     status = collect(fs.roots, "test:///default", policy_path=str(policy))
     assert "attach_to" not in status.as_text() and "attach_to" not in status.as_json()
+
+
+def test_a_policy_that_cannot_be_read_is_said(tmp_path: Path) -> None:
+    fs = FakeSystem(tmp_path / "root")
+    fs.usb_device("2-1", 0x46F4, 0x0001, busnum=2, devnum=3)
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[[rules]\n")
+    status = collect(fs.roots, "test:///default", policy_path=str(policy))
+    assert f"attach_to rules: not shown: policy {policy}:1" in status.as_text()
+    assert status.as_json()["attach_to"]["policy_error"] is True
