@@ -193,7 +193,7 @@ def test_attach_to_on_plug_in_with_an_automounter(vm: BootResult) -> None:
              and n.get("back_record") == "0",
              f"with g1 shut off the stick is not on the host, marked and unmounted ({n}){tail}")
     waiting = r.file("status_waiting.out")
-    r.expect("-> g1 (defined)" in waiting and f"{n.get('usb')} (on the host)" in waiting,
+    r.expect("-> g1 (defined)" in waiting and f"{n.get('usb_replug')} (on the host)" in waiting,
              f"safeusb status does not show the stick waiting on the host:\n{waiting}")
     r.expect(r.file("restart_g1.rc").strip() == "0" and n.get("in_g1_restart") == "1"
              and n.get("node_restart") in (n.get("qemu_fds_restart") or "").split(),

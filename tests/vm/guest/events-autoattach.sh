@@ -104,6 +104,7 @@ note control_attached "$(daemon_log | grep -c 'attached to domain')"
 dmesg >"$OUT/kernel-control.log"
 dmesg -C
 cp /tmp/su-automount.log "$OUT/automount-control.log"
+: >/tmp/su-automount.log
 : >"$OUT/media-mounts.log"
 
 # --- the rule for the stick's vendor:product, g1 running ------------------------------
@@ -127,6 +128,7 @@ gone "/sys/bus/usb/devices/$usb/devnum" 30
 note replug "$(plug AUTO)"
 usb=$(usb_of "$AUTO_SERIAL" 60)
 busdev=$(busdev_of "$usb")
+note usb_replug "$usb"
 note busdev_replug "$busdev"
 note in_g1_replug "$(wait_in_g1 "$busdev" 120)"
 note qemu_fds_replug "$(qemu_usb_fds "$(qemu_pid)")"
