@@ -114,6 +114,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                         "which libvirt domains reference it.")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument("-c", "--connect", metavar="URI", help="libvirt URI (read-only)")
+    st.add_argument("--policy", metavar="FILE", default=DEFAULT_POLICY,
+                    help=f"policy file whose attach_to rules are shown (default "
+                    f"{DEFAULT_POLICY})")
+    st.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
+                    help=argparse.SUPPRESS)
     add_daemon_arguments(st)
 
     dm = add_parser("demo", help="show the problem and the fix on a real kernel",
@@ -162,6 +167,20 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if cmd == "install-confinement":
             cp.add_argument("--print", action="store_true", dest="print_only",
                             help="print the rules for this installation, change nothing")
+
+    up = add_parser("install-udev-rules",
+                    help="write the udev rules that keep the host off devices the policy "
+                    "hands to a domain (attach_to)",
+                    description="Write /etc/udev/rules.d/10-safeusb-attach.rules from the "
+                    "policy's attach_to rules: their devices' block devices are marked so "
+                    "that udisks and systemd neither mount nor use them, then udevd reads "
+                    "its rules again. Run it again after changing the policy.")
+    up.add_argument("--policy", metavar="FILE", default=DEFAULT_POLICY,
+                    help=f"policy file (default {DEFAULT_POLICY})")
+    up.add_argument("--root", metavar="DIR", default="/",
+                    help="below DIR (DESTDIR-style, for packaging; udev is not reloaded)")
+    up.add_argument("--print", action="store_true", dest="print_only",
+                    help="print the rules, change nothing")
 
     for cmd, text in (("protect", "guard live USB hotplug into a domain with the gate"),
                       ("unprotect", "give a protected domain its real emulator back")):
@@ -361,6 +380,18 @@ def cmd_confinement(args: argparse.Namespace, roots: Roots) -> int:
     return EXIT_FREE
 
 
+def cmd_udev_rules(args: argparse.Namespace, roots: Roots) -> int:
+    from . import udevrules  # noqa: PLC0415
+    from .policy import Policy  # noqa: PLC0415
+
+    policy = Policy.from_file(args.policy)
+    if args.print_only:
+        sys.stdout.write(udevrules.render(policy))
+    else:
+        print(udevrules.install(policy, args.root, reload=args.root == "/").describe())
+    return EXIT_FREE
+
+
 def cmd_attach(args: argparse.Namespace, roots: Roots) -> int:
     from . import attach  # noqa: PLC0415
     from .policy import Policy  # noqa: PLC0415
@@ -393,7 +424,9 @@ def cmd_status(args: argparse.Namespace, roots: Roots) -> int:
         from .guard import report  # noqa: PLC0415
 
         guard_state = report(DEFAULT_STATE_DIR)
-    status = collect(roots, args.connect, guard_state, ask=ask if roots.live else None)
+    status = collect(roots, args.connect, guard_state, ask=ask if roots.live else None,
+                     policy_path=args.policy if roots.live else None,
+                     state_dir=args.state_dir)
     if args.json:
         import json  # noqa: PLC0415
 
@@ -453,7 +486,8 @@ COMMANDS = {"demo": cmd_demo, "status": cmd_status, "attach-device": cmd_attach,
             "detach-device": cmd_attach, "inspect": cmd_inspect, "prepare": cmd_prepare,
             "release": cmd_release, "guard": cmd_guard,
             "install-hook": cmd_install_hook, "uninstall-hook": cmd_install_hook,
-            "install-confinement": cmd_confinement, "uninstall-confinement": cmd_confinement}
+            "install-confinement": cmd_confinement, "uninstall-confinement": cmd_confinement,
+            "install-udev-rules": cmd_udev_rules}
 
 
 def _command_in(argv: list[str]) -> str | None:

@@ -778,12 +778,32 @@ def start_following(daemon: Daemon, args: argparse.Namespace) -> list[Callable[[
     libvirt's domain events (new domains, stopped ones: safeusb.domains); the daemon then
     stays up while there is something to follow. Returns how to stop each."""
     from . import events  # noqa: PLC0415
+    from .autoattach import AutoAttach, HostHandover, HostLibvirt  # noqa: PLC0415
     from .domains import DomainWatch, domain_active  # noqa: PLC0415
+    from .policy import Policy  # noqa: PLC0415
     from .protect import change_on  # noqa: PLC0415
+    from .state import StateDir  # noqa: PLC0415
 
     stops: list[Callable[[], None]] = []
-    started = events.start(Roots.host(), args.state_dir, args.policy,
-                           domain_active=domain_active(args.libvirt_uri))
+    roots = Roots.host()
+    state = StateDir(args.state_dir)
+    def has_record(key: str) -> bool:
+        """A record for the device; one that cannot be trusted counts (fail closed: the
+        device is then left alone, and the log says why)."""
+        try:
+            return state.load(key) is not None
+        except (SafeUSBError, OSError) as exc:
+            log.warning("safeusbd: attach_to: %s: its record cannot be read (%s); left "
+                        "alone", key, exc)
+            return True
+
+    attach = AutoAttach(roots, lambda: Policy.from_file(args.policy),
+                        HostLibvirt(args.libvirt_uri),
+                        HostHandover(roots, args.policy, args.state_dir),
+                        has_record=has_record)
+    _check_udev_rules(args.policy)
+    started = events.start(roots, args.state_dir, args.policy,
+                           domain_active=domain_active(args.libvirt_uri), attach=attach)
     watch = loop = None
     if started is not None:
         watch, loop = started
@@ -798,8 +818,14 @@ def start_following(daemon: Daemon, args: argparse.Namespace) -> list[Callable[[
     def protect_new() -> bool:
         return protect_new_domains(args.policy)
 
+    def domain_started(name: str) -> None:
+        if loop is not None:
+            attach.domain_started(name)
+            loop.poke(f"domain {name} started")
+
     domains = DomainWatch(args.libvirt_uri, protect_new,
-                          lambda conn, dom, lv: change_on(conn, dom, lv, True), stopped)
+                          lambda conn, dom, lv: change_on(conn, dom, lv, True), stopped,
+                          started=domain_started)
     domains.start()
     stops.append(domains.stop)
 
@@ -807,12 +833,30 @@ def start_following(daemon: Daemon, args: argparse.Namespace) -> list[Callable[[
         if watch is not None and watch.watching():
             return True
         try:
-            return protect_new()
+            policy = Policy.from_file(args.policy)
         except SafeUSBError:
             return False
+        return policy.protect_new_domains or bool(policy.attach_rules)
 
     daemon.keep_alive = keep_alive
     return stops
+
+
+def _check_udev_rules(policy_path: str) -> None:
+    """Say so when the installed udev rules do not match the policy's attach_to rules:
+    the host might then take such a device before safeusbd hands it over."""
+    from . import udevrules  # noqa: PLC0415
+    from .policy import Policy  # noqa: PLC0415
+
+    try:
+        policy = Policy.from_file(policy_path)
+    except SafeUSBError:
+        return
+    state = udevrules.installed_state(policy)
+    if state not in ("up to date", "not needed"):
+        log.warning("safeusbd: udev rules %s %s for the policy's attach_to rules: the host "
+                    "may mount such devices before they are handed over; run `safeusb "
+                    "install-udev-rules`", udevrules.rules_path(), state)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,6 +7,8 @@
   what `safeusb unprotect` causes) is left alone.
 - A domain that **stopped** (STOPPED) is told to the handover watch: records of that
   domain never taken by its QEMU are given back (safeusb.events).
+- A domain that **started** (STARTED) is told to safeusb.autoattach: devices the policy
+  hands to it (attach_to) that wait on the host are attached.
 
 The connection is read-write (protecting defines the domain again) and kept alive with
 libvirt's keepalive; when libvirtd goes away (restart, stop) the close callback fires and
@@ -58,8 +60,10 @@ class DomainWatch:
 
     def __init__(self, uri: str, protect_new: Callable[[], bool],
                  protect: Callable[[Any, Any, Any], str],
-                 stopped: Callable[[str], None], retry: float = RETRY) -> None:
+                 stopped: Callable[[str], None], retry: float = RETRY,
+                 started: Callable[[str], None] | None = None) -> None:
         self.uri = uri
+        self.started = started
         self.protect_new = protect_new
         self.protect = protect
         self.stopped = stopped
@@ -101,6 +105,8 @@ class DomainWatch:
                 self._defined(libvirt, name)
             elif kind == "stopped":
                 self.stopped(name)
+            elif kind == "started" and self.started is not None:
+                self.started(name)
         self._drop(libvirt)
 
     def _connect(self, libvirt: Any) -> None:
@@ -183,6 +189,8 @@ class DomainWatch:
             self.jobs.put(("defined", name))
         elif event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
             self.jobs.put(("stopped", name))
+        elif event == libvirt.VIR_DOMAIN_EVENT_STARTED:
+            self.jobs.put(("started", name))
 
 
 def domain_active(uri: str) -> Callable[[str], bool | None]:

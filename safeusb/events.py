@@ -373,8 +373,9 @@ class EventLoop:
 
     def __init__(self, watch: HandoverWatch, source: EventSource,
                  settle: float = SETTLE, follow_up: tuple[float, ...] = FOLLOW_UP,
-                 recheck: float = RECHECK_HELD) -> None:
+                 recheck: float = RECHECK_HELD, attach: Any = None) -> None:
         self.watch = watch
+        self.attach = attach  # safeusb.autoattach.AutoAttach: devices plugged in
         self.source = source
         self.settle = settle
         self.follow_up = follow_up
@@ -398,11 +399,17 @@ class EventLoop:
 
     def _scan(self) -> bool:
         self.scans += 1
+        again = False
         try:
-            return self.watch.scan()
+            again = self.watch.scan()
         except Exception:  # the watch never ends the daemon
             log.exception("safeusbd: internal error following handed-over devices")
-            return False
+        if self.attach is not None:
+            try:
+                again |= bool(self.attach.scan())
+            except Exception:
+                log.exception("safeusbd: internal error handing plugged-in devices over")
+        return again
 
     def _run(self) -> None:
         follow = 0
@@ -415,6 +422,8 @@ class EventLoop:
             if self.stopping.is_set():
                 return
             now = time.monotonic()
+            if isinstance(item, UEvent) and item.action == "add" and self.attach is not None:
+                self.attach.added(item.sys_path)
             if item is not None:  # wait for quiet, but never more than a few settles
                 first = now if first is None else first
                 due = min(now + self.settle, first + 10 * self.settle)
@@ -475,12 +484,21 @@ def host_give_back(roots: Roots, state: StateDir, policy_path: str) -> GiveBack:
 
 def start(roots: Roots, state_dir: str, policy_path: str,
           domain_active: Callable[[str], bool | None] | None = None,
-          source: Any = None) -> tuple[HandoverWatch, EventLoop] | None:
+          source: Any = None, attach: Any = None) -> tuple[HandoverWatch, EventLoop] | None:
     """The watch and its running event thread, or None (logged) when uevents cannot be
-    read here (no pyudev, no netlink)."""
+    read here (no pyudev, no netlink). With ``attach`` (safeusb.autoattach.AutoAttach),
+    USB devices that arrive are handed to it, and so are devices given back."""
     state = StateDir(state_dir)
-    watch = HandoverWatch(roots, state, host_give_back(roots, state, policy_path),
-                          domain_active=domain_active)
+    give_back = host_give_back(roots, state, policy_path)
+    if attach is not None:
+        plain = give_back
+
+        def give_back(key: str, record: Record) -> tuple[bool, list[str]]:
+            result = plain(key, record)
+            attach.returned(key)
+            return result
+
+    watch = HandoverWatch(roots, state, give_back, domain_active=domain_active)
     try:
         src = source or PyudevSource()
     except (ImportError, OSError) as exc:
@@ -489,6 +507,14 @@ def start(roots: Roots, state_dir: str, policy_path: str,
         return None
     log.info("safeusbd: following USB devices through %s uevents",
              getattr(src, "source", "the given"))
-    loop = EventLoop(watch, src)
+    loop = EventLoop(watch, src, attach=attach)
+    if attach is not None:
+        present = roots.sys_path("bus", "usb", "devices")
+        try:
+            names = sorted(os.listdir(present))
+        except OSError:
+            names = []
+        for name in names:  # decided as if they arrived now
+            attach.added(os.path.join(present, name))
     loop.start()
     return watch, loop

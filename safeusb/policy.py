@@ -15,6 +15,7 @@ A TOML file (default /etc/safeusb/policy.toml; see examples/*.toml):
     [[rules]]             # first match wins; unset keys come from [defaults]
     vendor_product = "46f4:0001"   # or a list; also serial, usb_class, port, domain
     mount = "unmount"
+    attach_to = "win10"   # safeusbd hands matching devices to this domain when plugged in
 
     [service]             # safeusbd itself
     protect_new_domains = false   # true: safeusbd protects each domain as it is defined
@@ -49,6 +50,13 @@ _MATCH_KEYS = ("vendor_product", "serial", "usb_class", "port", "domain")
 NetworkAction = Literal["refuse", "down"]
 NETWORK_ACTIONS: tuple[NetworkAction, ...] = ("refuse", "down")
 _SETTING_KEYS = (*USE_KINDS, "network", "kill", "restore", "flush_timeout")
+_DEVICE_KEYS = ("vendor_product", "serial", "usb_class", "port")
+# A libvirt domain name as safeusb accepts it in attach_to: printable, no "/" (libvirt
+# refuses it too), no quote or backslash (it goes into udev rules and file names).
+_DOMAIN_NAME = re.compile(r"[A-Za-z0-9_.+:@-][A-Za-z0-9 _.+:@-]{0,199}")
+# What a serial may hold in a rule that udev must match exactly: no glob characters
+# (udev reads * ? [ ] | as patterns), quotes or backslashes, nothing unprintable.
+_UDEV_SAFE = re.compile(r"[A-Za-z0-9 _.,:;+=@#%&()<>{}~^$'/-]{1,126}")
 
 
 class PolicyError(SafeUSBError):
@@ -102,6 +110,11 @@ class Rule:
     usb_class: tuple[int, ...] = ()
     port: tuple[str, ...] = ()
     domain: tuple[str, ...] = ()
+    attach_to: str | None = None  # safeusbd hands matching devices to this domain
+
+    def matches_device(self, usb: UsbDevice) -> bool:
+        """The device matches the rule's device matchers (the domain matcher aside)."""
+        return replace(self, domain=()).matches(usb, None)
 
     def matches(self, usb: UsbDevice | None, domain: str | None) -> bool:
         if self.domain and domain not in self.domain:
@@ -127,6 +140,19 @@ class Policy:
     defaults: Settings = field(default_factory=Settings)
     rules: tuple[Rule, ...] = ()
     protect_new_domains: bool = False  # [service]: safeusbd protects new domains
+
+    @property
+    def attach_rules(self) -> tuple[Rule, ...]:
+        """The rules that name a domain to hand their devices to (attach_to), in order."""
+        return tuple(r for r in self.rules if r.attach_to is not None)
+
+    def attach_rule_for(self, usb: UsbDevice) -> Rule | None:
+        """The first rule with attach_to whose device matchers the device matches. Rules
+        without attach_to do not stand in its way: they only say how to prepare."""
+        for rule in self.attach_rules:
+            if rule.matches_device(usb):
+                return rule
+        return None
 
     def settings_for(self, usb: UsbDevice | None, domain: str | None) -> tuple[Settings, str]:
         """The settings that apply, and which rule gave them."""
@@ -206,7 +232,9 @@ class _Loader:
             raise PolicyError(self.path, f"{where} must be a table")
         values: dict[str, Any] = {}
         for key, value in table.items():
-            if key not in allowed and key not in _MATCH_KEYS:
+            if key == "attach_to" and where == "[defaults]":
+                raise self.fail(key, "[defaults]: 'attach_to' belongs in a [[rules]] table")
+            if key not in allowed and key not in _MATCH_KEYS and key != "attach_to":
                 raise self.fail(key, f"{where}: unknown key {key!r}")
             if key in USE_KINDS:
                 if value not in ACTIONS:
@@ -275,7 +303,7 @@ class _Loader:
             for c in class_items
         ):
             raise self.fail("usb_class", f"{where}: usb_class must be a number 0-255 or a list")
-        return Rule(
+        rule = Rule(
             name=name,
             settings=settings,
             vendor_product=strings("vendor_product", r"[0-9a-fA-F]{4}:[0-9a-fA-F]{4}"),
@@ -284,3 +312,32 @@ class _Loader:
             port=strings("port", r"\d+-\d+(\.\d+)*"),
             domain=strings("domain"),
         )
+        if "attach_to" in table:
+            rule = replace(rule, attach_to=self.attach_to(table, rule, where))
+        return rule
+
+    def attach_to(self, table: dict[str, Any], rule: Rule, where: str) -> str:
+        """attach_to: a domain name, on a rule that says which devices (never all), with
+        matchers a udev rule can match exactly."""
+        value = table["attach_to"]
+        if not isinstance(value, str) or not _DOMAIN_NAME.fullmatch(value) \
+                or value != value.strip():
+            raise self.fail("attach_to", f"{where}: attach_to must be a libvirt domain name "
+                                         f"(letters, digits, space, _.+:@-), not {value!r}")
+        if not any(getattr(rule, k) for k in _DEVICE_KEYS):
+            raise self.fail("attach_to", f"{where}: attach_to needs a device matcher "
+                                         f"({', '.join(_DEVICE_KEYS)}): without one every "
+                                         "device plugged in would go to the domain")
+        if rule.domain:
+            raise self.fail("domain", f"{where}: a rule with attach_to names its domain "
+                                      "there; leave 'domain' out")
+        for serial in rule.serial:
+            if not _UDEV_SAFE.fullmatch(serial):
+                raise self.fail("serial", f"{where}: serial {serial!r} cannot be matched "
+                                          "exactly by udev (glob characters, quotes, "
+                                          "backslashes or unprintable characters)")
+        if not _UDEV_SAFE.fullmatch(rule.name) or "'" in rule.name:
+            raise self.fail("name", f"{where}: a rule with attach_to needs a name of "
+                                    "printable characters without quotes, backslashes or "
+                                    f"glob characters, not {rule.name!r}")
+        return value

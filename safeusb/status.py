@@ -126,12 +126,54 @@ class DeviceStatus:
 
 
 @dataclass(frozen=True)
+class AttachRuleStatus:
+    """A policy rule with attach_to: its domain, and the devices it matches now."""
+
+    name: str
+    matchers: str  # "vendor_product 46f4:0001"
+    domain: str
+    domain_state: str  # running, defined, not defined, unknown
+    devices: tuple[tuple[str, str], ...]  # (port, where it is now)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "matchers": self.matchers, "domain": self.domain,
+                "domain_state": self.domain_state,
+                "devices": [{"sysname": k, "state": w} for k, w in self.devices]}
+
+    def as_text(self) -> str:
+        holds = ", ".join(f"{k} ({w})" for k, w in self.devices) or "nothing"
+        return (f"  rule {self.name!r} ({self.matchers}) -> {self.domain} "
+                f"({self.domain_state}): holds {holds}")
+
+
+@dataclass(frozen=True)
+class AttachStatus:
+    policy: str  # the file, or why it cannot be used
+    udev_rules: str  # "PATH: up to date" ...
+    rules: tuple[AttachRuleStatus, ...]
+    unusable: bool = False  # the policy cannot be read: policy says why
+
+    def as_json(self) -> dict[str, Any]:
+        return {"policy": self.policy, "udev_rules": self.udev_rules,
+                "rules": [r.as_json() for r in self.rules], "policy_error": self.unusable}
+
+    def as_text(self) -> str:
+        if self.unusable:
+            return f"attach_to rules: not shown: {self.policy}\n"
+        if not self.rules:
+            return ""
+        return "\n".join([f"attach_to rules ({self.policy}; udev rules {self.udev_rules}):",
+                          *(r.as_text() for r in self.rules)]) + "\n"
+
+
+@dataclass(frozen=True)
 class Status:
     usb_present: bool
     devices: tuple[DeviceStatus, ...]
     libvirt: str  # "connected to URI", or why not
     unprotected: tuple[str, ...] | None = None  # domains without the gate (None: unknown)
     guard: dict[str, Any] | None = None  # guard.report(), on the host only
+    attach: AttachStatus | None = None  # the policy's attach_to rules
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -140,6 +182,8 @@ class Status:
             "unprotected_domains": None if self.unprotected is None else list(self.unprotected)}
         if self.guard is not None:
             out["guard"] = self.guard
+        if self.attach is not None:
+            out["attach_to"] = self.attach.as_json()
         return out
 
     def protection_line(self) -> str | None:
@@ -179,7 +223,8 @@ class Status:
         if extra:
             lines.append(extra)
         lines.append(f"libvirt: {self.libvirt}")
-        return "\n".join(lines) + "\n" + self._guard_text()
+        attach = self.attach.as_text() if self.attach is not None else ""
+        return "\n".join(lines) + "\n" + attach + self._guard_text()
 
 
 def _domains(uri: str | None) -> tuple[list[tuple[str, str, DomainInfo]], str,
@@ -232,10 +277,69 @@ def _wants(info: DomainInfo, usb: UsbDevice) -> bool:
     return False
 
 
+def _matchers(rule: Any) -> str:
+    parts = []
+    for key in ("vendor_product", "serial", "port"):
+        values = getattr(rule, key)
+        if values:
+            parts.append(f"{key} {', '.join(values)}")
+    if rule.usb_class:
+        parts.append("usb_class " + ", ".join(str(c) for c in rule.usb_class))
+    return "; ".join(parts)
+
+
+def attach_status(roots: Roots, policy_path: str, state_dir: str,
+                  domain_states: dict[str, str] | None,
+                  devices: list[UsbDevice]) -> AttachStatus | None:
+    """The policy's attach_to rules, their domains and the devices each matches now (a
+    device counts for the first rule it matches, as safeusbd decides), with where each is:
+    handed to a domain (safeusb's record) or on the host."""
+    from . import udevrules  # noqa: PLC0415
+    from .policy import Policy  # noqa: PLC0415
+    from .state import StateDir, StateError  # noqa: PLC0415
+
+    try:
+        policy = Policy.from_file(policy_path)
+    except SafeUSBError as exc:
+        return AttachStatus(f"{exc}", "not checked", (), unusable=True)
+    if not policy.attach_rules:
+        return None
+    udev = f"{udevrules.rules_path()}: {udevrules.installed_state(policy)}"
+    state = StateDir(state_dir)
+    held: dict[str, list[tuple[str, str]]] = {r.name: [] for r in policy.attach_rules}
+    for usb in devices:
+        rule = policy.attach_rule_for(usb)
+        if rule is None:
+            continue
+        try:
+            record = state.load(usb.sysname)
+        except (StateError, OSError) as exc:
+            where = f"record not readable: {exc}"
+        else:
+            if record is None:
+                where = "on the host"
+            elif record.domain:
+                where = f"handed to {record.domain}"
+            else:
+                where = "taken by safeusb prepare"
+        held[rule.name].append((usb.sysname, where))
+    rules = []
+    for rule in policy.attach_rules:
+        assert rule.attach_to is not None
+        if domain_states is None:
+            dstate = "unknown"
+        else:
+            dstate = domain_states.get(rule.attach_to, "not defined")
+        rules.append(AttachRuleStatus(rule.name, _matchers(rule), rule.attach_to, dstate,
+                                      tuple(held[rule.name])))
+    return AttachStatus(f"policy {policy_path}", udev, tuple(rules))
+
+
 def collect(roots: Roots, uri: str | None = None, guard: dict[str, Any] | None = None, *,
-            ask: Asker | None = None) -> Status:
+            ask: Asker | None = None, policy_path: str | None = None,
+            state_dir: str | None = None) -> Status:
     """Every USB device; each one that is not a hub inspected by safeusbd through ``ask``
-    when it answers, else here."""
+    when it answers, else here. With ``policy_path``, the policy's attach_to rules too."""
     if not os.path.isdir(roots.sys_path("bus", "usb")):
         return Status(False, (), "not asked (no USB)", None, guard)
     domains, libvirt_state, unprotected = _domains(uri)
@@ -261,4 +365,9 @@ def collect(roots: Roots, uri: str | None = None, guard: dict[str, Any] | None =
             findings = inspect(read_snapshot(roots, Target(usb.syspath, usb), runner))
         wanted = tuple((n, s) for n, s, info in domains if _wants(info, usb))
         devices.append(DeviceStatus(usb, hub, findings, wanted))
-    return Status(True, tuple(devices), libvirt_state, unprotected, guard)
+    attach = None
+    if policy_path is not None:
+        states = None if unprotected is None else {n: s for n, s, _ in domains}
+        attach = attach_status(roots, policy_path, state_dir or "/run/safeusb", states,
+                               [d.usb for d in devices if not d.hub])
+    return Status(True, tuple(devices), libvirt_state, unprotected, guard, attach)

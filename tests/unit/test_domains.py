@@ -155,6 +155,24 @@ def test_stopped_domains_are_told(conn: Any, watch: tuple[DomainWatch, Seen]) ->
     until(lambda: name in seen.stopped, "STOPPED told")
 
 
+def test_started_domains_are_told(conn: Any) -> None:
+    """STARTED goes to the started callback (attach_to's devices waiting on the host)."""
+    seen = Seen()
+    started: list[str] = []
+    w = DomainWatch(URI, lambda: False, seen.protect, seen.stopped.append,
+                    started=started.append)
+    w.start()
+    try:
+        assert w.connected.wait(HANG)
+        name = unique("start")
+        define(conn, name)
+        conn.lookupByName(name).create()
+        until(lambda: name in started, "STARTED told")
+        assert name not in seen.stopped
+    finally:
+        w.stop()
+
+
 def test_reconnects_after_the_connection_closes(
         conn: Any, watch: tuple[DomainWatch, Seen]) -> None:
     """libvirtd restarting closes the connection (close callback): opened again, events

@@ -87,3 +87,46 @@ def test_any_text_loads_or_raises_policy_error(text: str) -> None:
 def test_cli_defaults_match_the_modules() -> None:
     assert cli.DEFAULT_POLICY == policy.DEFAULT_PATH
     assert cli.DEFAULT_STATE_DIR == state.DEFAULT_DIR
+
+
+# --- attach_to ------------------------------------------------------------------------------
+
+def test_attach_to_names_the_domain_and_first_attach_rule_wins() -> None:
+    p = Policy.from_text('[[rules]]\nname = "any sandisk"\nvendor_product = "0781:5583"\n'
+                         'mount = "unmount"\n\n'
+                         '[[rules]]\nname = "backup"\nserial = "A1"\nattach_to = "win10"\n\n'
+                         '[[rules]]\nname = "later"\nusb_class = 8\nattach_to = "other"\n')
+    assert [r.name for r in p.attach_rules] == ["backup", "later"]
+    rule = p.attach_rule_for(STICK)
+    assert rule is not None and rule.name == "backup" and rule.attach_to == "win10"
+    # How to prepare is decided as always: the first rule that matches.
+    settings, source = p.settings_for(STICK, "win10")
+    assert settings.mount == "unmount" and "any sandisk" in source
+    other = UsbDevice("3-1", "/sys/y", 3, 2, 0x1234, 0x5678)
+    assert p.attach_rule_for(other) is None
+
+
+@pytest.mark.parametrize(("table", "message", "line"), [
+    ('attach_to = 3\nserial = "A1"\n', "attach_to must be a libvirt domain name", 2),
+    ('attach_to = "a/b"\nserial = "A1"\n', "attach_to must be a libvirt domain name", 2),
+    ('attach_to = ""\nserial = "A1"\n', "attach_to must be a libvirt domain name", 2),
+    ('attach_to = "g1 "\nserial = "A1"\n', "attach_to must be a libvirt domain name", 2),
+    ('attach_to = "g\\"1"\nserial = "A1"\n', "attach_to must be a libvirt domain name", 2),
+    ('attach_to = "g1"\n', "attach_to needs a device matcher", 2),
+    ('attach_to = "g1"\nmount = "unmount"\n', "attach_to needs a device matcher", 2),
+    ('attach_to = "g1"\nserial = "A1"\ndomain = "g2"\n', "leave 'domain' out", 4),
+    ('attach_to = "g1"\nserial = "A*"\n', "cannot be matched exactly by udev", 3),
+    ('attach_to = "g1"\nserial = "A\\"1"\n', "cannot be matched exactly by udev", 3),
+    ('name = "a\\"b"\nattach_to = "g1"\nserial = "A1"\n', "needs a name of printable", 2),
+])
+@pytest.mark.hostile
+def test_attach_to_errors(table: str, message: str, line: int) -> None:
+    with pytest.raises(PolicyError) as err:
+        Policy.from_text("[[rules]]\n" + table, "p.toml")
+    assert message in str(err.value) and err.value.line == line, str(err.value)
+
+
+def test_attach_to_belongs_in_a_rule() -> None:
+    with pytest.raises(PolicyError, match=r"\[defaults\]: 'attach_to' belongs in a "
+                                          r"\[\[rules\]\] table"):
+        Policy.from_text('[defaults]\nattach_to = "g1"\n', "p.toml")

@@ -87,3 +87,52 @@ def test_answers_from_safeusbd_show_as_findings_read_here(tmp_path: Path) -> Non
     assert there.as_text() == here.as_text()
     assert there.as_json() == here.as_json()
     assert "NOT safe: mounted at /srv/photos, 4.0 MiB dirty" in there.as_text()
+
+
+def test_attach_to_rules_their_domains_and_what_each_holds(tmp_path: Path) -> None:
+    """Each rule with attach_to, its domain's state from libvirt (the test driver runs
+    "test") and the devices it matches: handed over (a record) or on the host."""
+    from safeusb.state import StateDir, new_record  # noqa: PLC0415
+
+    fs = FakeSystem(tmp_path / "root")
+    fs.usb_device("2-1", 0x46F4, 0x0001, busnum=2, devnum=3)
+    fs.usb_device("2-2", 0x46F4, 0x0001, busnum=2, devnum=4, serial="S2")
+    fs.usb_device("2-3", 0x1234, 0x5678, busnum=2, devnum=5, serial="S3")
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[[rules]]\nname = "sticks"\nvendor_product = "46f4:0001"\n'
+                      'attach_to = "test"\n\n'
+                      '[[rules]]\nname = "nothing here"\nserial = "NONE"\nattach_to = "g9"\n')
+    policy.chmod(0o600)
+    state = StateDir(str(tmp_path / "state"))
+    state.save(new_record("2-1", "test", [{"kind": "handoff", "text": "x"}], True))
+    status = collect(fs.roots, "test:///default", policy_path=str(policy),
+                     state_dir=str(tmp_path / "state"))
+    text = status.as_text()
+    assert "attach_to rules (policy " in text and "10-safeusb-attach.rules: " in text
+    assert ("  rule 'sticks' (vendor_product 46f4:0001) -> test (running): holds 2-1 "
+            "(handed to test), 2-2 (on the host)") in text.splitlines(), text
+    assert ("  rule 'nothing here' (serial NONE) -> g9 (not defined): holds nothing"
+            in text.splitlines()), text
+    doc = status.as_json()["attach_to"]
+    assert [r["domain"] for r in doc["rules"]] == ["test", "g9"]
+    assert doc["rules"][0]["devices"] == [{"sysname": "2-1", "state": "handed to test"},
+                                          {"sysname": "2-2", "state": "on the host"}]
+
+
+def test_no_attach_to_rules_no_attach_section(tmp_path: Path) -> None:
+    fs = FakeSystem(tmp_path / "root")
+    fs.usb_device("2-1", 0x46F4, 0x0001, busnum=2, devnum=3)
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[defaults]\nmount = "unmount"\n')
+    status = collect(fs.roots, "test:///default", policy_path=str(policy))
+    assert "attach_to" not in status.as_text() and "attach_to" not in status.as_json()
+
+
+def test_a_policy_that_cannot_be_read_is_said(tmp_path: Path) -> None:
+    fs = FakeSystem(tmp_path / "root")
+    fs.usb_device("2-1", 0x46F4, 0x0001, busnum=2, devnum=3)
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[[rules]\n")
+    status = collect(fs.roots, "test:///default", policy_path=str(policy))
+    assert f"attach_to rules: not shown: policy {policy}:1" in status.as_text()
+    assert status.as_json()["attach_to"]["policy_error"] is True

@@ -124,6 +124,10 @@ class Stick:
     name: str
     image: Image = field(default_factory=Image.raw)
     write_bps: int | None = None  # QEMU write throttling of its drive, bytes per second
+    # False: not plugged in at boot; a scenario plugs it (``plug NAME``) and may pull and
+    # plug it again. Its image is a -blockdev node, which outlives device_del (a -drive
+    # would be deleted with the device).
+    plugged: bool = True
 
     @property
     def var(self) -> str:
@@ -133,7 +137,10 @@ class Stick:
         return f"SU{index:02d}{self.var[:12]}"
 
     def qemu_args(self, index: int, image: Path) -> list[str]:
-        drive = f"stick{index}"
+        drive = self.drive(index)
+        if not self.plugged:
+            return ["-blockdev", f"driver=raw,node-name={drive},file.driver=file,"
+                    f"file.filename={image}"]
         return [
             "-drive", f"if=none,id={drive},format=raw,file={image}"
             + (f",throttling.bps-write={self.write_bps}" if self.write_bps else ""),
@@ -145,6 +152,15 @@ class Stick:
     def device_id(index: int) -> str:
         """QEMU's id of the stick's device, for ``device_del`` (a pulled stick)."""
         return f"usbstick{index}"
+
+    @staticmethod
+    def drive(index: int) -> str:
+        return f"stick{index}"
+
+    def device_add(self, index: int) -> dict[str, str]:
+        """QMP ``device_add`` arguments that plug the stick in (again)."""
+        return {"driver": "usb-storage", "bus": "xhci.0", "drive": self.drive(index),
+                "serial": self.serial(index), "id": self.device_id(index)}
 
 
 @dataclass(frozen=True)
@@ -539,8 +555,12 @@ def _write_plan(share: Path, boot: Boot) -> None:
                 made.mkdir(parents=True)
                 src = src(made)
             shutil.copy(src, share / "files" / name)
-    sticks = "".join(f"{s.var} {s.serial(i)}\n" for i, s in enumerate(boot.sticks))
+    sticks = "".join(f"{s.var} {s.serial(i)}\n" for i, s in enumerate(boot.sticks)
+                     if s.plugged)
     (share / "sticks").write_text(sticks)
+    plugs = "".join(f"{s.var} {s.serial(i)}\n" for i, s in enumerate(boot.sticks)
+                    if not s.plugged)
+    (share / "plugs").write_text(plugs)
     env = {
         "MODULES": " ".join(boot.modules),
         "LIBVIRT": "1" if boot.libvirt else "0",
@@ -611,11 +631,14 @@ def run_boot(boot: Boot, workroot: Path | None = None) -> BootResult:
     start = time.monotonic()
     pulls = PullService(share / "out" / "pull", workdir / "qmp.sock",
                         {s.var: Stick.device_id(i) for i, s in enumerate(boot.sticks)})
+    plugs = PlugService(share / "out" / "plug", workdir / "qmp.sock",
+                        {s.var: s.device_add(i) for i, s in enumerate(boot.sticks)})
     with (workdir / "console.log").open("wb") as console:
         proc = subprocess.Popen(argv, stdout=console, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env, cwd=workdir,
                                 start_new_session=True)
         pulls.start()
+        plugs.start()
         try:
             rc: int | None = proc.wait(timeout=boot.timeout)
         except subprocess.TimeoutExpired:
@@ -626,6 +649,7 @@ def run_boot(boot: Boot, workroot: Path | None = None) -> BootResult:
             error = f"the VM did not finish within {boot.timeout} s"
         finally:
             pulls.stop()
+            plugs.stop()
     wall = time.monotonic() - start
     if error is None and not (share / "out" / "done").exists():
         error = f"the guest driver did not finish (vng exit {rc})"
@@ -709,6 +733,82 @@ class PullService(threading.Thread):
             return "ok"
         except (OSError, ValueError) as exc:
             return f"error: {exc}"
+
+
+def qmp_commands(qmp: Path, commands: Sequence[dict[str, Any]]) -> str:
+    """Send each command to a QMP monitor in turn: "ok", or "error: ..." at the first
+    that fails."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(qmp))
+            stream = sock.makefile("rwb")
+            json.loads(stream.readline())  # the greeting
+            for cmd in ({"execute": "qmp_capabilities"}, *commands):
+                stream.write(json.dumps(cmd).encode() + b"\n")
+                stream.flush()
+                while True:
+                    msg = json.loads(stream.readline())
+                    if "error" in msg:
+                        return f"error: {msg['error'].get('desc')}"
+                    if "return" in msg:
+                        break
+        return "ok"
+    except (OSError, ValueError) as exc:
+        return f"error: {exc}"
+
+
+class PlugService(threading.Thread):
+    """Plugs sticks into the running VM and pulls them out, as often as the guest asks:
+    a scenario creates ``$SHARE/out/plug/SEQ-ACTION-NAME`` (ACTION ``plug`` or ``pull``,
+    NAME the stick's variable name, SEQ unique) and this thread sends ``device_add`` of
+    the stick's usb-storage device (same drive, serial and id) or ``device_del`` to the
+    outer QEMU's QMP monitor, in the order of the requests. The answer ("ok" or the
+    error) goes to ``SEQ-ACTION-NAME.done``."""
+
+    def __init__(self, requests: Path, qmp: Path,
+                 devices: Mapping[str, Mapping[str, str]]) -> None:
+        super().__init__(name="vm-plug", daemon=True)
+        self.requests = requests
+        self.qmp = qmp
+        self.devices = {k: dict(v) for k, v in devices.items()}
+        self.halt = threading.Event()
+        self.done: set[str] = set()
+        requests.mkdir(parents=True, exist_ok=True)
+
+    def stop(self) -> None:
+        self.halt.set()
+        if self.is_alive():
+            self.join(timeout=5)
+
+    def run(self) -> None:
+        while not self.halt.wait(0.05):
+            for req in sorted(self.requests.iterdir()):
+                name = req.name
+                if "." in name or name in self.done:
+                    continue
+                self.done.add(name)
+                (self.requests / f"{name}.done").write_text(self.act(name) + "\n")
+
+    def act(self, request: str) -> str:
+        _seq, _, rest = request.partition("-")
+        action, _, stick = rest.partition("-")
+        device = self.devices.get(stick)
+        if device is None or action not in ("plug", "pull"):
+            return f"error: not a request: {request}"
+        if action == "plug":
+            # A device just deleted lets go of its node a moment after it left the bus:
+            # until then device_add finds the node in use. Tried again for a while.
+            deadline = time.monotonic() + 15
+            while True:
+                answer = qmp_commands(self.qmp, [{"execute": "device_add",
+                                                  "arguments": device}])
+                if answer == "ok" or ("in use" not in answer and "conflict" not in answer) \
+                        or time.monotonic() > deadline:
+                    return answer
+                time.sleep(0.1)
+        return qmp_commands(self.qmp, [{"execute": "device_del",
+                                        "arguments": {"id": device["id"]}}])
 
 
 def check_image(image: Path, expected: Mapping[str, tuple[str, int]], offset: int = 0,

@@ -9,7 +9,12 @@ safeusbd on libvirt's event, and at its first hotplug a mounted stick with 4 MiB
 unwritten is refused; (c) a mounted stick with 4 MiB unwritten attached live to g2
 through the gate, then `virsh detach-device`: safeusbd gives it back on its own, mounted
 again where it was with its data, record gone; the same with g2's QEMU killed (SIGKILL)
-instead. Every image is checked here afterwards. Nothing runs `safeusb release`.
+instead. (a) Auto-attach on plug-in (attach_to), with a stand-in automounter in the
+guest mounting every new disk at once: the stick AUTO, plugged in by the host (QMP
+device_add), goes to g1 and is never mounted on the host; plugged in again, it goes
+again; with g1 shut off it stays on the host unmounted until g1 starts. The control: a
+stick no rule matches is automounted, as today. Every image is checked here afterwards.
+Nothing runs `safeusb release`.
 """
 
 from __future__ import annotations
@@ -30,18 +35,21 @@ BOOT = Boot(
     libvirt=True,
     safeusbd=True,
     rw_overlays=("/usr/local/lib",),
-    # Two domain starts (g1 by the driver, g2 behind the gate) under TCG: on a loaded
-    # 2-core machine the first alone took 470 s.
-    timeout=1200,
+    # Four domain starts (g1 by the driver, g2 behind the gate, g1 twice for attach_to)
+    # under TCG: on a loaded 2-core machine the first alone took 470 s.
+    timeout=2400,
     sticks=(Stick("back", Image.ext4()), Stick("crash", Image.ext4()),
             # Writes throttled to 128 KiB/s: the 4 MiB stay unwritten through the attach.
-            Stick("late", Image.ext4(), write_bps=128 * 1024)),
+            Stick("late", Image.ext4(), write_bps=128 * 1024),
+            # Not plugged in at boot: the attach_to scenario plugs it in (and again).
+            Stick("auto", Image.ext4(), plugged=False)),
     scenarios=(
         Scenario("protect", "events-protect.sh", timeout=240),
         Scenario("newdomain", "events-newdomain.sh", payloads={"data.bin": 4 * MIB},
                  timeout=400),
         Scenario("detach", "events-detach.sh", payloads={"data.bin": 4 * MIB}, timeout=240),
         Scenario("crash", "events-crash.sh", payloads={"data.bin": 4 * MIB}, timeout=240),
+        Scenario("autoattach", "events-autoattach.sh", timeout=900),
     ),
 )
 
@@ -138,4 +146,66 @@ def test_a_domain_defined_later_is_guarded_at_its_first_hotplug(vm: BootResult) 
     r.expect(n.get("mounted_after") == "1" and int(n.get("unwritten_kb_after") or 0) >= 1024
              and n.get("in_domain") == "0", f"the refusal changed the host ({n})")
     check = vm.check_stick("late", {"data.bin": ("newdomain", "data.bin")})
+    r.expect(check.intact, check.summary())
+
+
+def _ext4_mounts(kernel: str) -> list[str]:
+    return [ln for ln in kernel.splitlines() if "EXT4-fs (" in ln and "mounted filesystem" in ln]
+
+
+def test_attach_to_on_plug_in_with_an_automounter(vm: BootResult) -> None:
+    """(a) attach_to: the stick plugged in while g1 runs ends in g1, the stand-in
+    automounter never mounting it; replugged, it goes again; with g1 shut off it stays on
+    the host unmounted and goes to g1 at its next start. Control first: a stick no rule
+    matches is automounted."""
+    r, n = ran(vm, "autoattach")
+    log = r.file("safeusbd.log")
+    tail = f"\n--- safeusbd\n{log[-4000:]}\n--- automounter\n{r.file('automount.log')}"
+    # Control: the stand-in works, and a device no rule matches is the host's.
+    r.expect(n.get("plug_control") == "ok" and n.get("control_mounted") == "1"
+             and f"mounted {n.get('control_disk')}" in r.file("automount-control.log")
+             and _ext4_mounts(r.file("kernel-control.log")),
+             f"the stand-in automounter did not mount the stick no rule matches ({n})"
+             f"\n{r.file('automount-control.log')}")
+    r.expect(n.get("control_attached") == "0",
+             f"safeusbd took the stick no rule matches ({n}){tail}")
+    r.expect(r.file("udev_rules.rc").strip() == "0"
+             and 'ENV{UDISKS_IGNORE}="1"' in r.file("10-safeusb-attach.rules"),
+             step(r, "udev_rules"))
+    # Plugged in with g1 running: in g1, QEMU holding its node.
+    r.expect(n.get("plug") == "ok" and n.get("in_g1") == "1"
+             and n.get("node") in (n.get("qemu_fds") or "").split(),
+             f"the stick plugged in did not end in g1 ({n}){tail}")
+    r.expect(f"{n.get('usb')} attached to domain g1" in log,
+             f"safeusbd's log does not say it attached the stick{tail}")
+    status = r.file("status_attached.out")
+    r.expect("rule 'test stick'" in status and "-> g1 (running)" in status
+             and f"{n.get('usb')} (handed to g1)" in status,
+             f"safeusb status does not show the rule, g1 and the stick it holds:\n{status}")
+    # Replugged: attached again, at its new address.
+    r.expect(n.get("replug") == "ok" and n.get("in_g1_replug") == "1"
+             and n.get("busdev_replug") != n.get("busdev")
+             and n.get("node_replug") in (n.get("qemu_fds_replug") or "").split(),
+             f"the stick plugged in again did not go to g1 again ({n}){tail}")
+    # g1 shut off: back on the host, marked, unmounted, no record; then to g1 at its start.
+    r.expect(r.file("destroy.rc").strip() == "0" and n.get("back_disk")
+             and n.get("back_mounted") == "0" and n.get("back_ignore") == "1"
+             and n.get("back_record") == "0",
+             f"with g1 shut off the stick is not on the host, marked and unmounted ({n}){tail}")
+    waiting = r.file("status_waiting.out")
+    r.expect("-> g1 (defined)" in waiting and f"{n.get('usb_replug')} (on the host)" in waiting,
+             f"safeusb status does not show the stick waiting on the host:\n{waiting}")
+    r.expect(r.file("restart_g1.rc").strip() == "0" and n.get("in_g1_restart") == "1"
+             and n.get("node_restart") in (n.get("qemu_fds_restart") or "").split(),
+             f"the stick did not go to g1 when g1 started ({n}){tail}"
+             f"\n{step(r, 'restart_g1')}")
+    # Never mounted on the host: no mount under /media sampled, none in the kernel log,
+    # and the automounter skipped each disk udev marked.
+    r.expect(r.file("media-mounts.log").strip() == "",
+             f"something was mounted under /media:\n{r.file('media-mounts.log')}")
+    r.expect(not _ext4_mounts(r.kernel),
+             "the kernel mounted an ext4 filesystem:\n" + "\n".join(_ext4_mounts(r.kernel)))
+    r.expect("mounted " not in r.file("automount.log").replace("not mounted ", ""),
+             f"the stand-in automounter mounted something{tail}")
+    check = vm.check_stick("auto", {})
     r.expect(check.intact, check.summary())

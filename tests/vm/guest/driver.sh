@@ -56,6 +56,10 @@ while read -r var serial; do
         echo "export ${var}_SERIAL=$serial"
     } >> "$share/sticks.env"
 done < "$share/sticks"
+# Sticks not plugged in at boot (a scenario plugs them): their serial only.
+while read -r var serial; do
+    [ -n "$var" ] && echo "export ${var}_SERIAL=$serial" >> "$share/sticks.env"
+done < "$share/plugs"
 # shellcheck source=/dev/null
 . "$share/sticks.env"
 mark devices_ready

@@ -71,3 +71,29 @@ gone() {
     echo "timed out waiting for $1 to go" >&2
     return 1
 }
+
+# plug NAME / unplug NAME: the host plugs stick NAME (its variable name, `AUTO` for a
+# stick called `auto`) into the running machine, or pulls it out, through the outer
+# QEMU's monitor (PlugService in harness.py: device_add of the same drive, serial and
+# id; device_del). Prints the host's answer ("ok" or the error) once it is done.
+plug_request() {
+    local req
+    req="$SHARE/out/plug/$(date +%s%N)-$1-$2"
+    : >"$req"
+    wait_for "$req.done" 30 && cat "$req.done"
+}
+plug() { plug_request plug "$1"; }
+unplug() { plug_request pull "$1"; }
+
+# usb_of SERIAL [SECONDS]: the sysfs name of the USB device with that serial, once
+# it is there.
+usb_of() {
+    local i f
+    for i in $(seq 1 $(( ${2:-30} * 5 ))); do
+        for f in /sys/bus/usb/devices/*/serial; do
+            [ "$(cat "$f" 2>/dev/null)" = "$1" ] && { basename "$(dirname "$f")"; return 0; }
+        done
+        sleep 0.2
+    done
+    return 1
+}
