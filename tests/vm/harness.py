@@ -660,23 +660,9 @@ def run_boot(boot: Boot, workroot: Path | None = None) -> BootResult:
 def _show_blocked_tasks(qmp: Path) -> None:
     """Before a stuck VM is killed: SysRq-W (tasks in uninterruptible sleep, with their
     stacks) on the guest console, so the report says where it hung."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(10)
-            sock.connect(str(qmp))
-            stream = sock.makefile("rwb")
-            json.loads(stream.readline())
-            for cmd in ({"execute": "qmp_capabilities"},
-                        {"execute": "human-monitor-command",
-                         "arguments": {"command-line": "sendkey alt-sysrq-w"}}):
-                stream.write(json.dumps(cmd).encode() + b"\n")
-                stream.flush()
-                while "return" not in (msg := json.loads(stream.readline())):
-                    if "error" in msg:
-                        return
+    if qmp_commands(qmp, [{"execute": "human-monitor-command",
+                           "arguments": {"command-line": "sendkey alt-sysrq-w"}}]) == "ok":
         time.sleep(5)
-    except (OSError, ValueError):
-        pass
 
 
 class PullService(threading.Thread):
@@ -714,25 +700,7 @@ class PullService(threading.Thread):
         dev = self.device_ids.get(name)
         if dev is None:
             return f"error: no stick {name}"
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(10)
-                sock.connect(str(self.qmp))
-                stream = sock.makefile("rwb")
-                json.loads(stream.readline())  # the greeting
-                for cmd in ({"execute": "qmp_capabilities"},
-                            {"execute": "device_del", "arguments": {"id": dev}}):
-                    stream.write(json.dumps(cmd).encode() + b"\n")
-                    stream.flush()
-                    while True:
-                        msg = json.loads(stream.readline())
-                        if "error" in msg:
-                            return f"error: {msg['error'].get('desc')}"
-                        if "return" in msg:
-                            break
-            return "ok"
-        except (OSError, ValueError) as exc:
-            return f"error: {exc}"
+        return qmp_commands(self.qmp, [{"execute": "device_del", "arguments": {"id": dev}}])
 
 
 def qmp_commands(qmp: Path, commands: Sequence[dict[str, Any]]) -> str:
