@@ -10,14 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .act import Outcome, prepare, release, target_key
 from .errors import Refused, SafeUSBError, XMLError
 from .hostdev import usb_hostdevs
+from .model import Target
 from .policy import Policy
-from .roots import Roots
-from .run import Runner
 from .selector import Selector, resolve
-from .state import StateDir
+from .service import Handover, refusal_text, release_lines
 
 
 class LibvirtError(SafeUSBError):
@@ -63,34 +61,34 @@ def _domain(uri: str | None, name: str) -> Any:
         raise LibvirtError(f"libvirt: {exc.get_error_message()}") from None
 
 
-def attach(roots: Roots, uri: str | None, name: str, xml: bytes, source: str, flags: Flags,
-           policy: Policy, state: StateDir) -> list[str]:
+def attach(handover: Handover, uri: str | None, name: str, xml: bytes, source: str,
+           flags: Flags, policy: Policy) -> list[str]:
     import libvirt  # noqa: PLC0415
 
     dom = _domain(uri, name)
     running = bool(dom.isActive())
     hostdevs = _hostdevs(xml, source)
-    taken: list[tuple[str, Any]] = []
+    taken: list[Target] = []
     lines = []
     if flags.affects_live(running):
         for hd in hostdevs:
-            target = resolve(Selector.from_hostdev(hd, source), roots)
-            outcome = prepare(roots, target, policy, Runner.for_roots(roots), state, domain=name)
+            target = resolve(Selector.from_hostdev(hd, source), handover.roots)
+            outcome = handover.prepare(target, name, policy=policy)
             if not outcome.ok:
-                _give_back(roots, taken, policy, state, name)
-                raise Refused(_refusal_text(target.describe(), outcome))
-            taken.append((target_key(target), target.usb))
+                handover.give_back(taken, name, policy)
+                raise Refused(refusal_text(target.describe(), outcome))
+            taken.append(target)
             lines.extend(outcome.done)
     try:
         dom.attachDeviceFlags(xml.decode(), flags.libvirt_flags(running))
     except libvirt.libvirtError as exc:
-        _give_back(roots, taken, policy, state, name)
+        handover.give_back(taken, name, policy)
         raise LibvirtError(f"libvirt: {exc.get_error_message()}") from None
     return [*lines, "Device attached successfully"]
 
 
-def detach(roots: Roots, uri: str | None, name: str, xml: bytes, source: str, flags: Flags,
-           policy: Policy | None, state: StateDir) -> list[str]:
+def detach(handover: Handover, uri: str | None, name: str, xml: bytes, source: str,
+           flags: Flags, policy: Policy | None) -> list[str]:
     import libvirt  # noqa: PLC0415
 
     dom = _domain(uri, name)
@@ -104,14 +102,11 @@ def detach(roots: Roots, uri: str | None, name: str, xml: bytes, source: str, fl
     if flags.affects_live(running):
         for hd in hostdevs:
             try:
-                target = resolve(Selector.from_hostdev(hd, source), roots)
+                target = resolve(Selector.from_hostdev(hd, source), handover.roots)
             except SafeUSBError as exc:
                 lines.append(f"not given back: {exc}")
                 continue
-            outcome = release(roots, target_key(target), policy,
-                              Runner.for_roots(roots), state,
-                              usb=target.usb, domain=name)
-            lines.extend(outcome.done + [f"NOT done: {n}" for n in outcome.not_undone])
+            lines.extend(release_lines(handover.release_target(target, name, policy)))
     return lines
 
 
@@ -122,15 +117,3 @@ def _hostdevs(xml: bytes, source: str) -> tuple[Any, ...]:
         if b"<hostdev" in xml:
             raise
         return ()  # not a host device: libvirt alone decides
-
-
-def _give_back(roots: Roots, taken: list[tuple[str, Any]], policy: Policy, state: StateDir,
-               name: str) -> None:
-    for key, usb in reversed(taken):
-        release(roots, key, policy, Runner.for_roots(roots), state,
-                usb=usb, domain=name)
-
-
-def _refusal_text(head: str, outcome: Outcome) -> str:
-    verb = "refused to" if outcome.plan is not None and outcome.plan.refused else "could not"
-    return f"{verb} hand over {head}: " + "; ".join(outcome.why_not())

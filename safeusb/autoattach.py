@@ -336,24 +336,21 @@ class HostLibvirt:
 
 
 class HostHandover:
-    """act.prepare and act.release on this host, with safeusbd's policy and state."""
+    """Prepare and give back on this host (service.Handover), with safeusbd's policy and
+    state."""
 
     def __init__(self, roots: Roots, policy_path: str, state_dir: str) -> None:
+        from .service import Handover  # noqa: PLC0415
+
         self.roots = roots
-        self.policy_path = policy_path
-        self.state_dir = state_dir
+        self.handover = Handover.from_paths(roots, policy_path, state_dir)
 
     def prepare(self, key: str, domain: str) -> tuple[bool, list[str]]:
-        from .act import prepare  # noqa: PLC0415
-        from .run import Runner  # noqa: PLC0415
         from .selector import Selector, resolve  # noqa: PLC0415
-        from .state import StateDir  # noqa: PLC0415
 
         try:
             target = resolve(Selector.from_string(key), self.roots)
-            policy = Policy.from_file(self.policy_path)
-            outcome = prepare(self.roots, target, policy, Runner.for_roots(self.roots),
-                              StateDir(self.state_dir), domain=domain)
+            outcome = self.handover.prepare(target, domain)
         except SafeUSBError as exc:
             return False, [str(exc)]
         if outcome.ok:
@@ -361,22 +358,11 @@ class HostHandover:
         return False, outcome.why_not()
 
     def give_back(self, key: str, domain: str) -> list[str]:
-        from .act import release  # noqa: PLC0415
-        from .run import Runner  # noqa: PLC0415
-        from .state import StateDir  # noqa: PLC0415
+        from .service import release_lines  # noqa: PLC0415
 
+        policy = self.handover.policy_for_release(lambda _text: None)
         try:
-            policy: Policy | None = Policy.from_file(self.policy_path)
-        except SafeUSBError:
-            policy = None
-        usb = None
-        try:
-            usb = sysfs.read_usb_device(self.roots.sys_path("bus", "usb", "devices", key))
-        except SafeUSBError:
-            pass
-        try:
-            outcome = release(self.roots, key, policy, Runner.for_roots(self.roots),
-                              StateDir(self.state_dir), usb=usb, domain=domain)
+            outcome = self.handover.release_port(key, domain, policy=policy)
         except SafeUSBError as exc:
             return [f"not given back: {exc}"]
-        return list(outcome.done) + [f"NOT done: {u}" for u in outcome.not_undone]
+        return release_lines(outcome)

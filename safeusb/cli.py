@@ -19,7 +19,7 @@ from .roots import Roots
 if TYPE_CHECKING:
     from .act import Outcome
     from .model import Target
-    from .policy import Policy
+    from .service import Handover
 
 # Paths known here so the parser needs no policy or state code (loaded per command).
 DEFAULT_POLICY = "/etc/safeusb/policy.toml"
@@ -292,67 +292,35 @@ def _print_outcome(verb: str, head: str, outcome: Outcome, as_json: bool) -> int
         json.dump(outcome.as_json(), sys.stdout, indent=2)
         sys.stdout.write("\n")
         return EXIT_FREE if outcome.ok else EXIT_IN_USE
-    plan = outcome.plan
+    from .service import outcome_lines  # noqa: PLC0415
+
     out = sys.stdout if outcome.ok else sys.stderr
-    lines: list[str] = []
-    if plan is not None and plan.refused:
-        lines.append(f"safeusb: refused to hand over {head}:")
-        lines.extend("  " + r for r in plan.refusals)
-    elif outcome.error:
-        lines.append(f"safeusb: could not {verb} {head}: {outcome.error}")
-        lines.extend("  undone: " + u for u in outcome.undone)
-        lines.extend("  NOT undone: " + u for u in outcome.not_undone)
-        lines.append(f"  host state: {outcome.host_state()}")
-    elif plan is not None and not outcome.done:
-        lines.append(f"plan for {head} ({plan.rule}):")
-        lines.extend(f"  {i}. {s.describe()}" for i, s in enumerate(plan.steps, 1))
-    else:
-        lines.append(f"{head}: " + ("ready for the guest" if verb == "prepare"
-                                    else "given back to the host"))
-        lines.extend("  done: " + d for d in outcome.done)
-        lines.extend("  NOT done: " + u for u in outcome.not_undone)
-    lines.extend("  note: " + n for n in outcome.notes)
-    out.write("\n".join(lines) + "\n")
+    out.write("\n".join(outcome_lines(verb, head, outcome)) + "\n")
     return EXIT_FREE if outcome.ok else EXIT_IN_USE
 
 
+def _handover(args: argparse.Namespace, roots: Roots, **kwargs: Any) -> Handover:
+    from .service import Handover  # noqa: PLC0415 (the acting code only when acting)
+
+    return Handover.from_paths(roots, args.policy, args.state_dir, **kwargs)
+
+
 def cmd_prepare(args: argparse.Namespace, roots: Roots) -> int:
-    from .act import prepare  # noqa: PLC0415 (the acting code only when acting)
-    from .policy import Policy  # noqa: PLC0415
-    from .run import Runner, stderr_progress  # noqa: PLC0415
-    from .state import StateDir  # noqa: PLC0415
+    from .run import stderr_progress  # noqa: PLC0415
 
     target = target_from_args(args, roots)
-    policy = Policy.from_file(args.policy)
-    runner = Runner.for_roots(roots, dry_run=args.dry_run, progress=stderr_progress)
-    outcome = prepare(roots, target, policy, runner, StateDir(args.state_dir),
-                      domain=args.domain, timeout=args.timeout)
+    handover = _handover(args, roots, dry_run=args.dry_run, progress=stderr_progress)
+    outcome = handover.prepare(target, args.domain, timeout=args.timeout)
     return _print_outcome("prepare", target.describe(), outcome, args.json)
 
 
 def cmd_release(args: argparse.Namespace, roots: Roots) -> int:
-    from .act import release, target_key  # noqa: PLC0415
-    from .run import Runner  # noqa: PLC0415
-    from .state import StateDir  # noqa: PLC0415
-
     target = target_from_args(args, roots)
-    runner = Runner.for_roots(roots)
-    outcome = release(roots, target_key(target), _policy_or_none(args.policy), runner,
-                      StateDir(args.state_dir),
-                      usb=target.usb, domain=args.domain)
+    handover = _handover(args, roots)
+    policy = handover.policy_for_release(
+        lambda text: print(f"safeusb: {text}", file=sys.stderr))
+    outcome = handover.release_target(target, args.domain, policy)
     return _print_outcome("release", target.describe(), outcome, args.json)
-
-
-def _policy_or_none(path: str) -> Policy | None:
-    """Giving back never depends on the policy: when it cannot be read, say so and go on
-    by the records (which keep the restore setting the device was taken under)."""
-    from .policy import Policy  # noqa: PLC0415
-
-    try:
-        return Policy.from_file(path)
-    except SafeUSBError as exc:
-        print(f"safeusb: {exc}; giving back by the records alone", file=sys.stderr)
-        return None
 
 
 def cmd_install_hook(args: argparse.Namespace, roots: Roots) -> int:
@@ -394,8 +362,6 @@ def cmd_udev_rules(args: argparse.Namespace, roots: Roots) -> int:
 
 def cmd_attach(args: argparse.Namespace, roots: Roots) -> int:
     from . import attach  # noqa: PLC0415
-    from .policy import Policy  # noqa: PLC0415
-    from .state import StateDir  # noqa: PLC0415
 
     try:
         with open(args.file, "rb") as f:
@@ -403,12 +369,15 @@ def cmd_attach(args: argparse.Namespace, roots: Roots) -> int:
     except OSError as exc:
         raise XMLError(args.file, exc.strerror or str(exc)) from None
     flags = attach.Flags(args.live, args.config, args.current, args.persistent)
+    handover = _handover(args, roots)
     if args.command == "attach-device":
-        lines = attach.attach(roots, args.connect, args.domain, xml, args.file, flags,
-                              Policy.from_file(args.policy), StateDir(args.state_dir))
+        lines = attach.attach(handover, args.connect, args.domain, xml, args.file, flags,
+                              handover.policy())
     else:
-        lines = attach.detach(roots, args.connect, args.domain, xml, args.file, flags,
-                              _policy_or_none(args.policy), StateDir(args.state_dir))
+        policy = handover.policy_for_release(
+            lambda text: print(f"safeusb: {text}", file=sys.stderr))
+        lines = attach.detach(handover, args.connect, args.domain, xml, args.file, flags,
+                              policy)
     print("\n".join(lines))
     return EXIT_FREE
 

@@ -157,17 +157,15 @@ class HostActions:
         return as_json(inspect(read_snapshot(self.roots, self._target(args), Runner(),
                                              skip_pids=skip)))
 
-    def prepare(self, args: DeviceArgs, cancel: threading.Event) -> Done:
-        from .act import prepare  # noqa: PLC0415
-        from .policy import Policy  # noqa: PLC0415
-        from .run import Runner  # noqa: PLC0415
-        from .state import StateDir  # noqa: PLC0415
+    def _handover(self) -> Any:
+        from .service import Handover  # noqa: PLC0415
 
+        return Handover.from_paths(self.roots, self.policy_path, self.state_dir)
+
+    def prepare(self, args: DeviceArgs, cancel: threading.Event) -> Done:
         target = self._target(args)
-        policy = Policy.from_file(self.policy_path)
-        outcome = prepare(self.roots, target, policy,
-                          Runner.for_roots(self.roots, cancel=cancel), StateDir(self.state_dir),
-                          domain=args.domain, timeout=args.timeout)
+        outcome = self._handover().prepare(target, args.domain, timeout=args.timeout,
+                                           cancel=cancel)
         if outcome.ok:
             return Done(True, outcome.as_json())
         refused = outcome.plan is not None and outcome.plan.refused
@@ -175,31 +173,22 @@ class HostActions:
                     "; ".join(outcome.why_not()))
 
     def release(self, args: DeviceArgs, only_domain: str | None) -> Done:
-        from .act import release, release_domain, target_key  # noqa: PLC0415
-        from .policy import Policy  # noqa: PLC0415
-        from .run import Runner  # noqa: PLC0415
-        from .state import StateDir  # noqa: PLC0415
+        from .act import target_key  # noqa: PLC0415
 
-        state = StateDir(self.state_dir)
-        try:
-            policy: Policy | None = Policy.from_file(self.policy_path)
-        except SafeUSBError as exc:
-            log.warning("%s; giving back by the records alone", exc)
-            policy = None
-        runner = Runner.for_roots(self.roots)
+        handover = self._handover()
+        policy = handover.policy_for_release(log.warning)
         if not args.names_device():
             assert args.domain is not None
-            outcome = release_domain(self.roots, args.domain, policy, runner, state)
+            outcome = handover.release_domain(args.domain, policy)
         else:
             target = self._target(args)
             key = target_key(target)
             if only_domain is not None:
-                record = state.load(key)
+                record = handover.state.load(key)
                 if record is not None and record.domain != only_domain:
                     raise NotPermitted(f"{key} is not recorded as taken for domain "
                                        f"{only_domain}")
-            outcome = release(self.roots, key, policy, runner, state, usb=target.usb,
-                              domain=args.domain)
+            outcome = handover.release_target(target, args.domain, policy)
         if outcome.ok:
             return Done(True, outcome.as_json())
         return Done(False, outcome.as_json(), proto.FAILED,

@@ -454,30 +454,19 @@ class EventLoop:
 
 
 def host_give_back(roots: Roots, state: StateDir, policy_path: str) -> GiveBack:
-    """Give a device back on this host by its record (act.release_locked)."""
+    """Give a device back on this host by its record (service.Handover, under the lock the
+    caller holds)."""
 
     def give_back(key: str, record: Record) -> tuple[bool, list[str]]:
-        from .act import release_locked  # noqa: PLC0415
-        from .policy import Policy  # noqa: PLC0415
-        from .run import Runner  # noqa: PLC0415
+        from .service import Handover, release_lines  # noqa: PLC0415
 
+        handover = Handover(roots, state, policy_path)
+        policy = handover.policy_for_release(lambda text: log.warning("safeusbd: %s", text))
         try:
-            policy: Policy | None = Policy.from_file(policy_path)
-        except SafeUSBError as exc:
-            log.warning("safeusbd: %s; giving back by the records alone", exc)
-            policy = None
-        usb = None
-        port = roots.sys_path("bus", "usb", "devices", key)
-        with contextlib.suppress(SafeUSBError):
-            usb = sysfs.read_usb_device(port)
-        try:
-            outcome = release_locked(roots, key, policy, Runner.for_roots(roots), state,
-                                     usb=usb, domain=record.domain)
+            outcome = handover.release_port(key, record.domain, policy=policy, locked=True)
         except StateError as exc:
             return False, [f"not given back: {exc}"]
-        lines = list(outcome.done) + [f"NOT done: {u}" for u in outcome.not_undone] + \
-            [f"note: {n}" for n in outcome.notes]
-        return outcome.ok, lines
+        return outcome.ok, release_lines(outcome, notes=True)
 
     return give_back
 

@@ -16,15 +16,15 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .act import prepare, release_domain, target_key
 from .domain import DomainInfo, policy_for_domain
 from .errors import NoSuchDevice, SafeUSBError, XMLError
 from .logsetup import setup_logging
-from .policy import DEFAULT_PATH, Policy
+from .model import Target
+from .policy import DEFAULT_PATH
 from .roots import Roots
-from .run import Runner
 from .selector import Selector, resolve
-from .state import DEFAULT_DIR, StateDir
+from .service import Handover
+from .state import DEFAULT_DIR
 
 EXIT_REFUSED = 3
 MAX_DOMAIN_XML_BYTES = 64 * 1024 * 1024
@@ -57,8 +57,9 @@ def hook(argv: Sequence[str], xml: bytes, roots: Roots, policy_path: str = DEFAU
         print("safeusb: hook needs DOMAIN OPERATION SUB-OPERATION", file=sys.stderr)
         return 0
     domain, op, subop = argv[0], argv[1], argv[2]
+    handover = Handover.from_paths(roots, policy_path, state_dir)
     if (op, subop) == ("release", "end"):
-        _release(roots, domain, policy_path, StateDir(state_dir))
+        _release(handover, domain)
         return 0
     if (op, subop) != ("prepare", "begin"):
         return 0
@@ -72,49 +73,37 @@ def hook(argv: Sequence[str], xml: bytes, roots: Roots, policy_path: str = DEFAU
     if not info.hostdevs:
         return 0
     try:
-        policy = policy_for_domain(Policy.from_file(policy_path), info)
+        policy = policy_for_domain(handover.policy(), info)
     except SafeUSBError as exc:
         return _refuse([f"{exc}; refusing to start domain {domain} with USB host devices"])
-    state = StateDir(state_dir)
     refusals: list[str] = []
-    taken: list[str] = []
+    targets: list[Target] = []
     for hostdev in info.hostdevs:
         try:
-            target = resolve(Selector.from_hostdev(hostdev, f"domain {domain}"), roots)
+            targets.append(resolve(Selector.from_hostdev(hostdev, f"domain {domain}"), roots))
         except NoSuchDevice as exc:
             # libvirt finds no such device either: it fails the start, or drops the device
             # when its startupPolicy allows. Nothing of the host is at stake.
             log.warning("domain %s: %s is not on the host (%s); left to libvirt",
                         domain, hostdev.describe(), exc)
-            continue
         except SafeUSBError as exc:
             refusals.append(f"{hostdev.describe()}: {exc}")
-            continue
-        runner = Runner.for_roots(roots)
-        outcome = prepare(roots, target, policy, runner, state, domain=domain)
-        if outcome.ok:
-            if outcome.done:
-                taken.append(target_key(target))
-            continue
-        head = target.describe()
-        refusals.extend(f"{head}: {r}" for r in outcome.why_not())
+    taken = handover.prepare_all(targets, domain, policy)
+    refusals.extend(taken.refusals)
     if refusals:
-        if taken:
-            back = release_domain(roots, domain, policy, Runner.for_roots(roots), state)
+        if taken.targets:
+            back = handover.release_domain(domain, policy)
             refusals.extend(f"could not give back: {n}" for n in back.not_undone)
         return _refuse(refusals)
     return 0
 
 
-def _release(roots: Roots, domain: str, policy_path: str, state: StateDir) -> None:
+def _release(handover: Handover, domain: str) -> None:
     """Give back what the records say the domain took, whatever its XML says now and
     whether or not the policy can be read; report every record not acted on."""
-    try:
-        policy: Policy | None = Policy.from_file(policy_path)
-    except SafeUSBError as exc:
-        _report([f"release of domain {domain}: {exc}; giving back by the records alone"])
-        policy = None
-    outcome = release_domain(roots, domain, policy, Runner.for_roots(roots), state)
+    policy = handover.policy_for_release(
+        lambda text: _report([f"release of domain {domain}: {text}"]))
+    outcome = handover.release_domain(domain, policy)
     _report([f"release of domain {domain}: {line}" for line in outcome.not_undone])
 
 
