@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
 
 from .found import Found
-from .model import Unreadable
+from .model import InputDevice, InputScan, Unreadable
 from .roots import Roots
 
 # The kernel prints capability bitmaps as unsigned longs of the reading process's width
@@ -52,24 +51,6 @@ def is_pointer(ev: int, key: int, rel: int, abs_: int) -> bool:
     absolute = (_bit(ev, EV_ABS) and _bit(abs_, ABS_X) and _bit(abs_, ABS_Y)
                 and (_bit(key, BTN_LEFT) or _bit(key, BTN_TOUCH)))
     return _bit(ev, EV_KEY) and (relative or absolute)
-
-
-@dataclass(frozen=True)
-class InputDevice:
-    sysname: str  # "input5"
-    name: str  # what the device calls itself: "QEMU QEMU USB Keyboard"
-    keyboard: bool
-    pointer: bool
-    on_target: bool
-    # Its events are dropped (sysfs "inhibited", Linux 5.11 and later): no use as a keyboard
-    # or pointer until someone lifts that.
-    inhibited: bool = False
-
-
-@dataclass(frozen=True)
-class InputScan:
-    devices: tuple[InputDevice, ...] = ()  # every keyboard and pointer, and the target's
-    unreadable: tuple[Unreadable, ...] = ()
 
 
 def _under(path: str, directory: str) -> bool:

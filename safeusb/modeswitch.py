@@ -9,12 +9,9 @@ from __future__ import annotations
 import os
 import re
 import threading
-from dataclasses import dataclass, field
 
 from .found import Found
-from .model import Node, UsbDevice
-
-Id = tuple[int, int]
+from .model import Id, Node, SwitchDb, UsbDevice
 
 # Where distributions ship the switch database: the configuration pack (Debian) or its
 # files unpacked (Fedora, Arch), local additions, and the udev rules that trigger it.
@@ -35,19 +32,6 @@ STORAGE_CLASS = 0x08
 
 def fmt_id(i: Id) -> str:
     return f"{i[0]:04x}:{i[1]:04x}"
-
-
-@dataclass(frozen=True)
-class SwitchDb:
-    """Devices usb_modeswitch switches: their storage-mode ids and what they become."""
-
-    switches_to: dict[Id, tuple[Id, ...]] = field(default_factory=dict)
-    # Vendors whose every storage interface is switched (Huawei's generic udev rule).
-    storage_vendors: frozenset[int] = frozenset()
-    sources: tuple[str, ...] = ()
-
-    def storage_ids_of(self, switched: Id) -> tuple[Id, ...]:
-        return tuple(sorted(k for k, v in self.switches_to.items() if switched in v))
 
 
 def parse_config(text: str, initial: Id) -> tuple[Id, ...]:

@@ -16,7 +16,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .found import Found, size_text
-from .model import MountNamespace, Unreadable
+from .model import (
+    LinkId,
+    MountNamespace,
+    NetAddress,
+    NetInterface,
+    NetNamespaceRef,
+    NetRoute,
+    NetScan,
+    Unreadable,
+)
 from .parsers import ParseError, parse_ns_link
 from .procfs import read_comm
 from .roots import Roots
@@ -24,101 +33,9 @@ from .roots import Roots
 _CLONE_NEWNET = 0x40000000
 _IFF_UP = 0x1
 _IFA_F_PERMANENT = 0x80
-_RTPROT_KERNEL = 2
-_RTPROT_RA = 9
 # Link kinds whose IFLA_LINK names the interface they are stacked on (not a peer).
 UPPER_KINDS = frozenset({"vlan", "macvlan", "macvtap", "ipvlan", "ipvtap", "macsec"})
 _SCOPES = {0: "global", 200: "site", 253: "link", 254: "host", 255: "nowhere"}
-
-
-@dataclass(frozen=True)
-class LinkId:
-    """What identifies an interface, as a matcher sees it."""
-
-    netns: int  # inode of its network namespace
-    ifindex: int
-    name: str
-    parent_dev: str | None = None  # kernel name of the device below it ("2-1:1.0")
-    parent_bus: str | None = None  # its bus ("usb")
-    address: str | None = None
-    perm_address: str | None = None
-
-
-@dataclass(frozen=True)
-class NetAddress:
-    family: int  # 4 or 6
-    address: str
-    prefixlen: int
-    scope: str  # "global", "link", "host", ...
-    permanent: bool = True  # configured by hand; False: a lifetime (DHCP, SLAAC) runs out
-
-    def __str__(self) -> str:
-        return f"{self.address}/{self.prefixlen}"
-
-
-@dataclass(frozen=True)
-class NetRoute:
-    family: int  # 4 or 6
-    dst: str  # "default" or "10.0.0.0/8"
-    gateway: str | None
-    table: int
-    protocol: int = 4  # rtnetlink's rtm_protocol: 2 kernel, 3 boot, 4 static, 9 RA, 16 DHCP
-
-    @property
-    def is_default(self) -> bool:
-        return self.dst == "default"
-
-    @property
-    def configured(self) -> bool:
-        """Put there by an administrator or a tool, not by the kernel (connected routes)
-        or router advertisements: what comes back only if someone adds it again."""
-        return self.protocol not in (_RTPROT_KERNEL, _RTPROT_RA)
-
-
-@dataclass(frozen=True)
-class NetInterface:
-    link: LinkId
-    kind: str | None  # rtnetlink link kind: "vlan", "bridge", ...; None for plain NICs
-    up: bool  # administratively up
-    operstate: str
-    master: str | None = None
-    master_kind: str | None = None
-    lower: str | None = None  # for a stacked interface (VLAN, macvlan): the device's one below
-    lower_netns: int | None = None  # where that one is, when another namespace
-    uppers: tuple[str, ...] = ()
-    addresses: tuple[NetAddress, ...] = ()
-    routes: tuple[NetRoute, ...] = ()  # default routes first
-    rx_bytes: int | None = None
-    tx_bytes: int | None = None
-
-    @property
-    def name(self) -> str:
-        return self.link.name
-
-    @property
-    def netns(self) -> int:
-        return self.link.netns
-
-
-@dataclass(frozen=True)
-class NetNamespaceRef:
-    inode: int
-    where: str  # "pid 812 (dockerd)", "/run/netns/blue"
-    path: str = ""  # a file that refers to it: "/proc/812/ns/net", "/run/netns/blue"
-
-
-@dataclass(frozen=True)
-class NetScan:
-    """The device's interfaces (and those stacked on them) in every namespace reached."""
-
-    interfaces: tuple[NetInterface, ...] = ()
-    namespaces: tuple[NetNamespaceRef, ...] = ()  # every namespace that was read
-    # How many interfaces the device has over all namespaces (sysfs), None when unknown.
-    expected: int | None = 0
-    unreadable: tuple[Unreadable, ...] = ()
-
-    def where(self, inode: int) -> str | None:
-        return next((n.where for n in self.namespaces if n.inode == inode), None)
 
 
 @dataclass(frozen=True)

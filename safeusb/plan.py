@@ -12,8 +12,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .inspect import Findings, Reason, human_bytes
-from .model import BlockDevice, DevNum, LoopSetup, MountEntry, MountNamespace, Snapshot
-from .netinfo import NetInterface, NetNamespaceRef
+from .model import (
+    BlockDevice,
+    DevNum,
+    LoopSetup,
+    MountEntry,
+    MountNamespace,
+    NetInterface,
+    NetNamespaceRef,
+    Snapshot,
+)
 from .policy import Settings
 from .run import StepFailed, log, tool
 from .sysfs import split_lvm_name

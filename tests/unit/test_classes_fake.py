@@ -15,22 +15,22 @@ from typing import Any
 
 import pytest
 
-from safeusb.classes import ClassSnapshot
-from safeusb.inputdev import InputDevice, InputScan, input_reasons, parse_bitmap
+from safeusb.inputdev import input_reasons, parse_bitmap
 from safeusb.inspect import Findings, inspect
-from safeusb.modeswitch import SwitchDb, SwitchDbCache, parse_config, read_switch_db
-from safeusb.netinfo import (
+from safeusb.model import (
+    ClassSnapshot,
+    InputDevice,
+    InputScan,
     LinkId,
     NetAddress,
     NetInterface,
     NetNamespaceRef,
     NetRoute,
     NetScan,
-    addresses_from,
-    device_match,
-    net_reasons,
-    routes_from,
+    SwitchDb,
 )
+from safeusb.modeswitch import SwitchDbCache, parse_config, read_switch_db
+from safeusb.netinfo import addresses_from, device_match, net_reasons, routes_from
 from safeusb.plan import DownLink, Handoff, build_plan
 from safeusb.policy import Settings
 from safeusb.report import as_json, as_text
