@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import struct
 
-from .found import Found
 from .model import InputDevice, InputScan, Unreadable
+from .reasons import CannotRead, LastInput, Reason
 from .roots import Roots
 
 # The kernel prints capability bitmaps as unsigned longs of the reading process's width
@@ -98,11 +98,11 @@ def read_inputs(roots: Roots, target_syspath: str) -> InputScan:
     return InputScan(tuple(devices), tuple(problems))
 
 
-def input_reasons(scan: InputScan) -> list[Found]:
+def input_reasons(scan: InputScan) -> list[Reason]:
     """The device provides the host's last keyboard or last pointing device (kind
     ``last-input``); or it provides one and the others cannot all be read. Inhibited
     devices elsewhere do not count as others: they deliver nothing."""
-    out: list[Found] = []
+    out: list[Reason] = []
     for what, attr in (("keyboard", "keyboard"), ("pointing device", "pointer")):
         mine = [d for d in scan.devices if d.on_target and getattr(d, attr)]
         elsewhere = [d for d in scan.devices if not d.on_target and getattr(d, attr)]
@@ -115,17 +115,14 @@ def input_reasons(scan: InputScan) -> list[Found]:
             names = ", ".join(f"{d.sysname} ({d.name})" for d in inhibited)
             shown += f"; {names} {'is' if len(inhibited) == 1 else 'are'} inhibited"
         if scan.unreadable:
-            out.append(Found(
-                "unreadable",
+            out.append(Reason(
                 f"it provides a {what} ({shown}) and not every other input device can be "
                 f"read to tell whether the host has another",
-                {"what": f"other {what}s", "error": "; ".join(
-                    f"{p.what}: {p.error}" for p in scan.unreadable)}))
+                CannotRead(f"other {what}s", "; ".join(
+                    f"{p.what}: {p.error}" for p in scan.unreadable))))
             continue
-        out.append(Found(
-            "last-input",
+        out.append(Reason(
             f"it provides the host's last {what}: {shown}",
-            {"input": attr, "devices": [d.sysname for d in mine],
-             "names": [d.name for d in mine],
-             "inhibited": [d.sysname for d in inhibited]}))
+            LastInput(attr, tuple(d.sysname for d in mine), tuple(d.name for d in mine),
+                      tuple(d.sysname for d in inhibited))))
     return out
