@@ -11,17 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from .act import Outcome, prepare, release, target_key
-from .errors import Refused, SafeUSBError, XMLError
+from .errors import LibvirtError, Refused, SafeUSBError, XMLError
 from .hostdev import usb_hostdevs
 from .policy import Policy
 from .roots import Roots
 from .run import Runner
 from .selector import Selector, resolve
 from .state import StateDir
-
-
-class LibvirtError(SafeUSBError):
-    exit_code = 1
 
 
 @dataclass(frozen=True)
