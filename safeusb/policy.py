@@ -36,11 +36,11 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from . import trust
+from . import defaults, trust
 from .errors import SafeUSBError
 from .model import UsbDevice
 
-DEFAULT_PATH = "/etc/safeusb/policy.toml"
+DEFAULT_PATH = defaults.POLICY
 MAX_TIMEOUT = 86400
 
 Action = Literal["refuse", "unmount", "force"]

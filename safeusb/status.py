@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import sysfs
+from . import defaults, sysfs
 from .errors import SafeUSBError
 from .inspect import Findings
 from .model import Target, UsbDevice
@@ -368,6 +368,6 @@ def collect(roots: Roots, uri: str | None = None, guard: dict[str, Any] | None =
     attach = None
     if policy_path is not None:
         states = None if unprotected is None else {n: s for n, s, _ in domains}
-        attach = attach_status(roots, policy_path, state_dir or "/run/safeusb", states,
+        attach = attach_status(roots, policy_path, state_dir or defaults.STATE_DIR, states,
                                [d.usb for d in devices if not d.hub])
     return Status(True, tuple(devices), libvirt_state, unprotected, guard, attach)
