@@ -10,16 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import Refused, SafeUSBError, XMLError
+from .errors import LibvirtError, Refused, SafeUSBError, XMLError
 from .hostdev import usb_hostdevs
 from .model import Target
 from .policy import Policy
 from .selector import Selector, resolve
 from .service import Handover, refusal_text, release_lines
-
-
-class LibvirtError(SafeUSBError):
-    exit_code = 1
 
 
 @dataclass(frozen=True)

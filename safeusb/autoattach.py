@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import sysfs
-from .errors import SafeUSBError
+from .errors import LibvirtError, SafeUSBError
 from .events import device_now
 from .policy import Policy, Rule
 from .roots import Roots
@@ -321,7 +321,7 @@ class HostLibvirt:
     def attach(self, name: str, xml: str) -> None:
         import libvirt  # noqa: PLC0415
 
-        from .attach import LibvirtError, _domain  # noqa: PLC0415
+        from .attach import _domain  # noqa: PLC0415
 
         dom = _domain(self.uri, name)
         try:

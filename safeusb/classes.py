@@ -4,24 +4,14 @@ names of character device nodes (serial ports, modems, cameras, sound, HID)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .model import MountNamespace, Node, Target
+from .model import ClassSnapshot, MountNamespace, Node, Target
 from .roots import Roots
 
 if TYPE_CHECKING:  # each class's module is imported where it is used: start-up stays short
-    from .found import Found
-    from .inputdev import InputScan
-    from .modeswitch import SwitchDb
-    from .netinfo import NetMatch, NetScan
-
-
-@dataclass(frozen=True)
-class ClassSnapshot:
-    net: NetScan
-    inputs: InputScan
-    switch_db: SwitchDb | None = None
+    from .netinfo import NetMatch
+    from .reasons import Reason
 
 
 def read_classes(
@@ -45,14 +35,14 @@ def read_classes(
     return ClassSnapshot(net, inputs, db)
 
 
-def class_reasons(classes: ClassSnapshot) -> list[Found]:
+def class_reasons(classes: ClassSnapshot) -> list[Reason]:
     from .inputdev import input_reasons  # noqa: PLC0415
     from .netinfo import net_reasons  # noqa: PLC0415
 
     return [*net_reasons(classes.net), *input_reasons(classes.inputs)]
 
 
-def class_warnings(classes: ClassSnapshot, target: Target, nodes: tuple[Node, ...]) -> list[Found]:
+def class_warnings(classes: ClassSnapshot, target: Target, nodes: tuple[Node, ...]) -> list[Reason]:
     if target.usb is None:
         return []
     from .modeswitch import modeswitch_warnings  # noqa: PLC0415

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import __version__, defaults
 from .errors import EXIT_FREE, EXIT_IN_USE, SafeUSBError, UsageError, XMLError, exit_code_for
 from .logsetup import setup_logging
 from .roots import Roots
@@ -21,10 +21,10 @@ if TYPE_CHECKING:
     from .model import Target
     from .service import Handover
 
-# Paths known here so the parser needs no policy or state code (loaded per command).
-DEFAULT_POLICY = "/etc/safeusb/policy.toml"
-DEFAULT_STATE_DIR = "/run/safeusb"
-DEFAULT_SOCKET = "/run/safeusb/safeusbd.sock"  # protocol.DEFAULT_SOCKET, without its import
+# From defaults.py, so that the parser needs no policy or state code (loaded per command).
+DEFAULT_POLICY = defaults.POLICY
+DEFAULT_STATE_DIR = defaults.STATE_DIR
+DEFAULT_SOCKET = defaults.SOCKET
 DAEMON_TIMEOUT = 60.0  # seconds for safeusbd's answer before the host is read here
 
 

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from . import defaults
 from . import protocol as proto
 from .errors import AmbiguousSelector, NoSuchDevice, SafeUSBError, SelectorError
 from .peer import Caller, DomainResolver, LibvirtResolver, Peer, classify, refusal
@@ -35,9 +36,9 @@ from .roots import Roots
 
 log = logging.getLogger("safeusb")
 
-DEFAULT_SOCKET = proto.DEFAULT_SOCKET
-DEFAULT_POLICY = "/etc/safeusb/policy.toml"
-DEFAULT_STATE_DIR = "/run/safeusb"
+DEFAULT_SOCKET = defaults.SOCKET
+DEFAULT_POLICY = defaults.POLICY
+DEFAULT_STATE_DIR = defaults.STATE_DIR
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5 and later
 SD_LISTEN_FDS_START = 3
 

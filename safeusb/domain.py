@@ -5,7 +5,7 @@ Policy overrides live in the domain's <metadata>, in safeusb's own namespace:
     <metadata>
       <safeusb:policy xmlns:safeusb="https://safeusb.invalid/xmlns/1"
                       mount="unmount" swap="refuse" holder="unmount" open="refuse"
-                      kill="false" restore="true" flush_timeout="60"/>
+                      network="refuse" kill="false" restore="true" flush_timeout="60"/>
     </metadata>
 
 Each attribute overrides the setting the policy file gives this domain's devices.
@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 from .errors import XMLError
 from .hostdev import MAX_XML_BYTES, UsbHostdev, _is_usb_hostdev, parse_xml
-from .policy import Policy, PolicyError, Settings, _Loader, check_timeout
+from .policy import SETTING_KEYS, Policy, PolicyError, Settings, _Loader, check_timeout
 
 NS = "https://safeusb.invalid/xmlns/1"
 
@@ -53,7 +53,7 @@ class DomainInfo:
         if not self.policy:
             return base
         values: dict[str, object] = {}
-        known = ("mount", "swap", "holder", "open", "kill", "restore", "flush_timeout")
+        known = SETTING_KEYS
         for key, text in self.policy.items():
             if key not in known:
                 raise PolicyError(f"<safeusb:policy> of domain {self.name}",

@@ -52,6 +52,12 @@ class XMLError(SafeUSBError):
         self.source = source
 
 
+class LibvirtError(SafeUSBError):
+    """libvirt refused or failed a call (attach-device, protect)."""
+
+    exit_code = EXIT_IN_USE
+
+
 class SystemReadError(SafeUSBError):
     """The system itself (sysfs, procfs) cannot be read at all."""
 

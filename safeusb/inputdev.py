@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
 
-from .found import Found
-from .model import Unreadable
+from .model import InputDevice, InputScan, Unreadable
+from .reasons import CannotRead, LastInput, Reason
 from .roots import Roots
 
 # The kernel prints capability bitmaps as unsigned longs of the reading process's width
@@ -52,24 +51,6 @@ def is_pointer(ev: int, key: int, rel: int, abs_: int) -> bool:
     absolute = (_bit(ev, EV_ABS) and _bit(abs_, ABS_X) and _bit(abs_, ABS_Y)
                 and (_bit(key, BTN_LEFT) or _bit(key, BTN_TOUCH)))
     return _bit(ev, EV_KEY) and (relative or absolute)
-
-
-@dataclass(frozen=True)
-class InputDevice:
-    sysname: str  # "input5"
-    name: str  # what the device calls itself: "QEMU QEMU USB Keyboard"
-    keyboard: bool
-    pointer: bool
-    on_target: bool
-    # Its events are dropped (sysfs "inhibited", Linux 5.11 and later): no use as a keyboard
-    # or pointer until someone lifts that.
-    inhibited: bool = False
-
-
-@dataclass(frozen=True)
-class InputScan:
-    devices: tuple[InputDevice, ...] = ()  # every keyboard and pointer, and the target's
-    unreadable: tuple[Unreadable, ...] = ()
 
 
 def _under(path: str, directory: str) -> bool:
@@ -117,11 +98,11 @@ def read_inputs(roots: Roots, target_syspath: str) -> InputScan:
     return InputScan(tuple(devices), tuple(problems))
 
 
-def input_reasons(scan: InputScan) -> list[Found]:
+def input_reasons(scan: InputScan) -> list[Reason]:
     """The device provides the host's last keyboard or last pointing device (kind
     ``last-input``); or it provides one and the others cannot all be read. Inhibited
     devices elsewhere do not count as others: they deliver nothing."""
-    out: list[Found] = []
+    out: list[Reason] = []
     for what, attr in (("keyboard", "keyboard"), ("pointing device", "pointer")):
         mine = [d for d in scan.devices if d.on_target and getattr(d, attr)]
         elsewhere = [d for d in scan.devices if not d.on_target and getattr(d, attr)]
@@ -134,17 +115,14 @@ def input_reasons(scan: InputScan) -> list[Found]:
             names = ", ".join(f"{d.sysname} ({d.name})" for d in inhibited)
             shown += f"; {names} {'is' if len(inhibited) == 1 else 'are'} inhibited"
         if scan.unreadable:
-            out.append(Found(
-                "unreadable",
+            out.append(Reason(
                 f"it provides a {what} ({shown}) and not every other input device can be "
                 f"read to tell whether the host has another",
-                {"what": f"other {what}s", "error": "; ".join(
-                    f"{p.what}: {p.error}" for p in scan.unreadable)}))
+                CannotRead(f"other {what}s", "; ".join(
+                    f"{p.what}: {p.error}" for p in scan.unreadable))))
             continue
-        out.append(Found(
-            "last-input",
+        out.append(Reason(
             f"it provides the host's last {what}: {shown}",
-            {"input": attr, "devices": [d.sysname for d in mine],
-             "names": [d.name for d in mine],
-             "inhibited": [d.sysname for d in inhibited]}))
+            LastInput(attr, tuple(d.sysname for d in mine), tuple(d.name for d in mine),
+                      tuple(d.sysname for d in inhibited))))
     return out

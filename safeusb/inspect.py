@@ -5,32 +5,24 @@ Pure functions: no system access here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from .classes import class_reasons, class_warnings, node_label
 from .model import BlockDevice, DevNum, Snapshot, fmt_devnum
-
-
-def human_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-@dataclass(frozen=True)
-class Reason:
-    """One thing that keeps the device from being handed over now."""
-
-    kind: str  # mount, swap, holder, open, exclusive, dirty, network, last-input, unreadable
-    text: str
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def as_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "text": self.text, **self.details}
+from .reasons import (
+    CannotRead,
+    Dirty,
+    Exclusive,
+    Holder,
+    LoopHolder,
+    Mount,
+    Open,
+    Reason,
+    Submount,
+    Swap,
+    Use,
+)
+from .textout import human_bytes
 
 
 @dataclass(frozen=True)
@@ -89,18 +81,9 @@ def inspect(snap: Snapshot) -> Findings:
             mounted.add(name)
             reasons.append(
                 Reason(
-                    "mount",
                     f"/dev/{name} mounted at {m.mountpoint} in {_ns_text(ns.inode, ns.pid)} "
                     f"(pid {ns.pid} {ns.comm})",
-                    {
-                        "device": name,
-                        "mountpoint": m.mountpoint,
-                        "fstype": m.fstype,
-                        "options": m.options,
-                        "mnt_ns": ns.inode,
-                        "pid": ns.pid,
-                        "comm": ns.comm,
-                    },
+                    Mount(name, m.mountpoint, m.fstype, m.options, ns.inode, ns.pid, ns.comm),
                 )
             )
 
@@ -115,12 +98,11 @@ def inspect(snap: Snapshot) -> Findings:
             dev = owner(below.devnum)
             reasons.append(
                 Reason(
-                    "submount",
                     f"{m.fstype} {m.source} is mounted at {m.mountpoint}, on top of /dev/"
                     f"{dev.name if dev else '?'} (mounted at {below.mountpoint}) in "
                     f"{_ns_text(ns.inode, ns.pid)}; unmount it first",
-                    {"mountpoint": m.mountpoint, "fstype": m.fstype, "source": m.source,
-                     "below": below.mountpoint, "mnt_ns": ns.inode, "pid": ns.pid},
+                    Submount(m.mountpoint, m.fstype, m.source, below.mountpoint, ns.inode,
+                             ns.pid),
                 )
             )
 
@@ -136,9 +118,7 @@ def inspect(snap: Snapshot) -> Findings:
             text = f"swap file {s.filename} is active on this device"
         else:
             continue
-        reasons.append(
-            Reason("swap", text, {"filename": s.filename, "used_bytes": s.used_kib * 1024})
-        )
+        reasons.append(Reason(text, Swap(s.filename, s.used_kib * 1024)))
 
     # Holders: dm-crypt, LVM, md, bcache, loop devices backed by files on it.
     for b in blocks.values():
@@ -149,20 +129,16 @@ def inspect(snap: Snapshot) -> Findings:
             mounted.add(b.name)
             reasons.append(
                 Reason(
-                    "holder",
                     _holder_text(holder, b),
-                    {"device": b.name, "holder": holder.name, "holder_kind": holder.kind,
-                     "dm_name": holder.dm_name},
+                    Holder(b.name, holder.name, holder.kind, holder.dm_name),
                 )
             )
     for name in snap.backed_loops:
         loop = blocks[name]
         reasons.append(
             Reason(
-                "holder",
                 f"loop device /dev/{name} is backed by {loop.loop_backing_file} on this device",
-                {"device": None, "holder": name, "holder_kind": "loop",
-                 "backing_file": loop.loop_backing_file},
+                LoopHolder(name, loop.loop_backing_file),
             )
         )
 
@@ -194,8 +170,7 @@ def inspect(snap: Snapshot) -> Findings:
             more = f" and {len(uses) - 3} more" if len(uses) > 3 else ""
             text = f"pid {pid} ({comms[pid]}) uses {what}: {shown}{more}"
         reasons.append(
-            Reason("open", text, {"pid": pid, "comm": comms[pid], "device": what,
-                                  "uses": [{"how": h, "path": p} for h, p in uses]})
+            Reason(text, Open(pid, comms[pid], what, tuple(Use(h, p) for h, p in uses)))
         )
 
     # Exclusive claims that nothing above explains.
@@ -211,9 +186,8 @@ def inspect(snap: Snapshot) -> Findings:
         if name not in explained:
             reasons.append(
                 Reason(
-                    "exclusive",
                     f"/dev/{name} is claimed exclusively by a holder safeusb cannot name",
-                    {"device": name},
+                    Exclusive(name),
                 )
             )
 
@@ -227,9 +201,8 @@ def inspect(snap: Snapshot) -> Findings:
         if d.dirty_bytes is None or d.writeback_bytes is None:
             reasons.append(
                 Reason(
-                    "unreadable",
                     f"dirty data on {name} cannot be read ({d.error}); it may hold unwritten data",
-                    {"what": f"dirty data on {name}", "error": d.error},
+                    CannotRead(f"dirty data on {name}", d.error),
                 )
             )
         elif (
@@ -246,24 +219,20 @@ def inspect(snap: Snapshot) -> Findings:
         elif d.dirty_bytes or d.writeback_bytes:
             reasons.append(
                 Reason(
-                    "dirty",
                     f"{human_bytes(d.dirty_bytes)} dirty, {human_bytes(d.writeback_bytes)} "
                     f"under writeback on {name}",
-                    {"device": name, "dirty_bytes": d.dirty_bytes,
-                     "writeback_bytes": d.writeback_bytes},
+                    Dirty(name, d.dirty_bytes, d.writeback_bytes),
                 )
             )
 
     warnings: list[Reason] = []
     if snap.classes is not None:
-        reasons.extend(Reason(*found) for found in class_reasons(snap.classes))
-        warnings.extend(
-            Reason(*found) for found in class_warnings(snap.classes, snap.target, snap.nodes)
-        )
+        reasons.extend(class_reasons(snap.classes))
+        warnings.extend(class_warnings(snap.classes, snap.target, snap.nodes))
 
     for problem in snap.unreadable:
         reasons.append(
-            Reason("unreadable", f"cannot read {problem.what}: {problem.error}",
-                   {"what": problem.what, "error": problem.error})
+            Reason(f"cannot read {problem.what}: {problem.error}",
+                   CannotRead(problem.what, problem.error))
         )
     return Findings(snap, tuple(reasons), tuple(notes), tuple(warnings))

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:
-    from .classes import ClassSnapshot
+from typing import Literal
 
 DevNum = tuple[int, int]
 NodeKind = Literal["block", "char"]
@@ -215,5 +212,146 @@ class Snapshot:
     # The kernel's per-device writeback counters are per-CPU sums read without folding:
     # each may be off by this many bytes (WB_STAT_BATCH pages per possible CPU).
     counter_slack_bytes: int = 0
-    # Network interfaces, input devices, mode switching (classes.py); None when not read.
+    # Network interfaces, input devices, mode switching (below; read by classes.py);
+    # None when not read.
     classes: ClassSnapshot | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# Beyond storage: what netinfo.py, inputdev.py and modeswitch.py read (classes.py)
+
+RTPROT_KERNEL = 2  # rtnetlink route protocols: a connected route
+RTPROT_RA = 9  # learnt from a router advertisement
+
+
+@dataclass(frozen=True)
+class LinkId:
+    """What identifies an interface, as a matcher sees it."""
+
+    netns: int  # inode of its network namespace
+    ifindex: int
+    name: str
+    parent_dev: str | None = None  # kernel name of the device below it ("2-1:1.0")
+    parent_bus: str | None = None  # its bus ("usb")
+    address: str | None = None
+    perm_address: str | None = None
+
+
+@dataclass(frozen=True)
+class NetAddress:
+    family: int  # 4 or 6
+    address: str
+    prefixlen: int
+    scope: str  # "global", "link", "host", ...
+    permanent: bool = True  # configured by hand; False: a lifetime (DHCP, SLAAC) runs out
+
+    def __str__(self) -> str:
+        return f"{self.address}/{self.prefixlen}"
+
+
+@dataclass(frozen=True)
+class NetRoute:
+    family: int  # 4 or 6
+    dst: str  # "default" or "10.0.0.0/8"
+    gateway: str | None
+    table: int
+    protocol: int = 4  # rtnetlink's rtm_protocol: 2 kernel, 3 boot, 4 static, 9 RA, 16 DHCP
+
+    @property
+    def is_default(self) -> bool:
+        return self.dst == "default"
+
+    @property
+    def configured(self) -> bool:
+        """Put there by an administrator or a tool, not by the kernel (connected routes)
+        or router advertisements: what comes back only if someone adds it again."""
+        return self.protocol not in (RTPROT_KERNEL, RTPROT_RA)
+
+
+@dataclass(frozen=True)
+class NetInterface:
+    link: LinkId
+    kind: str | None  # rtnetlink link kind: "vlan", "bridge", ...; None for plain NICs
+    up: bool  # administratively up
+    operstate: str
+    master: str | None = None
+    master_kind: str | None = None
+    lower: str | None = None  # for a stacked interface (VLAN, macvlan): the device's one below
+    lower_netns: int | None = None  # where that one is, when another namespace
+    uppers: tuple[str, ...] = ()
+    addresses: tuple[NetAddress, ...] = ()
+    routes: tuple[NetRoute, ...] = ()  # default routes first
+    rx_bytes: int | None = None
+    tx_bytes: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.link.name
+
+    @property
+    def netns(self) -> int:
+        return self.link.netns
+
+
+@dataclass(frozen=True)
+class NetNamespaceRef:
+    inode: int
+    where: str  # "pid 812 (dockerd)", "/run/netns/blue"
+    path: str = ""  # a file that refers to it: "/proc/812/ns/net", "/run/netns/blue"
+
+
+@dataclass(frozen=True)
+class NetScan:
+    """The device's interfaces (and those stacked on them) in every namespace reached."""
+
+    interfaces: tuple[NetInterface, ...] = ()
+    namespaces: tuple[NetNamespaceRef, ...] = ()  # every namespace that was read
+    # How many interfaces the device has over all namespaces (sysfs), None when unknown.
+    expected: int | None = 0
+    unreadable: tuple[Unreadable, ...] = ()
+
+    def where(self, inode: int) -> str | None:
+        return next((n.where for n in self.namespaces if n.inode == inode), None)
+
+
+@dataclass(frozen=True)
+class InputDevice:
+    sysname: str  # "input5"
+    name: str  # what the device calls itself: "QEMU QEMU USB Keyboard"
+    keyboard: bool
+    pointer: bool
+    on_target: bool
+    # Its events are dropped (sysfs "inhibited", Linux 5.11 and later): no use as a keyboard
+    # or pointer until someone lifts that.
+    inhibited: bool = False
+
+
+@dataclass(frozen=True)
+class InputScan:
+    devices: tuple[InputDevice, ...] = ()  # every keyboard and pointer, and the target's
+    unreadable: tuple[Unreadable, ...] = ()
+
+
+Id = tuple[int, int]  # vendor, product
+
+
+@dataclass(frozen=True)
+class SwitchDb:
+    """Devices usb_modeswitch switches: their storage-mode ids and what they become."""
+
+    switches_to: dict[Id, tuple[Id, ...]] = field(default_factory=dict)
+    # Vendors whose every storage interface is switched (Huawei's generic udev rule).
+    storage_vendors: frozenset[int] = frozenset()
+    sources: tuple[str, ...] = ()
+
+    def storage_ids_of(self, switched: Id) -> tuple[Id, ...]:
+        return tuple(sorted(k for k, v in self.switches_to.items() if switched in v))
+
+
+@dataclass(frozen=True)
+class ClassSnapshot:
+    """What the per-class decisions (classes.py) read of a target, read once."""
+
+    net: NetScan
+    inputs: InputScan
+    switch_db: SwitchDb | None = None

@@ -9,12 +9,9 @@ from __future__ import annotations
 import os
 import re
 import threading
-from dataclasses import dataclass, field
 
-from .found import Found
-from .model import Node, UsbDevice
-
-Id = tuple[int, int]
+from .model import Id, Node, SwitchDb, UsbDevice
+from .reasons import ModeSwitchMaybe, ModeSwitchStorage, ModeSwitchSwitched, Reason
 
 # Where distributions ship the switch database: the configuration pack (Debian) or its
 # files unpacked (Fedora, Arch), local additions, and the udev rules that trigger it.
@@ -35,19 +32,6 @@ STORAGE_CLASS = 0x08
 
 def fmt_id(i: Id) -> str:
     return f"{i[0]:04x}:{i[1]:04x}"
-
-
-@dataclass(frozen=True)
-class SwitchDb:
-    """Devices usb_modeswitch switches: their storage-mode ids and what they become."""
-
-    switches_to: dict[Id, tuple[Id, ...]] = field(default_factory=dict)
-    # Vendors whose every storage interface is switched (Huawei's generic udev rule).
-    storage_vendors: frozenset[int] = frozenset()
-    sources: tuple[str, ...] = ()
-
-    def storage_ids_of(self, switched: Id) -> tuple[Id, ...]:
-        return tuple(sorted(k for k, v in self.switches_to.items() if switched in v))
 
 
 def parse_config(text: str, initial: Id) -> tuple[Id, ...]:
@@ -180,14 +164,14 @@ def read_switch_db(root: str = "/") -> SwitchDb | None:
 
 def modeswitch_warnings(
     usb: UsbDevice, nodes: tuple[Node, ...], db: SwitchDb | None
-) -> list[Found]:
+) -> list[Reason]:
     """A warning (never a refusal) for a device that changes its vendor:product."""
     ident = (usb.vendor_id, usb.product_id)
     storage_only = bool(usb.interfaces) and all(
         i.interface_class == STORAGE_CLASS for i in usb.interfaces)
     advice = (f"select it by bus and device address instead (bus {usb.busnum} device "
               f"{usb.devnum}), and inspect it again once it has switched")
-    base = {"vendor_id": f"{usb.vendor_id:04x}", "product_id": f"{usb.product_id:04x}"}
+    vendor, product = f"{usb.vendor_id:04x}", f"{usb.product_id:04x}"
     if db is not None:
         targets = db.switches_to.get(ident)
         generic = (usb.vendor_id in db.storage_vendors
@@ -195,31 +179,28 @@ def modeswitch_warnings(
                    and (usb.manufacturer or "") != "Android")
         if targets is not None or generic:
             becomes = ", ".join(fmt_id(t) for t in targets or ()) or "another product id"
-            return [Found(
-                "mode-switch",
+            return [Reason(
                 f"{usb.vid_pid} is a mode-switching device in its storage (\"driver CD\") "
                 f"mode: usb_modeswitch turns it into {becomes}, and a <hostdev> matching "
                 f"vendor:product {usb.vid_pid} will not follow the switch; {advice}",
-                {**base, "mode": "storage", "switches_to": [fmt_id(t) for t in targets or ()],
-                 "database": list(db.sources)})]
+                ModeSwitchStorage(vendor, product, tuple(fmt_id(t) for t in targets or ()),
+                                  db.sources))]
         before = db.storage_ids_of(ident)
         if before:
             was = ", ".join(fmt_id(b) for b in before)
-            return [Found(
-                "mode-switch",
+            return [Reason(
                 f"{usb.vid_pid} is a mode-switching device already switched (its storage "
                 f"mode is {was}): after a reset or replug it comes back as {was}, and a "
                 f"<hostdev> matching vendor:product {usb.vid_pid} will not follow it; "
                 f"{advice}",
-                {**base, "mode": "switched", "storage_ids": [fmt_id(b) for b in before],
-                 "database": list(db.sources)})]
+                ModeSwitchSwitched(vendor, product, tuple(fmt_id(b) for b in before),
+                                   db.sources))]
         return []
     if storage_only and any(n.devname.startswith("sr") for n in nodes if n.kind == "block"):
-        return [Found(
-            "mode-switch",
+        return [Reason(
             f"{usb.vid_pid} presents only a CD-ROM drive, as a modem in its \"driver CD\" "
             f"mode does, and the usb_modeswitch database is not installed to tell: if it "
             f"switches, a <hostdev> matching vendor:product {usb.vid_pid} will not follow "
             f"it; {advice}",
-            {**base, "mode": "maybe-storage", "database": []})]
+            ModeSwitchMaybe(vendor, product))]
     return []

@@ -15,110 +15,36 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .found import Found, size_text
-from .model import MountNamespace, Unreadable
+from .model import (
+    LinkId,
+    MountNamespace,
+    NetAddress,
+    NetInterface,
+    NetNamespaceRef,
+    NetRoute,
+    NetScan,
+    Unreadable,
+)
 from .parsers import ParseError, parse_ns_link
 from .procfs import read_comm
+from .reasons import (
+    CannotRead,
+    NetworkAddress,
+    NetworkEnslaved,
+    NetworkRoute,
+    NetworkStacked,
+    NetworkUp,
+    Reason,
+)
 from .roots import Roots
+from .textout import human_bytes
 
 _CLONE_NEWNET = 0x40000000
 _IFF_UP = 0x1
 _IFA_F_PERMANENT = 0x80
-_RTPROT_KERNEL = 2
-_RTPROT_RA = 9
 # Link kinds whose IFLA_LINK names the interface they are stacked on (not a peer).
 UPPER_KINDS = frozenset({"vlan", "macvlan", "macvtap", "ipvlan", "ipvtap", "macsec"})
 _SCOPES = {0: "global", 200: "site", 253: "link", 254: "host", 255: "nowhere"}
-
-
-@dataclass(frozen=True)
-class LinkId:
-    """What identifies an interface, as a matcher sees it."""
-
-    netns: int  # inode of its network namespace
-    ifindex: int
-    name: str
-    parent_dev: str | None = None  # kernel name of the device below it ("2-1:1.0")
-    parent_bus: str | None = None  # its bus ("usb")
-    address: str | None = None
-    perm_address: str | None = None
-
-
-@dataclass(frozen=True)
-class NetAddress:
-    family: int  # 4 or 6
-    address: str
-    prefixlen: int
-    scope: str  # "global", "link", "host", ...
-    permanent: bool = True  # configured by hand; False: a lifetime (DHCP, SLAAC) runs out
-
-    def __str__(self) -> str:
-        return f"{self.address}/{self.prefixlen}"
-
-
-@dataclass(frozen=True)
-class NetRoute:
-    family: int  # 4 or 6
-    dst: str  # "default" or "10.0.0.0/8"
-    gateway: str | None
-    table: int
-    protocol: int = 4  # rtnetlink's rtm_protocol: 2 kernel, 3 boot, 4 static, 9 RA, 16 DHCP
-
-    @property
-    def is_default(self) -> bool:
-        return self.dst == "default"
-
-    @property
-    def configured(self) -> bool:
-        """Put there by an administrator or a tool, not by the kernel (connected routes)
-        or router advertisements: what comes back only if someone adds it again."""
-        return self.protocol not in (_RTPROT_KERNEL, _RTPROT_RA)
-
-
-@dataclass(frozen=True)
-class NetInterface:
-    link: LinkId
-    kind: str | None  # rtnetlink link kind: "vlan", "bridge", ...; None for plain NICs
-    up: bool  # administratively up
-    operstate: str
-    master: str | None = None
-    master_kind: str | None = None
-    lower: str | None = None  # for a stacked interface (VLAN, macvlan): the device's one below
-    lower_netns: int | None = None  # where that one is, when another namespace
-    uppers: tuple[str, ...] = ()
-    addresses: tuple[NetAddress, ...] = ()
-    routes: tuple[NetRoute, ...] = ()  # default routes first
-    rx_bytes: int | None = None
-    tx_bytes: int | None = None
-
-    @property
-    def name(self) -> str:
-        return self.link.name
-
-    @property
-    def netns(self) -> int:
-        return self.link.netns
-
-
-@dataclass(frozen=True)
-class NetNamespaceRef:
-    inode: int
-    where: str  # "pid 812 (dockerd)", "/run/netns/blue"
-    path: str = ""  # a file that refers to it: "/proc/812/ns/net", "/run/netns/blue"
-
-
-@dataclass(frozen=True)
-class NetScan:
-    """The device's interfaces (and those stacked on them) in every namespace reached."""
-
-    interfaces: tuple[NetInterface, ...] = ()
-    namespaces: tuple[NetNamespaceRef, ...] = ()  # every namespace that was read
-    # How many interfaces the device has over all namespaces (sysfs), None when unknown.
-    expected: int | None = 0
-    unreadable: tuple[Unreadable, ...] = ()
-
-    def where(self, inode: int) -> str | None:
-        return next((n.where for n in self.namespaces if n.inode == inode), None)
 
 
 @dataclass(frozen=True)
@@ -581,15 +507,14 @@ def _label(i: NetInterface) -> str:
     return i.name
 
 
-def net_reasons(scan: NetScan) -> list[Found]:
+def net_reasons(scan: NetScan) -> list[Reason]:
     """One reason per thing the host does with the device's interfaces: default and
     other gatewayed routes, addresses, bridge/bond/team membership, interfaces stacked on
     them, and being up; plus whatever could not be read."""
-    out: list[Found] = []
+    out: list[Reason] = []
     for i in scan.interfaces:
         where = f"in network namespace {i.netns}"
-        base: dict[str, Any] = {"interface": i.name, "netns": i.netns,
-                                "netns_where": scan.where(i.netns)}
+        base = (i.name, i.netns, scan.where(i.netns))
         label = _label(i)
         for r in i.routes:
             if not r.is_default and r.gateway is None:
@@ -598,47 +523,38 @@ def net_reasons(scan: NetScan) -> list[Found]:
             table = "" if r.table == 254 else f", table {r.table}"
             what = (f"the {'IPv6 ' if r.family == 6 else ''}default route" if r.is_default
                     else f"the route to {r.dst}")
-            out.append(Found("network", f"{label} carries {what} ({via}{table}) {where}",
-                             {**base, "cause": "default-route" if r.is_default else "route",
-                              "destination": r.dst, "gateway": r.gateway, "table": r.table}))
+            out.append(Reason(f"{label} carries {what} ({via}{table}) {where}",
+                              NetworkRoute(*base, r.dst, r.gateway, r.table)))
         for a in i.addresses:
             if a.scope in ("link", "host"):
                 continue  # configured by the kernel itself on every interface that is up
-            out.append(Found("network", f"{label} has address {a} {where}",
-                             {**base, "cause": "address", "address": str(a)}))
+            out.append(Reason(f"{label} has address {a} {where}",
+                              NetworkAddress(*base, str(a))))
         if i.master is not None:
-            out.append(Found("network",
-                             f"{label} is enslaved to {i.master_kind or 'device'} {i.master} "
-                             f"{where}",
-                             {**base, "cause": "enslaved", "master": i.master,
-                              "master_kind": i.master_kind}))
+            out.append(Reason(f"{label} is enslaved to {i.master_kind or 'device'} {i.master} "
+                              f"{where}",
+                              NetworkEnslaved(*base, i.master, i.master_kind)))
         if i.lower is not None:
             lower_where = (f" in network namespace {i.lower_netns}"
                            if i.lower_netns is not None else "")
-            out.append(Found("network",
-                             f"{i.kind or 'interface'} {i.name} {where} is stacked on "
-                             f"{i.lower}{lower_where}",
-                             {**base, "cause": "stacked", "lower": i.lower,
-                              "link_kind": i.kind}))
+            out.append(Reason(f"{i.kind or 'interface'} {i.name} {where} is stacked on "
+                              f"{i.lower}{lower_where}",
+                              NetworkStacked(*base, i.lower, i.kind)))
         if i.up:
             counters = ""
             if i.rx_bytes is not None and i.tx_bytes is not None:
-                counters = (f", {size_text(i.rx_bytes)} received, "
-                            f"{size_text(i.tx_bytes)} sent")
-            out.append(Found("network",
-                             f"{label} is up (state {i.operstate}{counters}) {where}",
-                             {**base, "cause": "up", "operstate": i.operstate,
-                              "rx_bytes": i.rx_bytes, "tx_bytes": i.tx_bytes}))
+                counters = (f", {human_bytes(i.rx_bytes)} received, "
+                            f"{human_bytes(i.tx_bytes)} sent")
+            out.append(Reason(f"{label} is up (state {i.operstate}{counters}) {where}",
+                              NetworkUp(*base, i.operstate, i.rx_bytes, i.tx_bytes)))
     own = sum(1 for i in scan.interfaces if i.lower is None)
     if scan.expected is not None and own < scan.expected:
         missing = scan.expected - own
-        out.append(Found(
-            "unreadable",
+        out.append(Reason(
             f"{missing} of the device's {scan.expected} network interfaces are in a network "
             f"namespace safeusb cannot reach (pinned only by an open file or socket, or "
             f"unreadable)",
-            {"what": "network interfaces", "error": f"{missing} not found"}))
+            CannotRead("network interfaces", f"{missing} not found")))
     for p in scan.unreadable:
-        out.append(Found("unreadable", f"cannot read {p.what}: {p.error}",
-                         {"what": p.what, "error": p.error}))
+        out.append(Reason(f"cannot read {p.what}: {p.error}", CannotRead(p.what, p.error)))
     return out

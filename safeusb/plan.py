@@ -11,12 +11,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .inspect import Findings, Reason, human_bytes
-from .model import BlockDevice, DevNum, LoopSetup, MountEntry, MountNamespace, Snapshot
-from .netinfo import NetInterface, NetNamespaceRef
+from .inspect import Findings
+from .model import (
+    BlockDevice,
+    DevNum,
+    LoopSetup,
+    MountEntry,
+    MountNamespace,
+    NetInterface,
+    NetNamespaceRef,
+    Snapshot,
+)
 from .policy import Settings
+from .reasons import Mount, NetworkStacked, Open, Reason, ReasonKind, with_details
 from .run import StepFailed, log, tool
 from .sysfs import split_lvm_name
+from .textout import human_bytes
 
 if TYPE_CHECKING:
     from .run import Runner
@@ -350,35 +360,34 @@ def build_plan(findings: Findings, settings: Settings, rule: str) -> Plan:
     """Decide, from what inspect found and the policy, what to do; pure."""
     snap = findings.snapshot
     refusals: list[str] = []
-    by_kind: dict[str, list[Reason]] = {}
+    by_kind: dict[ReasonKind, list[Reason]] = {}
     for r in findings.reasons:
         by_kind.setdefault(r.kind, []).append(r)
 
-    def refuse(kind: str, advice: str) -> None:
+    def refuse(kind: ReasonKind, advice: str) -> None:
         for r in by_kind.get(kind, []):
             refusals.append(f"{r.text}; {advice}")
 
-    for r in by_kind.get("unreadable", []):
+    for r in by_kind.get(ReasonKind.UNREADABLE, []):
         refusals.append(f"{r.text}; safeusb cannot tell whether the device is in use")
-    refuse("exclusive", "safeusb does not know how to release it")
-    for r in by_kind.get("submount", []):
+    refuse(ReasonKind.EXCLUSIVE, "safeusb does not know how to release it")
+    for r in by_kind.get(ReasonKind.SUBMOUNT, []):
         refusals.append(r.text)
-    refuse("last-input", "the policy does not allow handing it over")
+    refuse(ReasonKind.LAST_INPUT, "the policy does not allow handing it over")
     if settings.network == "refuse":
-        refuse("network", f"take it down or set network = \"down\" ({rule})")
+        refuse(ReasonKind.NETWORK, f"take it down or set network = \"down\" ({rule})")
     else:
-        for r in by_kind.get("network", []):
-            if r.details.get("cause") == "stacked":
-                refusals.append(f"{r.text}; safeusb cannot put a stacked interface back")
+        for r, _ in with_details(findings.reasons, NetworkStacked):
+            refusals.append(f"{r.text}; safeusb cannot put a stacked interface back")
     if settings.mount == "refuse":
         unwritten = _unwritten(findings)
-        for r in by_kind.get("mount", []):
-            extra = unwritten.get(str(r.details.get("device")), "")
+        for r, mount in with_details(findings.reasons, Mount):
+            extra = unwritten.get(mount.device, "")
             refusals.append(f"{r.text}{extra}; unmount it or set mount = \"unmount\" ({rule})")
     if settings.swap == "refuse":
-        refuse("swap", f"swapoff it or set swap = \"unmount\" ({rule})")
+        refuse(ReasonKind.SWAP, f"swapoff it or set swap = \"unmount\" ({rule})")
     if settings.holder == "refuse":
-        refuse("holder", f"take it down or set holder = \"unmount\" ({rule})")
+        refuse(ReasonKind.HOLDER, f"take it down or set holder = \"unmount\" ({rule})")
     else:
         for loop in snap.backed_loops:
             backing = snap.blocks[loop].loop_backing_file or ""
@@ -390,13 +399,13 @@ def build_plan(findings: Findings, settings: Settings, rule: str) -> Plan:
 
     # Processes: files on its filesystems keep them from unmounting unless ended.
     kills: list[Kill] = []
-    for r in by_kind.get("open", []):
-        on_fs = bool(r.details.get("uses"))
+    for r, held in with_details(findings.reasons, Open):
+        on_fs = bool(held.uses)
         if settings.open == "refuse":
             refusals.append(f"{r.text}; close it or set open = \"force\" ({rule})")
         elif settings.kill:
-            if all(k.pid != r.details["pid"] for k in kills):  # one reason per device used
-                kills.append(Kill(r.details["pid"], r.details["comm"]))
+            if all(k.pid != held.pid for k in kills):  # one reason per device used
+                kills.append(Kill(held.pid, held.comm))
         elif on_fs:
             refusals.append(f"{r.text}; it keeps the filesystem busy: close it or set "
                             f"kill = true ({rule})")
@@ -406,7 +415,7 @@ def build_plan(findings: Findings, settings: Settings, rule: str) -> Plan:
     steps: list[Step] = list(kills)
     steps.extend(_flush_steps(snap, findings))
     steps.extend(teardown_steps(snap))
-    links = _down_links(snap) if by_kind.get("network") else []
+    links = _down_links(snap) if by_kind.get(ReasonKind.NETWORK) else []
     steps.extend(links)
     steps.append(_handoff(snap, links))
     return Plan(settings, rule, tuple(steps), (), findings)

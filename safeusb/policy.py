@@ -36,11 +36,11 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from . import trust
+from . import defaults, trust
 from .errors import SafeUSBError
 from .model import UsbDevice
 
-DEFAULT_PATH = "/etc/safeusb/policy.toml"
+DEFAULT_PATH = defaults.POLICY
 MAX_TIMEOUT = 86400
 
 Action = Literal["refuse", "unmount", "force"]
@@ -49,7 +49,8 @@ USE_KINDS = ("mount", "swap", "holder", "open")
 _MATCH_KEYS = ("vendor_product", "serial", "usb_class", "port", "domain")
 NetworkAction = Literal["refuse", "down"]
 NETWORK_ACTIONS: tuple[NetworkAction, ...] = ("refuse", "down")
-_SETTING_KEYS = (*USE_KINDS, "network", "kill", "restore", "flush_timeout")
+# The settings of [defaults], of a [[rules]] table and of a domain's <safeusb:policy>.
+SETTING_KEYS = (*USE_KINDS, "network", "kill", "restore", "flush_timeout")
 _DEVICE_KEYS = ("vendor_product", "serial", "usb_class", "port")
 # A libvirt domain name as safeusb accepts it in attach_to: printable, no "/" (libvirt
 # refuses it too), no quote or backslash (it goes into udev rules and file names).
@@ -227,7 +228,7 @@ class _Loader:
         return PolicyError(self.path, message, self.line_of(key))
 
     def settings(self, table: Any, base: Settings, where: str,
-                 allowed: tuple[str, ...] = _SETTING_KEYS) -> Settings:
+                 allowed: tuple[str, ...] = SETTING_KEYS) -> Settings:
         if not isinstance(table, dict):
             raise PolicyError(self.path, f"{where} must be a table")
         values: dict[str, Any] = {}

@@ -25,7 +25,7 @@ from typing import Any
 from lxml import etree
 
 from . import confinement, trust
-from .errors import EXIT_IN_USE, SafeUSBError, UsageError
+from .errors import EXIT_IN_USE, LibvirtError, SafeUSBError, UsageError
 from .gate import GATE_ROOT, PROG, is_gate_path, launcher_path
 from .hostdev import parse_xml
 
@@ -37,10 +37,6 @@ _BEFORE_METADATA = ("name", "uuid", "genid", "title", "description")
 
 class ProtectError(SafeUSBError):
     """A domain that cannot be protected or unprotected as asked."""
-
-
-class LibvirtError(SafeUSBError):
-    exit_code = EXIT_IN_USE
 
 
 def _emulator(root: etree._Element, source: str) -> etree._Element:

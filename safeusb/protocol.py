@@ -10,11 +10,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from . import strictjson
+from . import defaults, strictjson
 from .errors import SafeUSBError
 
 VERSION = 1
-DEFAULT_SOCKET = "/run/safeusb/safeusbd.sock"
+DEFAULT_SOCKET = defaults.SOCKET
 MAX_REQUEST_LINE = 16 * 1024  # bytes, newline included
 MAX_REPLY_LINE = 64 * 1024 * 1024
 MAX_ID_CHARS = 256

@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from . import defaults
 from .errors import SafeUSBError
 
-DEFAULT_DIR = "/run/safeusb"
+DEFAULT_DIR = defaults.STATE_DIR
 MAX_RECORD_BYTES = 1024 * 1024
 
 

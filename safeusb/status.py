@@ -7,11 +7,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import sysfs
+from . import defaults, sysfs
 from .errors import SafeUSBError
-from .inspect import Findings, Reason, human_bytes
+from .inspect import Findings
 from .model import Target, UsbDevice
+from .reasons import Dirty, Holder, LoopHolder, Mount, Open, Reason, ReasonKind, reason_from_json
 from .roots import Roots
+from .textout import human_bytes
 
 if TYPE_CHECKING:
     from .domain import DomainInfo
@@ -43,17 +45,19 @@ def class_names(usb: UsbDevice) -> list[str]:
 
 def _short(r: Reason) -> str:
     d = r.details
-    if r.kind == "mount":
-        return f"mounted at {d.get('mountpoint')}"
-    if r.kind == "dirty":
-        return f"{human_bytes(int(d.get('dirty_bytes') or 0))} dirty"
-    if r.kind == "open":
-        return f"held by pid {d.get('pid')} ({d.get('comm')})"
-    if r.kind == "swap":
+    if isinstance(d, Mount):
+        return f"mounted at {d.mountpoint}"
+    if isinstance(d, Dirty):
+        return f"{human_bytes(d.dirty_bytes)} dirty"
+    if isinstance(d, Open):
+        return f"held by pid {d.pid} ({d.comm})"
+    if r.kind is ReasonKind.SWAP:
         return "active swap"
-    if r.kind == "holder":
-        return f"{d.get('holder_kind')} {d.get('holder')} on it"
-    if r.kind == "unreadable":
+    if isinstance(d, Holder):
+        return f"{d.holder_kind} {d.holder} on it"
+    if isinstance(d, LoopHolder):
+        return f"loop {d.holder} on it"
+    if r.kind is ReasonKind.UNREADABLE:
         return "not provably free (something could not be read)"
     return r.text
 
@@ -73,14 +77,10 @@ class Answered:
     def from_json(cls, doc: dict[str, Any]) -> Answered:
         """ValueError when the answer is not an inspect object."""
         try:
-            raw = doc["reasons"]
-            reasons = tuple(Reason(r["kind"], r["text"], {k: v for k, v in r.items()
-                                                         if k not in ("kind", "text")})
-                            for r in raw)
-        except (KeyError, TypeError, AttributeError) as exc:
+            reasons = tuple(reason_from_json(r) for r in doc["reasons"])
+        except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not an inspect object: {exc}") from None
-        if doc.get("free") is not (not reasons) or not all(
-                isinstance(r.kind, str) and isinstance(r.text, str) for r in reasons):
+        if doc.get("free") is not (not reasons):
             raise ValueError("not an inspect object: wrong types")
         return cls(reasons)
 
@@ -368,6 +368,6 @@ def collect(roots: Roots, uri: str | None = None, guard: dict[str, Any] | None =
     attach = None
     if policy_path is not None:
         states = None if unprotected is None else {n: s for n, s, _ in domains}
-        attach = attach_status(roots, policy_path, state_dir or "/run/safeusb", states,
+        attach = attach_status(roots, policy_path, state_dir or defaults.STATE_DIR, states,
                                [d.usb for d in devices if not d.hub])
     return Status(True, tuple(devices), libvirt_state, unprotected, guard, attach)

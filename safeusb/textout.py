@@ -6,6 +6,16 @@ from __future__ import annotations
 from typing import Any
 
 
+def human_bytes(n: int) -> str:
+    """A byte count for people: "512 B", "4.0 MiB", "1.5 TiB" (and "2048.0 TiB" above)."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
 def text_of_json(doc: dict[str, Any]) -> str:
     """The text of findings from their JSON form (as_json, or safeusbd's inspect answer):
     the very lines as_text gives for them. ValueError when the object lacks them."""

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from safeusb.inspect import inspect as decide
-from safeusb.netinfo import LinkId, NetMatch, NetScan, net_reasons, read_network
+from safeusb.model import LinkId, NetScan
+from safeusb.netinfo import NetMatch, net_reasons, read_network
 from safeusb.procfs import list_pids, read_mount_namespaces
 from safeusb.report import as_json, as_text
 from safeusb.roots import Roots

@@ -15,22 +15,22 @@ from typing import Any
 
 import pytest
 
-from safeusb.classes import ClassSnapshot
-from safeusb.inputdev import InputDevice, InputScan, input_reasons, parse_bitmap
+from safeusb.inputdev import input_reasons, parse_bitmap
 from safeusb.inspect import Findings, inspect
-from safeusb.modeswitch import SwitchDb, SwitchDbCache, parse_config, read_switch_db
-from safeusb.netinfo import (
+from safeusb.model import (
+    ClassSnapshot,
+    InputDevice,
+    InputScan,
     LinkId,
     NetAddress,
     NetInterface,
     NetNamespaceRef,
     NetRoute,
     NetScan,
-    addresses_from,
-    device_match,
-    net_reasons,
-    routes_from,
+    SwitchDb,
 )
+from safeusb.modeswitch import SwitchDbCache, parse_config, read_switch_db
+from safeusb.netinfo import addresses_from, device_match, net_reasons, routes_from
 from safeusb.plan import DownLink, Handoff, build_plan
 from safeusb.policy import Settings
 from safeusb.report import as_json, as_text
@@ -152,7 +152,7 @@ def test_inhibited_keyboard_is_not_another(keyboard: FakeSystem) -> None:
     assert r.kind == "last-input"
     assert r.text == ("it provides the host's last keyboard: input5 (QEMU QEMU USB Keyboard); "
                       "input1 (AT Translated Set 2 keyboard) is inhibited")
-    assert r.details["inhibited"] == ["input1"]
+    assert r.details.inhibited == ("input1",)
 
 
 def test_last_pointer_relative_and_absolute(tmp_path: Path) -> None:
@@ -161,7 +161,7 @@ def test_last_pointer_relative_and_absolute(tmp_path: Path) -> None:
     _input(fs, usb / "2-1:1.0" / "0003:0627:0001.0002", "input6", "QEMU USB Mouse", MOUSE)
     fs.process(1, "init", LINUX_NS, ROOT_MOUNT)
     (r,) = _findings(fs).reasons
-    assert (r.kind, r.details["input"]) == ("last-input", "pointer")
+    assert (r.kind, r.details.input) == ("last-input", "pointer")
     assert r.text == "it provides the host's last pointing device: input6 (QEMU USB Mouse)"
     _input(fs, fs.sys / "devices/virtual", "input7", "touchscreen", TOUCHSCREEN)
     assert _findings(fs).free
@@ -250,15 +250,15 @@ def test_storage_mode_modem_is_warned_not_refused(tmp_path: Path) -> None:
     f = _with_db(fs, read_switch_db(str(tmp_path / "db")))
     assert f.free
     (w,) = f.warnings
-    assert w.kind == "mode-switch" and w.details["mode"] == "storage"
-    assert w.details["switches_to"] == ["12d1:1001", "12d1:1406"]
+    assert w.kind == "mode-switch" and w.details.mode == "storage"
+    assert w.details.switches_to == ("12d1:1001", "12d1:1406")
     assert "a <hostdev> matching vendor:product 12d1:1446 will not follow the switch" in w.text
     assert "bus 2 device 7" in w.text
     assert "warning: 12d1:1446 is a mode-switching device" in as_text(f)
     assert as_json(f)["warnings"][0]["kind"] == "mode-switch"
     # Without the database, a storage-only device with just a CD-ROM drive may be one.
     (maybe,) = _with_db(fs, None).warnings
-    assert maybe.details["mode"] == "maybe-storage"
+    assert maybe.details.mode == "maybe-storage"
 
 
 def test_switched_modem_and_plain_stick(tmp_path: Path) -> None:
@@ -269,7 +269,7 @@ def test_switched_modem_and_plain_stick(tmp_path: Path) -> None:
     _switch_tree(tmp_path / "db")
     db = read_switch_db(str(tmp_path / "db"))
     (w,) = _with_db(fs, db).warnings
-    assert w.details["mode"] == "switched" and w.details["storage_ids"] == ["12d1:1446"]
+    assert w.details.mode == "switched" and w.details.storage_ids == ("12d1:1446",)
     assert _with_db(fs, db, "2-2").warnings == ()
 
 

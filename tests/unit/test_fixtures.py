@@ -60,14 +60,14 @@ def test_inspect_over_recorded_tree(name: str) -> None:
 def test_recorded_details() -> None:
     dirty = findings("dirty")
     (d,) = [r for r in dirty.reasons if r.kind == "dirty"]
-    assert d.details["dirty_bytes"] >= 4 * 1024 * 1024 - 64 * 1024
+    assert d.details.dirty_bytes >= 4 * 1024 * 1024 - 64 * 1024
     ns = findings("namespace")
     (m,) = [r for r in ns.reasons if r.kind == "mount"]
-    assert m.details["mountpoint"] == "/tmp/nsmnt" and m.details["mnt_ns"] != 4026531841
-    assert any(r.kind == "open" and r.details["uses"] == [] for r in ns.reasons)  # raw node
+    assert m.details.mountpoint == "/tmp/nsmnt" and m.details.mnt_ns != 4026531841
+    assert any(r.kind == "open" and r.details.uses == () for r in ns.reasons)  # raw node
     luks = findings("luks")
     (h,) = [r for r in luks.reasons if r.kind == "holder"]
-    assert h.details["holder_kind"] == "dm-crypt" and h.details["dm_name"] == "stickcrypt"
+    assert h.details.holder_kind == "dm-crypt" and h.details.dm_name == "stickcrypt"
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -218,3 +218,17 @@ def test_thousands_of_hostdevs_and_duplicates(busy: FakeSystem, tmp_path: Path,
     assert hook(["g1", "prepare", "begin", "-"], dup, busy.roots, str(policy),
                 str(tmp_path / "s")) == 3
     assert "mounted at /srv/photos" in capsys.readouterr().err
+
+
+def test_metadata_sets_network_like_the_policy_file() -> None:
+    """`network` is a per-domain setting like the others: <safeusb:policy network="down"/>
+    overrides the policy file's, and a value the file would refuse is refused."""
+    base = Policy.from_text('[defaults]\nmount = "unmount"\n')
+    xml = (b'<domain><name>g5</name><metadata><safeusb:policy '
+           b'xmlns:safeusb="https://safeusb.invalid/xmlns/1" network="%s"/></metadata>'
+           b'<devices/></domain>')
+    p = policy_for_domain(base, DomainInfo.from_xml(xml % b"down"))
+    assert p.defaults.network == "down" and p.defaults.mount == "unmount"
+    with pytest.raises(PolicyError) as exc:
+        policy_for_domain(base, DomainInfo.from_xml(xml % b"unplug"))
+    assert "network must be one of refuse, down" in str(exc.value) and "g5" in str(exc.value)

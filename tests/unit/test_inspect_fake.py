@@ -99,7 +99,7 @@ def test_btrfs_style_anonymous_device_matched_by_source(fake: FakeSystem) -> Non
                  ROOT_MOUNT + mount_line(500, "0:45", "/data", "/dev/sda2", "btrfs"))
     f = _findings(fake)
     (m,) = [r for r in f.reasons if r.kind == "mount"]
-    assert m.details["device"] == "sda2" and m.details["mountpoint"] == "/data"
+    assert m.details.device == "sda2" and m.details.mountpoint == "/data"
     assert (0, 45) in f.snapshot.fs_devices
 
 

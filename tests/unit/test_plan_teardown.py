@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from safeusb.act import step_from_json
-from safeusb.inspect import Reason, inspect
+from safeusb.inspect import inspect
 from safeusb.plan import DetachLoop, Kill, Unmount, build_plan
 from safeusb.policy import Settings
+from safeusb.reasons import Open, Reason, Use
 from safeusb.run import Runner, StepFailed
 from safeusb.selector import Selector, resolve
 from safeusb.snapshot import read_snapshot
@@ -92,8 +93,7 @@ def test_loop_backed_by_a_deleted_file_is_refused(tmp_path: Path) -> None:
 
 def test_one_kill_per_process(stick: FakeSystem) -> None:
     f = _findings(stick)
-    uses = [Reason("open", f"pid 42 (tar) uses {d}", {"pid": 42, "comm": "tar", "device": d,
-                                                      "uses": [{"how": "fd", "path": "x"}]})
+    uses = [Reason(f"pid 42 (tar) uses {d}", Open(42, "tar", d, (Use("fd", "x"),)))
             for d in ("/dev/sda1", "/dev/loop0")]
     f = dataclasses.replace(f, reasons=(*f.reasons, *uses))
     plan = build_plan(f, dataclasses.replace(TEARDOWN, open="force", kill=True), "test")

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from safeusb import cli, policy, state
+from safeusb import cli, defaults, policy, protocol, state
 from safeusb.model import UsbDevice, UsbInterface
 from safeusb.policy import Policy, PolicyError
 
@@ -85,8 +85,13 @@ def test_any_text_loads_or_raises_policy_error(text: str) -> None:
 
 
 def test_cli_defaults_match_the_modules() -> None:
-    assert cli.DEFAULT_POLICY == policy.DEFAULT_PATH
-    assert cli.DEFAULT_STATE_DIR == state.DEFAULT_DIR
+    from safeusb import daemon  # noqa: PLC0415
+
+    assert cli.DEFAULT_POLICY == policy.DEFAULT_PATH == defaults.POLICY
+    assert cli.DEFAULT_STATE_DIR == state.DEFAULT_DIR == defaults.STATE_DIR
+    assert cli.DEFAULT_SOCKET == protocol.DEFAULT_SOCKET == defaults.SOCKET
+    assert (daemon.DEFAULT_POLICY, daemon.DEFAULT_STATE_DIR, daemon.DEFAULT_SOCKET) == (
+        defaults.POLICY, defaults.STATE_DIR, defaults.SOCKET)
 
 
 # --- attach_to ------------------------------------------------------------------------------
