@@ -12,36 +12,13 @@ from . import sysfs
 from .errors import SafeUSBError
 from .inspect import inspect
 from .model import Target, UsbDevice
-from .plan import (
-    CloseCrypt,
-    DeactivateLV,
-    DetachLoop,
-    DownLink,
-    Flush,
-    Handoff,
-    Kill,
-    Plan,
-    RemoveDm,
-    Step,
-    StopMd,
-    Swapoff,
-    UndoImpossible,
-    Unmount,
-    build_plan,
-    hold_targets,
-    teardown_steps,
-)
+from .plan import Plan, build_plan, hold_targets, teardown_steps
 from .policy import Policy
 from .roots import Roots
 from .run import DeviceGone, NothingToDo, Runner, StepFailed
 from .snapshot import read_snapshot
 from .state import DeviceBusy, StateDir, StateError, new_record
-
-STEP_TYPES: dict[str, type[Step]] = {
-    cls.kind: cls
-    for cls in (Kill, Flush, Unmount, Swapoff, DetachLoop, CloseCrypt, DeactivateLV, StopMd,
-                RemoveDm, DownLink, Handoff)
-}
+from .steps import Flush, Handoff, Kill, Step, UndoImpossible, Unmount, step_from_json
 
 
 def target_key(target: Target) -> str:
@@ -228,23 +205,6 @@ def _give_back(steps: list[Step], runner: Runner, roots: Roots, key: str,
                 failed.append(f"{step.describe()}: undo failed: {exc}")
     finally:
         runner.let_go_of_loops()  # loops set to autoclear: their users are back now
-
-
-def step_from_json(doc: dict[str, Any]) -> Step:
-    """A step as recorded; StateError when the record does not describe one."""
-    cls = STEP_TYPES.get(doc.get("kind", ""))
-    if cls is None:
-        raise StateError(f"unknown step in state: {doc.get('kind')!r}")
-    fields = {k: v for k, v in doc.items() if k not in ("kind", "text")}
-    for k, v in list(fields.items()):
-        if isinstance(v, list):
-            fields[k] = tuple(tuple(x) if isinstance(x, list) else x for x in v)
-    try:
-        step = cls(**fields)
-        step.describe()
-    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
-        raise StateError(f"a recorded {cls.kind} step is malformed ({exc})") from None
-    return step
 
 
 def release(

@@ -18,15 +18,52 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .errors import SafeUSBError
 from .parsers import ParseError, parse_bdi_stats, parse_mountinfo
 from .procfs import read_comm
 from .roots import Roots
 
-if TYPE_CHECKING:
-    from .plan import DownLink, Flush
+
+# What the runner reads of the two steps that hand it their data whole (steps.Flush,
+# steps.DownLink): the steps call the runner, the runner never knows the steps.
+class FlushOrder(Protocol):
+    @property
+    def device(self) -> str: ...
+    @property
+    def bdi(self) -> str: ...
+    @property
+    def dirty_bytes(self) -> int: ...
+    @property
+    def filesystems(self) -> tuple[tuple[int, str], ...]: ...
+    @property
+    def nodes(self) -> tuple[str, ...]: ...
+
+
+class LinkRecord(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def mac(self) -> str: ...
+    @property
+    def port(self) -> str: ...
+    @property
+    def netns(self) -> int: ...
+    @property
+    def netns_path(self) -> str: ...
+    @property
+    def netns_where(self) -> str: ...
+    @property
+    def up(self) -> bool: ...
+    @property
+    def master(self) -> str | None: ...
+    @property
+    def addresses(self) -> tuple[tuple[int, str, int], ...]: ...
+    @property
+    def routes(self) -> tuple[tuple[int, str, str | None, int], ...]: ...
+    @property
+    def parent(self) -> str: ...
 
 log = logging.getLogger("safeusb")
 
@@ -264,7 +301,7 @@ class Runner:
     def _present(self, bdi: str) -> bool:
         return os.path.exists(os.path.join(self.sys_root, "dev/block", bdi))
 
-    def flush(self, step: Flush) -> None:
+    def flush(self, step: FlushOrder) -> None:
         """Write back every dirty page of the device: syncfs each filesystem on it and
         fsync its nodes, with progress, until done, the timeout, or the device vanishes."""
         targets = [f"/proc/{pid}/root{mp}" for pid, mp in step.filesystems]
@@ -330,7 +367,7 @@ class Runner:
         if self.progress:
             self.progress("")
 
-    def _gone(self, step: Flush, left: int | None) -> DeviceGone:
+    def _gone(self, step: FlushOrder, left: int | None) -> DeviceGone:
         """The device vanished while its data was being written. The counters are no
         measure of what reached it: failed writes leave them too, so they may read 0 by
         the time the device is gone. Say what was unwritten when the flush began."""
@@ -520,7 +557,7 @@ class Runner:
 
     # -- network interfaces ------------------------------------------------------------
 
-    def link_down(self, step: DownLink) -> None:
+    def link_down(self, step: LinkRecord) -> None:
         what = f"set {step.name} down in network namespace {step.netns}"
         self._log(what)
         if self.dry_run:
@@ -534,7 +571,7 @@ class Runner:
                 raise StepFailed(f"{what}: it is not there (address {step.mac})")
             _netlink(what, ipr.link, "set", index=found[0], state="down")
 
-    def link_restore(self, step: DownLink, timeout: float = 20.0) -> None:
+    def link_restore(self, step: LinkRecord, timeout: float = 20.0) -> None:
         """Once the driver is bound again: find the interface by its hardware address,
         move it back to its namespace and name, and put back its bridge, addresses, state
         and routes. What is there already (a DHCP client was quicker) is left as it is."""
@@ -678,7 +715,7 @@ def _netlink(what: str, call: Callable[..., Any], *args: Any, exists_ok: bool = 
         raise StepFailed(f"{what}: {text}") from None
 
 
-def _link_of(ipr: Any, step: DownLink) -> tuple[int, str] | None:
+def _link_of(ipr: Any, step: LinkRecord) -> tuple[int, str] | None:
     """The device's interface in this namespace: the one under the same USB interface
     with the same hardware address; else the only one under that USB interface (a driver
     without a fixed address, such as cdc_subset, makes up a new one on every bind)."""
@@ -698,7 +735,7 @@ def _link_of(ipr: Any, step: DownLink) -> tuple[int, str] | None:
     return ours[0] if step.parent and len(ours) == 1 else None
 
 
-def _find_link(step: DownLink, home: str) -> tuple[str, int] | None:
+def _find_link(step: LinkRecord, home: str) -> tuple[str, int] | None:
     """Where the interface is now: its own namespace, or the host's (new interfaces
     appear in the initial network namespace)."""
     for path in dict.fromkeys((home, "/proc/self/ns/net", "/proc/1/ns/net")):

@@ -31,7 +31,8 @@ from safeusb.model import (
 )
 from safeusb.modeswitch import SwitchDbCache, parse_config, read_switch_db
 from safeusb.netinfo import addresses_from, device_match, net_reasons, routes_from
-from safeusb.plan import DownLink, Handoff, build_plan
+from safeusb.plan import build_plan
+from safeusb.steps import DownLink, Handoff
 from safeusb.policy import Settings
 from safeusb.report import as_json, as_text
 from safeusb.selector import Selector, resolve
@@ -437,7 +438,7 @@ def test_network_down_plan_keeps_what_was_configured_by_hand(tmp_path: Path) -> 
     assert down.describe() == ("take usb0 down in network namespace 4026531840 (keeping "
                                "10.0.2.15/24, route default via 10.0.2.2)")
     # Through the state file and back: the step is the same.
-    from safeusb.act import step_from_json  # noqa: PLC0415
+    from safeusb.steps import step_from_json  # noqa: PLC0415
 
     assert step_from_json(json.loads(json.dumps(down.as_json()))) == down
 

@@ -16,14 +16,9 @@ import safeusb
 PACKAGE = "safeusb"
 ROOT = Path(safeusb.__file__).parent
 
-# Circles that exist today and that #13 ("One boundary to the system, one service for
-# every front end", item 3: steps as data, no plan<->run circle) removes. Each is written
-# as the sorted tuple of its modules; a circle not named here fails the test, and so does
-# a name here that no longer is a circle (take it out once #13 has removed it).
-KNOWN_CIRCLES: frozenset[tuple[str, ...]] = frozenset({
-    # plan.py's steps call the runner, and run.py knows the step types: #13 item 3.
-    ("safeusb.plan", "safeusb.run"),
-})
+# Circles allowed to exist, each as the sorted tuple of its modules: none. A circle not
+# named here fails the test, and so does a name here that no longer is a circle.
+KNOWN_CIRCLES: frozenset[tuple[str, ...]] = frozenset()
 
 
 def module_name(path: Path) -> str:

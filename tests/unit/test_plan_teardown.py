@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from safeusb.act import step_from_json
+from safeusb.steps import step_from_json
 from safeusb.inspect import inspect
-from safeusb.plan import DetachLoop, Kill, Unmount, build_plan
+from safeusb.plan import build_plan
+from safeusb.steps import DetachLoop, Kill, Unmount
 from safeusb.policy import Settings
 from safeusb.reasons import Open, Reason, Use
 from safeusb.run import Runner, StepFailed
@@ -172,3 +173,19 @@ def test_attach_again_refused_when_the_namespace_is_gone(sys_root: Path) -> None
     with pytest.raises(StepFailed, match="no longer in mount namespace 1"):
         DetachLoop("/dev/loop3", "/srv/x.img", pid=os.getpid(), mnt_ns=1).undo(runner)
     assert runner.commands == []
+
+
+def test_every_step_kind_is_known_by_its_json_kind_and_kinds_are_unique() -> None:
+    from dataclasses import dataclass  # noqa: PLC0415
+    from typing import ClassVar  # noqa: PLC0415
+
+    from safeusb.steps import Step  # noqa: PLC0415
+
+    assert sorted(Step.by_kind) == sorted([
+        "kill", "flush", "unmount", "swapoff", "detach-loop", "close-crypt", "deactivate-lv",
+        "stop-md", "remove-dm", "link-down", "handoff"])
+    with pytest.raises(TypeError, match="two kinds of step are called 'unmount'"):
+        @dataclass(frozen=True)
+        class Twice(Step):
+            kind: ClassVar[str] = "unmount"
+    assert Step.by_kind["unmount"] is Unmount
