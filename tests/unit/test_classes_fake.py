@@ -32,11 +32,11 @@ from safeusb.model import (
 from safeusb.modeswitch import SwitchDbCache, parse_config, read_switch_db
 from safeusb.netinfo import addresses_from, device_match, net_reasons, routes_from
 from safeusb.plan import build_plan
-from safeusb.steps import DownLink, Handoff
 from safeusb.policy import Settings
 from safeusb.report import as_json, as_text
 from safeusb.selector import Selector, resolve
 from safeusb.snapshot import read_snapshot
+from safeusb.steps import DownLink, Handoff
 from tests.unit.fakesys import LINUX_NS, PCI, ROOT_MOUNT, FakeSystem, _link, _write
 
 # Capability bitmaps as a 64-bit kernel prints them for real devices.

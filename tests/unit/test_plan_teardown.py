@@ -10,15 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from safeusb.steps import step_from_json
 from safeusb.inspect import inspect
 from safeusb.plan import build_plan
-from safeusb.steps import DetachLoop, Kill, Unmount
 from safeusb.policy import Settings
 from safeusb.reasons import Open, Reason, Use
 from safeusb.run import Runner, StepFailed
 from safeusb.selector import Selector, resolve
 from safeusb.snapshot import read_snapshot
+from safeusb.steps import DetachLoop, Kill, Unmount, step_from_json
 from tests.unit.fakesys import LINUX_NS, ROOT_MOUNT, FakeSystem, mount_line
 
 TEARDOWN = Settings(mount="unmount", holder="unmount")
