@@ -2,7 +2,7 @@
 """Benchmark: how long `safeusb prepare` takes to flush a stick QEMU throttles for writes,
 against dirty bytes / bandwidth (goal: within 10 % plus 100 ms).
 
-Boots the real-kernel VM (tests/vm harness; root, `scripts/setup-vm-tier` first) with one
+Boots the real-kernel VM (safeusb.lab harness; root, `scripts/setup-vm-tier` first) with one
 stick throttled to --bps bytes/s, and for each size writes that much, left dirty, then
 prepares (flush, unmount, hand over) and releases. Prints one line per size.
 Run: sudo .venv/bin/python benchmarks/flush_throttled.py [--bps 2097152]
@@ -19,7 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.vm import harness  # noqa: E402
+from safeusb.lab import harness  # noqa: E402
+from tests.vm import GUEST_DIR  # noqa: E402
 
 
 def main() -> int:
@@ -35,7 +36,7 @@ def main() -> int:
                                     payloads={"data.bin": max(sizes) * harness.MIB}),),
         memory="3G",
     )
-    res = harness.run_boot(boot)
+    res = harness.run_boot(boot, GUEST_DIR)
     try:
         if res.error:
             print(f"benchmark: the VM run failed: {res.error}", file=sys.stderr)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Benchmark: `virsh attach-device --live` of an idle USB stick into a running guest, without
-and with the hotplug gate (`safeusb protect`), on the real-kernel VM (tests/vm harness;
+and with the hotplug gate (`safeusb protect`), on the real-kernel VM (safeusb.lab harness;
 root, `scripts/setup-vm-tier` first). Prints the median of five attaches each.
 
 libvirt runs as Debian ships it (QEMU as libvirt-qemu under AppArmor; the VM tier's
@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.vm import harness  # noqa: E402
+from safeusb.lab import harness  # noqa: E402
+from tests.vm import GUEST_DIR  # noqa: E402
 
 
 def main() -> int:
@@ -34,7 +35,7 @@ def main() -> int:
         sticks=(harness.Stick("idle", harness.Image.ext4()),),
         scenarios=(harness.Scenario("bench", "bench-gate.sh", timeout=600),),
     )
-    res = harness.run_boot(boot)
+    res = harness.run_boot(boot, GUEST_DIR)
     try:
         if res.error:
             print(f"benchmark: the VM run failed: {res.error}", file=sys.stderr)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: what the kernel guard (safeusb guard) costs, on the real kernel.
 
-Boots the real-kernel VM (tests/vm harness; root, `scripts/setup-vm-tier` first) with one
+Boots the real-kernel VM (safeusb.lab harness; root, `scripts/setup-vm-tier` first) with one
 idle stick and prints, with the guard off and then on (medians in one run): usbfs ioctls
 (one the guard looks at and lets pass, one it never inspects), a write(2) (every write
 passes its file_permission hook), an idle stick's `safeusb prepare` + `release` (the
@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from safeusb import guard  # noqa: E402
-from tests.vm import harness  # noqa: E402
+from safeusb.lab import harness  # noqa: E402
+from tests.vm import GUEST_DIR  # noqa: E402
 
 
 def main() -> int:
@@ -37,7 +38,7 @@ def main() -> int:
         sticks=(harness.Stick("bench", harness.Image.ext4()),),
         scenarios=(harness.Scenario("bench", "bench-guard.sh", timeout=600),),
     )
-    res = harness.run_boot(boot)
+    res = harness.run_boot(boot, GUEST_DIR)
     try:
         if res.error:
             print(f"benchmark: the VM run failed: {res.error}", file=sys.stderr)

@@ -6,12 +6,15 @@ The real-kernel tier installs the .deb in a guest (tests/vm/test_package_vm.py).
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
+import shutil
 import subprocess
 import tarfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -173,10 +176,90 @@ def test_wheel_and_sdist_outside_any_checkout(packages: Packages, tmp_path: Path
     assert refused.returncode == 1
     assert b"refusing to run code that others can change" in refused.stderr
     assert b"is owned by" in refused.stderr
-    # What `safeusb demo` does outside a checkout: it says what it needs (issue 13).
-    demo = subprocess.run([str(venv / "bin" / "safeusb"), "demo"], capture_output=True,
-                          text=True, env=env, cwd="/", check=False)
-    assert demo.returncode == 2 and "tests/vm" in demo.stderr
+
+
+#: Run in the installed environment: where the demo's harness, its guest files and the
+#: commands the guest runs resolve, and what the guest's environment would say.
+RESOLVE = """
+import json, sys, tempfile
+from pathlib import Path
+from safeusb import demo
+from safeusb.lab import harness
+share = Path(tempfile.mkdtemp(prefix="safeusb-demo-plan-")) / "share"
+(share / "out").mkdir(parents=True)
+boot = demo.demo_boot()
+harness._write_plan(share, boot, harness.LAB_GUEST)
+env = dict(line.split("=", 1) for line in (share / "boot.env").read_text().splitlines())
+try:
+    argv = harness.vng_command(boot, share.parent)
+except harness.VmUnavailable:
+    argv = None
+print(json.dumps({
+    "harness": harness.__file__, "repo": None if harness.REPO is None else str(harness.REPO),
+    "lab": str(harness.LAB_GUEST), "share": str(share), "argv": argv,
+    "env": {k: v.strip("'") for k, v in env.items()},
+    "scenarios": {p.name: p.read_text() for p in sorted((share / "scenarios").iterdir())},
+    "lib": (share / "lib.sh").read_text(), "missing": demo.missing_prerequisites(),
+}))
+"""
+
+
+def test_demo_resolves_from_an_installed_wheel(packages: Packages, tmp_path: Path) -> None:
+    """`safeusb demo` from a wheel in a fresh virtual environment, run from /: its
+    harness, guest files and the commands the guest runs are the installed ones, and
+    what it lacks it names with where it looked."""
+    need("dist")
+    venv = tmp_path / "venv"
+    env = {"PATH": SYSTEM_PATH, "HOME": str(tmp_path)}
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--system-site-packages", str(venv)],
+                   check=True, env=env, cwd="/")
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-index",
+                    "--disable-pip-version-check", str(packages.wheel)], check=True,
+                   env=env, cwd="/")
+    bin_dir = venv / "bin"
+
+    def resolve() -> dict[str, Any]:
+        out = subprocess.run([str(bin_dir / "python"), "-c", RESOLVE], capture_output=True,
+                             text=True, env=env, cwd="/", check=True).stdout
+        return dict(json.loads(out))
+
+    if shutil.which("vng", path=SYSTEM_PATH) is None:
+        # No virtme-ng anywhere: the demo stops before booting and says where it looked.
+        demo = subprocess.run([str(bin_dir / "safeusb"), "demo"], capture_output=True,
+                              text=True, env=env, cwd="/", check=False, timeout=60)
+        assert demo.returncode == 2, demo.stderr
+        assert f"vng not found in {bin_dir}, /usr/sbin, /sbin or PATH (virtme-ng: " \
+               in demo.stderr, demo.stderr
+        assert str(ROOT) not in demo.stderr and "tests/vm" not in demo.stderr
+        assert "scripts/setup-vm-tier" not in demo.stderr  # a checkout's script
+        assert "vng not found" in " ".join(resolve()["missing"])
+
+    # virtme-ng installed beside safeusb (pip install virtme-ng into the environment).
+    vng = bin_dir / "vng"
+    vng.write_text("#!/bin/sh\nexit 1\n")
+    vng.chmod(0o755)
+    got = resolve()
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    lab = site / "safeusb" / "lab" / "guest"
+    assert got["harness"] == str(site / "safeusb" / "lab" / "harness.py")
+    assert got["repo"] is None and got["lab"] == str(lab)
+    assert not [m for m in got["missing"] if "vng" in m or str(ROOT) in m], got["missing"]
+    assert got["env"]["SAFEUSB"] == str(bin_dir / "safeusb")
+    assert got["env"]["SAFEUSBD_CMD"] == str(bin_dir / "safeusbd")
+    assert got["env"]["PYTHON"] == str(bin_dir / "python")
+    assert got["env"]["LAB_DIR"] == got["env"]["GUEST_DIR"] == str(lab)
+    assert got["env"]["REPO"] == ""
+    assert got["scenarios"] == {
+        "guarded.sh": (lab / "demo-guarded.sh").read_text(),
+        "plain.sh": (lab / "demo-plain.sh").read_text()}
+    assert got["scenarios"]["plain.sh"] == \
+        (ROOT / "safeusb" / "lab" / "guest" / "demo-plain.sh").read_text()
+    assert got["lib"] == (lab / "lib.sh").read_text()
+    for name in ("driver.sh", "libvirt-up.sh", "stock-up.sh", "g1.xml"):
+        assert (lab / name).is_file(), name
+    if got["argv"] is not None:  # a Debian kernel in /boot: the boot's command line
+        assert got["argv"][0] == str(vng)
+        assert got["argv"][-1] == f"bash {lab / 'driver.sh'} {got['share']}"
 
 
 def test_rpms_build_with_the_same_layout(packages: Packages) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm import harness
-from tests.vm.harness import Boot, BootResult, Runner
+from safeusb.lab import harness
+from safeusb.lab.harness import Boot, BootResult, Runner
 
 
 def test_planned_boots_run_two_at_a_time_each_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -19,8 +19,9 @@ def test_planned_boots_run_two_at_a_time_each_once(monkeypatch: pytest.MonkeyPat
     lock = threading.Lock()
     together = threading.Barrier(2, timeout=30)  # the first two must run at the same time
 
-    def fake_run(boot: Boot, workroot: Path | None = None) -> BootResult:
+    def fake_run(boot: Boot, scenario_dir: Path, workroot: Path | None = None) -> BootResult:
         nonlocal most
+        assert scenario_dir == Path("/scenarios")
         with lock:
             calls.append(boot.name)
             running.add(boot.name)
@@ -34,7 +35,7 @@ def test_planned_boots_run_two_at_a_time_each_once(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(harness, "run_boot", fake_run)
     boots = [Boot(name=f"b{i}", scenarios=()) for i in range(5)]
-    runner = Runner(keep=True, parallel=2)
+    runner = Runner(keep=True, scenario_dir=Path("/scenarios"), parallel=2)
     runner.plan(boots)
     runner.plan(boots[:2])  # planned twice: still once
     assert [runner.run(b).boot.name for b in reversed(boots)] == [f"b{i}" for i in range(4, -1, -1)]

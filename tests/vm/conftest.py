@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
-from .harness import SAFEUSB, Boot, Runner, missing_prerequisites
+from safeusb.lab.harness import SAFEUSB, Boot, Runner, missing_prerequisites
+
+from . import GUEST_DIR
 
 _RUNNER_KEY = pytest.StashKey[Runner]()
 
@@ -50,7 +52,8 @@ def _parallel() -> int:
 def _new_runner(config: pytest.Config) -> Runner:
     runner = config.stash.get(_RUNNER_KEY, None)
     if runner is None:
-        runner = Runner(keep=bool(os.environ.get("SAFEUSB_VM_KEEP")), parallel=_parallel())
+        runner = Runner(keep=bool(os.environ.get("SAFEUSB_VM_KEEP")), scenario_dir=GUEST_DIR,
+                        parallel=_parallel())
         config.stash[_RUNNER_KEY] = runner
     return runner
 

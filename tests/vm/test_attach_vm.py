@@ -8,13 +8,11 @@ import json
 import pytest
 
 from safeusb.demo import demo_boot
-
-from . import harness
-from .harness import BootResult, Runner
+from safeusb.lab.harness import BootResult, Runner
 
 pytestmark = pytest.mark.vm
 
-BOOT = demo_boot(harness)
+BOOT = demo_boot()
 
 
 @pytest.fixture(scope="module")

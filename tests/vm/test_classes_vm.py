@@ -15,7 +15,15 @@ from typing import Any
 
 import pytest
 
-from .harness import Boot, BootResult, InspectRun, Runner, Scenario, ScenarioResult, UsbDevice
+from safeusb.lab.harness import (
+    Boot,
+    BootResult,
+    InspectRun,
+    Runner,
+    Scenario,
+    ScenarioResult,
+    UsbDevice,
+)
 
 pytestmark = pytest.mark.vm
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from .harness import MIB, Boot, BootResult, Image, Runner, Scenario, Stick
+from safeusb.lab.harness import MIB, Boot, BootResult, Image, Runner, Scenario, Stick
 
 pytestmark = pytest.mark.vm
 

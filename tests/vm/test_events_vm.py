@@ -22,9 +22,18 @@ from __future__ import annotations
 import pytest
 
 from safeusb.gate import GATE_ROOT
-
-from .harness import MIB, Boot, BootResult, Image, Runner, Scenario, ScenarioResult, Stick, step
-from .harness import libvirt_scenario as ran
+from safeusb.lab.harness import (
+    MIB,
+    Boot,
+    BootResult,
+    Image,
+    Runner,
+    Scenario,
+    ScenarioResult,
+    Stick,
+    step,
+)
+from safeusb.lab.harness import libvirt_scenario as ran
 
 pytestmark = pytest.mark.vm
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from .harness import MIB, Boot, BootResult, Image, Runner, Scenario, Stick
+from safeusb.lab.harness import MIB, Boot, BootResult, Image, Runner, Scenario, Stick
 
 pytestmark = pytest.mark.vm
 

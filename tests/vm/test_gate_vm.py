@@ -1,7 +1,7 @@
 """The hotplug gate under a real libvirtd on the real kernel (the live hotplug issue),
 with libvirt as Debian ships it: QEMU and the gate as libvirt-qemu under the domain's
 AppArmor profile, in QEMU's own mount namespace; safeusb's rules put in by
-`safeusb install-confinement` (tests/vm/guest/stock-up.sh).
+`safeusb install-confinement` (safeusb/lab/guest/stock-up.sh).
 
 One boot with safeusbd (started on its own before libvirtd; the gate asks it to prepare),
 the hook, libvirtd and the paused nested domain g1. In order: `safeusb protect g1` and
@@ -23,10 +23,8 @@ import pytest
 
 from safeusb.gate import GATE_ROOT
 from safeusb.install import render
-
-from .harness import (
+from safeusb.lab.harness import (
     MIB,
-    REPO,
     Boot,
     BootResult,
     Image,
@@ -36,7 +34,8 @@ from .harness import (
     Stick,
     step,
 )
-from .harness import libvirt_scenario as ran
+from safeusb.lab.harness import libvirt_scenario as ran
+from tests.vm import REPO
 
 pytestmark = pytest.mark.vm
 

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from .harness import (
+from safeusb.lab.harness import (
     MIB,
     Boot,
     BootResult,

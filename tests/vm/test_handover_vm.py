@@ -13,10 +13,8 @@ from typing import Any
 import pytest
 
 from safeusb.install import render
-
-from .harness import (
+from safeusb.lab.harness import (
     MIB,
-    REPO,
     Boot,
     BootResult,
     Image,
@@ -27,6 +25,7 @@ from .harness import (
     Stick,
     check_image,
 )
+from tests.vm import REPO
 
 pytestmark = pytest.mark.vm
 

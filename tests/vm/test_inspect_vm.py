@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from .harness import (
+from safeusb.lab.harness import (
     MIB,
     Boot,
     BootResult,

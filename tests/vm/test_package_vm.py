@@ -11,9 +11,18 @@ from pathlib import Path
 
 import pytest
 
+from safeusb.lab.harness import (
+    MIB,
+    Boot,
+    BootResult,
+    Image,
+    Runner,
+    Scenario,
+    ScenarioResult,
+    Stick,
+)
 from tests.packaging import Packages, missing_tools
-
-from .harness import MIB, REPO, Boot, BootResult, Image, Runner, Scenario, ScenarioResult, Stick
+from tests.vm import REPO
 
 pytestmark = pytest.mark.vm
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import Image, PlugService, Stick, qmp_commands
+from safeusb.lab.harness import Image, PlugService, Stick, qmp_commands
 
 pytestmark = pytest.mark.vm
 

@@ -8,7 +8,7 @@
 . "$GUEST_DIR/events-lib.sh"
 printf '[defaults]\nmount = "unmount"\nrestore = true\n\n[[rules]]\nname = "first hotplug"\nport = "%s"\nmount = "refuse"\n\n[service]\nprotect_new_domains = true\n' \
     "$LATE_USB" >/etc/safeusb/policy.toml
-sed -e 's|<name>g1</name>|<name>g2</name>|' "$GUEST_DIR/g1.xml" >/tmp/g2.xml
+sed -e 's|<name>g1</name>|<name>g2</name>|' "$LAB_DIR/g1.xml" >/tmp/g2.xml
 run_step define virsh define /tmp/g2.xml
 protected=0
 for _ in $(seq 1 150); do

@@ -6,7 +6,7 @@
 . "$GUEST_DIR/gate-lib.sh"
 sed -e "s|<name>g1</name>|<name>h1</name>|" \
     -e "s|</devices>|<hostdev mode='subsystem' type='usb'><source><address bus='${REFUSE_BUSDEV%%:*}' device='${REFUSE_BUSDEV##*:}'/></source></hostdev></devices>|" \
-    "$GUEST_DIR/g1.xml" >/tmp/h1.xml
+    "$LAB_DIR/g1.xml" >/tmp/h1.xml
 virsh define /tmp/h1.xml >/dev/null
 note safeusbd_up "$([ -S /run/safeusb/safeusbd.sock ] && echo 1 || echo 0)"
 run_step start virsh start --paused h1

@@ -8,9 +8,9 @@
 domain_xml() {  # NAME [METADATA]
     sed -e "s|<name>g1</name>|<name>$1</name>${2:-}|" \
         -e "s|</devices>|<hostdev mode='subsystem' type='usb'><source><address bus='${HK_BUSDEV%%:*}' device='${HK_BUSDEV##*:}'/></source></hostdev></devices>|" \
-        "$GUEST_DIR/g1.xml"
+        "$LAB_DIR/g1.xml"
 }
-sed -e "s|<name>g1</name>|<name>plain</name>|" "$GUEST_DIR/g1.xml" >/tmp/plain.xml
+sed -e "s|<name>g1</name>|<name>plain</name>|" "$LAB_DIR/g1.xml" >/tmp/plain.xml
 virsh define /tmp/plain.xml >/dev/null
 virsh start --paused plain >"$OUT/plain.out" 2>&1
 note plain_rc $?

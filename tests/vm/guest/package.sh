@@ -26,7 +26,7 @@ start_libvirtd() {  # at most 120 s
 domain_xml() {  # NAME BUS:DEV
     sed -e "s|<name>g1</name>|<name>$1</name>|" \
         -e "s|</devices>|<hostdev mode='subsystem' type='usb'><source><address bus='${2%%:*}' device='${2##*:}'/></source></hostdev></devices>|" \
-        "$GUEST_DIR/g1.xml"
+        "$LAB_DIR/g1.xml"
 }
 present() { [ -e "/sys/class/block/$(basename "$1")" ] && echo 1 || echo 0; }
 mounted() { awk -v m="$1" '$5 == m' /proc/self/mountinfo | wc -l; }
@@ -35,7 +35,7 @@ plain_starts() {  # TAG: a domain without USB host devices starts
     note "plain_$1_rc" $?
     virsh destroy plain >/dev/null 2>&1
 }
-sed -e "s|<name>g1</name>|<name>plain</name>|" "$GUEST_DIR/g1.xml" >/tmp/plain.xml
+sed -e "s|<name>g1</name>|<name>plain</name>|" "$LAB_DIR/g1.xml" >/tmp/plain.xml
 virsh define /tmp/plain.xml >/dev/null
 
 # Installed while libvirtd runs: the package says to restart it and does not.

@@ -1,6 +1,7 @@
 # Helpers for scenario scripts; source with: . "$GUEST_LIB"
 # Each scenario runs with OUT (its output directory), PAYLOAD (its payload files),
-# SAFEUSB (the CLI under test) and NAME_DEV/NAME_USB/NAME_BUSDEV/NAME_SERIAL per stick.
+# SAFEUSB (the CLI under test), GUEST_DIR (the directory of the boot's scenario scripts),
+# LAB_DIR (this one's: g1.xml) and NAME_DEV/NAME_USB/NAME_BUSDEV/NAME_SERIAL per stick.
 set -u
 
 # inspect TAG ARGS...: run `safeusb inspect ARGS`, keep exit code, stdout, stderr.
@@ -74,8 +75,8 @@ gone() {
 
 # plug NAME / unplug NAME: the host plugs stick NAME (its variable name, `AUTO` for a
 # stick called `auto`) into the running machine, or pulls it out, through the outer
-# QEMU's monitor (PlugService in harness.py: device_add of the same drive, serial and
-# id; device_del). Prints the host's answer ("ok" or the error) once it is done.
+# QEMU's monitor (PlugService in safeusb/lab/harness.py: device_add of the same drive,
+# serial and id; device_del). Prints the host's answer ("ok" or the error) once it is done.
 plug_request() {
     local req
     req="$SHARE/out/plug/$(date +%s%N)-$1-$2"

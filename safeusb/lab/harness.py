@@ -1,11 +1,17 @@
-"""Real-kernel test harness: boot a Debian kernel under QEMU with emulated USB devices.
+"""Real-kernel harness (the VM tier, `safeusb demo`): a Debian kernel under QEMU, USB devices.
 
 A :class:`Boot` is one VM run: the emulated devices it gets (USB sticks built from
 image files made here, outside the guest, plus other emulated USB devices), whether
 libvirtd and a nested domain run inside, and an ordered list of :class:`Scenario`.
-Each scenario is a bash script under ``tests/vm/guest/`` that the guest driver runs
-with its own output directory in ``$OUT``; results come back through a directory
-shared read-write with the guest, never by parsing the console.
+Each scenario is a bash script in the directory :func:`run_boot` is given (the tests'
+``tests/vm/guest/``, the demo's ``guest/`` beside this module) that the guest driver
+(``guest/driver.sh`` here) runs with its own output directory in ``$OUT``; results come
+back through a directory shared read-write with the guest, never by parsing the console.
+
+The guest sees this machine's root filesystem (virtme-ng shares it read-only), so it
+runs the safeusb this module belongs to: a checkout's ``.venv/bin/safeusb`` (the tests),
+or the installed package's scripts (``safeusb demo`` from a wheel or a distribution
+package).
 
 After the VM has exited, :meth:`BootResult.check_stick` looks at a stick's image on
 this machine (journal replayed on a loop-mounted copy, ``e2fsck -fn``, checksums of
@@ -24,6 +30,8 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -32,12 +40,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
-import pytest
+#: The guest's driver, its helpers (lib.sh, libvirt-up.sh, stock-up.sh), the nested
+#: domain g1.xml, and the demo's scenarios.
+LAB_GUEST = Path(__file__).resolve().parent / "guest"
 
-REPO = Path(__file__).resolve().parents[2]
-GUEST_DIR = Path(__file__).resolve().parent / "guest"
-VENV_BIN = REPO / ".venv" / "bin"
+
+def _checkout() -> Path | None:
+    """The source checkout this module lives in (tests, benchmarks), or None when it is
+    an installed package."""
+    top = Path(__file__).resolve().parents[2]
+    if (top / "pyproject.toml").is_file() and (top / "tests" / "vm").is_dir():
+        return top
+    return None
+
+
+def _installed_bin() -> Path:
+    """Where the installation running this put the safeusb command: next to the
+    interpreter (a virtual environment, /usr/bin), else the scheme's scripts directory."""
+    beside = Path(sys.executable).parent
+    if (beside / "safeusb").exists():
+        return beside
+    return Path(sysconfig.get_path("scripts"))
+
+
+#: The checkout (None when installed): the tests' scripts use it (``$REPO``).
+REPO = _checkout()
+#: The directory of the safeusb commands the guest runs: the checkout's .venv, or the
+#: installed package's scripts.
+VENV_BIN = REPO / ".venv" / "bin" if REPO is not None else _installed_bin()
 SAFEUSB = VENV_BIN / "safeusb"
+#: The interpreter that runs them (the guest asks safeusbd through it).
+PYTHON = (VENV_BIN / "python" if REPO is not None or (VENV_BIN / "python").exists()
+          else Path(sys.executable))
+#: What virtme-ng's guest init mounts over this machine's tree: the guest does not see
+#: what is there (``/tmp`` is an overlay of this machine's, so it does).
+GUEST_HIDDEN = ("/run", "/var/tmp", "/var/log", "/dev", "/proc", "/sys")  # noqa: S108
 MIB = 1024 * 1024
 
 #: Kernel log lines worth showing when a scenario fails.
@@ -50,6 +87,19 @@ KERNEL_NOTABLE = re.compile(
 
 class VmUnavailable(Exception):
     """A prerequisite of the VM tier is missing on this machine."""
+
+
+class LabFailure(Exception):
+    """A boot or scenario did not give what was asked of it (outside pytest)."""
+
+
+def fail(message: str) -> NoReturn:
+    """Under pytest (the VM tier), fail the test with ``message`` alone, no traceback;
+    elsewhere (the demo, benchmarks) raise :class:`LabFailure`."""
+    pytest = sys.modules.get("pytest")
+    if pytest is not None:
+        pytest.fail(message, pytrace=False)
+    raise LabFailure(message)
 
 
 # --------------------------------------------------------------------------- devices
@@ -204,9 +254,10 @@ class UsbDevice:
 class Scenario:
     """One guest script and what it needs; reported as its own test.
 
-    ``script`` is a file under ``tests/vm/guest/``. ``payloads`` maps a file name
-    to a size: random content generated here, readable in the guest under
-    ``$PAYLOAD/<name>``, its checksum kept here for the outside check.
+    ``script`` is a file in the boot's scenario directory (see :func:`run_boot`), or
+    an absolute path (the demo's boot, run by the tests too).
+    ``payloads`` maps a file name to a size: random content generated here, readable in
+    the guest under ``$PAYLOAD/<name>``, its checksum kept here for the outside check.
     """
 
     name: str
@@ -345,7 +396,7 @@ class ScenarioResult:
         return "\n".join(parts)
 
     def fail(self, message: str) -> NoReturn:
-        pytest.fail(self.report(message), pytrace=False)
+        fail(self.report(message))
 
     def expect(self, condition: object, message: str) -> None:
         if not condition:
@@ -407,7 +458,7 @@ class BootResult:
         rc_text = (out / "rc").read_text().strip() if (out / "rc").exists() else ""
         if not rc_text:
             why = self.error or "the guest never ran this scenario"
-            pytest.fail(self.boot_report(f"scenario {name}: {why}"), pytrace=False)
+            fail(self.boot_report(f"scenario {name}: {why}"))
         start = self.timings.get(f"scenario_start:{name}")
         end = self.timings.get(f"scenario_end:{name}")
 
@@ -436,8 +487,7 @@ class BootResult:
         """The stick's disk name in the guest (``sdb``)."""
         dev = self.stick_vars(stick).get("DEV")
         if dev is None:
-            pytest.fail(self.boot_report(f"stick {stick} never appeared in the guest"),
-                        pytrace=False)
+            fail(self.boot_report(f"stick {stick} never appeared in the guest"))
         return dev.removeprefix("/dev/")
 
     def image(self, stick: str) -> Path:
@@ -465,8 +515,8 @@ def libvirt_scenario(vm: BootResult, name: str) -> tuple[ScenarioResult, dict[st
     libvirt's log when libvirtd or the nested domain g1 did not start."""
     if "domain_started" not in vm.timings:
         log = vm.share / "out" / "libvirt.log"
-        pytest.fail(vm.boot_report("libvirtd or the nested domain g1 did not start\n"
-                                   + (log.read_text() if log.exists() else "")), pytrace=False)
+        fail(vm.boot_report("libvirtd or the nested domain g1 did not start\n"
+                            + (log.read_text() if log.exists() else "")))
     r = vm.scenario(name)
     r.expect_ran()
     return r, r.notes()
@@ -478,8 +528,17 @@ def step(r: ScenarioResult, tag: str) -> str:
             f"{r.file(f'{tag}.err')}")
 
 
+def _which(tool: str) -> str:
+    """The tool's absolute path, searched as a boot searches it (:func:`tool_path`)."""
+    found = shutil.which(tool, path=tool_path())
+    if found is None:
+        raise VmUnavailable(f"{tool} not found in {tool_path()}")
+    return found
+
+
 def _run(argv: Sequence[str], stdin: str | None = None) -> str:
-    proc = subprocess.run(list(argv), input=stdin, capture_output=True, text=True, check=False)
+    proc = subprocess.run([_which(argv[0]), *argv[1:]], input=stdin, capture_output=True,
+                          text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{argv[0]} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc.stdout
@@ -495,22 +554,47 @@ def find_kernel() -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
+def tool_dirs() -> list[str]:
+    """Searched before PATH: safeusb's own bin directory (vng installed beside it), the
+    interpreter's, and the system's sbin directories."""
+    dirs = [str(VENV_BIN), str(Path(sys.executable).parent), "/usr/sbin", "/sbin"]
+    return list(dict.fromkeys(dirs))
+
+
 def tool_path() -> str:
-    extra = [str(VENV_BIN), "/usr/sbin", "/sbin"]
-    return os.pathsep.join([*extra, os.environ.get("PATH", "/usr/bin:/bin")])
+    return os.pathsep.join([*tool_dirs(), os.environ.get("PATH", "/usr/bin:/bin")])
+
+
+#: What a boot runs on this machine, and where each comes from.
+TOOLS = {
+    "vng": "virtme-ng: pip install virtme-ng beside safeusb",
+    "qemu-system-x86_64": "Debian package qemu-system-x86",
+    "depmod": "Debian package kmod",
+    "mkfs.ext4": "Debian package e2fsprogs",
+    "e2fsck": "Debian package e2fsprogs",
+    "sfdisk": "Debian package fdisk",
+    "losetup": "Debian package mount",
+}
 
 
 def missing_prerequisites() -> list[str]:
+    """What this machine lacks to run a boot, each with where to get it."""
     missing = []
     if os.geteuid() != 0:
         missing.append("not running as root (loop devices, mounts)")
     if find_kernel() is None:
-        missing.append("no Debian kernel in /boot with modules in /lib/modules")
+        missing.append("no Debian kernel in /boot with modules in /lib/modules "
+                       "(Debian package linux-image-amd64)")
     path = tool_path()
-    for tool in ("vng", "qemu-system-x86_64", "depmod", "mkfs.ext4", "e2fsck", "sfdisk",
-                 "losetup"):
+    for tool, source in TOOLS.items():
         if shutil.which(tool, path=path) is None:
-            missing.append(f"{tool} not found")
+            missing.append(f"{tool} not found in {', '.join(tool_dirs())} or PATH ({source})")
+    for what in (LAB_GUEST, VENV_BIN):
+        hidden = next((d for d in GUEST_HIDDEN if what.is_relative_to(d)), None)
+        if hidden is not None:
+            missing.append(f"{what} is under {hidden}, which the guest does not see "
+                           f"(virtme-ng mounts its own {hidden} there): install safeusb "
+                           "elsewhere")
     return missing
 
 
@@ -527,15 +611,15 @@ def _make_payloads(share: Path, boot: Boot) -> dict[str, dict[str, tuple[str, in
     return sums
 
 
-def _write_plan(share: Path, boot: Boot) -> None:
+def _write_plan(share: Path, boot: Boot, scenario_dir: Path) -> None:
     scripts = share / "scenarios"
     scripts.mkdir(parents=True, exist_ok=True)
-    shutil.copy(GUEST_DIR / "lib.sh", share / "lib.sh")
+    shutil.copy(LAB_GUEST / "lib.sh", share / "lib.sh")
     plan = []
     for sc in boot.scenarios:
         if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", sc.name):
             raise ValueError(f"bad scenario name {sc.name!r}")
-        shutil.copy(GUEST_DIR / sc.script, scripts / f"{sc.name}.sh")
+        shutil.copy(scenario_dir / sc.script, scripts / f"{sc.name}.sh")
         plan.append(f"{sc.name} {sc.timeout}\n")
     (share / "plan").write_text("".join(plan))
     if boot.libvirt_hooks:
@@ -549,12 +633,14 @@ def _write_plan(share: Path, boot: Boot) -> None:
                 dest.write_text(src)
     if boot.files:
         (share / "files").mkdir()
-        for name, src in boot.files.items():
-            if not isinstance(src, Path):
+        for name, source in boot.files.items():
+            if isinstance(source, Path):
+                path = source
+            else:
                 made = share.parent / "made" / name
                 made.mkdir(parents=True)
-                src = src(made)
-            shutil.copy(src, share / "files" / name)
+                path = source(made)
+            shutil.copy(path, share / "files" / name)
     sticks = "".join(f"{s.var} {s.serial(i)}\n" for i, s in enumerate(boot.sticks)
                      if s.plugged)
     (share / "sticks").write_text(sticks)
@@ -569,8 +655,11 @@ def _write_plan(share: Path, boot: Boot) -> None:
         "SAFEUSB_CONFINEMENT": "1" if boot.safeusb_confinement else "0",
         "NESTED_DOMAIN": "1" if boot.nested_domain else "0",
         "SAFEUSB": str(SAFEUSB),
-        "REPO": str(REPO),
-        "GUEST_DIR": str(GUEST_DIR),
+        "SAFEUSBD_CMD": str(VENV_BIN / "safeusbd"),
+        "PYTHON": str(PYTHON),
+        "REPO": str(REPO or ""),
+        "GUEST_DIR": str(scenario_dir),  # the scenarios' own helpers are there
+        "LAB_DIR": str(LAB_GUEST),
     }
     (share / "boot.env").write_text("".join(f"{k}='{v}'\n" for k, v in env.items()))
 
@@ -601,18 +690,19 @@ def vng_command(boot: Boot, workdir: Path) -> list[str]:
     qemu += ["-qmp", f"unix:{workdir / 'qmp.sock'},server=on,wait=off"]
     share = workdir / "share"
     return [
-        "vng", "--verbose", "--run", str(kernel), "--disable-kvm", "--disable-microvm",
+        _which("vng"), "--verbose", "--run", str(kernel), "--disable-kvm", "--disable-microvm",
         "--force-9p", "--memory", boot.memory, "--cpus", "2",
         "--overlay-rwdir", "/etc", "--overlay-rwdir", "/var",
         *(a for d in boot.rw_overlays for a in ("--overlay-rwdir", d)),
         "--rwdir", str(share),
         f"--qemu-opts={' '.join(qemu)}",
-        "--exec", f"bash {GUEST_DIR / 'driver.sh'} {share}",
+        "--exec", f"bash {LAB_GUEST / 'driver.sh'} {share}",
     ]
 
 
-def run_boot(boot: Boot, workroot: Path | None = None) -> BootResult:
-    """Build images and payloads, boot, run every scenario, return once the VM is gone."""
+def run_boot(boot: Boot, scenario_dir: Path, workroot: Path | None = None) -> BootResult:
+    """Build images and payloads, boot, run every scenario (its script from
+    ``scenario_dir``), return once the VM is gone."""
     names = [s.name for s in boot.sticks]
     if len(set(names)) != len(names):
         raise ValueError("stick names must be unique within a boot")
@@ -623,7 +713,7 @@ def run_boot(boot: Boot, workroot: Path | None = None) -> BootResult:
     for s in boot.sticks:
         s.image.build(workdir / "img" / f"{s.name}.img")
     sums = _make_payloads(share, boot)
-    _write_plan(share, boot)
+    _write_plan(share, boot, scenario_dir)
 
     env = dict(os.environ, PATH=tool_path())
     argv = vng_command(boot, workdir)
@@ -793,7 +883,7 @@ def check_image(image: Path, expected: Mapping[str, tuple[str, int]], offset: in
         try:
             mnt = Path(tmp) / "mnt"
             mnt.mkdir()
-            mount = subprocess.run(["mount", "-t", "ext4", loop, str(mnt)],
+            mount = subprocess.run([_which("mount"), "-t", "ext4", loop, str(mnt)],
                                    capture_output=True, text=True, check=False)
             mount_error = None
             if mount.returncode != 0:
@@ -806,10 +896,10 @@ def check_image(image: Path, expected: Mapping[str, tuple[str, int]], offset: in
                     _run(["umount", str(mnt)])
             else:
                 states = [FileState(p, "missing", None, n) for p, (_, n) in expected.items()]
-            fsck = subprocess.run(["e2fsck", "-fn", loop], capture_output=True, text=True,
+            fsck = subprocess.run([_which("e2fsck"), "-fn", loop], capture_output=True, text=True,
                                   check=False)
         finally:
-            subprocess.run(["losetup", "-d", loop], check=False)
+            subprocess.run([_which("losetup"), "-d", loop], check=False)
     return ImageCheck(mount_error, fsck.returncode, fsck.stdout + fsck.stderr, tuple(states))
 
 
@@ -830,10 +920,12 @@ class Runner:
 
     Boots planned ahead (:meth:`plan`, from the collected test modules) run in the
     background, ``parallel`` at a time, in the order given; :meth:`run` waits for a
-    planned boot's result, and runs any other boot at once."""
+    planned boot's result, and runs any other boot at once. Every boot's scenario
+    scripts are in ``scenario_dir``."""
 
-    def __init__(self, keep: bool, parallel: int = 1) -> None:
+    def __init__(self, keep: bool, scenario_dir: Path, parallel: int = 1) -> None:
         self.keep = keep
+        self.scenario_dir = scenario_dir
         self.results: dict[str, BootResult] = {}
         self._pool = (concurrent.futures.ThreadPoolExecutor(parallel, "vm-boot")
                       if parallel > 1 else None)
@@ -844,12 +936,14 @@ class Runner:
             return
         for boot in boots:
             if boot.name not in self._planned and boot.name not in self.results:
-                self._planned[boot.name] = self._pool.submit(run_boot, boot)
+                self._planned[boot.name] = self._pool.submit(run_boot, boot,
+                                                               self.scenario_dir)
 
     def run(self, boot: Boot) -> BootResult:
         if boot.name not in self.results:
             planned = self._planned.pop(boot.name, None)
-            self.results[boot.name] = planned.result() if planned else run_boot(boot)
+            self.results[boot.name] = (planned.result() if planned
+                                      else run_boot(boot, self.scenario_dir))
         return self.results[boot.name]
 
     def timing_lines(self) -> list[str]:

@@ -25,9 +25,9 @@ echo 'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"' >> "$lv_conf/libvirt
 mkdir -p /run/libvirt /var/lib/libvirt/qemu /var/log/libvirt/qemu /var/cache/libvirt/qemu
 # safeusbd, on its own (no systemd here), on its standard socket: the gate asks it.
 if [ "${SAFEUSBD:-0}" = 1 ]; then
-    setsid "$REPO/.venv/bin/safeusbd" -v >"$out/safeusbd.log" 2>&1 </dev/null &
+    setsid "$SAFEUSBD_CMD" -v >"$out/safeusbd.log" 2>&1 </dev/null &
     for _ in $(seq 1 100); do
-        "$REPO/.venv/bin/python" -c 'from safeusb.client import ask
+        "$PYTHON" -c 'from safeusb.client import ask
 ask("ping", {}, "/run/safeusb/safeusbd.sock", timeout=5)' 2>/dev/null && { mark safeusbd_up; break; }
         sleep 0.2
     done

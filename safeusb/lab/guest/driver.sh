@@ -70,7 +70,7 @@ if [ "$LIBVIRT" = 1 ]; then
     . "$here/libvirt-up.sh"
 fi
 
-export SHARE=$share GUEST_LIB=$share/lib.sh SAFEUSB REPO GUEST_DIR
+export SHARE=$share GUEST_LIB=$share/lib.sh SAFEUSB SAFEUSBD_CMD PYTHON REPO GUEST_DIR LAB_DIR
 while read -r name tmo; do
     [ -n "$name" ] || continue
     d=$out/$name
