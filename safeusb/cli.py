@@ -17,7 +17,7 @@ from .roots import Roots
 # Each command imports what it uses when it runs: `inspect` pays for no acting, policy,
 # libvirt or network code at start-up.
 if TYPE_CHECKING:
-    from .act import Outcome
+    from .handover import Outcome
     from .model import Target
     from .service import Handover
 
@@ -306,7 +306,7 @@ def _handover(args: argparse.Namespace, roots: Roots, **kwargs: Any) -> Handover
 
 
 def cmd_prepare(args: argparse.Namespace, roots: Roots) -> int:
-    from .run import stderr_progress  # noqa: PLC0415
+    from .runner import stderr_progress  # noqa: PLC0415
 
     target = target_from_args(args, roots)
     handover = _handover(args, roots, dry_run=args.dry_run, progress=stderr_progress)
@@ -430,7 +430,7 @@ def cmd_guard(args: argparse.Namespace, roots: Roots) -> int:
               + (f"; to enable it: {avail.hint}" if avail.hint else ""), file=sys.stderr)
         return guard.STATUS_UNAVAILABLE
     from .events import handed_over  # noqa: PLC0415
-    from .state import StateDir  # noqa: PLC0415
+    from .journal import StateDir  # noqa: PLC0415
 
     state = StateDir(args.state_dir)
     keys, _problems = state.keys()

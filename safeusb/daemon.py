@@ -102,7 +102,7 @@ Identify = Callable[[socket.socket], Caller]
 
 @dataclass(frozen=True)
 class Done:
-    """What prepare or release did: ok, the outcome (act.Outcome.as_json), and when not
+    """What prepare or release did: ok, the outcome (handover.Outcome.as_json), and when not
     ok, the error kind (refused or failed) and why."""
 
     ok: bool
@@ -122,7 +122,8 @@ class DeviceActions(Protocol):
 
 
 class HostActions:
-    """act.prepare/release and inspect on this host, with the daemon's policy and state."""
+    """Prepare, release (service.Handover) and inspect on this host, with the daemon's
+    policy and state."""
 
     def __init__(self, roots: Roots, policy_path: str, state_dir: str) -> None:
         self.roots = roots
@@ -151,7 +152,7 @@ class HostActions:
         command leaves itself out."""
         from .inspect import inspect  # noqa: PLC0415
         from .report import as_json  # noqa: PLC0415
-        from .run import Runner  # noqa: PLC0415
+        from .runner import Runner  # noqa: PLC0415
         from .snapshot import read_snapshot  # noqa: PLC0415
 
         skip = frozenset() if caller_pid is None else frozenset({caller_pid})
@@ -174,7 +175,7 @@ class HostActions:
                     "; ".join(outcome.why_not()))
 
     def release(self, args: DeviceArgs, only_domain: str | None) -> Done:
-        from .act import target_key  # noqa: PLC0415
+        from .handover import target_key  # noqa: PLC0415
 
         handover = self._handover()
         policy = handover.policy_for_release(log.warning)
@@ -202,8 +203,8 @@ class NotPermitted(SafeUSBError):
 
 def error_kind(exc: BaseException) -> str:
     """The protocol's error kind for an exception raised while serving a request."""
+    from .journal import DeviceBusy, StateError  # noqa: PLC0415
     from .policy import PolicyError  # noqa: PLC0415
-    from .state import DeviceBusy, StateError  # noqa: PLC0415
 
     kinds: tuple[tuple[type[BaseException], str], ...] = (
         (ProtocolError, proto.BAD_REQUEST), (NotPermitted, proto.NOT_PERMITTED),
@@ -675,7 +676,7 @@ def _guard_watcher(actions: DeviceActions, state_dir: str,
     (with the libvirt domain of a refused QEMU), and prepare an idle device by the policy
     so that the next attempt passes."""
     from . import guard  # noqa: PLC0415
-    from .state import StateDir  # noqa: PLC0415
+    from .journal import StateDir  # noqa: PLC0415
 
     refusals = guard.RefusalLog(state_dir)
     state = StateDir(state_dir)
@@ -770,9 +771,9 @@ def start_following(daemon: Daemon, args: argparse.Namespace) -> list[Callable[[
     from . import events  # noqa: PLC0415
     from .autoattach import AutoAttach, HostHandover, HostLibvirt  # noqa: PLC0415
     from .domains import DomainWatch, domain_active  # noqa: PLC0415
+    from .journal import StateDir  # noqa: PLC0415
     from .policy import Policy  # noqa: PLC0415
     from .protect import change_on  # noqa: PLC0415
-    from .state import StateDir  # noqa: PLC0415
 
     stops: list[Callable[[], None]] = []
     roots = Roots.host()
@@ -908,10 +909,12 @@ def _preload() -> None:
     waiting caller is queued by the kernel meanwhile)."""
     import importlib  # noqa: PLC0415
 
-    for name in (".act", ".guard", ".inspect", ".inputdev", ".modeswitch", ".netinfo", ".policy",
-                 ".report", ".run", ".selector", ".snapshot", ".state", "libvirt"):
-        with contextlib.suppress(ImportError):
-            importlib.import_module(name, __package__)
+    for name in (".guard", ".handover", ".inspect", ".inputdev", ".journal", ".modeswitch",
+                 ".netinfo", ".plan", ".policy", ".report", ".runner", ".selector", ".service",
+                 ".snapshot", ".steps"):
+        importlib.import_module(name, __package__)  # a name that is not a module: a bug
+    with contextlib.suppress(ImportError):
+        importlib.import_module("libvirt")  # safeusbd runs without it (no libvirt events)
     from .modeswitch import SWITCH_DBS  # noqa: PLC0415
 
     SWITCH_DBS.get()  # read the mode-switch database now; again only when it changes

@@ -45,8 +45,8 @@ from typing import Any, Protocol
 
 from . import sysfs
 from .errors import SafeUSBError
+from .journal import DeviceBusy, Record, StateDir, StateError
 from .roots import Roots
-from .state import DeviceBusy, Record, StateDir, StateError
 
 log = logging.getLogger("safeusb")
 

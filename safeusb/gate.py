@@ -37,6 +37,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import EXIT_IN_USE, EXIT_USAGE, SafeUSBError, UsageError
+from .qemu_usb_host import (
+    UNSEEN_FD,
+    Decide,
+    FdIdentity,
+    UsbHostRequest,
+    device_add_request,
+    fd_identity,
+    prepare_decision,
+)
 from .qemuargs import MonitorArgsError, MonitorSocket, domain_name, find_monitor, with_monitor_fd
 from .qmp import (
     ClientStream,
@@ -51,15 +60,6 @@ from .qmp import (
     parse_message,
     recv_with_fds,
     send_with_fds,
-)
-from .usbhost import (
-    UNSEEN_FD,
-    Decide,
-    FdIdentity,
-    UsbHostRequest,
-    device_add_request,
-    fd_identity,
-    prepare_decision,
 )
 
 PROG = "safeusb-qemu-gate"

@@ -378,7 +378,7 @@ def forget_given_back(recorded_ports: list[str], sys_root: str = "/sys",
 def forget_released(state_dir: str, sys_root: str = "/sys", pin_dir: str = PIN_DIR) -> None:
     """forget_given_back by the records in the state directory; never raises (a stale
     entry only keeps bind refused, which is the safe side), but logs why."""
-    from .state import StateDir  # noqa: PLC0415
+    from .journal import StateDir  # noqa: PLC0415
 
     try:
         if not os.path.exists(os.path.join(pin_dir, HANDED_OVER)):

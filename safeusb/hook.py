@@ -18,13 +18,13 @@ from collections.abc import Sequence
 
 from .domain import DomainInfo, policy_for_domain
 from .errors import NoSuchDevice, SafeUSBError, XMLError
+from .journal import DEFAULT_DIR
 from .logsetup import setup_logging
 from .model import Target
 from .policy import DEFAULT_PATH
 from .roots import Roots
 from .selector import Selector, resolve
 from .service import Handover
-from .state import DEFAULT_DIR
 
 EXIT_REFUSED = 3
 MAX_DOMAIN_XML_BYTES = 64 * 1024 * 1024

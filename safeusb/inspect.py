@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .classes import class_reasons, class_warnings, node_label
 from .model import BlockDevice, DevNum, Snapshot, fmt_devnum
 from .reasons import (
     CannotRead,
@@ -23,6 +22,7 @@ from .reasons import (
     Use,
 )
 from .textout import human_bytes
+from .usb_classes import class_reasons, class_warnings, node_label
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import trust
 from .errors import SafeUSBError, UsageError
-from .state import DEFAULT_DIR as STATE_DIR
+from .journal import DEFAULT_DIR as STATE_DIR
 
 TEMPLATE = Path(__file__).resolve().parent / "libvirt_hook.in"
 HOOK_DIR = "etc/libvirt/hooks/qemu.d"

@@ -212,13 +212,13 @@ class Snapshot:
     # The kernel's per-device writeback counters are per-CPU sums read without folding:
     # each may be off by this many bytes (WB_STAT_BATCH pages per possible CPU).
     counter_slack_bytes: int = 0
-    # Network interfaces, input devices, mode switching (below; read by classes.py);
+    # Network interfaces, input devices, mode switching (below; read by usb_classes.py);
     # None when not read.
     classes: ClassSnapshot | None = None
 
 
 # ---------------------------------------------------------------------------------------
-# Beyond storage: what netinfo.py, inputdev.py and modeswitch.py read (classes.py)
+# Beyond storage: what netinfo.py, inputdev.py and modeswitch.py read (usb_classes.py)
 
 RTPROT_KERNEL = 2  # rtnetlink route protocols: a connected route
 RTPROT_RA = 9  # learnt from a router advertisement
@@ -350,7 +350,7 @@ class SwitchDb:
 
 @dataclass(frozen=True)
 class ClassSnapshot:
-    """What the per-class decisions (classes.py) read of a target, read once."""
+    """What the per-class decisions (usb_classes.py) read of a target, read once."""
 
     net: NetScan
     inputs: InputScan

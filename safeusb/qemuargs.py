@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import SafeUSBError
-from .usbhost import split_qemu_opts
+from .qemu_usb_host import split_qemu_opts
 
 
 class MonitorArgsError(SafeUSBError):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .classes import class_json
 from .inspect import Findings
 from .model import DevNum, fmt_devnum
 from .textout import findings_text, text_of_json
+from .usb_classes import class_json
 
 __all__ = ["SCHEMA_VERSION", "as_json", "as_text", "text_of_json"]
 

@@ -3,7 +3,7 @@
 The CLI, the libvirt hook, attach-device/detach-device and safeusbd (for the QMP gate, the
 kernel guard, auto-attach and udev events) each build one Handover from the policy file
 and the journal directory. It reads the policy, makes the runner for each call and runs
-act.prepare/act.release; what comes back is an act.Outcome, put into words by the
+handover.prepare/release; what comes back is a handover.Outcome, put into words by the
 functions at the end, which every front end uses.
 """
 
@@ -15,13 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from . import sysfs
-from .act import Outcome, prepare, release, release_domain, release_locked, target_key
 from .errors import SafeUSBError
+from .handover import Outcome, prepare, release, release_domain, release_locked, target_key
+from .journal import StateDir
 from .model import Target, UsbDevice
 from .policy import Policy
 from .roots import Roots
-from .run import Runner
-from .state import StateDir
+from .runner import Runner
 
 
 @dataclass(frozen=True)

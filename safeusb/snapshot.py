@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 from . import recording, sysfs
 from .bpfscan import namespaces_of
 from .bpfscan import scan as scan_processes
-from .classes import read_classes
 from .model import (
     BlockDevice,
     DevNum,
@@ -26,10 +25,11 @@ from .model import (
 from .parsers import ParseError, parse_bdi_stats
 from .procfs import list_pids, read_mount_namespaces, read_swaps
 from .roots import Roots
+from .usb_classes import read_classes
 
 if TYPE_CHECKING:
     from .netinfo import NetMatch
-    from .run import Runner
+    from .runner import Runner
 
 
 def _under(path: str, directory: str) -> bool:
@@ -147,7 +147,7 @@ def _read_dirty(
     base = os.path.join(roots.debugfs, "bdi")
     if roots.live and not os.path.isdir(base) and (runner is not None or mount_debugfs) \
             and os.geteuid() == 0:
-        from .run import Runner, StepFailed  # noqa: PLC0415 (the acting code only to mount)
+        from .runner import Runner, StepFailed  # noqa: PLC0415 (the acting code only to mount)
 
         try:
             (runner or Runner()).mount_debugfs(roots.debugfs)

@@ -17,7 +17,7 @@ from .textout import human_bytes
 
 if TYPE_CHECKING:
     from .domain import DomainInfo
-    from .run import Runner
+    from .runner import Runner
 
 # Asks safeusbd to inspect the device at (bus, address): its JSON answer, or None when it
 # gives none (the device is then inspected here).
@@ -295,8 +295,8 @@ def attach_status(roots: Roots, policy_path: str, state_dir: str,
     device counts for the first rule it matches, as safeusbd decides), with where each is:
     handed to a domain (safeusb's record) or on the host."""
     from . import udevrules  # noqa: PLC0415
+    from .journal import StateDir, StateError  # noqa: PLC0415
     from .policy import Policy  # noqa: PLC0415
-    from .state import StateDir, StateError  # noqa: PLC0415
 
     try:
         policy = Policy.from_file(policy_path)
@@ -358,7 +358,7 @@ def collect(roots: Roots, uri: str | None = None, guard: dict[str, Any] | None =
                     findings = None
         if not hub and findings is None:
             from .inspect import inspect  # noqa: PLC0415
-            from .run import Runner  # noqa: PLC0415
+            from .runner import Runner  # noqa: PLC0415
             from .snapshot import read_snapshot  # noqa: PLC0415
 
             runner = runner or Runner.for_roots(roots)

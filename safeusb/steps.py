@@ -1,5 +1,5 @@
 """Steps: one action each on the host, as data. A step describes itself, carries itself out
-through the Runner (run.py, the one place that changes the system) and undoes itself where
+through the Runner (runner.py, the one place that changes the system) and undoes itself where
 that can be done; it is recorded in the journal as its JSON and read back by
 step_from_json. Adding a kind of step is one class here.
 """
@@ -10,8 +10,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .run import Runner, StepFailed, log, tool
-from .state import StateError
+from .journal import StateError
+from .runner import Runner, StepFailed, log, tool
 from .textout import human_bytes
 
 

@@ -38,9 +38,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from safeusb.gate import CloseFds, Session, ToServer
-from safeusb.qemuparse import qemu_strtol10
-from safeusb.qmp import send_with_fds
-from safeusb.usbhost import (
+from safeusb.qemu_usb_host import (
     FDSET_PREFIX,
     UNSEEN_FD,
     FdIdentity,
@@ -48,6 +46,8 @@ from safeusb.usbhost import (
     UsbHostRequest,
     device_add_request,
 )
+from safeusb.qemuparse import qemu_strtol10
+from safeusb.qmp import send_with_fds
 
 QEMU = shutil.which("qemu-system-x86_64")
 pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from safeusb.plan import down_link
-from safeusb.run import Runner
+from safeusb.runner import Runner
 from tests.host.test_network_host import NetLab, by_name, lab, ns_inode, scan
 
 pytestmark = pytest.mark.host

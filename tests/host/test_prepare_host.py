@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from safeusb.act import prepare, release
+from safeusb.handover import prepare, release
+from safeusb.journal import StateDir
 from safeusb.policy import Policy
 from safeusb.roots import Roots
-from safeusb.run import Runner, StepFailed
+from safeusb.runner import Runner, StepFailed
 from safeusb.selector import Selector, resolve
-from safeusb.state import StateDir
 from tests.host.conftest import Loop, background, run, wait_for
 
 pytestmark = pytest.mark.host

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from safeusb.act import prepare, release
+from safeusb.handover import prepare, release
+from safeusb.journal import DeviceBusy, Record, StateDir, StateError
 from safeusb.policy import Policy
 from safeusb.roots import Roots
-from safeusb.run import Runner
+from safeusb.runner import Runner
 from safeusb.selector import Selector, resolve
-from safeusb.state import DeviceBusy, Record, StateDir, StateError
 from tests.host.conftest import Loop, mounted, run
 
 pytestmark = [pytest.mark.host, pytest.mark.fault]

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from safeusb.act import prepare, release
+from safeusb.handover import prepare, release
+from safeusb.journal import StateDir
 from safeusb.policy import Policy
 from safeusb.roots import Roots
-from safeusb.run import Runner
+from safeusb.runner import Runner
 from safeusb.selector import Selector, resolve
-from safeusb.state import StateDir
 from tests.conftest import require_root
 from tests.host.conftest import Loop, run, wait_for
 

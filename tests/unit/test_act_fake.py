@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from safeusb import sysfs
-from safeusb.act import _left_the_host
+from safeusb.handover import _left_the_host
 from tests.unit.fakesys import FakeSystem
 
 

@@ -13,8 +13,8 @@ import pytest
 from safeusb.autoattach import AutoAttach, hostdev_xml
 from safeusb.errors import SafeUSBError
 from safeusb.events import EventLoop, HandoverWatch, UEvent
+from safeusb.journal import StateDir
 from safeusb.policy import Policy
-from safeusb.state import StateDir
 from tests.unit.fakesys import FakeSystem
 
 KEY = "2-1"

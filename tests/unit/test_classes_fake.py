@@ -463,7 +463,7 @@ def test_interface_found_again_by_its_usb_interface_when_its_address_changed() -
     recorded USB interface is the device's, as long as it is the only one there."""
     from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg  # noqa: PLC0415
 
-    from safeusb.run import _link_of  # noqa: PLC0415
+    from safeusb.runner import _link_of  # noqa: PLC0415
 
     def link(index: int, name: str, mac: str, parent: str | None) -> Any:
         m = ifinfmsg()

@@ -306,7 +306,7 @@ def test_a_client_that_cancels_gets_the_answer_after_the_undo(served) -> None:  
 
 
 def test_the_gate_decision_asks_the_daemon_and_passes_its_reasons_on(served) -> None:  # type: ignore[no-untyped-def]
-    from safeusb.usbhost import UsbHostRequest, prepare_decision  # noqa: PLC0415
+    from safeusb.qemu_usb_host import UsbHostRequest, prepare_decision  # noqa: PLC0415
 
     refuse = FakeActions()
     r = served(ROOT, actions=refuse)
@@ -326,7 +326,7 @@ def test_the_gate_decision_asks_the_daemon_and_passes_its_reasons_on(served) -> 
 
 
 def test_the_gate_decision_says_who_refused_what_is_not_a_reason(served) -> None:  # type: ignore[no-untyped-def]
-    from safeusb.usbhost import UsbHostRequest, prepare_decision  # noqa: PLC0415
+    from safeusb.qemu_usb_host import UsbHostRequest, prepare_decision  # noqa: PLC0415
 
     r = served(G1)
     with pytest.raises(SafeUSBError) as err:
@@ -338,7 +338,7 @@ def test_the_gate_decision_says_who_refused_what_is_not_a_reason(served) -> None
 
 def test_the_gate_decision_without_a_daemon_refuses_and_says_how_to_start_it(
         tmp_path: Path) -> None:
-    from safeusb.usbhost import UsbHostRequest, prepare_decision  # noqa: PLC0415
+    from safeusb.qemu_usb_host import UsbHostRequest, prepare_decision  # noqa: PLC0415
 
     path = str(tmp_path / "none.sock")
     with pytest.raises(DaemonUnavailable) as err:
@@ -432,3 +432,15 @@ def test_socket_activated_it_serves_the_socket_passed_and_exits_when_idle(
     assert proc.returncode == 0, err
     assert "socket passed by systemd" in err and "idle for 0.5 s; exiting" in err
     assert not (tmp_path / "unused.sock").exists()
+
+
+def test_preload_imports_what_requests_use() -> None:
+    """The names safeusbd imports before its first request are the package's modules (a
+    renamed module fails here instead of costing the first decision its import)."""
+    import sys  # noqa: PLC0415
+
+    from safeusb import daemon  # noqa: PLC0415
+
+    daemon._preload()
+    for name in ("handover", "journal", "runner", "service", "steps", "snapshot"):
+        assert f"safeusb.{name}" in sys.modules

@@ -16,8 +16,8 @@ import pytest
 
 from safeusb import events
 from safeusb.events import EventLoop, HandoverWatch, UEvent, device_now, node_holders
+from safeusb.journal import Record, StateDir, new_record
 from safeusb.roots import Roots
-from safeusb.state import Record, StateDir, new_record
 from tests.unit.fakesys import FakeSystem
 
 HANG = 10.0

@@ -9,8 +9,8 @@ import pytest
 
 from safeusb.errors import SafeUSBError
 from safeusb.gate import parse_gate_argv
+from safeusb.qemu_usb_host import FdIdentity, RequestError, hmp_device_add, usb_host_request
 from safeusb.qemuargs import MonitorArgsError, domain_name, find_monitor, with_monitor_fd
-from safeusb.usbhost import FdIdentity, RequestError, hmp_device_add, usb_host_request
 
 LIBVIRT9 = [
     "-name", "guest=g1,debug-threads=on", "-S", "-machine", "pc,usb=off",

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from safeusb.gate import Action, Ask, Session, ToClient
+from safeusb.qemu_usb_host import FdIdentity, RequestError, device_add_request
 from safeusb.qemuparse import (
     hmp_device_add_text,
     qemu_opts_items,
@@ -19,7 +20,6 @@ from safeusb.qemuparse import (
     qemu_strtou64,
     qmp_opt_string,
 )
-from safeusb.usbhost import FdIdentity, RequestError, device_add_request
 
 STICK = FdIdentity("/dev/bus/usb/002/003", (189, 130))
 OTHER = FdIdentity("/dev/bus/usb/001/005", (189, 4))

@@ -13,8 +13,8 @@ import pytest
 
 from safeusb import guard
 from safeusb.daemon import CLOCK_TICKS, refused_domain
+from safeusb.journal import StateDir
 from safeusb.peer import MachineScope
-from safeusb.state import StateDir
 
 
 def event(**kw: object) -> bytes:

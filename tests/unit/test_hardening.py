@@ -19,14 +19,14 @@ from hypothesis import strategies as st
 
 from safeusb import cli, trust
 from safeusb import hook as hookmod
-from safeusb.act import release_domain
 from safeusb.domain import DomainInfo
 from safeusb.errors import SafeUSBError
+from safeusb.handover import release_domain
 from safeusb.install import InstallError, boot_source, install, render
+from safeusb.journal import StateDir, StateError, new_record
 from safeusb.policy import Policy, PolicyError
 from safeusb.roots import Roots
-from safeusb.run import Runner
-from safeusb.state import StateDir, StateError, new_record
+from safeusb.runner import Runner
 from tests.unit.fakesys import FakeSystem
 
 pytestmark = pytest.mark.hostile

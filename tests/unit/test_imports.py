@@ -131,7 +131,7 @@ def test_the_graph_is_read() -> None:
     edges = graph()
     assert "safeusb.inspect" in edges["safeusb.plan"]  # from .inspect import ...
     assert "safeusb.sysfs" in edges["safeusb.status"]  # from . import sysfs
-    assert "safeusb.run" in edges["safeusb.status"]  # under TYPE_CHECKING
+    assert "safeusb.runner" in edges["safeusb.status"]  # under TYPE_CHECKING
     assert "safeusb.snapshot" in edges["safeusb.status"]  # inside a function
 
 

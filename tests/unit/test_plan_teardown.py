@@ -14,7 +14,7 @@ from safeusb.inspect import inspect
 from safeusb.plan import build_plan
 from safeusb.policy import Settings
 from safeusb.reasons import Open, Reason, Use
-from safeusb.run import Runner, StepFailed
+from safeusb.runner import Runner, StepFailed
 from safeusb.selector import Selector, resolve
 from safeusb.snapshot import read_snapshot
 from safeusb.steps import DetachLoop, Kill, Unmount, step_from_json

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from safeusb import cli, defaults, policy, protocol, state
+from safeusb import cli, defaults, journal, policy, protocol
 from safeusb.model import UsbDevice, UsbInterface
 from safeusb.policy import Policy, PolicyError
 
@@ -88,7 +88,7 @@ def test_cli_defaults_match_the_modules() -> None:
     from safeusb import daemon  # noqa: PLC0415
 
     assert cli.DEFAULT_POLICY == policy.DEFAULT_PATH == defaults.POLICY
-    assert cli.DEFAULT_STATE_DIR == state.DEFAULT_DIR == defaults.STATE_DIR
+    assert cli.DEFAULT_STATE_DIR == journal.DEFAULT_DIR == defaults.STATE_DIR
     assert cli.DEFAULT_SOCKET == protocol.DEFAULT_SOCKET == defaults.SOCKET
     assert (daemon.DEFAULT_POLICY, daemon.DEFAULT_STATE_DIR, daemon.DEFAULT_SOCKET) == (
         defaults.POLICY, defaults.STATE_DIR, defaults.SOCKET)

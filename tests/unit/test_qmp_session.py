@@ -27,8 +27,8 @@ from safeusb.gate import (
     ToClient,
     ToServer,
 )
+from safeusb.qemu_usb_host import FdIdentity, UsbHostRequest
 from safeusb.qmp import error_reply
-from safeusb.usbhost import FdIdentity, UsbHostRequest
 
 DATA = Path(__file__).parent / "data" / "qmp"
 KEEPALIVE_FD = 900

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from safeusb.run import CommandFailed, Runner
+from safeusb.runner import CommandFailed, Runner
 
 
 class _Recorded(Runner):

@@ -92,7 +92,7 @@ def test_answers_from_safeusbd_show_as_findings_read_here(tmp_path: Path) -> Non
 def test_attach_to_rules_their_domains_and_what_each_holds(tmp_path: Path) -> None:
     """Each rule with attach_to, its domain's state from libvirt (the test driver runs
     "test") and the devices it matches: handed over (a record) or on the host."""
-    from safeusb.state import StateDir, new_record  # noqa: PLC0415
+    from safeusb.journal import StateDir, new_record  # noqa: PLC0415
 
     fs = FakeSystem(tmp_path / "root")
     fs.usb_device("2-1", 0x46F4, 0x0001, busnum=2, devnum=3)

@@ -378,7 +378,7 @@ def inspect_decision(request: UsbHostRequest, cancel: threading.Event) -> None:
     """Refuse unless `safeusb inspect` finds the device free (changes nothing)."""
     from .inspect import inspect  # noqa: PLC0415 (the gate starts fast without it)
     from .roots import Roots  # noqa: PLC0415
-    from .run import Runner  # noqa: PLC0415
+    from .runner import Runner  # noqa: PLC0415
     from .selector import resolve  # noqa: PLC0415
     from .snapshot import read_snapshot  # noqa: PLC0415
 

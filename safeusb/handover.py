@@ -11,13 +11,13 @@ from typing import Any
 from . import sysfs
 from .errors import SafeUSBError
 from .inspect import inspect
+from .journal import DeviceBusy, StateDir, StateError, new_record
 from .model import Target, UsbDevice
 from .plan import Plan, build_plan, hold_targets, teardown_steps
 from .policy import Policy
 from .roots import Roots
-from .run import DeviceGone, NothingToDo, Runner, StepFailed
+from .runner import DeviceGone, NothingToDo, Runner, StepFailed
 from .snapshot import read_snapshot
-from .state import DeviceBusy, StateDir, StateError, new_record
 from .steps import Flush, Handoff, Kill, Step, UndoImpossible, Unmount, step_from_json
 
 
