@@ -274,7 +274,10 @@ def cmd_inspect(args: argparse.Namespace, roots: Roots) -> int:
     from .snapshot import read_snapshot  # noqa: PLC0415
 
     target = target_from_args(args, roots)
-    findings = inspect(read_snapshot(roots, target, mount_debugfs=True))
+    from .runner import Runner  # noqa: PLC0415 (to mount debugfs, if it is not)
+
+    Runner.for_roots(roots).ensure_debugfs(roots)
+    findings = inspect(read_snapshot(roots, target))
     if args.json:
         import json  # noqa: PLC0415
 

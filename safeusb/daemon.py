@@ -156,8 +156,9 @@ class HostActions:
         from .snapshot import read_snapshot  # noqa: PLC0415
 
         skip = frozenset() if caller_pid is None else frozenset({caller_pid})
-        return as_json(inspect(read_snapshot(self.roots, self._target(args), Runner(),
-                                             skip_pids=skip)))
+        target = self._target(args)
+        Runner.for_roots(self.roots).ensure_debugfs(self.roots)
+        return as_json(inspect(read_snapshot(self.roots, target, skip_pids=skip)))
 
     def _handover(self) -> Any:
         from .service import Handover  # noqa: PLC0415

@@ -99,7 +99,8 @@ def prepare(
                                  f"({len(record.steps)} steps done, not handed over); "
                                  f"run `safeusb release {key}` to put them back first")
             return Outcome(True, notes=[f"{key} was already prepared for this domain"])
-        findings = inspect(read_snapshot(roots, target, runner))
+        runner.ensure_debugfs(roots)
+        findings = inspect(read_snapshot(roots, target))
         settings, rule = policy.settings_for(target.usb, domain)
         plan = build_plan(findings, settings, rule)
         outcome = Outcome(False, plan, notes=list(findings.notes))
@@ -174,7 +175,7 @@ def _late_mounts(roots: Roots, target: Target, runner: Runner, holds: tuple[str,
     for _ in range(tries):
         if not runner.hold(holds):
             return
-        late = [s for s in teardown_steps(read_snapshot(roots, target, runner))
+        late = [s for s in teardown_steps(read_snapshot(roots, target))
                 if isinstance(s, Unmount)]
         if not late:
             time.sleep(0.02)  # a mount on its way in or out holds it for a moment

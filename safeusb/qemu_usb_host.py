@@ -386,6 +386,8 @@ def inspect_decision(request: UsbHostRequest, cancel: threading.Event) -> None:
     roots = Roots.host()
     # The gate runs in QEMU's confinement: no bpf() from there (the /proc scan finds the
     # same, and a refused bpf() would only fill the audit log).
-    findings = inspect(read_snapshot(roots, resolve(sel, roots), Runner(), kernel_scan=False))
+    target = resolve(sel, roots)
+    Runner.for_roots(roots).ensure_debugfs(roots)
+    findings = inspect(read_snapshot(roots, target, kernel_scan=False))
     if not findings.free:
         raise SafeUSBError("; ".join(r.text for r in findings.reasons))

@@ -171,6 +171,15 @@ class Runner:
     def mount_debugfs(self, target: str) -> None:
         self.run([tool("mount"), "-t", "debugfs", "debugfs", target])
 
+    def ensure_debugfs(self, roots: Roots) -> None:
+        """Mount debugfs, where the dirty-page figures are, when the live system lacks it
+        and this process may mount it. Reading never mounts: a read that finds it missing
+        reports the figures as unreadable, which is what a failed mount leaves too."""
+        if roots.live and os.geteuid() == 0 \
+                and not os.path.isdir(os.path.join(roots.debugfs, "bdi")):
+            with contextlib.suppress(StepFailed, OSError):
+                self.mount_debugfs(roots.debugfs)
+
     def write_sysfs(self, path: str, value: str) -> None:
         self._log(f"write {value!r} to {path}")
         if self.dry_run:

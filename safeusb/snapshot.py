@@ -29,7 +29,6 @@ from .usb_classes import read_classes
 
 if TYPE_CHECKING:
     from .netinfo import NetMatch
-    from .runner import Runner
 
 
 def _under(path: str, directory: str) -> bool:
@@ -141,18 +140,8 @@ def _bdi_of(block: BlockDevice, blocks: dict[str, BlockDevice]) -> DevNum:
     return block.devnum
 
 
-def _read_dirty(
-    roots: Roots, bdis: list[DevNum], runner: Runner | None, mount_debugfs: bool
-) -> tuple[DirtyStat, ...]:
+def _read_dirty(roots: Roots, bdis: list[DevNum]) -> tuple[DirtyStat, ...]:
     base = os.path.join(roots.debugfs, "bdi")
-    if roots.live and not os.path.isdir(base) and (runner is not None or mount_debugfs) \
-            and os.geteuid() == 0:
-        from .runner import Runner, StepFailed  # noqa: PLC0415 (the acting code only to mount)
-
-        try:
-            (runner or Runner()).mount_debugfs(roots.debugfs)
-        except (StepFailed, OSError):
-            pass  # reported below as unreadable figures
     out = []
     for num in bdis:
         path = os.path.join(base, fmt_devnum(num), "stats")
@@ -191,13 +180,12 @@ def _probe_exclusive(roots: Roots, names: list[str]) -> tuple[str, ...]:
 
 
 def read_snapshot(
-    roots: Roots, target: Target, runner: Runner | None = None,
-    net_match: NetMatch | None = None, mount_debugfs: bool = False,
+    roots: Roots, target: Target, net_match: NetMatch | None = None,
     skip_pids: frozenset[int] = frozenset(), kernel_scan: bool = True,
 ) -> Snapshot:
-    """Read everything the host does with the target, once. ``net_match`` replaces the
-    device-to-network-interface mapping (tests). Debugfs, when missing, is mounted through
-    ``runner``, or with ``mount_debugfs`` through a runner made only then. This process,
+    """Read everything the host does with the target, once; nothing is changed (a caller
+    that wants the dirty-page figures mounts debugfs first: Runner.ensure_debugfs).
+    ``net_match`` replaces the device-to-network-interface mapping (tests). This process,
     and ``skip_pids`` (the command that asked safeusbd), are not counted as users. Open
     files, mappings and mount namespaces are found by BPF iterators where they can run
     (bpfscan.py), else through /proc; ``kernel_scan=False`` reads /proc only."""
@@ -257,7 +245,7 @@ def read_snapshot(
     problems.extend(proc_scan.unreadable)
 
     bdis = sorted({_bdi_of(b, all_blocks) for b in blocks.values()})
-    dirty = _read_dirty(roots, bdis, runner, mount_debugfs)
+    dirty = _read_dirty(roots, bdis)
     exclusive = _probe_exclusive(roots, list(blocks))
     return Snapshot(
         target=target,

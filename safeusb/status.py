@@ -361,8 +361,10 @@ def collect(roots: Roots, uri: str | None = None, guard: dict[str, Any] | None =
             from .runner import Runner  # noqa: PLC0415
             from .snapshot import read_snapshot  # noqa: PLC0415
 
-            runner = runner or Runner.for_roots(roots)
-            findings = inspect(read_snapshot(roots, Target(usb.syspath, usb), runner))
+            if runner is None:
+                runner = Runner.for_roots(roots)
+                runner.ensure_debugfs(roots)
+            findings = inspect(read_snapshot(roots, Target(usb.syspath, usb)))
         wanted = tuple((n, s) for n, s, info in domains if _wants(info, usb))
         devices.append(DeviceStatus(usb, hub, findings, wanted))
     attach = None

@@ -158,3 +158,32 @@ def test_usage_errors_exit_2(inspect, tmp_path: Path) -> None:
     bad.write_text("<hostdev mode='subsystem' type='usb'><source><vendor id='zz'/>")
     r = inspect("--xml", str(bad))
     assert r.code == 2 and "not well-formed" in r.stderr
+
+
+def test_reading_never_mounts_debugfs_and_acting_does(loop_ext4: Loop, tmp_path: Path) -> None:
+    """read_snapshot only reads: without debugfs it reports the dirty-page figures as
+    unreadable; Runner.ensure_debugfs, which every caller that acts or reports calls first,
+    mounts it."""
+    require_root()
+    from dataclasses import replace  # noqa: PLC0415
+
+    from safeusb.roots import Roots  # noqa: PLC0415
+    from safeusb.runner import Runner  # noqa: PLC0415
+    from safeusb.selector import Selector, resolve  # noqa: PLC0415
+    from safeusb.snapshot import read_snapshot  # noqa: PLC0415
+
+    where = tmp_path / "debugfs"
+    where.mkdir()
+    roots = replace(Roots.host(), debugfs=str(where))
+    target = resolve(Selector.from_string(loop_ext4.node), roots)
+    snap = read_snapshot(roots, target)
+    assert not os.path.ismount(where)
+    assert snap.dirty and all(d.dirty_bytes is None and "debugfs is not mounted" in (d.error or "")
+                              for d in snap.dirty), snap.dirty
+    try:
+        Runner.for_roots(roots).ensure_debugfs(roots)
+        assert os.path.ismount(where)
+        snap = read_snapshot(roots, target)
+        assert snap.dirty and all(d.dirty_bytes is not None for d in snap.dirty), snap.dirty
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
