@@ -614,7 +614,13 @@ def handle_refusal(r: Refusal, prepare: Callable[[str, str | None], tuple[bool, 
         outcome = f"{r.port} is already taken by safeusb: nothing more to do"
     else:
         done, text = prepare(r.port, r.domain or None)
-        if done:
+        if done and r.kind == "sysfs unbind":
+            # what the unbind asked is done; writing it again is refused all the same
+            # (the hook does not read which interface is written)
+            outcome = (f"{r.port} was idle: prepared by the policy ({text}); {r.driver} "
+                       f"is unbound from it now, as asked; `safeusb release {r.port}` "
+                       f"gives it back")
+        elif done:
             outcome = (f"{r.port} was idle: prepared by the policy ({text}); the next "
                        f"attempt passes; `safeusb release {r.port}` gives it back")
         else:

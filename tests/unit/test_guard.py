@@ -92,6 +92,18 @@ def test_idle_device_is_prepared_and_the_user_told(fake_sys: Path, tmp_path: Pat
     assert out.startswith("2-1 was idle: prepared by the policy") and "release 2-1" in out
 
 
+def test_idle_device_refused_an_unbind_is_unbound_now(fake_sys: Path,
+                                                     tmp_path: Path) -> None:
+    """The sysfs unbind: the prepare did what it asked, and a second write is refused as
+    the first was, so the log does not promise that the next attempt passes."""
+    r = guard.Refusal(0.0, 9, "bash", 0, "sysfs unbind", "usb-storage", "2-1", "2-1:1.0",
+                      "", "", 0)
+    out, asked = _handle(fake_sys, tmp_path, r)
+    assert asked == ["2-1"]
+    assert out.startswith("2-1 was idle: prepared by the policy") and \
+        "usb-storage is unbound from it now, as asked" in out and "next attempt" not in out
+
+
 def test_busy_device_stays_with_the_reason(fake_sys: Path, tmp_path: Path) -> None:
     ino = os.stat(fake_sys / "bus/usb/devices/2-1").st_ino
     out, _ = _handle(fake_sys, tmp_path, _refusal("2-1", ino),

@@ -3,7 +3,8 @@
 Every door that detaches usb-storage from a mounted stick with 4 MiB unwritten is refused
 with EBUSY and the stick keeps its data (images checked from outside); the same sysfs
 unbind with the guard off loses the data (control); an idle stick is taken at the second
-attempt, once safeusbd has prepared it on the first refusal."""
+attempt through usbredirect, once safeusbd has prepared it on the first refusal; through
+sysfs unbind it ends unbound after the first."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ BOOT = Boot(
         Stick("lv", Image.ext4()),
         Stick("rebind", Image.ext4()),
         Stick("idle", Image.ext4()),
+        Stick("idle-sysfs", Image.ext4()),
     ),
     # libvirtd as Debian ships it and the nested domain g1, which no scenario protects
     libvirt=True,
@@ -49,6 +51,8 @@ BOOT = Boot(
         Scenario("libvirt", "guard-libvirt.sh", payloads=DATA, timeout=420),
         Scenario("rebind", "guard-rebind.sh", timeout=300),
         Scenario("idle", "guard-idle.sh", timeout=300),
+        # after "rebind": these leave their sticks handed over
+        Scenario("idle-sysfs", "guard-idle-sysfs.sh", timeout=180),
     ),
 )
 
@@ -156,6 +160,42 @@ def test_idle_stick_taken_at_second_attempt(vm: BootResult) -> None:
     status = r.file("status.out")
     r.expect("guard: on" in status and "usbredirect" in status and "was idle: prepared" in
              status, f"safeusb status does not show the guard and its refusal:\n{status}")
+
+
+def _refused_then_prepared(r: ScenarioResult, vm: BootResult, who: str) -> str:
+    """safeusbd logged the refusal of ``who`` (a regex) for the scenario's port and
+    prepared the idle stick on it. Returns the log."""
+    n = r.notes()
+    log = (vm.share / "out" / "safeusbd.log").read_text(errors="replace")
+    port = re.escape(n["port"])
+    r.expect(re.search(rf"{who}\) tried to detach usb-storage from {port}(:[0-9.]+)? ", log) and
+             f"{n['port']} was idle: prepared by the policy" in log,
+             f"safeusbd did not log the refusal ({who}) and the prepare of {n['port']}:\n"
+             f"{log[-3000:]}")
+    r.expect(n.get("prepared") == "1" and n.get("record") == "1",
+             f"safeusbd did not prepare the idle stick after the refusal ({n})")
+    return log
+
+
+def test_idle_stick_unbound_through_sysfs_after_first_attempt(vm: BootResult) -> None:
+    """The unbind is refused, at the first attempt and the second alike (the guard does
+    not read which interface is written); safeusbd's prepare on the first refusal unbinds
+    it, so after the first attempt the interface is without driver and its disk gone."""
+    r = vm.scenario("idle-sysfs")
+    r.expect_ran()
+    _guard_enabled(r)
+    n = r.notes()
+    r.expect(n.get("first_rc") not in (None, "0") and "busy" in n.get("first_err", "").lower()
+             and int(n.get("disks_before") or 0) >= 1,
+             f"the first unbind was not refused with EBUSY ({n})")
+    log = _refused_then_prepared(r, vm, r"\(bash, uid 0")
+    r.expect(n.get("second_driver") == "" and n.get("disks_after") == "0",
+             f"the interface is not unbound after the second attempt ({n})")
+    r.expect(n.get("second_rc") not in (None, "0") and "busy" in n.get("second_err", "").lower()
+             and "usb-storage is unbound from it now, as asked" in log
+             and f"{n['port']} is already taken by safeusb: nothing more to do" in log,
+             f"the second unbind: expected the guard's EBUSY and nothing more done ({n}):\n"
+             f"{log[-2000:]}")
 
 
 def test_virsh_attach_into_unprotected_domain_leaves_stick_with_host(vm: BootResult) -> None:

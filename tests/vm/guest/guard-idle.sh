@@ -7,13 +7,8 @@ guard_on
 intf=$(storage_intf "$IDLE_USB")
 note intf "$intf"
 redirect "$IDLE_USB" first 30 "$intf"
-note driver_after_first "$(basename "$(readlink "/sys/bus/usb/devices/$intf/driver" 2>/dev/null)")"
-for i in $(seq 1 300); do
-    [ -e "/sys/bus/usb/devices/$intf/driver" ] || break
-    sleep 0.2
-done
-note prepared "$([ -e "/sys/bus/usb/devices/$intf/driver" ] && echo 0 || echo 1)"
-note record "$([ -e "/run/safeusb/$IDLE_USB.json" ] && echo 1 || echo 0)"
+note driver_after_first "$(driver_of "$intf")"
+wait_prepared "$IDLE_USB" "$intf"
 redirect "$IDLE_USB" second 30 "$intf"
 "$SAFEUSB" guard status >"$OUT/guard-status.out" 2>&1
 note status_rc $?

@@ -119,3 +119,21 @@ time.sleep(float(sys.argv[2]) + 3)' "$port" "$3" &
     wait "$pid" "$server" 2>/dev/null
     echo "redirect $2: $(head -c 300 "$OUT/$2.err")"
 }
+
+# driver_of INTF: the driver bound to interface INTF (usb-storage, usbfs), or nothing.
+driver_of() {
+    basename "$(readlink "/sys/bus/usb/devices/$1/driver" 2>/dev/null)"
+}
+
+# wait_prepared USB INTF: after a refusal, until safeusbd has prepared the idle stick
+# (INTF without driver; an inspect and a prepare under TCG take a while), at most 60 s;
+# notes prepared (1: unbound) and record (1: safeusb's record of the handover is there).
+wait_prepared() {
+    local i
+    for i in $(seq 1 300); do
+        [ -e "/sys/bus/usb/devices/$2/driver" ] || break
+        sleep 0.2
+    done
+    note prepared "$([ -e "/sys/bus/usb/devices/$2/driver" ] && echo 0 || echo 1)"
+    note record "$([ -e "/run/safeusb/$1.json" ] && echo 1 || echo 0)"
+}
