@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, defaults
@@ -302,10 +302,12 @@ def _print_outcome(verb: str, head: str, outcome: Outcome, as_json: bool) -> int
     return EXIT_FREE if outcome.ok else EXIT_IN_USE
 
 
-def _handover(args: argparse.Namespace, roots: Roots, **kwargs: Any) -> Handover:
+def _handover(args: argparse.Namespace, roots: Roots,
+              progress: Callable[[str], None] | None = None,
+              dry_run: bool = False) -> Handover:
     from .service import Handover  # noqa: PLC0415 (the acting code only when acting)
 
-    return Handover.from_paths(roots, args.policy, args.state_dir, **kwargs)
+    return Handover.from_paths(roots, args.policy, args.state_dir, progress, dry_run)
 
 
 def cmd_prepare(args: argparse.Namespace, roots: Roots) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import sysfs
 from .errors import SafeUSBError
@@ -31,7 +31,6 @@ class Taken:
 
     targets: tuple[Target, ...] = ()
     refusals: tuple[str, ...] = ()
-    outcomes: tuple[Outcome, ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True)
@@ -46,8 +45,9 @@ class Handover:
 
     @classmethod
     def from_paths(cls, roots: Roots, policy_path: str, state_dir: str,
-                   **kwargs: object) -> Handover:
-        return cls(roots, StateDir(state_dir), policy_path, **kwargs)  # type: ignore[arg-type]
+                   progress: Callable[[str], None] | None = None,
+                   dry_run: bool = False) -> Handover:
+        return cls(roots, StateDir(state_dir), policy_path, progress, dry_run)
 
     def policy(self) -> Policy:
         """The policy as the file says now (PolicyError when it cannot be read)."""
@@ -81,16 +81,14 @@ class Handover:
         policy = policy or self.policy()
         taken: list[Target] = []
         refusals: list[str] = []
-        outcomes: list[Outcome] = []
         for target in targets:
             outcome = self.prepare(target, domain, policy=policy)
-            outcomes.append(outcome)
             if outcome.ok:
                 if outcome.done:
                     taken.append(target)
                 continue
             refusals.extend(refusal_lines(target.describe(), outcome))
-        return Taken(tuple(taken), tuple(refusals), tuple(outcomes))
+        return Taken(tuple(taken), tuple(refusals))
 
     def release(self, key: str, usb: UsbDevice | None = None, domain: str | None = None, *,
                 policy: Policy | None = None, locked: bool = False) -> Outcome:
