@@ -755,21 +755,21 @@ def _show_blocked_tasks(qmp: Path) -> None:
         time.sleep(5)
 
 
-class PullService(threading.Thread):
-    """Pulls sticks out of the running VM when the guest asks: a scenario creates
-    ``$SHARE/out/pull/NAME`` (the stick's variable name, e.g. ``DATA``) and this thread
-    sends ``device_del`` for that stick to the outer QEMU's QMP monitor, as a user
-    yanking it would. The answer goes to ``pull/NAME.done`` ("ok" or the error), which
-    the guest need not wait for: it sees the USB device vanish."""
+class _RequestService(threading.Thread):
+    """Answers the guest's requests, each a file in ``requests`` (its name the request,
+    without a dot), once each and in the order of their names: act(name) is written to
+    ``NAME.done``."""
 
-    def __init__(self, requests: Path, qmp: Path, device_ids: Mapping[str, str]) -> None:
-        super().__init__(name="vm-pull", daemon=True)
+    def __init__(self, name: str, requests: Path, qmp: Path) -> None:
+        super().__init__(name=name, daemon=True)
         self.requests = requests
         self.qmp = qmp
-        self.device_ids = dict(device_ids)
         self.halt = threading.Event()
         self.done: set[str] = set()
         requests.mkdir(parents=True, exist_ok=True)
+
+    def act(self, name: str) -> str:
+        raise NotImplementedError
 
     def stop(self) -> None:
         self.halt.set()
@@ -783,10 +783,21 @@ class PullService(threading.Thread):
                 if "." in name or name in self.done:
                     continue
                 self.done.add(name)
-                answer = self._pull(name)
-                (self.requests / f"{name}.done").write_text(answer + "\n")
+                (self.requests / f"{name}.done").write_text(self.act(name) + "\n")
 
-    def _pull(self, name: str) -> str:
+
+class PullService(_RequestService):
+    """Pulls sticks out of the running VM when the guest asks: a scenario creates
+    ``$SHARE/out/pull/NAME`` (the stick's variable name, e.g. ``DATA``) and this thread
+    sends ``device_del`` for that stick to the outer QEMU's QMP monitor, as a user
+    yanking it would. The answer goes to ``pull/NAME.done`` ("ok" or the error), which
+    the guest need not wait for: it sees the USB device vanish."""
+
+    def __init__(self, requests: Path, qmp: Path, device_ids: Mapping[str, str]) -> None:
+        super().__init__("vm-pull", requests, qmp)
+        self.device_ids = dict(device_ids)
+
+    def act(self, name: str) -> str:
         dev = self.device_ids.get(name)
         if dev is None:
             return f"error: no stick {name}"
@@ -816,7 +827,7 @@ def qmp_commands(qmp: Path, commands: Sequence[dict[str, Any]]) -> str:
         return f"error: {exc}"
 
 
-class PlugService(threading.Thread):
+class PlugService(_RequestService):
     """Plugs sticks into the running VM and pulls them out, as often as the guest asks:
     a scenario creates ``$SHARE/out/plug/SEQ-ACTION-NAME`` (ACTION ``plug`` or ``pull``,
     NAME the stick's variable name, SEQ unique) and this thread sends ``device_add`` of
@@ -826,27 +837,8 @@ class PlugService(threading.Thread):
 
     def __init__(self, requests: Path, qmp: Path,
                  devices: Mapping[str, Mapping[str, str]]) -> None:
-        super().__init__(name="vm-plug", daemon=True)
-        self.requests = requests
-        self.qmp = qmp
+        super().__init__("vm-plug", requests, qmp)
         self.devices = {k: dict(v) for k, v in devices.items()}
-        self.halt = threading.Event()
-        self.done: set[str] = set()
-        requests.mkdir(parents=True, exist_ok=True)
-
-    def stop(self) -> None:
-        self.halt.set()
-        if self.is_alive():
-            self.join(timeout=5)
-
-    def run(self) -> None:
-        while not self.halt.wait(0.05):
-            for req in sorted(self.requests.iterdir()):
-                name = req.name
-                if "." in name or name in self.done:
-                    continue
-                self.done.add(name)
-                (self.requests / f"{name}.done").write_text(self.act(name) + "\n")
 
     def act(self, request: str) -> str:
         _seq, _, rest = request.partition("-")
