@@ -103,6 +103,9 @@ class Log:
 Action = ToServer | ToClient | Ask | CloseFds | Log
 
 
+_NO_ID: Any = object()  # a command sent without an "id"
+
+
 @dataclass
 class _Expect:
     """A response the client is owed, in order."""
@@ -112,6 +115,27 @@ class _Expect:
     reply: bytes = b""
     fdset: int | None = None
     idents: tuple[FdIdentity, ...] = ()
+    id: Any = _NO_ID  # the command's "id" as sent
+
+
+_OWN_IDS = frozenset((KEEPALIVE_FDNAME, FDSETS_ID))
+
+
+def _same_id(a: Any, b: Any) -> bool:
+    """Whether QEMU's echo of an id is that id: JSON equality, with numbers compared by
+    value (QEMU re-prints them) and booleans never equal to numbers."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        try:
+            return a == b if type(a) is type(b) else float(a) == float(b)
+        except OverflowError:
+            return False
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_same_id, a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_id(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
 
 
 @dataclass
@@ -230,7 +254,8 @@ class Session:
 
     def _forward(self, seg: Segment, msg: Any) -> list[Action]:
         name = command_name(msg)
-        exp = _Expect("forward", name)
+        exp = _Expect("forward", name, id=msg.get("id", _NO_ID) if isinstance(msg, dict)
+                      else _NO_ID)
         if name == "add-fd":
             # QEMU puts the first fd it holds in the set; without fds of its own, an
             # add-fd takes what an earlier message left: the set is then unknown.
@@ -273,6 +298,10 @@ class Session:
         if self._oob and "id" in msg:
             exp = self._oob.pop(encode({"id": msg["id"]}).decode(), None)
         if exp is None and self._expect:
+            if "id" in msg and not _same_id(msg["id"], self._expect[0].id):
+                return self._stale(line, msg["id"])
+            # no id: the answer to a command sent without one, or QEMU's refusal of one
+            # it could not read (sent without the id)
             exp = self._expect.popleft()
         out: list[Action] = []
         if exp is not None and exp.kind == "swallow":
@@ -286,18 +315,29 @@ class Session:
                 out += self._answered(exp, msg["return"])
         return out + self._flush_local()
 
+    def _stale(self, line: bytes, rid: Any) -> list[Action]:
+        """An answer to no command of this session: QEMU ran a command of the session
+        before (it had taken it off the monitor's queue when that client left) and answers
+        on the connection it has now. The gate's own answers stop here; the client's go to
+        the client (libvirt drops answers it is not waiting for). Pairing stays as it was."""
+        if isinstance(rid, str) and rid in _OWN_IDS:
+            return [Log(f"dropped an answer to the gate's {rid} of an earlier session")]
+        return [ToClient(line)]
+
     def _answered(self, exp: _Expect, ret: Any) -> list[Action]:
         if exp.name == "qmp_capabilities" and not self._negotiated:
             self._negotiated = True
             out: list[Action] = []
             if self.keepalive_fd is not None and not self.keepalive_sent:
                 self.keepalive_sent = True
-                self._expect.append(_Expect("swallow", "getfd", reply=b"keepalive"))
+                self._expect.append(_Expect("swallow", "getfd", reply=b"keepalive",
+                                            id=KEEPALIVE_FDNAME))
                 cmd = {"execute": "getfd", "arguments": {"fdname": KEEPALIVE_FDNAME},
                        "id": KEEPALIVE_FDNAME}
                 out.append(ToServer(encode(cmd), (self.keepalive_fd,), owned=False))
             # fd sets QEMU already holds (from its command line, or an earlier session)
-            self._expect.append(_Expect("swallow", "query-fdsets", reply=b"existing sets"))
+            self._expect.append(_Expect("swallow", "query-fdsets", reply=b"existing sets",
+                                        id=FDSETS_ID))
             out.append(ToServer(encode({"execute": "query-fdsets", "id": FDSETS_ID})))
             return out
         if exp.name == "add-fd":

@@ -459,3 +459,38 @@ def test_fd_set_model_covers_every_fd_qemu_may_hand_out(ops: list[tuple[Any, ...
             assert what in model or UNSEEN_FD.path in model, (
                 f"QEMU's set {fdset['fdset-id']} holds {what} (fd {fd['fd']}); the gate's "
                 f"model holds {sorted(model)}; ops {ops}")
+
+
+json_ids = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                max_size=3),
+    max_leaves=6)
+
+
+@pytest.mark.hostile
+@settings(max_examples=150, deadline=None)
+@given(first=json_ids, second=json_ids)
+def test_answers_pair_with_their_commands_whatever_the_id(qemu: Qemu, first: Any,
+                                                          second: Any) -> None:
+    """The gate pairs an answer with its command by the id QEMU echoes (so an answer left
+    over from an earlier session is told apart): QEMU re-prints what it echoes, and the
+    gate must read every echo as the id sent, or add-fd answers go unrecorded."""
+    base = next(_sets)
+    s = Session(keepalive_fd=None)
+    for n, rid in enumerate((first, second)):
+        fd = os.open("/dev/null", os.O_RDWR)
+        reply = through(s, qemu, {"execute": "add-fd", "arguments": {"fdset-id": base + n},
+                                  "id": rid}, (fd,))
+        if "return" in reply:
+            assert s.fdsets.get(base + n) == (FdIdentity("/dev/null", (1, 3)),), (rid, reply)
+        else:  # QEMU refused to read it; the next command still pairs
+            assert base + n not in s.fdsets, (rid, reply)
+    fd = os.open("/dev/zero", os.O_RDWR)
+    reply = through(s, qemu, {"execute": "add-fd", "arguments": {"fdset-id": base + 2},
+                              "id": "last"}, (fd,))
+    assert reply["id"] == "last" and s.fdsets.get(base + 2) == (
+        FdIdentity("/dev/zero", (1, 5)),), (first, second, reply)
+    for n in range(3):
+        qemu.cmd("remove-fd", **{"fdset-id": base + n})

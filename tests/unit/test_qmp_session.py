@@ -265,3 +265,42 @@ def test_what_is_not_strict_json_never_reaches_qemu(raw: bytes) -> None:
 def test_other_drivers_pass_without_a_decision() -> None:
     raw = b'{"execute":"device_add","arguments":{"driver":"usb-storage","drive":"d"},"id":3}'
     assert Session().from_client(raw) == [ToServer(raw)]
+
+
+def test_an_answer_left_from_an_earlier_session_pairs_with_nothing() -> None:
+    """QEMU answers a command the last client's session sent (taken off its queue before
+    that client left) on the next connection: the gate's own answer is dropped, libvirt's is
+    passed on, and each command of the new session still gets its own answer."""
+    s = Session(KEEPALIVE_FD, "rec")
+    s.from_client(b'{"execute": "qmp_capabilities", "id": "c1"}\r\n')
+    stale_own = (b'{"id": "safeusb-keepalive", "error": {"class": "GenericError", '
+                 b'"desc": "No file descriptor supplied via SCM_RIGHTS"}}\r\n')
+    acts = s.from_server(stale_own)
+    assert [a for a in acts if isinstance(a, ToClient)] == []
+    assert any(isinstance(a, Log) and "earlier session" in a.text for a in acts)
+    stale_theirs = b'{"return": {}, "id": "libvirt-7"}\r\n'
+    assert s.from_server(stale_theirs) == [ToClient(stale_theirs)]
+    acts = s.from_server(b'{"return": {}, "id": "c1"}\r\n')
+    assert ToClient(b'{"return": {}, "id": "c1"}\r\n') in acts
+    sent = [json.loads(a.raw) for a in acts if isinstance(a, ToServer)]
+    assert [m["id"] for m in sent] == [KEEPALIVE_FDNAME, FDSETS_ID]  # negotiated: it went on
+    s.identify = lambda fd: FdIdentity("/dev/bus/usb/001/002", (189, 1))
+    s.from_client(b'{"execute": "add-fd", "arguments": {"fdset-id": 3}, "id": "c2"}', (5,))
+    for line in (b'{"return": {}, "id": "safeusb-keepalive"}\r\n',
+                 b'{"return": [], "id": "safeusb-fdsets"}\r\n'):
+        assert [a for a in s.from_server(line) if isinstance(a, ToClient)] == []
+    reply = b'{"return": {"fdset-id": 3, "fd": 40}, "id": "c2"}\r\n'
+    assert s.from_server(reply) == [ToClient(reply)]
+    assert s.fdsets[3] == (FdIdentity("/dev/bus/usb/001/002", (189, 1)),)
+
+
+def test_an_answer_without_an_id_is_the_next_commands() -> None:
+    """QEMU answers a command it could not read without its id: it still pairs."""
+    s = Session(None, "rec")
+    s.from_client(b'{"execute": "query-status", "id": 1}\r\n')
+    s.from_client(b'{"execute": "query-name", "id": 2}\r\n')
+    s.from_server(b'{"error": {"class": "GenericError", "desc": "x"}}\r\n')
+    assert s.from_server(b'{"return": {}, "id": 2}\r\n') == [
+        ToClient(b'{"return": {}, "id": 2}\r\n')]
+    assert s.from_server(b'{"return": {}, "id": 2}\r\n') == [
+        ToClient(b'{"return": {}, "id": 2}\r\n')]  # nothing owed: passed on as is
