@@ -1,9 +1,11 @@
 """The VM tier's runner: planned boots run in the background, at most N at a time, each
-once; a boot asked for without a plan runs at once."""
+once; a boot marked ``alone`` runs with no other beside it; a boot asked for without a
+plan runs at once."""
 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,29 @@ def test_planned_boots_run_two_at_a_time_each_once(monkeypatch: pytest.MonkeyPat
     runner.cleanup()
     assert sorted(calls) == sorted([f"b{i}" for i in range(5)] + ["extra"])
     assert calls[:2] == ["b0", "b1"] and most == 2
+
+
+def test_alone_boots_never_share_the_machine(monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    lock = threading.Lock()
+    running: set[str] = set()
+    overlaps: list[frozenset[str]] = []
+
+    def fake_run_boot(boot: Boot, scenario_dir: Path) -> object:
+        with lock:
+            running.add(boot.name)
+            overlaps.append(frozenset(running))
+        time.sleep(0.05)
+        with lock:
+            running.discard(boot.name)
+        return boot.name
+
+    monkeypatch.setattr(harness, "run_boot", fake_run_boot)
+    boots = [Boot(name=f"b{i}", scenarios=(), alone=i in (2, 5)) for i in range(8)]
+    runner = Runner(keep=True, scenario_dir=tmp_path, parallel=2)
+    runner.plan(boots)
+    assert [runner.run(b) for b in boots] == [b.name for b in boots]
+    runner.cleanup()
+    together = [s for s in overlaps if len(s) > 1]
+    assert together, "no two boots ever ran at once"
+    assert not [s for s in together if s & {"b2", "b5"}], overlaps

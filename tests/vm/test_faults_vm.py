@@ -13,6 +13,7 @@ pytestmark = pytest.mark.vm
 
 BOOT = Boot(
     name="faults",
+    alone=True,  # an intruder between the flush and the last unmount: a window of its own
     sticks=(
         Stick("slow", Image.ext4(), write_bps=256 * 1024),
         Stick("busy", Image.ext4(), write_bps=1024 * 1024),

@@ -33,6 +33,7 @@ pytestmark = pytest.mark.vm
 def _boot(hook: str) -> Boot:
     return Boot(
         name="handover",
+        alone=True,  # handover-race.sh races a mount against prepare's hold
         libvirt=True,
         libvirt_hooks={"qemu.d/safeusb": hook},
         sticks=(
