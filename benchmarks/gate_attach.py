@@ -13,6 +13,7 @@ Run: sudo .venv/bin/python benchmarks/gate_attach.py
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import statistics
@@ -70,7 +71,10 @@ def main() -> int:
         print("goal: <= 0.100 s added")
         return 0
     finally:
-        shutil.rmtree(res.workdir, ignore_errors=True)
+        if os.environ.get("SAFEUSB_VM_KEEP"):
+            print(f"kept: {res.workdir}")
+        else:
+            shutil.rmtree(res.workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -318,7 +318,9 @@ def scan_processes_kernel(
         found: list[tuple[UseKind, str, tuple[NodeKind, DevNum] | None, DevNum | None]] = []
         for fd, mode, kdev, krdev, flags in sorted(fds.get(pid, ())):
             link = f"{base}/fd/{fd}"
-            if flags & _REC_STAT:
+            # stat tells another filesystem than the record; with none on the device
+            # there is nothing to tell (mode and node number are the inode's own)
+            if flags & _REC_STAT and fs_devnums:
                 try:
                     st = os.stat(link)
                 except OSError:
@@ -344,6 +346,8 @@ def scan_processes_kernel(
                 continue
             found.append(("fd", target, node, fs))
         for kind, kdev, flags in sorted(dirs.get(pid, ())):
+            if not fs_devnums:
+                break  # a directory is on the device only through a filesystem on it
             how = _KIND[kind]
             link = f"{base}/{how}"
             if flags & _REC_STAT:
