@@ -263,7 +263,7 @@ class Scenario:
     name: str
     script: str
     payloads: Mapping[str, int] = field(default_factory=dict)
-    timeout: int = 120
+    timeout: int = 300  # a hung scenario only; two boots share the cores (tests/vm/README)
 
 
 @dataclass(frozen=True)
