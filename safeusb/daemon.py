@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import defaults
 from . import protocol as proto
@@ -33,6 +33,9 @@ from .errors import AmbiguousSelector, NoSuchDevice, SafeUSBError, SelectorError
 from .peer import Caller, DomainResolver, LibvirtResolver, Peer, classify, refusal
 from .protocol import DeviceArgs, ProtocolError, Request
 from .roots import Roots
+
+if TYPE_CHECKING:
+    from .guard import Refusal
 
 log = logging.getLogger("safeusb")
 
@@ -116,7 +119,8 @@ class DeviceActions(Protocol):
 
     def inspect(self, args: DeviceArgs, caller_pid: int | None = None) -> dict[str, Any]: ...
 
-    def prepare(self, args: DeviceArgs, cancel: threading.Event) -> Done: ...
+    def prepare(self, args: DeviceArgs, cancel: threading.Event,
+                requester: int | None = None) -> Done: ...
 
     def release(self, args: DeviceArgs, only_domain: str | None) -> Done: ...
 
@@ -165,10 +169,13 @@ class HostActions:
 
         return Handover.from_paths(self.roots, self.policy_path, self.state_dir)
 
-    def prepare(self, args: DeviceArgs, cancel: threading.Event) -> Done:
+    def prepare(self, args: DeviceArgs, cancel: threading.Event,
+                requester: int | None = None) -> Done:
+        """requester: the process the kernel guard refused the device (see
+        handover.prepare)."""
         target = self._target(args)
         outcome = self._handover().prepare(target, args.domain, timeout=args.timeout,
-                                           cancel=cancel)
+                                           cancel=cancel, requester=requester)
         if outcome.ok:
             return Done(True, outcome.as_json())
         refused = outcome.plan is not None and outcome.plan.refused
@@ -671,6 +678,17 @@ def refused_domain(pid: int, start_ns: int, resolve: DomainResolver,
     return resolve(scope)
 
 
+def still_refused(r: Refusal, proc: str = "/proc") -> int | None:
+    """The pid of the process the guard refused (a guard.Refusal), if that process still
+    runs (its start time, which the kernel reported with the refusal, is checked: a pid
+    reused meanwhile is another process), else None."""
+    if not r.pid or not r.start_time:
+        return None
+    if process_start_ticks(r.pid, proc) != r.start_time * CLOCK_TICKS // 10**9:
+        return None
+    return r.pid
+
+
 def _guard_watcher(actions: DeviceActions, state_dir: str,
                    resolve: DomainResolver | None = None) -> Any:
     """Read the kernel guard's refusals (safeusb guard) whenever it is enabled: log each
@@ -689,10 +707,10 @@ def _guard_watcher(actions: DeviceActions, state_dir: str,
         log.debug("guard: pid %d: %s", r.pid, why)
         return name
 
-    def prepare(port: str, domain: str | None) -> tuple[bool, str]:
+    def prepare(port: str, domain: str | None, r: guard.Refusal) -> tuple[bool, str]:
         try:
             done = actions.prepare(DeviceArgs(selector=port, domain=domain),
-                                   threading.Event())
+                                   threading.Event(), requester=still_refused(r))
         except SafeUSBError as exc:
             return False, str(exc)
         if done.ok:
@@ -707,8 +725,9 @@ def _guard_watcher(actions: DeviceActions, state_dir: str,
             return True  # a record that cannot be trusted: leave the device alone
 
     watcher = guard.GuardWatcher(
-        handle=lambda r: guard.handle_refusal(r, prepare, refusals, taken,
-                                              domain_of=domain_of),
+        handle=lambda r: guard.handle_refusal(
+            r, lambda port, domain: prepare(port, domain, r), refusals, taken,
+            domain_of=domain_of),
         state_dir=state_dir)
     watcher.start()
     return watcher

@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import sysfs
 from .errors import SafeUSBError
 from .inspect import inspect
 from .journal import DeviceBusy, StateDir, StateError, new_record
-from .model import Target, UsbDevice
+from .model import Snapshot, Target, UsbDevice
 from .plan import Plan, build_plan, hold_targets, teardown_steps
 from .policy import Policy
 from .roots import Roots
@@ -77,6 +77,18 @@ class Outcome:
         }
 
 
+def without_request(snap: Snapshot, pid: int) -> Snapshot:
+    """The snapshot without process ``pid`` holding the USB device's own usbfs node
+    (``/dev/bus/usb/BBB/DDD``). That process asked for the device and the kernel guard
+    refused it; it may keep the node open (QEMU's usb-host goes on with a dead device, and
+    a domain's QEMU keeps it until the device is detached), which uses nothing on the
+    host. Everything else it holds (a disk of the device, a file on it) still counts."""
+    usbfs = {(n.kind, n.devnum) for n in snap.nodes
+             if n.kind == "char" and n.subsystem == "usb" and n.devname.startswith("bus/usb/")}
+    return replace(snap, uses=tuple(u for u in snap.uses
+                                    if not (u.pid == pid and u.node in usbfs)))
+
+
 def prepare(
     roots: Roots,
     target: Target,
@@ -85,8 +97,13 @@ def prepare(
     state: StateDir,
     domain: str | None = None,
     timeout: float | None = None,
+    requester: int | None = None,
 ) -> Outcome:
-    """Make the device free for a guest, by the policy, or refuse with the reasons."""
+    """Make the device free for a guest, by the policy, or refuse with the reasons.
+
+    requester: the process that asked for the device and was refused it by the kernel
+    guard (the caller checked it is still that process): its holding the device's own usbfs
+    node is its request, not a use (see without_request)."""
     key = target_key(target)
     with state.lock(key):
         record = state.load(key)
@@ -100,7 +117,10 @@ def prepare(
                                  f"run `safeusb release {key}` to put them back first")
             return Outcome(True, notes=[f"{key} was already prepared for this domain"])
         runner.ensure_debugfs(roots)
-        findings = inspect(read_snapshot(roots, target))
+        snap = read_snapshot(roots, target)
+        if requester is not None:
+            snap = without_request(snap, requester)
+        findings = inspect(snap)
         settings, rule = policy.settings_for(target.usb, domain)
         plan = build_plan(findings, settings, rule)
         outcome = Outcome(False, plan, notes=list(findings.notes))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from safeusb import guard
-from safeusb.daemon import CLOCK_TICKS, refused_domain
+from safeusb.daemon import CLOCK_TICKS, refused_domain, still_refused
 from safeusb.journal import StateDir
 from safeusb.peer import MachineScope
 
@@ -276,6 +276,22 @@ def test_refused_domain_never_for_another_process_or_outside_a_scope(tmp_path: P
     name, why = refused_domain(78, start_ns, resolve, str(proc))
     assert name is None and "no libvirt QEMU domain" in why
     assert refused_domain(79, start_ns, resolve, str(proc))[0] is None  # gone
+
+
+def test_prepare_leaves_out_only_the_process_still_the_one_refused(tmp_path: Path) -> None:
+    """The refused process's hold on the usbfs node is left out of prepare's judgement
+    only while the pid is still that process (its start time); a pid reused, gone or
+    without a start time leaves nothing out."""
+    start_ns = 5 * 10**9
+    r = _refusal("2-1", 1)
+    r.pid, r.start_time = 77, start_ns
+    proc = _fake_proc(tmp_path, 77, SCOPE, start_ns * CLOCK_TICKS // 10**9)
+    assert still_refused(r, str(proc)) == 77
+    reused = _fake_proc(tmp_path / "b", 77, SCOPE, start_ns * CLOCK_TICKS // 10**9 + 1)
+    assert still_refused(r, str(reused)) is None
+    assert still_refused(r, str(tmp_path / "empty")) is None  # gone
+    r.start_time = 0
+    assert still_refused(r, str(proc)) is None
 
 
 def test_refusal_log_is_no_device_record(tmp_path: Path) -> None:
