@@ -120,7 +120,7 @@ class DeviceActions(Protocol):
     def inspect(self, args: DeviceArgs, caller_pid: int | None = None) -> dict[str, Any]: ...
 
     def prepare(self, args: DeviceArgs, cancel: threading.Event,
-                requester: int | None = None) -> Done: ...
+                after_refusal: bool = False, requester: int | None = None) -> Done: ...
 
     def release(self, args: DeviceArgs, only_domain: str | None) -> Done: ...
 
@@ -170,12 +170,13 @@ class HostActions:
         return Handover.from_paths(self.roots, self.policy_path, self.state_dir)
 
     def prepare(self, args: DeviceArgs, cancel: threading.Event,
-                requester: int | None = None) -> Done:
-        """requester: the process the kernel guard refused the device (see
-        handover.prepare)."""
+                after_refusal: bool = False, requester: int | None = None) -> Done:
+        """after_refusal, requester: prepared because the kernel guard refused a program
+        the device, and that program while it still runs (see handover.prepare)."""
         target = self._target(args)
         outcome = self._handover().prepare(target, args.domain, timeout=args.timeout,
-                                           cancel=cancel, requester=requester)
+                                           cancel=cancel, after_refusal=after_refusal,
+                                           requester=requester)
         if outcome.ok:
             return Done(True, outcome.as_json())
         refused = outcome.plan is not None and outcome.plan.refused
@@ -689,6 +690,23 @@ def still_refused(r: Refusal, proc: str = "/proc") -> int | None:
     return r.pid
 
 
+def prepare_on_refusal(actions: DeviceActions, port: str, domain: str | None,
+                       r: Refusal, proc: str = "/proc") -> tuple[bool, str]:
+    """safeusbd's prepare of a device the kernel guard refused to the process of ``r``
+    (a guard.Refusal): its record says so (after_refusal), and that process's hold on the
+    device's usbfs node is left out while it is still the process refused. (done, what
+    was done or why not)."""
+    try:
+        done = actions.prepare(DeviceArgs(selector=port, domain=domain), threading.Event(),
+                               after_refusal=True, requester=still_refused(r, proc))
+    except SafeUSBError as exc:
+        return False, str(exc)
+    if done.ok:
+        steps = done.outcome.get("done") or []
+        return True, "; ".join(steps) or "nothing to tear down"
+    return False, done.message
+
+
 def _guard_watcher(actions: DeviceActions, state_dir: str,
                    resolve: DomainResolver | None = None) -> Any:
     """Read the kernel guard's refusals (safeusb guard) whenever it is enabled: log each
@@ -707,17 +725,6 @@ def _guard_watcher(actions: DeviceActions, state_dir: str,
         log.debug("guard: pid %d: %s", r.pid, why)
         return name
 
-    def prepare(port: str, domain: str | None, r: guard.Refusal) -> tuple[bool, str]:
-        try:
-            done = actions.prepare(DeviceArgs(selector=port, domain=domain),
-                                   threading.Event(), requester=still_refused(r))
-        except SafeUSBError as exc:
-            return False, str(exc)
-        if done.ok:
-            steps = done.outcome.get("done") or []
-            return True, "; ".join(steps) or "nothing to tear down"
-        return False, done.message
-
     def taken(port: str) -> bool:
         try:
             return state.load(port) is not None
@@ -726,7 +733,8 @@ def _guard_watcher(actions: DeviceActions, state_dir: str,
 
     watcher = guard.GuardWatcher(
         handle=lambda r: guard.handle_refusal(
-            r, lambda port, domain: prepare(port, domain, r), refusals, taken,
+            r, lambda port, domain: prepare_on_refusal(actions, port, domain, r),
+            refusals, taken,
             domain_of=domain_of),
         state_dir=state_dir)
     watcher.start()

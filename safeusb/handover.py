@@ -98,12 +98,15 @@ def prepare(
     domain: str | None = None,
     timeout: float | None = None,
     requester: int | None = None,
+    after_refusal: bool = False,
 ) -> Outcome:
     """Make the device free for a guest, by the policy, or refuse with the reasons.
 
-    requester: the process that asked for the device and was refused it by the kernel
-    guard (the caller checked it is still that process): its holding the device's own usbfs
-    node is its request, not a use (see without_request)."""
+    after_refusal: prepared because the kernel guard refused a program the device; the
+    record says so (journal.Record.after_refusal), so that safeusbd counts the device as
+    taken by its guest only once an interface is claimed (safeusb.events).
+    requester: that program, when the caller checked it is still the process refused: its
+    holding the device's own usbfs node is its request, not a use (see without_request)."""
     key = target_key(target)
     with state.lock(key):
         record = state.load(key)
@@ -135,7 +138,7 @@ def prepare(
         try:
             runner.check_cancelled()
             # Before anything is changed: /run must take the record that release needs.
-            state.save(new_record(key, domain, [], settings.restore))
+            state.save(new_record(key, domain, [], settings.restore, after_refusal))
             runner.hold(holds)
 
             def carry_out(step: Step) -> None:
@@ -151,7 +154,7 @@ def prepare(
                 done.append(step)
                 outcome.done.append(step.describe())
                 state.save(new_record(key, domain, [s.as_json() for s in done],
-                                      settings.restore))
+                                      settings.restore, after_refusal))
                 if not isinstance(step, Handoff):
                     runner.hold(holds)  # claim what this step freed, at once
 

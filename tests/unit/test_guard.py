@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from safeusb import guard
-from safeusb.daemon import CLOCK_TICKS, refused_domain, still_refused
+from safeusb.daemon import CLOCK_TICKS, Done, prepare_on_refusal, refused_domain, still_refused
 from safeusb.journal import StateDir
 from safeusb.peer import MachineScope
+from safeusb.protocol import DeviceArgs
 
 
 def event(**kw: object) -> bytes:
@@ -292,6 +294,37 @@ def test_prepare_leaves_out_only_the_process_still_the_one_refused(tmp_path: Pat
     assert still_refused(r, str(tmp_path / "empty")) is None  # gone
     r.start_time = 0
     assert still_refused(r, str(proc)) is None
+
+
+class _Actions:
+    """safeusbd's DeviceActions as prepare_on_refusal uses them: what it was asked."""
+
+    def __init__(self, done: Done) -> None:
+        self.done = done
+        self.asked: list[tuple[str | None, str | None, bool, int | None]] = []
+
+    def prepare(self, args: DeviceArgs, cancel: threading.Event,
+                after_refusal: bool = False, requester: int | None = None) -> Done:
+        self.asked.append((args.selector, args.domain, after_refusal, requester))
+        return self.done
+
+
+def test_prepare_on_a_refusal_marks_it_and_names_the_process(tmp_path: Path) -> None:
+    """safeusbd's prepare on a refusal asks for the record's after_refusal mark, and names
+    the refused process only while it is still the one refused."""
+    start_ns = 5 * 10**9
+    r = _refusal("2-1", 1)
+    r.pid, r.start_time = 77, start_ns
+    proc = _fake_proc(tmp_path, 77, SCOPE, start_ns * CLOCK_TICKS // 10**9)
+    actions = _Actions(Done(True, {"done": ["unbind usb-storage from 2-1:1.0"]}))
+    assert prepare_on_refusal(actions, "2-1", "g1", r, str(proc)) == (
+        True, "unbind usb-storage from 2-1:1.0")
+    assert actions.asked == [("2-1", "g1", True, 77)]
+    r.start_time += 10**9  # the pid is another process now
+    refused = _Actions(Done(False, {}, "refused", "2-1 stays: /dev/sda mounted"))
+    assert prepare_on_refusal(refused, "2-1", None, r, str(proc)) == (
+        False, "2-1 stays: /dev/sda mounted")
+    assert refused.asked == [("2-1", None, True, None)]
 
 
 def test_refusal_log_is_no_device_record(tmp_path: Path) -> None:
