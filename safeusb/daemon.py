@@ -731,12 +731,16 @@ def _guard_watcher(actions: DeviceActions, state_dir: str,
         except SafeUSBError:
             return True  # a record that cannot be trusted: leave the device alone
 
+    def repeats_told() -> None:
+        for line in refusals.due():
+            log.warning("guard: %s", line)
+
     watcher = guard.GuardWatcher(
         handle=lambda r: guard.handle_refusal(
             r, lambda port, domain: prepare_on_refusal(actions, port, domain, r),
             refusals, taken,
             domain_of=domain_of),
-        state_dir=state_dir)
+        state_dir=state_dir, tick=repeats_told)
     watcher.start()
     return watcher
 
