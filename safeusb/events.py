@@ -301,6 +301,9 @@ class HandoverWatch:
         if record.domain in stopped:
             tracked.domain_stopped = True
         if held:
+            if tracked.phase != HELD:
+                log.info("safeusbd: %s is taken by %s", key,
+                         f"domain {record.domain}" if record.domain else "its guest")
             tracked.phase = HELD
             # Open with no interface claimed: QEMU may be about to close it (it frees the
             # interfaces first); look again soon.

@@ -460,10 +460,11 @@ def test_refused_qemu_closing_its_dead_device_gives_nothing_back(host: Host) -> 
     assert host.given == [KEY] and host.state.load(KEY) is None
 
 
-def test_refused_program_without_a_domain_takes_it_only_by_a_claim(host: Host) -> None:
+def test_refused_program_without_a_domain_takes_it_only_by_a_claim(
+        host: Host, caplog: pytest.LogCaptureFixture) -> None:
     """QEMU started directly (no domain): the refused one keeps the node open with a dead
-    device and then stops; the device stays handed over. The next QEMU claims it, and
-    stopping that one gives it back."""
+    device and then stops; the device stays handed over. The next QEMU claims it (logged),
+    and stopping that one gives it back."""
     watch = host.handed_over(domain=None, after_refusal=True)
     host.open_by = [(900, "qemu-system-x86")]
     watch.scan()
@@ -473,8 +474,10 @@ def test_refused_program_without_a_domain_takes_it_only_by_a_claim(host: Host) -
     assert host.given == [] and host.state.load(KEY) is not None
     host.open_by = [(901, "qemu-system-x86")]
     host.driver("usbfs")
-    watch.scan()
+    with caplog.at_level(logging.INFO, logger="safeusb"):
+        watch.scan()
     assert watch.tracked[KEY].phase == events.HELD
+    assert "safeusbd: 2-1 is taken by its guest" in caplog.text
     host.driver(None)
     host.open_by = []
     watch.scan()
