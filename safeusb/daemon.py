@@ -738,8 +738,7 @@ def _guard_watcher(actions: DeviceActions, state_dir: str,
     watcher = guard.GuardWatcher(
         handle=lambda r: guard.handle_refusal(
             r, lambda port, domain: prepare_on_refusal(actions, port, domain, r),
-            refusals, taken,
-            domain_of=domain_of),
+            refusals, taken, domain_of=domain_of),
         state_dir=state_dir, tick=repeats_told)
     watcher.start()
     return watcher
