@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import defaults
 from . import protocol as proto
@@ -33,6 +33,9 @@ from .errors import AmbiguousSelector, NoSuchDevice, SafeUSBError, SelectorError
 from .peer import Caller, DomainResolver, LibvirtResolver, Peer, classify, refusal
 from .protocol import DeviceArgs, ProtocolError, Request
 from .roots import Roots
+
+if TYPE_CHECKING:
+    from .guard import Refusal
 
 log = logging.getLogger("safeusb")
 
@@ -116,7 +119,8 @@ class DeviceActions(Protocol):
 
     def inspect(self, args: DeviceArgs, caller_pid: int | None = None) -> dict[str, Any]: ...
 
-    def prepare(self, args: DeviceArgs, cancel: threading.Event) -> Done: ...
+    def prepare(self, args: DeviceArgs, cancel: threading.Event,
+                after_refusal: bool = False, requester: int | None = None) -> Done: ...
 
     def release(self, args: DeviceArgs, only_domain: str | None) -> Done: ...
 
@@ -165,10 +169,14 @@ class HostActions:
 
         return Handover.from_paths(self.roots, self.policy_path, self.state_dir)
 
-    def prepare(self, args: DeviceArgs, cancel: threading.Event) -> Done:
+    def prepare(self, args: DeviceArgs, cancel: threading.Event,
+                after_refusal: bool = False, requester: int | None = None) -> Done:
+        """after_refusal, requester: prepared because the kernel guard refused a program
+        the device, and that program while it still runs (see handover.prepare)."""
         target = self._target(args)
         outcome = self._handover().prepare(target, args.domain, timeout=args.timeout,
-                                           cancel=cancel)
+                                           cancel=cancel, after_refusal=after_refusal,
+                                           requester=requester)
         if outcome.ok:
             return Done(True, outcome.as_json())
         refused = outcome.plan is not None and outcome.plan.refused
@@ -671,6 +679,34 @@ def refused_domain(pid: int, start_ns: int, resolve: DomainResolver,
     return resolve(scope)
 
 
+def still_refused(r: Refusal, proc: str = "/proc") -> int | None:
+    """The pid of the process the guard refused (a guard.Refusal), if that process still
+    runs (its start time, which the kernel reported with the refusal, is checked: a pid
+    reused meanwhile is another process), else None."""
+    if not r.pid or not r.start_time:
+        return None
+    if process_start_ticks(r.pid, proc) != r.start_time * CLOCK_TICKS // 10**9:
+        return None
+    return r.pid
+
+
+def prepare_on_refusal(actions: DeviceActions, port: str, domain: str | None,
+                       r: Refusal, proc: str = "/proc") -> tuple[bool, str]:
+    """safeusbd's prepare of a device the kernel guard refused to the process of ``r``
+    (a guard.Refusal): its record says so (after_refusal), and that process's hold on the
+    device's usbfs node is left out while it is still the process refused. (done, what
+    was done or why not)."""
+    try:
+        done = actions.prepare(DeviceArgs(selector=port, domain=domain), threading.Event(),
+                               after_refusal=True, requester=still_refused(r, proc))
+    except SafeUSBError as exc:
+        return False, str(exc)
+    if done.ok:
+        steps = done.outcome.get("done") or []
+        return True, "; ".join(steps) or "nothing to tear down"
+    return False, done.message
+
+
 def _guard_watcher(actions: DeviceActions, state_dir: str,
                    resolve: DomainResolver | None = None) -> Any:
     """Read the kernel guard's refusals (safeusb guard) whenever it is enabled: log each
@@ -689,27 +725,21 @@ def _guard_watcher(actions: DeviceActions, state_dir: str,
         log.debug("guard: pid %d: %s", r.pid, why)
         return name
 
-    def prepare(port: str, domain: str | None) -> tuple[bool, str]:
-        try:
-            done = actions.prepare(DeviceArgs(selector=port, domain=domain),
-                                   threading.Event())
-        except SafeUSBError as exc:
-            return False, str(exc)
-        if done.ok:
-            steps = done.outcome.get("done") or []
-            return True, "; ".join(steps) or "nothing to tear down"
-        return False, done.message
-
     def taken(port: str) -> bool:
         try:
             return state.load(port) is not None
         except SafeUSBError:
             return True  # a record that cannot be trusted: leave the device alone
 
+    def repeats_told() -> None:
+        for line in refusals.due():
+            log.warning("guard: %s", line)
+
     watcher = guard.GuardWatcher(
-        handle=lambda r: guard.handle_refusal(r, prepare, refusals, taken,
-                                              domain_of=domain_of),
-        state_dir=state_dir)
+        handle=lambda r: guard.handle_refusal(
+            r, lambda port, domain: prepare_on_refusal(actions, port, domain, r),
+            refusals, taken, domain_of=domain_of),
+        state_dir=state_dir, tick=repeats_told)
     watcher.start()
     return watcher
 

@@ -8,7 +8,15 @@ and decides, for each record with a handoff:
   the device's usbfs node (``/dev/bus/usb/BBB/DDD``, char 189:N, matched by device
   number, so a node in QEMU's private /dev counts) open; another process opening it for
   a moment (lsusb, a udev helper) takes nothing. For a record without a domain, any
-  process holding the node or claiming an interface (the ``usbfs`` driver bound) counts;
+  process holding the node or claiming an interface (the ``usbfs`` driver bound) counts.
+  A device safeusbd prepared because the kernel guard refused a program it (the record
+  says ``after_refusal``) is held only once an interface is claimed as well; once held,
+  the node open alone keeps it held (a reset in progress). The QEMU the guard refused
+  goes on with a dead device and keeps the node open with nothing claimed; closing it
+  (``virsh detach-device`` of that dead device, QEMU stopped before the second attempt)
+  must not give the device back, or the second attempt would find it on the host again.
+  Every other record keeps the rule above: a domain that never claims the device (paused,
+  its firmware has not configured it yet) still holds it with the node open;
 - **let go**: it was seen held and now no interface is claimed and nobody has the node
   open: QEMU closed it (``virsh detach-device``, guest shutdown, QEMU killed), so it is
   given back by its record
@@ -279,7 +287,7 @@ class HandoverWatch:
             return False
         holders = self.holders(now.dev)
         busy = now.claimed or bool(holders)
-        held = self._held_by_domain(record.domain, now, holders)
+        held = self._takes(record, tracked, now, holders)
         if tracked is None:
             tracked = Tracked(now.dev, HELD if held else WAITING, record.domain)
             if not held and startup and record.domain is not None \
@@ -293,6 +301,9 @@ class HandoverWatch:
         if record.domain in stopped:
             tracked.domain_stopped = True
         if held:
+            if tracked.phase != HELD:
+                log.info("safeusbd: %s is taken by %s", key,
+                         f"domain {record.domain}" if record.domain else "its guest")
             tracked.phase = HELD
             # Open with no interface claimed: QEMU may be about to close it (it frees the
             # interfaces first); look again soon.
@@ -314,6 +325,16 @@ class HandoverWatch:
         pid = self.domain_pid(domain)
         return pid is not None and any(p == pid for p, _ in holders)
 
+    def _takes(self, record: Record, tracked: Tracked | None, now: DeviceNow,
+               holders: list[tuple[int, str]]) -> bool:
+        """Whether the record's guest holds the device now. A device prepared on a guard
+        refusal is taken only with an interface claimed, unless it was held already (see
+        the module's docstring)."""
+        held = self._held_by_domain(record.domain, now, holders)
+        if record.after_refusal and not now.claimed:
+            return held and tracked is not None and tracked.phase == HELD
+        return held
+
     def _let_go(self, key: str, tracked: Tracked) -> None:
         why = "its domain stopped" if tracked.phase != HELD else \
             "QEMU let go of it (no interface claimed, its node closed)"
@@ -327,7 +348,7 @@ class HandoverWatch:
                 return
             holders = self.holders(now.dev)
             if now.claimed or holders:
-                if self._held_by_domain(tracked.domain, now, holders):
+                if self._takes(record, tracked, now, holders):
                     tracked.phase = HELD
                 return
             log.info("safeusbd: %s is back on the host (%s); giving it back by its record",

@@ -37,6 +37,11 @@ MAPS = ("events", "guarded_drivers", "exempt", "counters", "handed_over")
 # device's record there (StateDir)
 REFUSALS_FILE = "guard-refusals"
 KEEP_REFUSALS = 20
+# The same refusal again (same process, device and door, same outcome) within this many
+# seconds of the last one is counted on that one instead of logged and kept anew: QEMU
+# closing a dead device asks usbfs CONNECT dozens of times in a row.
+REPEAT_WINDOW = 10.0
+REPEAT_REPORT = 60.0  # a run of repeats that goes on is told at least this often
 BOOT_HINT = "lsm=lockdown,capability,landlock,yama,apparmor,bpf"
 
 # Exit codes of `safeusb guard status`.
@@ -474,12 +479,83 @@ class Refusal:
                 f"{self.kind}: refused")
 
 
+# What makes two refusals the same one (with the outcome, compared apart).
+_SAME = ("pid", "start_time", "uid", "comm", "kind", "driver", "port", "interface",
+         "device_id", "binding", "domain")
+
+
+@dataclass
+class _Repeats:
+    """Repeats of one kept refusal not yet told in the log."""
+
+    text: str   # the refusal's describe()
+    count: int  # how many since last told
+    since: float
+    last: float
+
+
 class RefusalLog:
-    """The last refusals, in STATE_DIR/guard-refusals (JSON; root's, mode 0600)."""
+    """The last refusals, in STATE_DIR/guard-refusals (JSON; root's, mode 0600). The same
+    refusal again within REPEAT_WINDOW seconds raises the kept one's ``count`` (and
+    ``last``, its time) instead of being kept anew; ``due`` says, once in a while, how many
+    such repeats there were."""
 
     def __init__(self, state_dir: str) -> None:
         self.path = os.path.join(state_dir, REFUSALS_FILE)
         self._lock = threading.Lock()
+        self._repeats: dict[tuple[Any, ...], _Repeats] = {}
+
+    @staticmethod
+    def _key(item: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(item.get(k) for k in _SAME)
+
+    @classmethod
+    def _match(cls, items: list[dict[str, Any]], r: Refusal) -> dict[str, Any] | None:
+        """The last kept refusal like ``r`` (same process, device and door), if its last
+        one was at most REPEAT_WINDOW seconds before ``r``."""
+        key = cls._key(asdict(r))
+        for item in reversed(items):
+            if cls._key(item) == key:
+                last = item.get("last", item.get("time"))
+                fresh = isinstance(last, int | float) and 0 <= r.time - last <= REPEAT_WINDOW
+                return item if fresh else None
+        return None
+
+    def earlier(self, r: Refusal) -> dict[str, Any] | None:
+        """The kept refusal ``r`` repeats, if any (see _match)."""
+        return self._match(self.read(), r)
+
+    def repeat(self, r: Refusal) -> bool:
+        """Count ``r`` on the kept refusal it repeats with the same outcome; False (nothing
+        counted) when there is none."""
+        with self._lock:
+            items = self.read()
+            item = self._match(items, r)
+            if item is None or item.get("outcome") != r.outcome:
+                return False
+            count = item.get("count", 1)
+            item["count"] = (count if isinstance(count, int) else 1) + 1
+            item["last"] = r.time
+            self._write(items)
+            rep = self._repeats.setdefault((*self._key(item), r.outcome),
+                                           _Repeats(r.describe(), 0, r.time, r.time))
+            rep.count += 1
+            rep.last = r.time
+            return True
+
+    def due(self, now: float | None = None) -> list[str]:
+        """Lines for the log: the repeats not yet told, of refusals that stopped repeating
+        (none for REPEAT_WINDOW seconds) or that have gone on for REPEAT_REPORT seconds."""
+        now = time.time() if now is None else now
+        lines: list[str] = []
+        with self._lock:
+            for key, rep in list(self._repeats.items()):
+                if now - rep.last >= REPEAT_WINDOW or now - rep.since >= REPEAT_REPORT:
+                    lines.append(f"{rep.text} again {rep.count} more time"
+                                 f"{'' if rep.count == 1 else 's'} within "
+                                 f"{max(rep.last - rep.since, 0.0):.0f} s")
+                    del self._repeats[key]
+        return lines
 
     def read(self) -> list[dict[str, Any]]:
         try:
@@ -491,12 +567,14 @@ class RefusalLog:
 
     def add(self, r: Refusal) -> None:
         with self._lock:
-            items = [*self.read(), asdict(r)][-KEEP_REFUSALS:]
-            os.makedirs(os.path.dirname(self.path), mode=0o711, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=".refusals.")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(items, f, indent=1)
-            os.replace(tmp, self.path)
+            self._write([*self.read(), {**asdict(r), "count": 1, "last": r.time}])
+
+    def _write(self, items: list[dict[str, Any]]) -> None:
+        os.makedirs(os.path.dirname(self.path), mode=0o711, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=".refusals.")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(items[-KEEP_REFUSALS:], f, indent=1)
+        os.replace(tmp, self.path)
 
 
 Handler = Callable[[Refusal], str]
@@ -509,6 +587,7 @@ class GuardWatcher:
     handle: Handler
     pin_dir: str = PIN_DIR
     state_dir: str | None = None  # where to say which process reads (READER_FILE)
+    tick: Callable[[], None] | None = None  # after each wait for refusals (RefusalLog.due)
     stopping: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> threading.Thread:
@@ -560,6 +639,8 @@ class GuardWatcher:
                     except Exception as exc:  # one refusal's trouble never stops the watch
                         log.exception("guard: handling a refusal failed")
                         r.outcome = f"not handled: {exc}"
+                if self.tick is not None:
+                    self.tick()
         finally:
             lib.ring_buffer__free(rb)
             os.close(fd)
@@ -593,6 +674,8 @@ def handle_refusal(r: Refusal, prepare: Callable[[str, str | None], tuple[bool, 
                    sys_root: str = "/sys",
                    domain_of: Callable[[Refusal], str | None] | None = None) -> str:
     """Log the refusal; prepare an idle device by the policy so the next attempt passes.
+    The same refusal again, with the same outcome, within REPEAT_WINDOW seconds is counted
+    on the one kept (RefusalLog.repeat), not logged nor kept anew.
 
     prepare(port, domain) -> (done, text): safeusb's own prepare under the service's
     policy (it inspects first and refuses a busy device with the reasons). domain_of: the
@@ -602,7 +685,9 @@ def handle_refusal(r: Refusal, prepare: Callable[[str, str | None], tuple[bool, 
             r.domain = domain_of(r) or ""
         except Exception:  # naming the domain is for the report; the refusal stands
             log.exception("guard: the domain of pid %d cannot be told", r.pid)
-    log.warning("guard: %s", r.describe())
+    earlier = refusals.earlier(r)
+    if earlier is None:
+        log.warning("guard: %s", r.describe())
     if r.binding:
         outcome = ("nothing is bound while safeusb has the device handed over; "
                    "`safeusb release` gives it back")
@@ -625,8 +710,14 @@ def handle_refusal(r: Refusal, prepare: Callable[[str, str | None], tuple[bool, 
                        f"attempt passes; `safeusb release {r.port}` gives it back")
         else:
             outcome = f"{r.port} stays with the host: {text}"
-    log.warning("guard: %s: %s", r.interface or r.port or "?", outcome)
     r.outcome = outcome
+    if earlier is not None and refusals.repeat(r):
+        # the same as the last one kept: counted there, told later by RefusalLog.due
+        log.debug("guard: %s (again): %s", r.describe(), outcome)
+        return outcome
+    if earlier is not None:
+        log.warning("guard: %s", r.describe())
+    log.warning("guard: %s: %s", r.interface or r.port or "?", outcome)
     refusals.add(r)
     return outcome
 
@@ -690,6 +781,10 @@ def as_text(rep: dict[str, Any], refusals: int = 5) -> str:
         what = r.get("interface") or r.get("port") or "?"
         dom = f", QEMU of domain {r['domain']}" if r.get("domain") else ""
         to = f" to domain {r['domain']}" if r.get("domain") else ""
+        n = r.get("count", 1)
+        if isinstance(n, int) and n > 1:
+            last = time.strftime("%H:%M:%S", time.localtime(float(r.get("last", 0))))
+            to += f" ({n} times, the last at {last})"
         lines.append(f"  {when} pid {r.get('pid')} ({r.get('comm')}, uid {r.get('uid')}{dom}) "
                      f"{r.get('kind')} of {what} {r.get('vendor_product', '')} "
                      f"serial {r.get('serial') or '-'}: refused{to}"

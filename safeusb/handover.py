@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import sysfs
 from .errors import SafeUSBError
 from .inspect import inspect
 from .journal import DeviceBusy, StateDir, StateError, new_record
-from .model import Target, UsbDevice
+from .model import Snapshot, Target, UsbDevice
 from .plan import Plan, build_plan, hold_targets, teardown_steps
 from .policy import Policy
 from .roots import Roots
@@ -77,6 +77,18 @@ class Outcome:
         }
 
 
+def without_request(snap: Snapshot, pid: int) -> Snapshot:
+    """The snapshot without process ``pid`` holding the USB device's own usbfs node
+    (``/dev/bus/usb/BBB/DDD``). That process asked for the device and the kernel guard
+    refused it; it may keep the node open (QEMU's usb-host goes on with a dead device, and
+    a domain's QEMU keeps it until the device is detached), which uses nothing on the
+    host. Everything else it holds (a disk of the device, a file on it) still counts."""
+    usbfs = {(n.kind, n.devnum) for n in snap.nodes
+             if n.kind == "char" and n.subsystem == "usb" and n.devname.startswith("bus/usb/")}
+    return replace(snap, uses=tuple(u for u in snap.uses
+                                    if not (u.pid == pid and u.node in usbfs)))
+
+
 def prepare(
     roots: Roots,
     target: Target,
@@ -85,8 +97,16 @@ def prepare(
     state: StateDir,
     domain: str | None = None,
     timeout: float | None = None,
+    requester: int | None = None,
+    after_refusal: bool = False,
 ) -> Outcome:
-    """Make the device free for a guest, by the policy, or refuse with the reasons."""
+    """Make the device free for a guest, by the policy, or refuse with the reasons.
+
+    after_refusal: prepared because the kernel guard refused a program the device; the
+    record says so (journal.Record.after_refusal), so that safeusbd counts the device as
+    taken by its guest only once an interface is claimed (safeusb.events).
+    requester: that program, when the caller checked it is still the process refused: its
+    holding the device's own usbfs node is its request, not a use (see without_request)."""
     key = target_key(target)
     with state.lock(key):
         record = state.load(key)
@@ -100,7 +120,10 @@ def prepare(
                                  f"run `safeusb release {key}` to put them back first")
             return Outcome(True, notes=[f"{key} was already prepared for this domain"])
         runner.ensure_debugfs(roots)
-        findings = inspect(read_snapshot(roots, target))
+        snap = read_snapshot(roots, target)
+        if requester is not None:
+            snap = without_request(snap, requester)
+        findings = inspect(snap)
         settings, rule = policy.settings_for(target.usb, domain)
         plan = build_plan(findings, settings, rule)
         outcome = Outcome(False, plan, notes=list(findings.notes))
@@ -115,7 +138,7 @@ def prepare(
         try:
             runner.check_cancelled()
             # Before anything is changed: /run must take the record that release needs.
-            state.save(new_record(key, domain, [], settings.restore))
+            state.save(new_record(key, domain, [], settings.restore, after_refusal))
             runner.hold(holds)
 
             def carry_out(step: Step) -> None:
@@ -131,7 +154,7 @@ def prepare(
                 done.append(step)
                 outcome.done.append(step.describe())
                 state.save(new_record(key, domain, [s.as_json() for s in done],
-                                      settings.restore))
+                                      settings.restore, after_refusal))
                 if not isinstance(step, Handoff):
                     runner.hold(holds)  # claim what this step freed, at once
 

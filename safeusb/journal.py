@@ -42,10 +42,16 @@ class Record:
     created: float
     steps: tuple[dict[str, Any], ...]  # Step.as_json() of every step carried out
     restore: bool | None = None  # the policy's restore when prepare took the device
+    # prepared by safeusbd because the kernel guard refused a program the device: its
+    # guest takes it only once an interface is claimed (safeusb.events)
+    after_refusal: bool = False
 
     def as_json(self) -> dict[str, Any]:
-        return {"version": 1, "key": self.key, "domain": self.domain,
-                "created": self.created, "steps": list(self.steps), "restore": self.restore}
+        doc = {"version": 1, "key": self.key, "domain": self.domain,
+               "created": self.created, "steps": list(self.steps), "restore": self.restore}
+        if self.after_refusal:
+            doc["after_refusal"] = True
+        return doc
 
     @classmethod
     def from_json(cls, doc: Any) -> Record:
@@ -54,6 +60,7 @@ class Record:
             raise ValueError(f"a JSON {type(doc).__name__}, not an object")
         key, domain, created = doc.get("key"), doc.get("domain"), doc.get("created")
         steps, restore = doc.get("steps"), doc.get("restore")
+        after_refusal = doc.get("after_refusal", False)
         if not isinstance(key, str) or not key:
             raise ValueError("'key' is not a non-empty string")
         if domain is not None and not isinstance(domain, str):
@@ -66,7 +73,9 @@ class Record:
             raise ValueError("'steps' is not a list of steps")
         if restore is not None and not isinstance(restore, bool):
             raise ValueError("'restore' is neither true, false nor null")
-        return cls(key, domain, float(created), tuple(steps), restore)
+        if not isinstance(after_refusal, bool):
+            raise ValueError("'after_refusal' is neither true nor false")
+        return cls(key, domain, float(created), tuple(steps), restore, after_refusal)
 
 
 class StateDir:
@@ -203,5 +212,5 @@ class StateDir:
 
 
 def new_record(key: str, domain: str | None, steps: list[dict[str, Any]],
-               restore: bool | None = None) -> Record:
-    return Record(key, domain, time.time(), tuple(steps), restore)
+               restore: bool | None = None, after_refusal: bool = False) -> Record:
+    return Record(key, domain, time.time(), tuple(steps), restore, after_refusal)

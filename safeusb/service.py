@@ -68,11 +68,15 @@ class Handover:
 
     def prepare(self, target: Target, domain: str | None = None, *,
                 policy: Policy | None = None, timeout: float | None = None,
-                cancel: threading.Event | None = None) -> Outcome:
+                cancel: threading.Event | None = None,
+                after_refusal: bool = False, requester: int | None = None) -> Outcome:
         """Make the device free for a guest by the policy (the file's, unless one is
-        given: the hook's carries the domain's own settings), or refuse."""
+        given: the hook's carries the domain's own settings), or refuse. after_refusal,
+        requester: prepared because the kernel guard refused a program the device, and
+        that program while it still runs (handover.prepare)."""
         return prepare(self.roots, target, policy or self.policy(), self.runner(cancel),
-                       self.state, domain=domain, timeout=timeout)
+                       self.state, domain=domain, timeout=timeout, requester=requester,
+                       after_refusal=after_refusal)
 
     def prepare_all(self, targets: Sequence[Target], domain: str,
                     policy: Policy | None = None) -> Taken:

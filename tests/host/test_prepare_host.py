@@ -379,3 +379,21 @@ def test_mount_gone_meanwhile_is_neither_an_error_nor_put_back(loop_ext4: Loop,
         assert f" {mnt} " not in Path("/proc/self/mountinfo").read_text()
     finally:
         run("umount", str(mnt), check=False)
+
+
+def test_prepare_on_a_guard_refusal_marks_its_record(loop_ext4: Loop, tmp_path: Path) -> None:
+    """The record of a device prepared because the kernel guard refused a program it says
+    so (safeusbd follows it by the stricter rule); every other prepare's does not."""
+    roots = Roots.host()
+    target = resolve(Selector.from_string(loop_ext4.node), roots)
+    state = StateDir(str(tmp_path / "state"))
+    for after_refusal in (False, True):
+        outcome = prepare(roots, target, Policy.from_text(UNMOUNT), Runner(), state,
+                          after_refusal=after_refusal)
+        assert outcome.ok, outcome
+        record = state.load(loop_ext4.name)
+        assert record is not None and record.after_refusal is after_refusal
+        raw = json.loads((tmp_path / "state" / f"{loop_ext4.name}.json").read_text())
+        assert raw.get("after_refusal", False) is after_refusal
+        assert release(roots, loop_ext4.name, Policy.from_text(UNMOUNT), Runner(), state).ok
+        assert state.load(loop_ext4.name) is None

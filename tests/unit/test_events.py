@@ -50,8 +50,9 @@ class Host:
             target.mkdir(parents=True, exist_ok=True)
             link.symlink_to(os.path.relpath(target, link.parent))
 
-    def record(self, *steps: dict[str, object], domain: str | None = "g1") -> Record:
-        record = new_record(KEY, domain, list(steps), True)
+    def record(self, *steps: dict[str, object], domain: str | None = "g1",
+               after_refusal: bool = False) -> Record:
+        record = new_record(KEY, domain, list(steps), True, after_refusal)
         self.state.save(record)
         return record
 
@@ -66,9 +67,11 @@ class Host:
                              domain_active=lambda name: self.active.get(name),
                              domain_pid=lambda name: self.qemu.get(name))
 
-    def handed_over(self) -> HandoverWatch:
-        """A record with the handoff done, the driver unbound: what prepare leaves."""
-        self.record(UNMOUNT, HANDOFF)
+    def handed_over(self, domain: str | None = "g1",
+                    after_refusal: bool = False) -> HandoverWatch:
+        """A record with the handoff done, the driver unbound: what prepare leaves
+        (safeusbd's prepare on a kernel guard refusal, with after_refusal)."""
+        self.record(UNMOUNT, HANDOFF, domain=domain, after_refusal=after_refusal)
         self.driver(None)
         return self.watch()
 
@@ -415,3 +418,94 @@ def test_the_loop_survives_a_failing_scan(host: Host, caplog: pytest.LogCaptureF
         until(lambda: lp.scans >= 2, "another scan after the failure")
         lp.stop()
     assert "internal error following handed-over devices" in caplog.text
+
+
+# --- a device prepared on a kernel guard refusal (journal.Record.after_refusal) -----------
+
+def test_paused_domain_holding_the_node_unclaimed_gets_it_given_back(host: Host) -> None:
+    """An ordinary record (hook, gate, CLI, auto-attach): a domain that holds the node
+    without claiming an interface (paused, its firmware never configured the device) has
+    it; `virsh detach-device` (QEMU closes the node) gives it back."""
+    watch = host.handed_over()
+    host.open_by = [(401, "qemu-system-x86")]
+    watch.scan()
+    assert watch.tracked[KEY].phase == events.HELD
+    host.open_by = []
+    watch.scan()
+    assert host.given == [KEY] and host.state.load(KEY) is None
+
+
+def test_refused_qemu_closing_its_dead_device_gives_nothing_back(host: Host) -> None:
+    """Prepared on a guard refusal of g1's QEMU, which goes on with a dead device and the
+    node open, nothing claimed: not taken. Detaching that dead device (QEMU closes the
+    node) gives nothing back, so the next attach finds the device free; that attach
+    claims it, and its detach gives it back."""
+    watch = host.handed_over(after_refusal=True)
+    host.open_by = [(401, "qemu-system-x86")]
+    watch.scan()
+    assert watch.tracked[KEY].phase == events.WAITING
+    host.open_by = []  # virsh detach-device of the dead device
+    watch.scan()
+    watch.scan()
+    assert host.given == [] and host.state.load(KEY) is not None
+    host.open_by = [(401, "qemu-system-x86")]  # attached again: QEMU claims it
+    host.driver("usbfs")
+    watch.scan()
+    assert watch.tracked[KEY].phase == events.HELD and host.given == []
+    host.driver(None)  # a reset: the node open alone keeps it held
+    assert watch.scan() is True and host.given == []
+    assert watch.tracked[KEY].phase == events.HELD
+    host.open_by = []
+    watch.scan()
+    assert host.given == [KEY] and host.state.load(KEY) is None
+
+
+def test_refused_program_without_a_domain_takes_it_only_by_a_claim(
+        host: Host, caplog: pytest.LogCaptureFixture) -> None:
+    """QEMU started directly (no domain): the refused one keeps the node open with a dead
+    device and then stops; the device stays handed over. The next QEMU claims it (logged),
+    and stopping that one gives it back."""
+    watch = host.handed_over(domain=None, after_refusal=True)
+    host.open_by = [(900, "qemu-system-x86")]
+    watch.scan()
+    assert watch.tracked[KEY].phase == events.WAITING
+    host.open_by = []
+    watch.scan()
+    assert host.given == [] and host.state.load(KEY) is not None
+    host.open_by = [(901, "qemu-system-x86")]
+    host.driver("usbfs")
+    with caplog.at_level(logging.INFO, logger="safeusb"):
+        watch.scan()
+    assert watch.tracked[KEY].phase == events.HELD
+    assert "safeusbd: 2-1 is taken by its guest" in caplog.text
+    host.driver(None)
+    host.open_by = []
+    watch.scan()
+    assert host.given == [KEY]
+
+
+def test_refused_device_still_given_back_when_its_domain_stops(host: Host) -> None:
+    """Never claimed, but its domain stopped (libvirt's event): given back, as any
+    record."""
+    watch = host.handed_over(after_refusal=True)
+    host.open_by = [(401, "qemu-system-x86")]
+    watch.scan()
+    host.open_by = []
+    watch.domain_stopped("g1")
+    watch.scan()
+    assert host.given == [KEY]
+
+
+def test_the_record_keeps_the_refusal_mark(tmp_path: Path) -> None:
+    """after_refusal survives the journal; an old record without it is an ordinary one;
+    anything but true or false there makes the record untrusted."""
+    state = StateDir(str(tmp_path / "state"))
+    state.save(new_record(KEY, "g1", [HANDOFF], True, after_refusal=True))
+    loaded = state.load(KEY)
+    assert loaded is not None and loaded.after_refusal
+    doc = loaded.as_json()
+    del doc["after_refusal"]
+    assert not Record.from_json(doc).after_refusal
+    assert "after_refusal" not in new_record(KEY, None, [], True).as_json()
+    with pytest.raises(ValueError, match="after_refusal"):
+        Record.from_json({**doc, "after_refusal": "yes"})

@@ -5,16 +5,20 @@ proven on the real kernel (tests/vm/test_guard_vm.py)."""
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
+import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from safeusb import guard
-from safeusb.daemon import CLOCK_TICKS, refused_domain
+from safeusb.daemon import CLOCK_TICKS, Done, prepare_on_refusal, refused_domain, still_refused
 from safeusb.journal import StateDir
 from safeusb.peer import MachineScope
+from safeusb.protocol import DeviceArgs
 
 
 def event(**kw: object) -> bytes:
@@ -233,6 +237,73 @@ def test_a_bind_refused_while_handed_over(fake_sys: Path, tmp_path: Path, kind: 
     assert asked == [] and "safeusb release" in out
 
 
+def _connect(fake_sys: Path, pid: int = 607, at: float = 1000.0) -> guard.Refusal:
+    """QEMU's usbfs CONNECT of a handed-over device (libusb_attach_kernel_driver as it
+    closes a dead device): refused."""
+    ino = os.stat(fake_sys / "bus/usb/devices/2-1").st_ino
+    return guard.Refusal(at, pid, "qemu-system-x86", 64055, "usbfs USBDEVFS_CONNECT", "",
+                         "2-1", "", "46f4:0001", "S", ino, start_time=55, binding=True)
+
+
+def test_repeats_of_one_refusal_are_one_line_with_a_count(
+        fake_sys: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """QEMU asks CONNECT dozens of times as it closes a dead device: the first is logged
+    and kept; the repeats within REPEAT_WINDOW of the last are counted on it, and told in
+    one line once they stop; `safeusb status` shows the count, and the refusals before
+    stay among the last kept."""
+    log = guard.RefusalLog(str(tmp_path / "state"))
+    log.add(_refusal("2-1", 1))  # a refusal that must stay in view
+    with caplog.at_level(logging.DEBUG, logger="safeusb"):
+        for i in range(59):
+            guard.handle_refusal(_connect(fake_sys, at=1000.0 + i * 0.5), lambda *_: (True, ""),
+                                 log, lambda _p: True, sys_root=str(fake_sys))
+    warned = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.WARNING]
+    assert len(warned) == 2 and "USBDEVFS_CONNECT" in warned[0], warned
+    items = log.read()
+    assert len(items) == 2 and items[0]["kind"] == "usbfs USBDEVFS_DISCONNECT"
+    assert items[1]["count"] == 59 and items[1]["last"] == 1000.0 + 58 * 0.5
+    last = 1000.0 + 58 * 0.5
+    assert log.due(last + guard.REPEAT_WINDOW - 1) == []  # may go on still
+    lines = log.due(last + guard.REPEAT_WINDOW)
+    assert len(lines) == 1 and lines[0].startswith("pid 607 (qemu-system-x86, uid 64055) "
+                                                   "tried to bind")
+    assert lines[0].endswith("again 58 more times within 28 s")
+    assert log.due(last + 100) == []  # told once
+    text = guard.as_text({"enabled": False, "available": True, "refusals": items},
+                         refusals=2)
+    assert "USBDEVFS_CONNECT of 2-1 46f4:0001 serial S: refused (59 times, the last at " \
+        in text and "USBDEVFS_DISCONNECT of 2-1" in text
+
+
+def test_a_refusal_is_a_repeat_only_of_the_same_process_device_door_and_outcome(
+        fake_sys: Path, tmp_path: Path) -> None:
+    log = guard.RefusalLog(str(tmp_path / "state"))
+
+    def handle(r: guard.Refusal, taken: bool = True) -> None:
+        guard.handle_refusal(r, lambda *_: (True, "unbind usb-storage"), log,
+                             lambda _p: taken, sys_root=str(fake_sys))
+
+    handle(_connect(fake_sys))
+    handle(_connect(fake_sys, pid=608, at=1001.0))  # another process
+    other_door = _connect(fake_sys, at=1002.0)
+    other_door.kind = "sysfs bind"
+    handle(other_door)
+    restarted = _connect(fake_sys, at=1003.0)
+    restarted.start_time = 56  # the same pid, another process
+    handle(restarted)
+    handle(_connect(fake_sys, at=1003.0 + guard.REPEAT_WINDOW + 1))  # too late after it
+    assert [i["count"] for i in log.read()] == [1, 1, 1, 1, 1]
+    # the same detach refused again: first prepared, then already taken (another outcome)
+    ino = os.stat(fake_sys / "bus/usb/devices/2-1").st_ino
+    handle(replace(_refusal("2-1", ino), time=2000.0), taken=False)
+    handle(replace(_refusal("2-1", ino), time=2001.0))
+    handle(replace(_refusal("2-1", ino), time=2002.0))
+    items = log.read()[-2:]
+    assert [(i["count"], i["outcome"].split(":")[0]) for i in items] == [
+        (1, "2-1 was idle"), (2, "2-1 is already taken by safeusb")]
+    assert len(log.due(3000.0)) == 1
+
+
 def test_new_id_text_is_not_taken_for_an_interface() -> None:
     r = guard.Refusal.from_bytes(event(pid=5, kind=8, ifnum=-1, comm=b"sh",
                                        driver=b"usb-storage", written=b"46f4 0001\n"))
@@ -276,6 +347,53 @@ def test_refused_domain_never_for_another_process_or_outside_a_scope(tmp_path: P
     name, why = refused_domain(78, start_ns, resolve, str(proc))
     assert name is None and "no libvirt QEMU domain" in why
     assert refused_domain(79, start_ns, resolve, str(proc))[0] is None  # gone
+
+
+def test_prepare_leaves_out_only_the_process_still_the_one_refused(tmp_path: Path) -> None:
+    """The refused process's hold on the usbfs node is left out of prepare's judgement
+    only while the pid is still that process (its start time); a pid reused, gone or
+    without a start time leaves nothing out."""
+    start_ns = 5 * 10**9
+    r = _refusal("2-1", 1)
+    r.pid, r.start_time = 77, start_ns
+    proc = _fake_proc(tmp_path, 77, SCOPE, start_ns * CLOCK_TICKS // 10**9)
+    assert still_refused(r, str(proc)) == 77
+    reused = _fake_proc(tmp_path / "b", 77, SCOPE, start_ns * CLOCK_TICKS // 10**9 + 1)
+    assert still_refused(r, str(reused)) is None
+    assert still_refused(r, str(tmp_path / "empty")) is None  # gone
+    r.start_time = 0
+    assert still_refused(r, str(proc)) is None
+
+
+class _Actions:
+    """safeusbd's DeviceActions as prepare_on_refusal uses them: what it was asked."""
+
+    def __init__(self, done: Done) -> None:
+        self.done = done
+        self.asked: list[tuple[str | None, str | None, bool, int | None]] = []
+
+    def prepare(self, args: DeviceArgs, cancel: threading.Event,
+                after_refusal: bool = False, requester: int | None = None) -> Done:
+        self.asked.append((args.selector, args.domain, after_refusal, requester))
+        return self.done
+
+
+def test_prepare_on_a_refusal_marks_it_and_names_the_process(tmp_path: Path) -> None:
+    """safeusbd's prepare on a refusal asks for the record's after_refusal mark, and names
+    the refused process only while it is still the one refused."""
+    start_ns = 5 * 10**9
+    r = _refusal("2-1", 1)
+    r.pid, r.start_time = 77, start_ns
+    proc = _fake_proc(tmp_path, 77, SCOPE, start_ns * CLOCK_TICKS // 10**9)
+    actions = _Actions(Done(True, {"done": ["unbind usb-storage from 2-1:1.0"]}))
+    assert prepare_on_refusal(actions, "2-1", "g1", r, str(proc)) == (
+        True, "unbind usb-storage from 2-1:1.0")
+    assert actions.asked == [("2-1", "g1", True, 77)]
+    r.start_time += 10**9  # the pid is another process now
+    refused = _Actions(Done(False, {}, "refused", "2-1 stays: /dev/sda mounted"))
+    assert prepare_on_refusal(refused, "2-1", None, r, str(proc)) == (
+        False, "2-1 stays: /dev/sda mounted")
+    assert refused.asked == [("2-1", None, True, None)]
 
 
 def test_refusal_log_is_no_device_record(tmp_path: Path) -> None:

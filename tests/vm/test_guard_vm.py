@@ -3,11 +3,13 @@
 Every door that detaches usb-storage from a mounted stick with 4 MiB unwritten is refused
 with EBUSY and the stick keeps its data (images checked from outside); the same sysfs
 unbind with the guard off loses the data (control); an idle stick is taken at the second
-attempt through usbredirect, once safeusbd has prepared it on the first refusal; through
-sysfs unbind it ends unbound after the first."""
+attempt, once safeusbd has prepared it on the first refusal, through usbredirect, QEMU's
+usb-host and `virsh attach-device`; through sysfs unbind it ends unbound after the
+first."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -39,6 +41,8 @@ BOOT = Boot(
         Stick("rebind", Image.ext4()),
         Stick("idle", Image.ext4()),
         Stick("idle-sysfs", Image.ext4()),
+        Stick("idle-qemu", Image.ext4()),
+        Stick("idle-lv", Image.ext4()),
     ),
     # libvirtd as Debian ships it and the nested domain g1, which no scenario protects
     libvirt=True,
@@ -53,6 +57,8 @@ BOOT = Boot(
         Scenario("idle", "guard-idle.sh", timeout=300),
         # after "rebind": these leave their sticks handed over
         Scenario("idle-sysfs", "guard-idle-sysfs.sh", timeout=180),
+        Scenario("idle-qemu", "guard-idle-qemu.sh", timeout=420),
+        Scenario("idle-libvirt", "guard-idle-libvirt.sh", payloads=DATA, timeout=480),
     ),
 )
 
@@ -196,6 +202,82 @@ def test_idle_stick_unbound_through_sysfs_after_first_attempt(vm: BootResult) ->
              and f"{n['port']} is already taken by safeusb: nothing more to do" in log,
              f"the second unbind: expected the guard's EBUSY and nothing more done ({n}):\n"
              f"{log[-2000:]}")
+
+
+def _repeats_collapsed(r: ScenarioResult, log: str) -> None:
+    """QEMU closing its dead device asks usbfs CONNECT over and over while the stick is
+    handed over: each is refused, but safeusbd logs the first and then one line with how
+    many more, and `safeusb guard status` keeps one refusal with the count."""
+    port = re.escape(r.notes()["port"])
+    try:
+        kept = json.loads(r.file("guard-status.json"))["refusals"]
+    except (ValueError, KeyError, TypeError):
+        r.fail(f"safeusb guard status --json: {r.file('guard-status.json')[-1000:]}")
+    shown = [x for x in kept if x.get("port") == r.notes()["port"]
+             and x.get("kind") == "usbfs USBDEVFS_CONNECT"]
+    counted = sum(int(x.get("count", 1)) for x in shown)
+    logged = re.findall(rf"tried to bind .* {port}(:[0-9.]+)? .*USBDEVFS_CONNECT", log)
+    r.expect(counted >= 2 and len(logged) < counted
+             and re.search(rf"tried to bind .* {port}(:[0-9.]+)? .*USBDEVFS_CONNECT while .* "
+                           rf"again \d+ more times? within", log)
+             and "times, the last at" in r.file("status.out"),
+             f"QEMU's repeated CONNECTs: {counted} refused as kept in guard status, "
+             f"{len(logged)} logged (expected one line and a count):\n{shown}\n"
+             f"{r.file('status.out')}")
+
+
+def test_idle_stick_taken_by_qemu_at_second_launch(vm: BootResult) -> None:
+    """QEMU started directly: the first is refused (it runs on with a dead device and the
+    node open); safeusbd prepares the stick anyway and marks its record; that QEMU quitting
+    gives nothing back; the second QEMU's guest gets the stick (QEMU claims it), and once
+    that QEMU quits safeusbd gives the stick back."""
+    r = vm.scenario("idle-qemu")
+    r.expect_ran()
+    _guard_enabled(r)
+    n = r.notes()
+    r.expect(n.get("first_running") == "1" and int(n.get("first_fds") or 0) >= 1
+             and n.get("first_driver") in ("usb-storage", ""),
+             f"the first QEMU was not refused as expected ({n}): {r.file('first.err')[-500:]}")
+    log = _refused_then_prepared(r, vm, r"\(qemu-system-x86[^,]*, uid 0")
+    r.expect(n.get("after_refusal") == "1",
+             f"the record of the stick prepared on the refusal is not marked so ({n})")
+    r.expect(n.get("driver_before_second") == "" and n.get("record_before_second") == "1",
+             f"the refused QEMU quitting gave the stick back to the host ({n})")
+    r.expect(n.get("second_running") == "1" and int(n.get("second_fds") or 0) >= 1
+             and n.get("second_driver") == "usbfs",
+             f"the second QEMU did not take the stick ({n}): {r.file('second.err')[-500:]}"
+             f"\ninfo usb: {r.file('second-info-usb.out')}")
+    r.expect(n.get("taken") == "0" and n.get("given_back") == "0"
+             and n.get("driver_given_back") == "usb-storage"
+             and n.get("record_given_back") == "0",
+             f"safeusbd did not follow the second QEMU taking the stick and letting it go "
+             f"(given back, usb-storage bound, record removed) ({n}):\n{r.file('log.out')}")
+    _repeats_collapsed(r, log)
+
+
+def test_idle_stick_attached_by_virsh_at_second_attempt(vm: BootResult) -> None:
+    """virsh attach-device --live into g1 (not protected): the first gives g1 a dead
+    device; safeusbd prepares the stick for g1 and marks its record; virsh detach-device of
+    the dead device gives nothing back; the same attach again gives g1's QEMU the stick,
+    whose file is intact from outside."""
+    r, n = libvirt_scenario(vm, "idle-libvirt")
+    _guard_enabled(r)
+    r.expect(n.get("first_driver") in ("usb-storage", "") and n.get("first_qemu_fds") != "0",
+             f"the first attach was not refused in the kernel ({n}): "
+             f"{r.file('first.out')}{r.file('first.err')}")
+    _refused_then_prepared(r, vm, rf"pid {n['qemu_pid']} \(qemu[^,]*, uid \d+, QEMU of "
+                           rf"domain g1")
+    r.expect(n.get("after_refusal") == "1",
+             f"the record of the stick prepared on the refusal is not marked so ({n})")
+    r.expect(n.get("detach_rc") == "0", f"virsh detach-device: {r.file('detach.err')}")
+    r.expect(n.get("detached_driver") == "" and n.get("record_before_second") == "1",
+             f"g1's QEMU closing the dead device gave the stick back to the host ({n})")
+    r.expect(n.get("second_rc") == "0" and n.get("second_driver") == "usbfs"
+             and int(n.get("second_qemu_fds") or 0) >= 1,
+             f"the second attach did not give g1 the stick ({n}): {r.file('second.out')}"
+             f"{r.file('second.err')}\ninfo usb: {r.file('second-info-usb.out')}")
+    check = vm.check_stick("idle-lv", {"data.bin": ("idle-libvirt", "data.bin")})
+    r.expect(check.intact, check.summary())
 
 
 def test_virsh_attach_into_unprotected_domain_leaves_stick_with_host(vm: BootResult) -> None:

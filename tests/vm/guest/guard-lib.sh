@@ -136,4 +136,28 @@ wait_prepared() {
     done
     note prepared "$([ -e "/sys/bus/usb/devices/$2/driver" ] && echo 0 || echo 1)"
     note record "$([ -e "/run/safeusb/$1.json" ] && echo 1 || echo 0)"
+    # the record says it was prepared on a refusal: safeusbd follows it by the stricter rule
+    note after_refusal "$(grep -c '"after_refusal": true' "/run/safeusb/$1.json" 2>/dev/null)"
+}
+
+# qmp_hmp SOCKET COMMAND: a human monitor command through a QMP socket; prints its output.
+qmp_hmp() {
+    python3 - "$1" "$2" <<'PY'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(30)
+s.connect(sys.argv[1])
+f = s.makefile("rw")
+def ask(cmd):
+    f.write(json.dumps(cmd) + "\n")
+    f.flush()
+    while True:
+        msg = json.loads(f.readline())
+        if "return" in msg or "error" in msg:
+            return msg
+json.loads(f.readline())  # the greeting
+ask({"execute": "qmp_capabilities"})
+msg = ask({"execute": "human-monitor-command", "arguments": {"command-line": sys.argv[2]}})
+print(msg.get("return", msg))
+PY
 }
