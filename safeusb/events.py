@@ -7,11 +7,11 @@ and decides, for each record with a handoff:
 - **held**: the domain's QEMU (the pid libvirt keeps in /run/libvirt/qemu/NAME.pid) has
   the device's usbfs node (``/dev/bus/usb/BBB/DDD``, char 189:N, matched by device
   number, so a node in QEMU's private /dev counts) open; another process opening it for
-  a moment (lsusb, a udev helper) takes nothing. For a record without a domain, any
-  process holding the node or claiming an interface (the ``usbfs`` driver bound) counts.
-  A device safeusbd prepared because the kernel guard refused a program it (the record
-  says ``after_refusal``) is held only once an interface is claimed as well; once held,
-  the node open alone keeps it held (a reset in progress). The QEMU the guard refused
+  a moment (lsusb, a udev helper) takes nothing. A record without a domain has no
+  process to tell from such a probe: it is held once an interface is claimed (the
+  ``usbfs`` driver bound), and so is a device safeusbd prepared because the kernel guard
+  refused a program it (the record says ``after_refusal``); once held, the node open
+  alone keeps it held (a reset in progress). The QEMU the guard refused
   goes on with a dead device and keeps the node open with nothing claimed; closing it
   (``virsh detach-device`` of that dead device, QEMU stopped before the second attempt)
   must not give the device back, or the second attempt would find it on the host again.
@@ -328,10 +328,10 @@ class HandoverWatch:
     def _takes(self, record: Record, tracked: Tracked | None, now: DeviceNow,
                holders: list[tuple[int, str]]) -> bool:
         """Whether the record's guest holds the device now. A device prepared on a guard
-        refusal is taken only with an interface claimed, unless it was held already (see
-        the module's docstring)."""
+        refusal, or for no domain, is taken only with an interface claimed, unless it was
+        held already (see the module's docstring)."""
         held = self._held_by_domain(record.domain, now, holders)
-        if record.after_refusal and not now.claimed:
+        if (record.after_refusal or record.domain is None) and not now.claimed:
             return held and tracked is not None and tracked.phase == HELD
         return held
 

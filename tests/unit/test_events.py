@@ -182,13 +182,26 @@ def test_let_go_waits_for_every_holder(host: Host) -> None:
     assert host.given == [KEY]
 
 
-def test_without_a_domain_anyone_holding_it_counts(host: Host) -> None:
+def test_without_a_domain_a_claim_takes_it_and_a_probe_does_not(host: Host) -> None:
+    """No domain: no process to tell from a probe (a program asking usbfs, lsusb) that
+    opens the node for a moment. The device is taken once an interface is claimed; once
+    taken, the node open alone keeps it (a reset), and it comes back when closed."""
     host.record(UNMOUNT, HANDOFF, domain=None)
     host.driver(None)
     watch = host.watch()
-    host.open_by = [(900, "someprogram")]
+    host.open_by = [(900, "python3")]
+    watch.scan()
+    assert watch.tracked[KEY].phase != events.HELD
+    host.open_by = []
+    watch.scan()
+    assert host.given == []  # the probe closed it: nothing to give back
+    host.driver("usbfs")
+    host.open_by = [(901, "qemu-system-x86")]
     watch.scan()
     assert watch.tracked[KEY].phase == events.HELD
+    host.driver(None)
+    watch.scan()
+    assert host.given == [] and watch.tracked[KEY].phase == events.HELD
     host.open_by = []
     watch.scan()
     assert host.given == [KEY]
