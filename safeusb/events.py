@@ -35,7 +35,10 @@ given back only when its domain stops (libvirt's lifecycle event, see
 QEMU releases the interfaces (uevents) a moment before it closes the node (no uevent), so
 a device whose interfaces are free but whose node is still open is looked at again a few
 times in the next seconds, and every held device is looked at again every
-``RECHECK_HELD`` seconds in any case.
+``RECHECK_HELD`` seconds in any case. QEMU opening the node makes no uevent either, and a
+paused guest claims nothing: a device not yet opened is looked at again the same way for
+``WATCH_NEW`` seconds after it is first followed, so that a detach soon after the attach
+finds it held.
 """
 
 from __future__ import annotations
@@ -62,6 +65,10 @@ USBFS = "usbfs"
 SETTLE = 0.3  # seconds of quiet after a uevent before the devices are looked at
 FOLLOW_UP = (0.5, 1.0, 2.0, 4.0, 8.0)  # after the interfaces were freed: node still open?
 RECHECK_HELD = 15.0  # a held device is looked at again this often, events or not
+# A device not yet opened by QEMU is looked at again soon (the follow-ups) this long after
+# it is first followed: QEMU opening the node makes no uevent, and a paused guest claims
+# nothing, so without these a detach within RECHECK_HELD would find it never held.
+WATCH_NEW = 30.0
 
 
 @dataclass(frozen=True)
@@ -206,6 +213,7 @@ class Tracked:
     phase: str  # HELD or WAITING
     domain: str | None
     domain_stopped: bool = False
+    since: float = 0.0  # the monotonic time it was first followed
 
 
 def handed_over(record: Record) -> bool:
@@ -227,8 +235,10 @@ class HandoverWatch:
     def __init__(self, roots: Roots, state: StateDir, give_back: GiveBack,
                  holders: Callable[[str], list[tuple[int, str]]] | None = None,
                  domain_active: Callable[[str], bool | None] | None = None,
-                 domain_pid: Callable[[str], int | None] | None = None) -> None:
+                 domain_pid: Callable[[str], int | None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.roots = roots
+        self.clock = clock
         self.state = state
         self.give_back = give_back
         self.holders = holders or (lambda dev: node_holders(roots, dev))
@@ -250,7 +260,8 @@ class HandoverWatch:
 
     def scan(self) -> bool:
         """Look at every record; return True when one should be looked at again soon (its
-        interfaces are free but its node is still open, or its lock was taken)."""
+        interfaces are free but its node is still open, its lock was taken, or it was
+        prepared moments ago and QEMU has not opened it yet)."""
         keys, problems = self.state.keys()
         for p in problems:
             log.warning("safeusbd: %s", p)
@@ -289,7 +300,8 @@ class HandoverWatch:
         busy = now.claimed or bool(holders)
         held = self._takes(record, tracked, now, holders)
         if tracked is None:
-            tracked = Tracked(now.dev, HELD if held else WAITING, record.domain)
+            tracked = Tracked(now.dev, HELD if held else WAITING, record.domain,
+                              since=self.clock())
             if not held and startup and record.domain is not None \
                     and self.domain_active(record.domain) is False:
                 tracked.domain_stopped = True
@@ -309,7 +321,8 @@ class HandoverWatch:
             # interfaces first); look again soon.
             return not now.claimed
         if tracked.phase != HELD and not tracked.domain_stopped:
-            return False  # not yet taken: QEMU has still to open it
+            # not yet taken: QEMU has still to open it; soon, after a prepare just done
+            return self.clock() - tracked.since < WATCH_NEW
         if busy:
             return True  # its QEMU let go, another process has it open for now
         self._let_go(key, tracked)

@@ -41,6 +41,7 @@ class Host:
         self.given: list[str] = []
         self.active: dict[str, bool | None] = {}
         self.qemu: dict[str, int] = {"g1": 401}  # libvirt's pid files
+        self.now = 1000.0  # the watch's monotonic clock
 
     def driver(self, name: str | None) -> None:
         link = self.path / f"{KEY}:1.0" / "driver"
@@ -65,7 +66,8 @@ class Host:
         return HandoverWatch(self.fs.roots, self.state, self.give_back,
                              holders=lambda dev: list(self.open_by),
                              domain_active=lambda name: self.active.get(name),
-                             domain_pid=lambda name: self.qemu.get(name))
+                             domain_pid=lambda name: self.qemu.get(name),
+                             clock=lambda: self.now)
 
     def handed_over(self, domain: str | None = "g1",
                     after_refusal: bool = False) -> HandoverWatch:
@@ -96,12 +98,31 @@ def test_device_now_reads_drivers_and_node(host: Host) -> None:
 
 def test_not_yet_opened_by_qemu_is_left_alone(host: Host) -> None:
     """Between prepare and QEMU opening the device it is unclaimed and closed, as after
-    QEMU let go: never given back for that."""
+    QEMU let go: never given back for that. It is looked at again soon while it is new
+    (QEMU opening the node makes no uevent), then only at the periodic look."""
     watch = host.handed_over()
     for _ in range(3):
-        assert watch.scan() is False
+        assert watch.scan() is True
+    host.now += events.WATCH_NEW
+    assert watch.scan() is False
     assert host.given == [] and host.state.load(KEY) is not None
     assert watch.tracked[KEY].phase == events.WAITING and watch.watching()
+
+
+def test_opened_and_closed_by_a_paused_qemu_soon_after_prepare_is_given_back(
+        host: Host) -> None:
+    """A paused domain's QEMU opens the node (no uevent, nothing claimed) and is detached
+    a few seconds later: the follow-up looks saw it held, so it is given back."""
+    watch = host.handed_over()
+    assert watch.scan() is True  # the look right after prepare: not yet opened
+    host.now += 0.5
+    host.open_by = [(401, "qemu-system-x86")]
+    watch.scan()  # a follow-up
+    assert watch.tracked[KEY].phase == events.HELD
+    host.now += 3
+    host.open_by = []
+    watch.scan()
+    assert host.given == [KEY]
 
 
 def test_held_then_let_go_is_given_back_once(host: Host,
@@ -343,6 +364,23 @@ def until(check: object, what: str) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"not within {HANG} s: {what}")
         time.sleep(0.01)
+
+
+def test_a_new_device_is_looked_at_again_until_qemu_opens_it(host: Host) -> None:
+    """QEMU opening the node makes no uevent, and a paused guest claims nothing: the
+    follow-up looks after a prepare see the device held without any event (the periodic
+    look is an hour away here)."""
+    source = FakeSource()
+    lp = EventLoop(host.handed_over(), source, settle=0.01, follow_up=(0.05,) * 200,
+                   recheck=3600)
+    lp.start()
+    try:
+        until(lambda: KEY in lp.watch.tracked, "the record followed from the first scan")
+        assert lp.watch.tracked[KEY].phase == events.WAITING
+        host.open_by = [(401, "qemu-system-x86")]
+        until(lambda: lp.watch.tracked[KEY].phase == events.HELD, "held, with no uevent")
+    finally:
+        lp.stop()
 
 
 def test_uevents_drive_the_give_back(host: Host, loop: tuple[EventLoop, FakeSource]) -> None:
