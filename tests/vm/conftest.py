@@ -50,13 +50,13 @@ def unavailable(reason: str) -> None:
 
 
 def _parallel() -> int:
-    """Boots at a time: SAFEUSB_VM_PARALLEL, else two where there are two cores (a boot
-    keeps about one busy). A boot marked ``alone`` still runs with no other beside it."""
-    default = 2 if (os.cpu_count() or 1) >= 2 else 1
+    """Boots at a time: SAFEUSB_VM_PARALLEL, default 1. Two at a time on two cores was
+    measured slower in all (tests/vm/README). A boot marked ``alone`` runs with no other
+    beside it even then."""
     try:
-        return max(1, int(os.environ.get("SAFEUSB_VM_PARALLEL", default)))
+        return max(1, int(os.environ.get("SAFEUSB_VM_PARALLEL", "1")))
     except ValueError:
-        return default
+        return 1
 
 
 def _new_runner(config: pytest.Config) -> Runner:
