@@ -11,8 +11,12 @@ PID` for each namespace + `fuser -m`:
   cannot run here;
 - through the service: `safeusb inspect /dev/loopN` answered by a safeusbd started from
   this checkout on a socket of its own (the scan runs in the daemon, already started);
+- safeusbd asked by a running process (this one, over the same socket), as the hook and
+  the gate ask it: the daemon's decision with no interpreter start-up on either side.
 Prints figures at several sizes, each path's cost per 1,000 processes (a least-squares
-slope over the sizes) and the load. Needs root.
+slope over the sizes) and the load. The paths take turns within each repeat, so that a
+host still settling after it grew weighs on all of them alike. The package is compiled
+first, as an installed one is. Needs root.
 Run: sudo .venv/bin/python benchmarks/inspect_busy_host.py
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import statistics
@@ -88,7 +93,7 @@ class BusyHost:
 
 
 def timed(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
-    return timed_cpu(fn, repeat)[0]
+    return take_turns({"x": (fn, None, False)}, repeat)["x"][0]
 
 
 def _ticks(pid: int) -> float:
@@ -98,22 +103,30 @@ def _ticks(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def timed_cpu(fn, repeat: int, also: int | None = None) -> tuple[float, float]:  # type: ignore[no-untyped-def]
-    """Median wall seconds and median CPU seconds (of the commands run, and of the running
-    process ``also``, safeusbd), over ``repeat`` runs. CPU time is less at the mercy of
-    other load on the machine than wall time."""
-    walls, cpus = [], []
+def take_turns(paths, repeat: int) -> dict[str, tuple[float, float]]:  # type: ignore[no-untyped-def]
+    """Median wall seconds and median CPU seconds of each path (name -> (fn, also, own)),
+    the paths run in turn within each of ``repeat`` rounds. CPU time is that of the
+    commands run, of the running process ``also`` (safeusbd) unless None, and of this
+    process when ``own``; it is less at the mercy of other load than wall time."""
+    walls: dict[str, list[float]] = {name: [] for name in paths}
+    cpus: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(repeat):
-        before = os.times()
-        extra = _ticks(also) if also else 0.0
-        t = time.perf_counter()
-        fn()
-        walls.append(time.perf_counter() - t)
-        after = os.times()
-        cpu = (after.children_user - before.children_user
-               + after.children_system - before.children_system)
-        cpus.append(cpu + (_ticks(also) - extra if also else 0.0))
-    return statistics.median(walls), statistics.median(cpus)
+        for name, (fn, also, own) in paths.items():
+            before = os.times()
+            extra = _ticks(also) if also else 0.0
+            t = time.perf_counter()
+            fn()
+            walls[name].append(time.perf_counter() - t)
+            after = os.times()
+            cpu = (after.children_user - before.children_user
+                   + after.children_system - before.children_system)
+            if own:
+                cpu += after.user - before.user + after.system - before.system
+            if also:
+                cpu += _ticks(also) - extra
+            cpus[name].append(cpu)
+    return {name: (statistics.median(walls[name]), statistics.median(cpus[name]))
+            for name in paths}
 
 
 @contextlib.contextmanager
@@ -179,6 +192,10 @@ def main() -> int:
               file=sys.stderr)
         return 2
     print(f"load average at start: {load()} ({os.cpu_count()} CPUs)")
+    # An installed package is compiled (pip and the distribution packages do it at
+    # install); a checkout run with PYTHONDONTWRITEBYTECODE would compile at every start.
+    subprocess.run([str(PYTHON), "-m", "compileall", "-q", str(ROOT / "safeusb")],
+                   stdout=subprocess.DEVNULL, check=True)
     for name, argv in (("python -c pass", [str(PYTHON), "-c", "pass"]),
                        ("python -S -c pass", [str(PYTHON), "-S", "-c", "pass"])):
         t = timed(lambda argv=argv: subprocess.run(argv, check=False), args.repeat)
@@ -187,6 +204,7 @@ def main() -> int:
           "hand")
     sys.path.insert(0, str(ROOT))
     from safeusb import bpfscan  # noqa: PLC0415
+    from safeusb.client import ask  # noqa: PLC0415
     from safeusb.roots import Roots  # noqa: PLC0415
 
     why = bpfscan.unavailable(Roots.host())
@@ -195,10 +213,11 @@ def main() -> int:
             bpfscan.read_records({})
         except bpfscan.Unavailable as exc:
             why = str(exc)
-    print(f"{'procs':>6} {'fds':>7} {'mntns':>6} {'/proc':>14} {'in-kernel':>14} "
-          f"{'safeusbd':>14} {'by hand':>14} {'/proc x':>12} {'kernel x':>12} "
-          f"{'safeusbd x':>12}  exit  same")
-    rows: list[tuple[int, float, float, float, float, float, float, float, float]] = []
+    names = ("/proc", "in-kernel", "safeusbd", "asked", "by hand")
+    print(f"{'procs':>6} {'fds':>7} {'mntns':>6} "
+          + " ".join(f"{n:>12}" for n in names) + " "
+          + " ".join(f"{n + ' x':>12}" for n in names[:-1]) + "  exit  same")
+    rows: list[tuple[int, dict[str, tuple[float, float]]]] = []
     with tempfile.TemporaryDirectory(prefix="safeusb-bench-") as tmp:
         host = BusyHost(Path(tmp))
         try:
@@ -217,7 +236,11 @@ def main() -> int:
                     if why is None:
                         kern = subprocess.run(kernel_argv, capture_output=True, check=False)
                         outs.append((kern.returncode, kern.stdout))
-                    same = all(o == outs[0] for o in outs)
+                    as_json = subprocess.run([*local_argv, "--json"], capture_output=True,
+                                             check=False)
+                    answer = ask("inspect", {"selector": node}, sock)
+                    same = all(o == outs[0] for o in outs) and \
+                        json.loads(as_json.stdout) == answer
 
                     def by_hand(node: str = node) -> None:
                         subprocess.run(["lsblk", "-J"], stdout=subprocess.DEVNULL, check=False)
@@ -230,45 +253,48 @@ def main() -> int:
                     def quiet(argv: list[str]) -> None:
                         subprocess.run(argv, stdout=subprocess.DEVNULL, check=False)
 
-                    t_local, c_local = timed_cpu(lambda a=local_argv: quiet(a), args.repeat)
-                    t_kern, c_kern = (timed_cpu(lambda a=kernel_argv: quiet(a), args.repeat)
-                                      if why is None else (float("nan"), float("nan")))
-                    t_daemon, c_daemon = timed_cpu(lambda a=daemon_argv: quiet(a),
-                                                   args.repeat, also=dpid)
-                    t_hand, c_hand = timed_cpu(by_hand, args.repeat)
+                    paths = {
+                        "/proc": (lambda a=local_argv: quiet(a), None, False),
+                        "safeusbd": (lambda a=daemon_argv: quiet(a), dpid, False),
+                        "asked": (lambda n=node: ask("inspect", {"selector": n}, sock),
+                                  dpid, True),
+                        "by hand": (by_hand, None, False),
+                    }
+                    if why is None:
+                        paths["in-kernel"] = (lambda a=kernel_argv: quiet(a), None, False)
+                    got = take_turns(paths, args.repeat)
+                    nan = (float("nan"), float("nan"))
                     nprocs = sum(1 for p in os.listdir("/proc") if p.isdigit())
-                    rows.append((nprocs, t_local, t_kern, t_daemon, t_hand,
-                                 c_local, c_kern, c_daemon, c_hand))
+                    rows.append((nprocs, {n: got.get(n, nan) for n in names}))
+                    hand = got["by hand"]
 
                     def ms(wall: float, cpu: float) -> str:
                         if wall != wall:  # nan: not run
                             return "-"
                         return f"{wall * 1000:.0f} ({cpu * 1000:.0f})"
 
-                    def x(a: float, ca: float, hand: float = t_hand,
-                          chand: float = c_hand) -> str:
+                    def x(a: float, ca: float, hand: tuple[float, float] = hand) -> str:
                         if a != a:
                             return "-"
-                        return f"{a / hand:.2f} ({ca / chand:.2f})"
+                        return f"{a / hand[0]:.2f} ({ca / hand[1]:.2f})"
 
                     print(f"{nprocs:>6} {count_fds():>7} {len(host.ns_pids):>6} "
-                          f"{ms(t_local, c_local):>14} {ms(t_kern, c_kern):>14} "
-                          f"{ms(t_daemon, c_daemon):>14} "
-                          f"{ms(t_hand, c_hand):>14} {x(t_local, c_local):>12} "
-                          f"{x(t_kern, c_kern):>12} "
-                          f"{x(t_daemon, c_daemon):>12}  {local.returncode:>4}  "
-                          f"{'yes' if same else 'NO'}", flush=True)
+                          + " ".join(f"{ms(*got.get(n, nan)):>12}" for n in names) + " "
+                          + " ".join(f"{x(*got.get(n, nan)):>12}" for n in names[:-1])
+                          + f"  {local.returncode:>4}  {'yes' if same else 'NO'}",
+                          flush=True)
         finally:
             host.close()
     xs = [r[0] for r in rows]
-    for i, name in ((1, "/proc path"), (2, "in-kernel"), (3, "through safeusbd"),
-                    (4, "by hand")):
-        if i == 2 and why is not None:
-            print(f"{name:>17}: not run: {why}")
+    labels = {"/proc": "/proc path", "in-kernel": "in-kernel", "safeusbd": "through safeusbd",
+              "asked": "safeusbd, asked", "by hand": "by hand"}
+    for name in names:
+        if name == "in-kernel" and why is not None:
+            print(f"{labels[name]:>17}: not run: {why}")
             continue
-        k, c = slope(xs, [r[i] * 1000 for r in rows])
-        kc, cc = slope(xs, [r[i + 4] * 1000 for r in rows])
-        print(f"{name:>17}: {k:6.1f} ms per 1,000 processes, {c:6.1f} ms at none "
+        k, c = slope(xs, [r[1][name][0] * 1000 for r in rows])
+        kc, cc = slope(xs, [r[1][name][1] * 1000 for r in rows])
+        print(f"{labels[name]:>17}: {k:6.1f} ms per 1,000 processes, {c:6.1f} ms at none "
               f"(CPU: {kc:5.1f} ms per 1,000, {cc:5.1f} ms at none)")
     print(f"load average at end: {load()}")
     print("goal: /proc path <= 0.5 x by hand at every size; in-kernel <= 0.1 x at 3,000 and "

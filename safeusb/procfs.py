@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import marshal
 import os
 import stat
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -191,18 +193,28 @@ def _read_bytes(path: str) -> bytes | None:
 
 
 
+SPLIT_ABOVE = 1500  # a forked reader costs a few ms: below 2 x this, one is as fast
+
+
 def scan_processes(
     roots: Roots,
     pids: Iterable[int],
     nodes: frozenset[tuple[NodeKind, DevNum]],
     fs_devnums: frozenset[DevNum],
     skip_pids: frozenset[int] = frozenset(),
+    split_above: int = SPLIT_ABOVE,
 ) -> ProcessScan:
     """Find processes holding the given device nodes, or files on the given filesystems,
     through open descriptors, working directory, root directory or memory maps (which
-    include the executable)."""
+    include the executable). From 2 * ``split_above`` processes on, a single-threaded
+    caller with more than one CPU reads the second half in a forked child, side by side."""
+    todo = [p for p in pids if p not in skip_pids]
     scanner = _Scanner(roots, nodes, fs_devnums)
-    scanner.scan([p for p in pids if p not in skip_pids])
+    if len(todo) >= 2 * split_above and scanner.recorded is None \
+            and threading.active_count() == 1 and _cpus() > 1:
+        _scan_halves(scanner, todo)
+    else:
+        scanner.scan(todo)
     problems = list(scanner.problems)
     if scanner.denied:
         denied = sorted(scanner.denied)
@@ -215,6 +227,79 @@ def scan_processes(
         )
     uses = sorted(scanner.uses, key=lambda u: u.pid)
     return ProcessScan(tuple(uses), tuple(problems))
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except OSError:
+        return 1
+
+
+def _scan_halves(scanner: _Scanner, pids: list[int]) -> None:
+    """Read the first half of ``pids`` here and the second in a forked child, which sends
+    its findings back through a pipe (marshal: plain tuples); joined, they are what one
+    reader finds. The reads are system calls into procfs that keep one CPU busy each, and
+    threads would take turns at the interpreter's lock. A child that fails in any way has
+    its half read again here: nothing it did not report is taken as free. Only for a
+    single-threaded process (forking one with threads could copy a lock held)."""
+    half = len(pids) // 2
+    mine, theirs = pids[:half], pids[half:]
+    try:
+        r, w = os.pipe()
+    except OSError:
+        scanner.scan(pids)
+        return
+    try:
+        child = os.fork()
+    except OSError:
+        os.close(r)
+        os.close(w)
+        scanner.scan(pids)
+        return
+    if child == 0:  # pragma: no cover - the child's coverage is not collected
+        code = 1
+        try:
+            os.close(r)
+            scanner.skip = os.getpid()  # its fds are the parent's, already left out
+            scanner.scan(theirs)  # a copy: the parent's scanner has found nothing yet
+            data = marshal.dumps((
+                [(u.pid, u.comm, u.how, u.path, u.node, u.fs) for u in scanner.uses],
+                [(p.what, p.error) for p in scanner.problems], scanner.denied))
+            view = memoryview(data)
+            while view:
+                view = view[os.write(w, view):]
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    scanner.skip = child  # a pid of the list reused by the child: it holds our fds
+    try:
+        scanner.scan(mine)
+    finally:
+        chunks: list[bytes] = []
+        try:
+            while chunk := os.read(r, 1 << 20):
+                chunks.append(chunk)
+        except OSError:
+            chunks = []
+        finally:
+            os.close(r)
+        _pid, status = os.waitpid(child, 0)
+    if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+        scanner.scan(theirs)
+        return
+    try:
+        # our own child's, through a pipe of our own
+        uses, problems, denied = marshal.loads(b"".join(chunks))  # noqa: S302
+        found = [ProcessUse(*u) for u in uses]
+        unread = [Unreadable(*p) for p in problems]
+    except (EOFError, ValueError, TypeError):
+        scanner.scan(theirs)
+        return
+    scanner.uses.extend(found)
+    scanner.problems.extend(unread)
+    scanner.denied.extend(denied)
 
 
 class _Scanner:
@@ -235,6 +320,7 @@ class _Scanner:
         self.recorded = Stater(roots) if is_recording(roots) else None
         self.denied: list[int] = []
         self.problems: list[Unreadable] = []
+        self.skip = 0  # a forked reader's pid: never one of the host's processes
 
     def _stat_link(self, pid: int, link: str, dir_fd: int | None = None
                    ) -> os.stat_result | RecordedStat:
@@ -255,6 +341,8 @@ class _Scanner:
         live = self.recorded is None
         stat_link = self._stat_link
         for pid in pids:
+            if pid == self.skip:
+                continue
             base = f"{proc}/{pid}"
             found: list[tuple[UseKind, str, tuple[NodeKind, DevNum] | None, DevNum | None]] = []
             try:

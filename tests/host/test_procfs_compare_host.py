@@ -92,3 +92,13 @@ def test_live_scan_matches_reference(loop_ext4: Loop, tmp_path: Path) -> None:
             _, _, new_all, old_all = _scans(roots, pids, nodes, fs)
             assert new_all.uses == old_all.uses
             assert {(u.pid, u.how) for u in new_all.uses} == got
+
+            # The same read in two halves, the second by a forked child, with the
+            # processes built here in the child's half, then in this process's: the same
+            # findings.
+            others = [p for p in pids if p not in ours]
+            for order in (others + ours, ours + others):
+                halves = procfs.scan_processes(roots, order, nodes, fs,
+                                               frozenset({os.getpid()}), split_above=1)
+                assert halves.uses == new_all.uses
+                assert halves.unreadable == new_all.unreadable
