@@ -68,6 +68,16 @@ def main() -> int:
             if ms:
                 samples = " ".join(f"{t:.2f}" for t in ms)
                 print(f"  {label:<40} {statistics.median(ms):>9.3f}  {samples}")
+        # where safeusbd's prepare went: reading the host and deciding, then each step
+        parts: dict[str, list[float]] = {}
+        for m in re.finditer(r"prepare .*: done \(handed over\) in \d+ ms \(CPU \d+ ms\): (.*)",
+                             (res.share / "out" / "safeusbd.log").read_text(errors="replace")):
+            for part in m.group(1).split("; "):
+                what, _, ms = part.rpartition(" ")[0].rpartition(" ")
+                parts.setdefault(what, []).append(float(ms) / 1000)
+        for what, secs in parts.items():
+            samples = " ".join(f"{t:.2f}" for t in secs)
+            print(f"    {what[:38]:<38} {statistics.median(secs):>9.3f}  {samples}")
         print("goal: <= 0.100 s added")
         return 0
     finally:

@@ -535,10 +535,22 @@ class Daemon:
             log.warning("safeusbd: %s: %s %s: %s: %s", caller.describe(), op,
                         args.describe(), done.kind, done.message)
             return proto.error_reply(request.id, done.kind, done.message, done.outcome)
-        log.info("safeusbd: %s: %s %s: done (%s) in %.0f ms (CPU %.0f ms)", caller.describe(),
-                 op, args.describe(), done.outcome.get("host_state"),
-                 (time.monotonic() - started) * 1000, (time.thread_time() - cpu) * 1000)
+        log.info("safeusbd: %s: %s %s: done (%s) in %.0f ms (CPU %.0f ms)%s",
+                 caller.describe(), op, args.describe(), done.outcome.get("host_state"),
+                 (time.monotonic() - started) * 1000, (time.thread_time() - cpu) * 1000,
+                 _took(done.outcome))
         return proto.ok_reply(request.id, done.outcome)
+
+
+def _took(outcome: dict[str, Any]) -> str:
+    """Where the time went: reading the host and deciding, then each step done."""
+    parts = []
+    read = outcome.get("read_seconds")
+    if isinstance(read, int | float):
+        parts.append(f"read and decided {read * 1000:.0f} ms")
+    parts.extend(f"{what} {seconds * 1000:.0f} ms" for what, seconds in
+                 zip(outcome.get("done") or (), outcome.get("seconds") or (), strict=False))
+    return ": " + "; ".join(parts) if parts else ""
 
 
 @contextlib.contextmanager

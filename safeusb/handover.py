@@ -37,6 +37,7 @@ class Outcome:
     not_undone: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)  # how long each step done took
+    read_seconds: float | None = None  # how long reading the host and deciding took
     release: bool = False  # the outcome of giving back, not of preparing
 
     def host_state(self) -> str:
@@ -69,6 +70,7 @@ class Outcome:
             "steps": [s.as_json() for s in plan.steps] if plan else [],
             "done": self.done,
             "seconds": self.seconds,
+            "read_seconds": self.read_seconds,
             "error": self.error,
             "undone": self.undone,
             "not_undone": self.not_undone,
@@ -119,6 +121,7 @@ def prepare(
                                  f"({len(record.steps)} steps done, not handed over); "
                                  f"run `safeusb release {key}` to put them back first")
             return Outcome(True, notes=[f"{key} was already prepared for this domain"])
+        began = time.monotonic()
         runner.ensure_debugfs(roots)
         snap = read_snapshot(roots, target)
         if requester is not None:
@@ -126,7 +129,8 @@ def prepare(
         findings = inspect(snap)
         settings, rule = policy.settings_for(target.usb, domain)
         plan = build_plan(findings, settings, rule)
-        outcome = Outcome(False, plan, notes=list(findings.notes))
+        outcome = Outcome(False, plan, notes=list(findings.notes),
+                          read_seconds=round(time.monotonic() - began, 3))
         if plan.refused:
             return outcome
         runner.flush_timeout = timeout if timeout is not None else settings.flush_timeout
