@@ -72,8 +72,7 @@ def main() -> int:
         parts: dict[str, list[float]] = {}
         for m in re.finditer(r"prepare .*: done \(handed over\) in \d+ ms \(CPU \d+ ms\): (.*)",
                              (res.share / "out" / "safeusbd.log").read_text(errors="replace")):
-            for part in m.group(1).split("; "):
-                what, _, ms = part.rpartition(" ")[0].rpartition(" ")
+            for what, ms in re.findall(r"(.+?) (\d+) ms(?:; |$)", m.group(1)):
                 parts.setdefault(what, []).append(float(ms) / 1000)
         for what, secs in parts.items():
             samples = " ".join(f"{t:.2f}" for t in secs)

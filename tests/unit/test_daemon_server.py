@@ -444,3 +444,12 @@ def test_preload_imports_what_requests_use() -> None:
     daemon._preload()
     for name in ("handover", "journal", "runner", "service", "steps", "snapshot"):
         assert f"safeusb.{name}" in sys.modules
+
+
+def test_a_prepares_log_line_says_where_its_time_went() -> None:
+    from safeusb.daemon import _took  # noqa: PLC0415
+
+    outcome = {"read_seconds": 0.25, "done": ["flush /dev/sda", "hand over 1-1"],
+               "seconds": [0.02, 0.3]}
+    assert _took(outcome) == ": read and decided 250 ms; flush /dev/sda 20 ms; hand over 1-1 300 ms"
+    assert _took({"read_seconds": None, "done": [], "seconds": []}) == ""
