@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: `virsh attach-device --live` of an idle USB stick into a running guest, without
 and with the hotplug gate (`safeusb protect`), on the real-kernel VM (safeusb.lab harness;
-root, `scripts/setup-vm-tier` first). Prints the median of five attaches each.
+root, `scripts/setup-vm-tier` first). Prints the median of seven attaches each.
 
 libvirt runs as Debian ships it (QEMU as libvirt-qemu under AppArmor; the VM tier's
 default). With the gate, the attach includes safeusbd's `prepare` of the stick (identify

@@ -557,23 +557,26 @@ def _took(outcome: dict[str, Any]) -> str:
 def _cancel_on_hangup(conn: socket.socket, cancel: threading.Event) -> Any:
     """While an op runs, a caller that hangs up no longer waits for it: cancel it, so
     prepare stops and undoes what it did."""
-    done = threading.Event()
+    wake_r, wake_w = os.pipe2(os.O_CLOEXEC)  # the op is over: the watch ends at once
 
     def watch() -> None:
         poller = select.poll()
         poller.register(conn.fileno(), select.POLLRDHUP)
-        while not done.is_set():
-            if poller.poll(200):
-                cancel.set()
-                return
+        poller.register(wake_r, select.POLLIN)
+        fds = {fd for fd, _ in poller.poll()}
+        if conn.fileno() in fds and wake_r not in fds:
+            cancel.set()
 
     thread = threading.Thread(target=watch, daemon=True, name="safeusbd-hangup")
-    thread.start()
     try:
+        thread.start()
         yield
     finally:
-        done.set()
-        thread.join()
+        os.write(wake_w, b"x")
+        if thread.ident is not None:
+            thread.join()
+        os.close(wake_r)
+        os.close(wake_w)
 
 
 # --- the listening socket -----------------------------------------------------------------

@@ -58,7 +58,8 @@ def _under(path: str, directory: str) -> bool:
 
 
 def read_inputs(roots: Roots, target_syspath: str) -> InputScan:
-    """Every input device with the capabilities of a keyboard or a pointing device."""
+    """Every input device with the capabilities of a keyboard or a pointing device; none
+    when the target provides no input device (the others then decide nothing)."""
     base = roots.sys_path("class", "input")
     try:
         names = sorted(n for n in os.listdir(base) if n.startswith("input"))
@@ -67,10 +68,13 @@ def read_inputs(roots: Roots, target_syspath: str) -> InputScan:
     except OSError as exc:
         return InputScan(unreadable=(Unreadable(base, exc.strerror or str(exc)),))
     target = os.path.realpath(target_syspath)
+    paths = {sysname: os.path.realpath(os.path.join(base, sysname)) for sysname in names}
+    if not any(_under(path, target) for path in paths.values()):
+        return InputScan()
     devices = []
     problems = []
     for sysname in names:
-        path = os.path.realpath(os.path.join(base, sysname))
+        path = paths[sysname]
         caps = {}
         try:
             for cap in ("ev", "key", "rel", "abs"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -453,3 +454,41 @@ def test_a_prepares_log_line_says_where_its_time_went() -> None:
                "seconds": [0.02, 0.3]}
     assert _took(outcome) == ": read and decided 250 ms; flush /dev/sda 20 ms; hand over 1-1 300 ms"
     assert _took({"read_seconds": None, "done": [], "seconds": []}) == ""
+
+
+def test_the_hangup_watch_ends_with_the_op_not_on_a_clock(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The op's answer waits for the watch to end: it must end when the op does, not at
+    its next look (a 200 ms poll added up to 200 ms to every prepare)."""
+    import safeusb.daemon as daemon_mod  # noqa: PLC0415
+
+    timeouts: list[object] = []
+    real_poll = select.poll
+
+    class Poll:
+        def __init__(self) -> None:
+            self.p = real_poll()
+
+        def register(self, fd: int, mask: int) -> None:
+            self.p.register(fd, mask)
+
+        def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
+            timeouts.append(timeout)
+            return self.p.poll(timeout)
+
+    monkeypatch.setattr(daemon_mod.select, "poll", Poll)
+    a, b = socket.socketpair()
+    cancel = threading.Event()
+    try:
+        with daemon_mod._cancel_on_hangup(a, cancel):
+            pass
+        assert timeouts == [None]  # one look, woken by the op's end
+        assert not cancel.is_set()
+        with daemon_mod._cancel_on_hangup(a, cancel):
+            b.close()  # the caller hangs up
+            deadline = time.monotonic() + HANG
+            while not cancel.is_set() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert cancel.is_set()
+    finally:
+        a.close()
+        b.close()
