@@ -200,7 +200,8 @@ def unload() -> bool:
     return found
 
 
-def read_records(devs: dict[int, int], obj_path: str = OBJECT) -> bytes:
+def read_records(devs: dict[int, int], obj_path: str = OBJECT,
+                 programs: tuple[str, ...] = PROGRAMS) -> bytes:
     """Run the iterator programs for the device numbers (kernel encoding -> DEV_ bits)
     and read what each writes out. The programs are loaded once and stay pinned under
     /sys/fs/bpf (loading costs more than a scan); a scan holds an exclusive lock on their
@@ -227,7 +228,7 @@ def read_records(devs: dict[int, int], obj_path: str = OBJECT) -> bytes:
                 key, val = ctypes.c_uint32(dev), ctypes.c_uint32(bits)
                 if lib.bpf_map_update_elem(mfd, ctypes.byref(key), ctypes.byref(val), 0):
                     raise Unavailable(str(libbpf().err("cannot fill the scan's device map")))
-            return b"".join(_run(pin_dir, name) for name in PROGRAMS)
+            return b"".join(_run(pin_dir, name) for name in programs)
         finally:
             os.close(mfd)
     finally:
@@ -294,7 +295,10 @@ def scan_processes_kernel(
         devs[_kdev(d)] = devs.get(_kdev(d), 0) | _DEV_FS
     for k, d in nodes:
         devs[_kdev(d)] = devs.get(_kdev(d), 0) | (_DEV_BLOCK if k == "block" else _DEV_CHAR)
-    data = read_records(devs)
+    # Without a filesystem on the device, only a descriptor of one of its nodes can hold
+    # it: a directory or a mapping is on a device through a filesystem only, and walking
+    # every mapping of every process is most of a scan.
+    data = read_records(devs, programs=PROGRAMS if fs_devnums else ("scan_files",))
     wanted = set(pids) - skip_pids
     # per process: descriptors, working and root directory, whether it maps the device
     fds: dict[int, list[tuple[int, int, int, int, int]]] = {}

@@ -381,7 +381,7 @@ class _Scanner:
                 continue
             finally:
                 os.close(dfd)
-            for how in _DIRS:
+            for how in _DIRS if fs_raw else ():  # on the device through a filesystem only
                 link = f"{base}/{how}"
                 try:
                     st = os.stat(link) if live else stat_link(pid, link)

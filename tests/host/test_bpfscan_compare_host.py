@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -116,6 +117,17 @@ def test_kernel_scan_finds_what_proc_finds(held) -> None:  # type: ignore[no-unt
     assert all(u.fs in fs or u.node in nodes for u in kernel.uses)
 
 
+def test_kernel_scan_without_a_filesystem(held) -> None:  # type: ignore[no-untyped-def]
+    # Asked for the nodes alone (a device with no filesystem on it): the kernel walks open
+    # files only, and finds what /proc finds, the nodes held open and nothing else.
+    ours, nodes, _fs = held
+    blocks = frozenset(n for n in nodes if n[0] == "block")
+    kernel, proc = _both(sorted([1, os.getpid(), *ours]), blocks, frozenset())
+    assert differences(kernel, proc) == []
+    d = ours[3]
+    assert [(u.pid, u.how, u.node) for u in kernel.uses] == [(d, "fd", next(iter(blocks)))]
+
+
 def test_kernel_scan_over_every_process(held) -> None:  # type: ignore[no-untyped-def]
     # Without the character node (every process of the host holds /dev/null, and they
     # come and go between the two scans): uses of the loop device only.
@@ -134,8 +146,8 @@ def test_comparison_tells_a_dropped_kind(held, monkeypatch: pytest.MonkeyPatch, 
     kind = {"fd": 1, "cwd": 2, "root": 3, "mmap": 4}[dropped]
     real = bpfscan.read_records
 
-    def dropping(devs: dict[int, int]) -> bytes:
-        data = real(devs)
+    def dropping(devs: dict[int, int], **kw: Any) -> bytes:
+        data = real(devs, **kw)
         size = bpfscan._REC.size
         return b"".join(data[i:i + size] for i in range(0, len(data), size)
                         if bpfscan._REC.unpack_from(data, i)[0] != kind)
@@ -151,7 +163,7 @@ def test_scan_falls_back_to_proc_with_the_reason(held, monkeypatch: pytest.Monke
                                                  ) -> None:
     ours, nodes, fs = held
 
-    def refused(devs: dict[int, int]) -> bytes:
+    def refused(devs: dict[int, int], **kw: Any) -> bytes:
         raise bpfscan.Unavailable("refused for the test")
 
     monkeypatch.setattr(bpfscan, "read_records", refused)

@@ -74,7 +74,7 @@ def test_records_become_the_proc_scans_findings(monkeypatch: pytest.MonkeyPatch)
         records = _rec(1, me, f.fileno(), dev=dev) + _rec(2, me, dev=dev) + \
             _rec(1, 999999999, 3, dev=dev)  # not among the pids: left out
         monkeypatch.setattr(bpfscan, "unavailable", lambda roots: None)
-        monkeypatch.setattr(bpfscan, "read_records", lambda devs: records)
+        monkeypatch.setattr(bpfscan, "read_records", lambda devs, **kw: records)
         got = bpfscan.scan_processes_kernel(Roots.host(), [me], frozenset(), frozenset({dev}))
     assert [(u.pid, u.how, u.fs) for u in got.uses] == [(me, "fd", dev), (me, "cwd", dev)]
     assert got.uses[0].path == os.path.realpath(__file__)
