@@ -295,16 +295,19 @@ def scan_processes_kernel(
         devs[_kdev(d)] = devs.get(_kdev(d), 0) | _DEV_FS
     for k, d in nodes:
         devs[_kdev(d)] = devs.get(_kdev(d), 0) | (_DEV_BLOCK if k == "block" else _DEV_CHAR)
-    # Without a filesystem on the device, only a descriptor of one of its nodes can hold
-    # it: a directory or a mapping is on a device through a filesystem only, and walking
-    # every mapping of every process is most of a scan.
-    data = read_records(devs, programs=PROGRAMS if fs_devnums else ("scan_files",))
+    # Without a filesystem on the device, a directory cannot be on it: only descriptors
+    # and mappings of its nodes can hold it.
+    blk = {d for k, d in nodes if k == "block"}
+    chrs = {d for k, d in nodes if k == "char"}
+    data = read_records(devs, programs=PROGRAMS if fs_devnums else ("scan_files",
+                                                                   "scan_maps"))
     wanted = set(pids) - skip_pids
     # per process: descriptors, working and root directory, whether it maps the device
     fds: dict[int, list[tuple[int, int, int, int, int]]] = {}
     dirs: dict[int, list[tuple[int, int, int]]] = {}
     maps: set[int] = set()
-    for kind, tgid, fd, mode, dev, rdev, flags, _pad, _ino, _start in _REC.iter_unpack(data):
+    mapped_nodes: dict[int, list[tuple[int, tuple[NodeKind, DevNum]]]] = {}
+    for kind, tgid, fd, mode, dev, rdev, flags, _pad, _ino, start in _REC.iter_unpack(data):
         if tgid not in wanted:
             continue
         if kind == _FD:
@@ -312,12 +315,15 @@ def scan_processes_kernel(
         elif kind in _KIND:
             dirs.setdefault(tgid, []).append((kind, dev, flags))
         elif kind == _MMAP:
-            maps.add(tgid)
+            if stat.S_ISBLK(mode) and _from_kdev(rdev) in blk:
+                mapped_nodes.setdefault(tgid, []).append((start, ("block", _from_kdev(rdev))))
+            elif stat.S_ISCHR(mode) and _from_kdev(rdev) in chrs:
+                mapped_nodes.setdefault(tgid, []).append((start, ("char", _from_kdev(rdev))))
+            else:
+                maps.add(tgid)
     proc = roots.proc
-    blk = {d for k, d in nodes if k == "block"}
-    chrs = {d for k, d in nodes if k == "char"}
     uses: list[ProcessUse] = []
-    for pid in sorted(set(fds) | set(dirs) | maps):
+    for pid in sorted(set(fds) | set(dirs) | maps | set(mapped_nodes)):
         base = f"{proc}/{pid}"
         found: list[tuple[UseKind, str, tuple[NodeKind, DevNum] | None, DevNum | None]] = []
         for fd, mode, kdev, krdev, flags in sorted(fds.get(pid, ())):
@@ -369,20 +375,52 @@ def scan_processes_kernel(
             except OSError:
                 path = "?"
             found.append((how, path, None, fsdev))
-        if pid in maps:
+        if pid in maps or pid in mapped_nodes:
             try:
                 with open(f"{base}/maps", "rb") as f:
                     text = f.read().decode("utf-8", "replace")
             except OSError:
                 text = ""
-            for dev, path in parse_maps_devices(text).items():
-                if dev in fs_devnums:
-                    found.append(("mmap", path, None, dev))
+            if pid in maps:
+                for dev, path in parse_maps_devices(text).items():
+                    if dev in fs_devnums:
+                        found.append(("mmap", path, None, dev))
+            if pid in mapped_nodes:
+                found.extend(_mapped_nodes(text, mapped_nodes[pid]))
         if found:
             comm = read_comm(roots, pid)
             uses.extend(ProcessUse(pid, comm, how, path, node, fs)
                         for how, path, node, fs in found)
     return ProcessScan(tuple(uses), ())
+
+
+def _mapped_nodes(text: str, records: list[tuple[int, tuple[NodeKind, DevNum]]]
+                  ) -> list[tuple[UseKind, str, tuple[NodeKind, DevNum] | None, DevNum | None]]:
+    """Each node the process maps, once, named by its first mapping's path in the maps
+    (the mapping at the record's start address)."""
+    paths = {start: path for _span, start, path in _maps_lines(text)}
+    out: list[tuple[UseKind, str, tuple[NodeKind, DevNum] | None, DevNum | None]] = []
+    seen: set[tuple[NodeKind, DevNum]] = set()
+    for start, node in sorted(records):
+        if node in seen:
+            continue
+        seen.add(node)
+        out.append(("mmap", paths.get(start, "?"), node, None))
+    return out
+
+
+def _maps_lines(text: str) -> list[tuple[str, int, str]]:
+    """Every file-backed mapping: (range, start, path)."""
+    out = []
+    for line in text.split("\n"):
+        parts = line.split(None, 5)
+        if len(parts) < 6:
+            continue
+        try:
+            out.append((parts[0], int(parts[0].partition("-")[0], 16), parts[5]))
+        except ValueError:
+            continue
+    return out
 
 
 def scan(

@@ -111,6 +111,23 @@ def parse_ns_link(target: str, kind: str = "mnt") -> int:
     return int(inode)
 
 
+def parse_maps_dev_nodes(text: str) -> list[tuple[str, int, str]]:
+    """The mappings in /proc/PID/maps of files under /dev/ (where device nodes are), in
+    address order: (the range as /proc/PID/map_files names it, its start, the path)."""
+    found = []
+    for line in text.split("\n"):
+        parts = line.split(None, 5)
+        if len(parts) < 6 or not parts[5].startswith("/dev/"):
+            continue
+        span = parts[0]
+        try:
+            start = int(span.partition("-")[0], 16)
+        except ValueError:
+            continue
+        found.append((span, start, parts[5]))
+    return found
+
+
 def parse_maps_devices(text: str) -> dict[DevNum, str]:
     """Device numbers (and one path each) of file-backed mappings in /proc/PID/maps."""
     found: dict[DevNum, str] = {}

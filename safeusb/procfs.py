@@ -11,7 +11,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .model import DevNum, MountNamespace, NodeKind, ProcessUse, Unreadable, UseKind
-from .parsers import ParseError, parse_maps_devices, parse_mountinfo, parse_ns_link, parse_swaps
+from .parsers import (
+    ParseError,
+    parse_maps_dev_nodes,
+    parse_maps_devices,
+    parse_mountinfo,
+    parse_ns_link,
+    parse_swaps,
+)
 from .recording import RecordedStat, Stater, is_recording
 from .roots import Roots
 
@@ -331,6 +338,37 @@ class _Scanner:
             raise FileNotFoundError(link)
         return found
 
+    def _mapped_nodes(self, pid: int, base: str, data: bytes
+                      ) -> list[tuple[UseKind, str, tuple[NodeKind, DevNum] | None, None]]:
+        """The device's nodes the process maps (a mapping holds the device open after its
+        descriptor is closed), each once, by the first mapping's path. Only files under
+        /dev/ are looked at: the mapped file itself is stat()ed through map_files."""
+        out: list[tuple[UseKind, str, tuple[NodeKind, DevNum] | None, None]] = []
+        seen: set[tuple[NodeKind, DevNum]] = set()
+        for span, _start, path in parse_maps_dev_nodes(data.decode("utf-8", "replace")):
+            try:
+                if self.recorded is None:
+                    st: os.stat_result | RecordedStat | None = os.stat(
+                        f"{base}/map_files/{span}")
+                else:
+                    st = self.recorded.stat(pid, path)
+            except OSError as exc:
+                if exc.errno not in _GONE:
+                    self.problems.append(Unreadable(f"mappings of pid {pid}", str(exc)))
+                continue
+            if st is None:
+                continue
+            kind = st.st_mode & _S_IFMT
+            node: tuple[NodeKind, DevNum] | None = None
+            if kind == _S_IFBLK and st.st_rdev in self.blk_raw:
+                node = ("block", self.blk_raw[st.st_rdev])
+            elif kind == _S_IFCHR and st.st_rdev in self.chr_raw:
+                node = ("char", self.chr_raw[st.st_rdev])
+            if node is not None and node not in seen:
+                seen.add(node)
+                out.append(("mmap", path, node, None))
+        return out
+
     def scan(self, pids: list[int]) -> None:
         """One look at each process: a stat of each descriptor, working and root directory
         (sorted by st_dev/st_rdev against plain dicts before any path is read), and its
@@ -394,12 +432,14 @@ class _Scanner:
                     except OSError:
                         path = "?"
                     found.append((how, path, None, fs))
-            if maps_keys:
+            if maps_keys or blk or chrs:
                 data = _read_bytes(f"{base}/maps")
                 if data and any(key in data for key in maps_keys):
                     for dev, path in parse_maps_devices(data.decode("utf-8", "replace")).items():
                         if dev in self.fs:
                             found.append(("mmap", path, None, dev))
+                if data and (blk or chrs) and b" /dev/" in data:
+                    found.extend(self._mapped_nodes(pid, base, data))
             if found:
                 comm = read_comm(self.roots, pid)
                 for how, path, node, fs in found:

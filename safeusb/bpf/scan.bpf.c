@@ -190,15 +190,23 @@ int scan_maps(struct bpf_iter__task_vma *ctx)
 	struct vm_area_struct *vma = ctx->vma;
 	struct file *file;
 	struct inode *inode;
+	__u32 mode;
 
 	if (!task || !vma)
 		return 0;
-	/* /proc/PID/maps prints the device of file_inode(vm_file), as this reads it. */
+	/* /proc/PID/maps prints the device of file_inode(vm_file), as this reads it. A
+	 * mapping of one of the device's nodes holds the device open on its own, after its
+	 * descriptor is closed: it is written out too (its mode and i_rdev tell it). */
 	file = vma->vm_file;
 	if (!file)
 		return 0;
 	inode = file->f_inode;
-	if (!(bits(inode->i_sb->s_dev) & DEV_FS) || !leader(task))
+	mode = inode->i_mode & S_IFMT;
+	if (!(bits(inode->i_sb->s_dev) & DEV_FS)
+	    && !(mode == S_IFBLK && (bits(inode->i_rdev) & DEV_BLOCK))
+	    && !(mode == S_IFCHR && (bits(inode->i_rdev) & DEV_CHAR)))
+		return 0;
+	if (!leader(task))
 		return 0;
 	emit(ctx->meta->seq, REC_MMAP, task->tgid, -1, inode, vma->vm_start, 0);
 	return 0;

@@ -128,6 +128,41 @@ def test_kernel_scan_without_a_filesystem(held) -> None:  # type: ignore[no-unty
     assert [(u.pid, u.how, u.node) for u in kernel.uses] == [(d, "fd", next(iter(blocks)))]
 
 
+MAP_NODE = """
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+fd = os.open(sys.argv[1], os.O_RDWR)
+if libc.mmap(None, 4096, 3, 1, fd, 0) in (None, ctypes.c_void_p(-1).value):
+    sys.exit("mmap failed")
+os.close(fd)  # the shared mapping alone holds the device now
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_mapping_of_the_node_holds_the_device(loop_ext4: Loop) -> None:
+    # A shared mapping of the block node whose descriptor was closed: the process can
+    # still write to the device through it, so both scans must find it, by the node.
+    if (why := bpfscan.unavailable(Roots.host())) is not None:
+        pytest.skip(f"BPF iterators cannot run here: {why}")
+    dev = _devnum(os.stat(loop_ext4.node).st_rdev)
+    blocks: frozenset[tuple[NodeKind, DevNum]] = frozenset({("block", dev)})
+    with background([sys.executable, "-c", MAP_NODE, loop_ext4.node],
+                    stdout=subprocess.PIPE, stdin=subprocess.DEVNULL) as p:
+        assert p.stdout is not None
+        assert p.stdout.readline().strip() == b"ready"
+        assert not any(os.path.realpath(f"/proc/{p.pid}/fd/{n}") == loop_ext4.node
+                       for n in os.listdir(f"/proc/{p.pid}/fd"))
+        for fs in (frozenset(), frozenset({dev})):
+            kernel, proc = _both([1, os.getpid(), p.pid], blocks, fs)
+            assert differences(kernel, proc) == []
+            assert [(u.pid, u.how, u.path, u.node) for u in kernel.uses] == \
+                [(p.pid, "mmap", loop_ext4.node, ("block", dev))]
+
+
 def test_kernel_scan_over_every_process(held) -> None:  # type: ignore[no-untyped-def]
     # Without the character node (every process of the host holds /dev/null, and they
     # come and go between the two scans): uses of the loop device only.

@@ -10,6 +10,7 @@ from safeusb.errors import SelectorError
 from safeusb.parsers import (
     ParseError,
     parse_bdi_stats,
+    parse_maps_dev_nodes,
     parse_maps_devices,
     parse_mountinfo,
     parse_ns_link,
@@ -99,6 +100,17 @@ def test_maps_devices() -> None:
             "7ff0-7ff1 rw-p 00000000 00:00 0 \n"
             "7ff2-7ff3 r-xp 00000000 fd:00 99      /usr/lib/x.so\n")
     assert parse_maps_devices(text) == {(8, 1): "/mnt/stick/lib.so", (253, 0): "/usr/lib/x.so"}
+
+
+def test_maps_dev_nodes() -> None:
+    text = ("55d0-55d1 r--p 00000000 08:01 1234    /mnt/stick/lib.so\n"
+            "7f75e85dc000-7f75e85dd000 rw-s 00000000 00:06 100        /dev/loop6\n"
+            "7ff0-7ff1 rw-s 00000000 00:01 7       /dev/zero (deleted)\n"
+            "7ff2-7ff3 rw-p 00000000 00:00 0 \n"
+            "zz-7ff5 rw-s 00000000 00:06 101       /dev/sda\n")
+    assert parse_maps_dev_nodes(text) == [
+        ("7f75e85dc000-7f75e85dd000", 0x7F75E85DC000, "/dev/loop6"),
+        ("7ff0-7ff1", 0x7FF0, "/dev/zero (deleted)")]
 
 
 @pytest.mark.parametrize(("text", "fields"), [
