@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 from .model import DevNum, MountEntry
@@ -111,20 +112,24 @@ def parse_ns_link(target: str, kind: str = "mnt") -> int:
     return int(inode)
 
 
-def parse_maps_dev_nodes(text: str) -> list[tuple[str, int, str]]:
+def parse_maps_dev_nodes(text: str) -> list[tuple[str, int, str, int, int]]:
     """The mappings in /proc/PID/maps of files under /dev/ (where device nodes are), in
-    address order: (the range as /proc/PID/map_files names it, its start, the path)."""
+    address order: (the range as /proc/PID/map_files names it, its start, the path, the
+    file's st_dev and inode number)."""
     found = []
     for line in text.split("\n"):
         parts = line.split(None, 5)
         if len(parts) < 6 or not parts[5].startswith("/dev/"):
             continue
         span = parts[0]
+        major, _, minor = parts[3].partition(":")
         try:
             start = int(span.partition("-")[0], 16)
+            dev = os.makedev(int(major, 16), int(minor, 16))
+            ino = int(parts[4])
         except ValueError:
             continue
-        found.append((span, start, parts[5]))
+        found.append((span, start, parts[5], dev, ino))
     return found
 
 

@@ -309,6 +309,22 @@ def _scan_halves(scanner: _Scanner, pids: list[int]) -> None:
     scanner.denied.extend(denied)
 
 
+def _mapped_file(base: str, span: str, path: str, dev: int, ino: int) -> os.stat_result:
+    """stat() of a mapped file: through map_files (which needs CAP_SYS_ADMIN), else by its
+    path in the process's root, when that is still the mapped file (the same st_dev and
+    inode number as the maps line)."""
+    try:
+        return os.stat(f"{base}/map_files/{span}")
+    except PermissionError as denied:
+        try:
+            st = os.stat(f"{base}/root{path}")
+        except OSError:
+            raise denied from None
+        if (st.st_dev, st.st_ino) != (dev, ino):
+            raise denied from None
+        return st
+
+
 class _Scanner:
     def __init__(
         self,
@@ -345,17 +361,19 @@ class _Scanner:
         /dev/ are looked at: the mapped file itself is stat()ed through map_files."""
         out: list[tuple[UseKind, str, tuple[NodeKind, DevNum] | None, None]] = []
         seen: set[tuple[NodeKind, DevNum]] = set()
-        for span, _start, path in parse_maps_dev_nodes(data.decode("utf-8", "replace")):
-            try:
-                if self.recorded is None:
-                    st: os.stat_result | RecordedStat | None = os.stat(
-                        f"{base}/map_files/{span}")
-                else:
-                    st = self.recorded.stat(pid, path)
-            except OSError as exc:
-                if exc.errno not in _GONE:
-                    self.problems.append(Unreadable(f"mappings of pid {pid}", str(exc)))
-                continue
+        for span, _start, path, dev, ino in parse_maps_dev_nodes(
+                data.decode("utf-8", "replace")):
+            st: os.stat_result | RecordedStat | None
+            if self.recorded is not None:
+                st = self.recorded.stat(pid, path)
+            else:
+                try:
+                    st = _mapped_file(base, span, path, dev, ino)
+                except OSError as exc:
+                    if exc.errno not in _GONE:
+                        self.problems.append(Unreadable(f"mapping {path} of pid {pid}",
+                                                        str(exc)))
+                    continue
             if st is None:
                 continue
             kind = st.st_mode & _S_IFMT

@@ -143,7 +143,8 @@ time.sleep(600)
 """
 
 
-def test_a_mapping_of_the_node_holds_the_device(loop_ext4: Loop) -> None:
+def test_a_mapping_of_the_node_holds_the_device(loop_ext4: Loop,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # A shared mapping of the block node whose descriptor was closed: the process can
     # still write to the device through it, so both scans must find it, by the node.
     if (why := bpfscan.unavailable(Roots.host())) is not None:
@@ -161,6 +162,19 @@ def test_a_mapping_of_the_node_holds_the_device(loop_ext4: Loop) -> None:
             assert differences(kernel, proc) == []
             assert [(u.pid, u.how, u.path, u.node) for u in kernel.uses] == \
                 [(p.pid, "mmap", loop_ext4.node, ("block", dev))]
+        # Without CAP_SYS_ADMIN map_files cannot be followed: the node is found by its
+        # path in the process's root, the same inode as the maps line names.
+        real_stat = os.stat
+
+        def no_map_files(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if "/map_files/" in str(path):
+                raise PermissionError(1, "Operation not permitted", str(path))
+            return real_stat(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "stat", no_map_files)
+        denied = procfs.scan_processes(Roots.host(), [p.pid], blocks, frozenset())
+        monkeypatch.undo()
+        assert denied == proc
 
 
 def test_kernel_scan_over_every_process(held) -> None:  # type: ignore[no-untyped-def]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -109,8 +111,8 @@ def test_maps_dev_nodes() -> None:
             "7ff2-7ff3 rw-p 00000000 00:00 0 \n"
             "zz-7ff5 rw-s 00000000 00:06 101       /dev/sda\n")
     assert parse_maps_dev_nodes(text) == [
-        ("7f75e85dc000-7f75e85dd000", 0x7F75E85DC000, "/dev/loop6"),
-        ("7ff0-7ff1", 0x7FF0, "/dev/zero (deleted)")]
+        ("7f75e85dc000-7f75e85dd000", 0x7F75E85DC000, "/dev/loop6", os.makedev(0, 6), 100),
+        ("7ff0-7ff1", 0x7FF0, "/dev/zero (deleted)", os.makedev(0, 1), 7)]
 
 
 @pytest.mark.parametrize(("text", "fields"), [
