@@ -26,7 +26,7 @@ from typing import Any
 
 from .bpfload import BPFError, bpffs, libbpf
 from .model import DevNum, NodeKind, ProcessUse, UseKind
-from .parsers import parse_maps_devices
+from .parsers import parse_maps_devices, parse_maps_files
 from .procfs import ProcessScan, read_comm, scan_processes
 from .recording import is_recording
 from .roots import Roots
@@ -398,7 +398,7 @@ def _mapped_nodes(text: str, records: list[tuple[int, tuple[NodeKind, DevNum]]]
                   ) -> list[tuple[UseKind, str, tuple[NodeKind, DevNum] | None, DevNum | None]]:
     """Each node the process maps, once, named by its first mapping's path in the maps
     (the mapping at the record's start address)."""
-    paths = {start: path for _span, start, path in _maps_lines(text)}
+    paths = {m[1]: m[2] for m in parse_maps_files(text)}
     out: list[tuple[UseKind, str, tuple[NodeKind, DevNum] | None, DevNum | None]] = []
     seen: set[tuple[NodeKind, DevNum]] = set()
     for start, node in sorted(records):
@@ -406,20 +406,6 @@ def _mapped_nodes(text: str, records: list[tuple[int, tuple[NodeKind, DevNum]]]
             continue
         seen.add(node)
         out.append(("mmap", paths.get(start, "?"), node, None))
-    return out
-
-
-def _maps_lines(text: str) -> list[tuple[str, int, str]]:
-    """Every file-backed mapping: (range, start, path)."""
-    out = []
-    for line in text.split("\n"):
-        parts = line.split(None, 5)
-        if len(parts) < 6:
-            continue
-        try:
-            out.append((parts[0], int(parts[0].partition("-")[0], 16), parts[5]))
-        except ValueError:
-            continue
     return out
 
 

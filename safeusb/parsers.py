@@ -112,14 +112,13 @@ def parse_ns_link(target: str, kind: str = "mnt") -> int:
     return int(inode)
 
 
-def parse_maps_dev_nodes(text: str) -> list[tuple[str, int, str, int, int]]:
-    """The mappings in /proc/PID/maps of files under /dev/ (where device nodes are), in
-    address order: (the range as /proc/PID/map_files names it, its start, the path, the
-    file's st_dev and inode number)."""
+def parse_maps_files(text: str) -> list[tuple[str, int, str, int, int]]:
+    """The file-backed mappings in /proc/PID/maps, in address order: (the range as
+    /proc/PID/map_files names it, its start, the path, the file's st_dev and inode)."""
     found = []
     for line in text.split("\n"):
         parts = line.split(None, 5)
-        if len(parts) < 6 or not parts[5].startswith("/dev/"):
+        if len(parts) < 6:
             continue
         span = parts[0]
         major, _, minor = parts[3].partition(":")
@@ -131,6 +130,11 @@ def parse_maps_dev_nodes(text: str) -> list[tuple[str, int, str, int, int]]:
             continue
         found.append((span, start, parts[5], dev, ino))
     return found
+
+
+def parse_maps_dev_nodes(text: str) -> list[tuple[str, int, str, int, int]]:
+    """parse_maps_files's mappings of files under /dev/ (where device nodes are)."""
+    return [m for m in parse_maps_files(text) if m[2].startswith("/dev/")]
 
 
 def parse_maps_devices(text: str) -> dict[DevNum, str]:
