@@ -695,6 +695,10 @@ def vng_command(boot: Boot, workdir: Path) -> list[str]:
     return [
         _which("vng"), "--verbose", "--run", str(kernel), "--disable-kvm", "--disable-microvm",
         "--force-9p", "--memory", boot.memory, "--cpus", "2",
+        # No KVM inside: the nested domain runs under TCG (g1.xml, type 'qemu'), and KVM on
+        # the SVM that TCG emulates is one more thing a boot can hang in (libvirtd probes
+        # /dev/kvm at its start, where two boots stopped for good, SysRq included).
+        "--append", "module_blacklist=kvm,kvm_amd,kvm_intel",
         "--overlay-rwdir", "/etc", "--overlay-rwdir", "/var",
         *(a for d in boot.rw_overlays for a in ("--overlay-rwdir", d)),
         "--rwdir", str(share),
