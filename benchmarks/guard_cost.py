@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from safeusb import guard  # noqa: E402
+from safeusb.host import guard  # noqa: E402
 from safeusb.lab import harness  # noqa: E402
 from tests.vm import GUEST_DIR  # noqa: E402
 

@@ -203,9 +203,9 @@ def main() -> int:
     print("wall ms (CPU ms: the commands' own, safeusbd's included), medians; x: against by "
           "hand")
     sys.path.insert(0, str(ROOT))
-    from safeusb import bpfscan  # noqa: PLC0415
-    from safeusb.client import ask  # noqa: PLC0415
-    from safeusb.roots import Roots  # noqa: PLC0415
+    from safeusb.host import bpfscan  # noqa: PLC0415
+    from safeusb.host.roots import Roots  # noqa: PLC0415
+    from safeusb.safeusbd.client import ask  # noqa: PLC0415
 
     why = bpfscan.unavailable(Roots.host())
     if why is None:

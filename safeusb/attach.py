@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import LibvirtError, Refused, SafeUSBError, XMLError
-from .hostdev import usb_hostdevs
-from .model import Target
-from .policy import Policy
-from .selector import Selector, resolve
-from .service import Handover, refusal_text, release_lines
+from safeusb.errors import LibvirtError, Refused, SafeUSBError, XMLError
+from safeusb.handover.policy import Policy
+from safeusb.handover.service import Handover, refusal_text, release_lines
+from safeusb.host.selector import Selector, resolve
+from safeusb.hostdev import usb_hostdevs
+from safeusb.model import Target
 
 
 @dataclass(frozen=True)

@@ -9,17 +9,17 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, defaults
-from .errors import EXIT_FREE, EXIT_IN_USE, SafeUSBError, UsageError, XMLError, exit_code_for
-from .logsetup import setup_logging
-from .roots import Roots
+from safeusb import __version__, defaults
+from safeusb.errors import EXIT_FREE, EXIT_IN_USE, SafeUSBError, UsageError, XMLError, exit_code_for
+from safeusb.host.roots import Roots
+from safeusb.logsetup import setup_logging
 
 # Each command imports what it uses when it runs: `inspect` pays for no acting, policy,
 # libvirt or network code at start-up.
 if TYPE_CHECKING:
-    from .handover import Outcome
-    from .model import Target
-    from .service import Handover
+    from safeusb.handover.service import Handover
+    from safeusb.handover.transaction import Outcome
+    from safeusb.model import Target
 
 # From defaults.py, so that the parser needs no policy or state code (loaded per command).
 DEFAULT_POLICY = defaults.POLICY
@@ -34,7 +34,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _timeout(text: str) -> float:
-    from .policy import check_timeout  # noqa: PLC0415 (policy code only when acting)
+    from safeusb.handover.policy import check_timeout  # noqa: PLC0415 (policy code only when acting)
 
     try:
         return check_timeout(text)
@@ -219,7 +219,7 @@ def ask_daemon(args: argparse.Namespace, what: dict[str, Any]) -> dict[str, Any]
     comes, never what it says."""
     if args.local or not os.path.exists(args.daemon_socket):
         return None
-    from .client import ask  # noqa: PLC0415 (only when there is a daemon to ask)
+    from safeusb.safeusbd.client import ask  # noqa: PLC0415 (only when there is a daemon to ask)
 
     try:
         answer = ask("inspect", what, args.daemon_socket, timeout=DAEMON_TIMEOUT)
@@ -231,7 +231,7 @@ def ask_daemon(args: argparse.Namespace, what: dict[str, Any]) -> dict[str, Any]
 
 
 def target_from_args(args: argparse.Namespace, roots: Roots) -> Target:
-    from .selector import Selector, resolve  # noqa: PLC0415
+    from safeusb.host.selector import Selector, resolve  # noqa: PLC0415
 
     if (args.selector is None) == (args.xml is None):
         raise UsageError("give exactly one of SELECTOR or --xml FILE")
@@ -241,7 +241,7 @@ def target_from_args(args: argparse.Namespace, roots: Roots) -> Target:
                 data = f.read(16 * 1024 * 1024 + 1)
         except OSError as exc:
             raise XMLError(args.xml, exc.strerror or str(exc)) from None
-        from .hostdev import usb_hostdevs  # noqa: PLC0415 (lxml only when XML is given)
+        from safeusb.hostdev import usb_hostdevs  # noqa: PLC0415 (lxml only when XML is given)
 
         hostdevs = usb_hostdevs(data, args.xml)
         if len(hostdevs) != 1:
@@ -254,7 +254,7 @@ def cmd_inspect(args: argparse.Namespace, roots: Roots) -> int:
     if args.selector is not None and args.xml is None and roots.live:
         answer = ask_daemon(args, {"selector": args.selector})
         if answer is not None:
-            from .textout import text_of_json  # noqa: PLC0415
+            from safeusb.textout import text_of_json  # noqa: PLC0415
 
             try:
                 text = text_of_json(answer)
@@ -269,12 +269,12 @@ def cmd_inspect(args: argparse.Namespace, roots: Roots) -> int:
                 else:
                     sys.stdout.write(text)
                 return EXIT_FREE if answer["free"] else EXIT_IN_USE
-    from .inspect import inspect  # noqa: PLC0415
-    from .report import as_json, as_text  # noqa: PLC0415
-    from .snapshot import read_snapshot  # noqa: PLC0415
+    from safeusb.host.snapshot import read_snapshot  # noqa: PLC0415
+    from safeusb.inspect.decide import inspect  # noqa: PLC0415
+    from safeusb.inspect.report import as_json, as_text  # noqa: PLC0415
 
     target = target_from_args(args, roots)
-    from .runner import Runner  # noqa: PLC0415 (to mount debugfs, if it is not)
+    from safeusb.host.runner import Runner  # noqa: PLC0415 (to mount debugfs, if it is not)
 
     Runner.for_roots(roots).ensure_debugfs(roots)
     findings = inspect(read_snapshot(roots, target))
@@ -295,7 +295,7 @@ def _print_outcome(verb: str, head: str, outcome: Outcome, as_json: bool) -> int
         json.dump(outcome.as_json(), sys.stdout, indent=2)
         sys.stdout.write("\n")
         return EXIT_FREE if outcome.ok else EXIT_IN_USE
-    from .service import outcome_lines  # noqa: PLC0415
+    from safeusb.handover.service import outcome_lines  # noqa: PLC0415
 
     out = sys.stdout if outcome.ok else sys.stderr
     out.write("\n".join(outcome_lines(verb, head, outcome)) + "\n")
@@ -305,13 +305,13 @@ def _print_outcome(verb: str, head: str, outcome: Outcome, as_json: bool) -> int
 def _handover(args: argparse.Namespace, roots: Roots,
               progress: Callable[[str], None] | None = None,
               dry_run: bool = False) -> Handover:
-    from .service import Handover  # noqa: PLC0415 (the acting code only when acting)
+    from safeusb.handover.service import Handover  # noqa: PLC0415 (the acting code only when acting)
 
     return Handover.from_paths(roots, args.policy, args.state_dir, progress, dry_run)
 
 
 def cmd_prepare(args: argparse.Namespace, roots: Roots) -> int:
-    from .runner import stderr_progress  # noqa: PLC0415
+    from safeusb.host.runner import stderr_progress  # noqa: PLC0415
 
     target = target_from_args(args, roots)
     handover = _handover(args, roots, dry_run=args.dry_run, progress=stderr_progress)
@@ -329,7 +329,7 @@ def cmd_release(args: argparse.Namespace, roots: Roots) -> int:
 
 
 def cmd_install_hook(args: argparse.Namespace, roots: Roots) -> int:
-    from . import install  # noqa: PLC0415
+    from safeusb import install  # noqa: PLC0415
 
     if args.command == "install-hook":
         print(install.install(args.root, args.python, sites=args.site)
@@ -340,7 +340,7 @@ def cmd_install_hook(args: argparse.Namespace, roots: Roots) -> int:
 
 
 def cmd_confinement(args: argparse.Namespace, roots: Roots) -> int:
-    from . import confinement  # noqa: PLC0415
+    from safeusb import confinement  # noqa: PLC0415
 
     if args.command == "uninstall-confinement":
         lines = confinement.uninstall(args.root)
@@ -354,8 +354,8 @@ def cmd_confinement(args: argparse.Namespace, roots: Roots) -> int:
 
 
 def cmd_udev_rules(args: argparse.Namespace, roots: Roots) -> int:
-    from . import udevrules  # noqa: PLC0415
-    from .policy import Policy  # noqa: PLC0415
+    from safeusb import udevrules  # noqa: PLC0415
+    from safeusb.handover.policy import Policy  # noqa: PLC0415
 
     policy = Policy.from_file(args.policy)
     if args.print_only:
@@ -366,7 +366,7 @@ def cmd_udev_rules(args: argparse.Namespace, roots: Roots) -> int:
 
 
 def cmd_attach(args: argparse.Namespace, roots: Roots) -> int:
-    from . import attach  # noqa: PLC0415
+    from safeusb import attach  # noqa: PLC0415
 
     try:
         with open(args.file, "rb") as f:
@@ -388,14 +388,14 @@ def cmd_attach(args: argparse.Namespace, roots: Roots) -> int:
 
 
 def cmd_status(args: argparse.Namespace, roots: Roots) -> int:
-    from .status import collect  # noqa: PLC0415
+    from safeusb.status import collect  # noqa: PLC0415
 
     def ask(bus: int, addr: int) -> dict[str, Any] | None:
         return ask_daemon(args, {"bus": bus, "addr": addr})
 
     guard_state = None
     if roots.sys == "/sys":  # the guard is this host's kernel's, not a recording's
-        from .guard import report  # noqa: PLC0415
+        from safeusb.host.guard import report  # noqa: PLC0415
 
         guard_state = report(DEFAULT_STATE_DIR)
     status = collect(roots, args.connect, guard_state, ask=ask if roots.live else None,
@@ -412,7 +412,7 @@ def cmd_status(args: argparse.Namespace, roots: Roots) -> int:
 
 
 def cmd_guard(args: argparse.Namespace, roots: Roots) -> int:
-    from . import guard  # noqa: PLC0415
+    from safeusb.host import guard  # noqa: PLC0415
 
     if args.action == "status":
         rep = guard.report(args.state_dir)
@@ -434,8 +434,8 @@ def cmd_guard(args: argparse.Namespace, roots: Roots) -> int:
         print("safeusb: guard not available on this kernel: " + "; ".join(avail.reasons)
               + (f"; to enable it: {avail.hint}" if avail.hint else ""), file=sys.stderr)
         return guard.STATUS_UNAVAILABLE
-    from .events import handed_over  # noqa: PLC0415
-    from .journal import StateDir  # noqa: PLC0415
+    from safeusb.host.journal import StateDir  # noqa: PLC0415
+    from safeusb.safeusbd.events import handed_over  # noqa: PLC0415
 
     state = StateDir(args.state_dir)
     keys, _problems = state.keys()
@@ -451,7 +451,7 @@ def cmd_guard(args: argparse.Namespace, roots: Roots) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, roots: Roots) -> int:
-    from . import demo  # noqa: PLC0415
+    from safeusb import demo  # noqa: PLC0415
 
     return demo.main(args.keep)
 
@@ -484,7 +484,7 @@ def main(argv: Sequence[str] | None = None, roots: Roots | None = None) -> int:
             args.command == "guard" and args.action != "status")
         setup_logging(logging.INFO if (args.verbose or acting) else logging.WARNING, acting)
         if args.command in ("protect", "unprotect"):
-            from . import protect  # noqa: PLC0415
+            from safeusb import protect  # noqa: PLC0415
 
             return protect.run(args)
         return COMMANDS[args.command](args, roots or Roots.host())

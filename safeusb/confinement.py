@@ -18,8 +18,8 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import SafeUSBError
-from .install import Installed, code_dirs
+from safeusb.errors import SafeUSBError
+from safeusb.install import Installed, code_dirs
 
 PROG = "safeusb-qemu-gate"
 APPARMOR_DIR = "etc/apparmor.d"
@@ -252,7 +252,7 @@ def apparmor_enabled(sysfs: str = "/sys") -> bool:
 
 def libvirt_security_models(capabilities_xml: bytes) -> tuple[str, ...]:
     """The security drivers libvirt confines QEMU with, from its capabilities."""
-    from .hostdev import parse_xml  # noqa: PLC0415
+    from safeusb.hostdev import parse_xml  # noqa: PLC0415
 
     root = parse_xml(capabilities_xml, "libvirt's capabilities")
     return tuple((m.text or "").strip() for m in root.iterfind("host/secmodel/model"))

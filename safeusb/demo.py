@@ -16,8 +16,8 @@ import sys
 import threading
 import time
 
-from .lab import harness
-from .lab.harness import (
+from safeusb.lab import harness
+from safeusb.lab.harness import (
     LAB_GUEST,
     MIB,
     SAFEUSB,

@@ -15,9 +15,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .errors import XMLError
-from .hostdev import MAX_XML_BYTES, UsbHostdev, _is_usb_hostdev, parse_xml
-from .policy import SETTING_KEYS, Policy, PolicyError, Settings, _Loader, check_timeout
+from safeusb.errors import XMLError
+from safeusb.handover.policy import (
+    SETTING_KEYS,
+    Policy,
+    PolicyError,
+    Settings,
+    _Loader,
+    check_timeout,
+)
+from safeusb.hostdev import MAX_XML_BYTES, UsbHostdev, _is_usb_hostdev, parse_xml
 
 NS = "https://safeusb.invalid/xmlns/1"
 

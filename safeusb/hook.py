@@ -16,15 +16,15 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .domain import DomainInfo, policy_for_domain
-from .errors import NoSuchDevice, SafeUSBError, XMLError
-from .journal import DEFAULT_DIR
-from .logsetup import setup_logging
-from .model import Target
-from .policy import DEFAULT_PATH
-from .roots import Roots
-from .selector import Selector, resolve
-from .service import Handover
+from safeusb.domain import DomainInfo, policy_for_domain
+from safeusb.errors import NoSuchDevice, SafeUSBError, XMLError
+from safeusb.handover.policy import DEFAULT_PATH
+from safeusb.handover.service import Handover
+from safeusb.host.journal import DEFAULT_DIR
+from safeusb.host.roots import Roots
+from safeusb.host.selector import Selector, resolve
+from safeusb.logsetup import setup_logging
+from safeusb.model import Target
 
 EXIT_REFUSED = 3
 MAX_DOMAIN_XML_BYTES = 64 * 1024 * 1024

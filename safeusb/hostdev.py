@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
-from .errors import XMLError
+from safeusb.errors import XMLError
 
 MAX_XML_BYTES = 4 * 1024 * 1024
 

@@ -11,9 +11,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import trust
-from .errors import SafeUSBError, UsageError
-from .journal import DEFAULT_DIR as STATE_DIR
+from safeusb import trust
+from safeusb.errors import SafeUSBError, UsageError
+from safeusb.host.journal import DEFAULT_DIR as STATE_DIR
 
 TEMPLATE = Path(__file__).resolve().parent / "libvirt_hook.in"
 HOOK_DIR = "etc/libvirt/hooks/qemu.d"

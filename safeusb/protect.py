@@ -24,10 +24,10 @@ from typing import Any
 
 from lxml import etree
 
-from . import confinement, trust
-from .errors import EXIT_IN_USE, LibvirtError, SafeUSBError, UsageError
-from .gate import GATE_ROOT, PROG, is_gate_path, launcher_path
-from .hostdev import parse_xml
+from safeusb import confinement, trust
+from safeusb.errors import EXIT_IN_USE, LibvirtError, SafeUSBError, UsageError
+from safeusb.gate.proxy import GATE_ROOT, PROG, is_gate_path, launcher_path
+from safeusb.hostdev import parse_xml
 
 NS = "https://safeusb.invalid/xmlns/1"
 _GATE = f"{{{NS}}}gate"

@@ -7,17 +7,27 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import defaults, sysfs
-from .errors import SafeUSBError
-from .inspect import Findings
-from .model import Target, UsbDevice
-from .reasons import Dirty, Holder, LoopHolder, Mount, Open, Reason, ReasonKind, reason_from_json
-from .roots import Roots
-from .textout import human_bytes
+from safeusb import defaults
+from safeusb.errors import SafeUSBError
+from safeusb.host import sysfs
+from safeusb.host.roots import Roots
+from safeusb.inspect.decide import Findings
+from safeusb.model import Target, UsbDevice
+from safeusb.reasons import (
+    Dirty,
+    Holder,
+    LoopHolder,
+    Mount,
+    Open,
+    Reason,
+    ReasonKind,
+    reason_from_json,
+)
+from safeusb.textout import human_bytes
 
 if TYPE_CHECKING:
-    from .domain import DomainInfo
-    from .runner import Runner
+    from safeusb.domain import DomainInfo
+    from safeusb.host.runner import Runner
 
 # Asks safeusbd to inspect the device at (bus, address): its JSON answer, or None when it
 # gives none (the device is then inspected here).
@@ -193,7 +203,7 @@ class Status:
                 "`safeusb protect --all`): " + ", ".join(self.unprotected))
 
     def _guard_text(self) -> str:
-        from .guard import as_text  # noqa: PLC0415
+        from safeusb.host.guard import as_text  # noqa: PLC0415
 
         return as_text(self.guard) if self.guard is not None else ""
 
@@ -231,14 +241,14 @@ def _domains(uri: str | None) -> tuple[list[tuple[str, str, DomainInfo]], str,
                                         tuple[str, ...] | None]:
     """Each domain (name, state, USB devices), libvirt's state in words, and the domains
     whose definition does not run the gate."""
-    from .domain import DomainInfo  # noqa: PLC0415 (lxml and the policy code, only here)
+    from safeusb.domain import DomainInfo  # noqa: PLC0415 (lxml and the policy code, only here)
 
     try:
         import libvirt  # noqa: PLC0415
     except ImportError:
         return [], "libvirt-python is not installed: domains not shown", None
-    from .hostdev import parse_xml  # noqa: PLC0415
-    from .protect import is_protected  # noqa: PLC0415
+    from safeusb.hostdev import parse_xml  # noqa: PLC0415
+    from safeusb.protect import is_protected  # noqa: PLC0415
 
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     try:
@@ -294,9 +304,9 @@ def attach_status(roots: Roots, policy_path: str, state_dir: str,
     """The policy's attach_to rules, their domains and the devices each matches now (a
     device counts for the first rule it matches, as safeusbd decides), with where each is:
     handed to a domain (safeusb's record) or on the host."""
-    from . import udevrules  # noqa: PLC0415
-    from .journal import StateDir, StateError  # noqa: PLC0415
-    from .policy import Policy  # noqa: PLC0415
+    from safeusb import udevrules  # noqa: PLC0415
+    from safeusb.handover.policy import Policy  # noqa: PLC0415
+    from safeusb.host.journal import StateDir, StateError  # noqa: PLC0415
 
     try:
         policy = Policy.from_file(policy_path)
@@ -357,9 +367,9 @@ def collect(roots: Roots, uri: str | None = None, guard: dict[str, Any] | None =
                 except ValueError:
                     findings = None
         if not hub and findings is None:
-            from .inspect import inspect  # noqa: PLC0415
-            from .runner import Runner  # noqa: PLC0415
-            from .snapshot import read_snapshot  # noqa: PLC0415
+            from safeusb.host.runner import Runner  # noqa: PLC0415
+            from safeusb.host.snapshot import read_snapshot  # noqa: PLC0415
+            from safeusb.inspect.decide import inspect  # noqa: PLC0415
 
             if runner is None:
                 runner = Runner.for_roots(roots)

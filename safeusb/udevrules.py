@@ -25,8 +25,8 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
-from .errors import SafeUSBError
-from .policy import Policy, Rule
+from safeusb.errors import SafeUSBError
+from safeusb.handover.policy import Policy, Rule
 
 RULES_DIR = "/etc/udev/rules.d"
 RULES_NAME = "10-safeusb-attach.rules"

@@ -1,4 +1,4 @@
-"""The /proc scan as it was before it was made faster (safeusb/procfs.py at the time):
+"""The /proc scan as it was before it was made faster (safeusb/host/procfs.py at the time):
 the reference that tests/unit/test_procfs_compare.py (recorded trees) and
 tests/host/test_procfs_compare_host.py (live kernel objects) hold the current scan to, field
 by field, on the same host objects. Not used by safeusb itself."""
@@ -11,16 +11,16 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from safeusb.model import DevNum, MountNamespace, NodeKind, ProcessUse, Unreadable, UseKind
-from safeusb.parsers import (
+from safeusb.host.parsers import (
     ParseError,
     parse_maps_devices,
     parse_mountinfo,
     parse_ns_link,
     parse_swaps,
 )
-from safeusb.recording import RecordedStat, Stater, is_recording
-from safeusb.roots import Roots
+from safeusb.host.recording import RecordedStat, Stater, is_recording
+from safeusb.host.roots import Roots
+from safeusb.model import DevNum, MountNamespace, NodeKind, ProcessUse, Unreadable, UseKind
 
 _GONE = (errno.ENOENT, errno.ESRCH)
 

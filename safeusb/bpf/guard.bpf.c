@@ -45,7 +45,7 @@
 #define NAME_LEN 32
 #define MAX_INTERFACES 32
 
-/* What was tried; mirrored in safeusb/guard.py. */
+/* What was tried; mirrored in safeusb/host/guard.py. */
 enum guard_kind {
 	KIND_IOCTL_DISCONNECT = 1,
 	KIND_DISCONNECT_CLAIM = 2,

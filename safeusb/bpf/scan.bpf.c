@@ -4,13 +4,13 @@
  * directory (iter/task), open files (iter/task_file) and file-backed mappings
  * (iter/task_vma) in the kernel, and write out only those on the device being inspected:
  * files whose filesystem (s_dev) or device node (i_rdev) is in the devs map, which
- * safeusb/bpfscan.py fills before it reads the iterators.
+ * safeusb/host/bpfscan.py fills before it reads the iterators.
  *
  * Only thread group leaders are reported: /proc/PID/fd, cwd, root and maps, which the
  * /proc scan reads, are the leader's. Files on filesystems whose stat() may report
  * another device than the superblock's (overlayfs, btrfs) are written out with
  * REC_STAT so that user space stats them as the /proc scan does. Records are fixed-size
- * (struct scan_rec, mirrored in safeusb/bpfscan.py); names are read by user space for the
+ * (struct scan_rec, mirrored in safeusb/host/bpfscan.py); names are read by user space for the
  * few that match. Fields are read directly (BTF pointers, CO-RE relocated through
  * vmlinux.h's preserve_access_index): the map program runs once per mapping of every
  * process, and a probe-read helper call per field costs more than the rest of it.

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from safeusb import protocol as proto
-from safeusb.daemon import Daemon, Done, bind_socket, identify
-from safeusb.peer import MachineScope
-from safeusb.protocol import DeviceArgs
+from safeusb.safeusbd import protocol as proto
+from safeusb.safeusbd.peer import MachineScope
+from safeusb.safeusbd.protocol import DeviceArgs
+from safeusb.safeusbd.server import Daemon, Done, bind_socket, identify
 
 HANG = 60.0  # a bound on a hang only
 

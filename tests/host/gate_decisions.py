@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from safeusb.errors import SafeUSBError
-from safeusb.qemu_usb_host import UsbHostRequest
+from safeusb.gate.qemu_usb_host import UsbHostRequest
 
 
 def refuse_bus_9(request: UsbHostRequest, cancel: threading.Event) -> None:

@@ -1,5 +1,5 @@
-"""The in-kernel scan (BPF iterators, safeusb/bpfscan.py) against the /proc scan
-(safeusb/procfs.py) on the same live kernel objects: a loop ext4 mounted on the host and
+"""The in-kernel scan (BPF iterators, safeusb/host/bpfscan.py) against the /proc scan
+(safeusb/host/procfs.py) on the same live kernel objects: a loop ext4 mounted on the host and
 in a private mount namespace, and processes that hold it every way both look for (a
 descriptor of a file, a memory map of a file whose descriptor was closed, a deleted file
 still open, working directory, root directory, the block node held open, a character
@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from safeusb import bpfscan, procfs
+from safeusb.host import bpfscan, procfs
+from safeusb.host.procfs import ProcessScan
+from safeusb.host.roots import Roots
 from safeusb.model import DevNum, NodeKind, ProcessUse
-from safeusb.procfs import ProcessScan
-from safeusb.roots import Roots
 from tests.host.conftest import Loop, background, mounted, wait_for
 
 HOLD = """
@@ -236,8 +236,8 @@ def test_mount_namespaces_from_the_kernel_match_proc(held) -> None:  # type: ign
 
 
 def test_snapshots_alike_with_and_without_the_kernel_scan(held, loop_ext4: Loop) -> None:  # type: ignore[no-untyped-def]
-    from safeusb.selector import Selector, resolve  # noqa: PLC0415
-    from safeusb.snapshot import read_snapshot  # noqa: PLC0415
+    from safeusb.host.selector import Selector, resolve  # noqa: PLC0415
+    from safeusb.host.snapshot import read_snapshot  # noqa: PLC0415
 
     roots = Roots.host()
     target = resolve(Selector.from_string(loop_ext4.node), roots)

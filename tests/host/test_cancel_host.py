@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from safeusb.handover import prepare
-from safeusb.journal import StateDir
-from safeusb.policy import Policy
-from safeusb.roots import Roots
-from safeusb.runner import Runner
-from safeusb.selector import Selector, resolve
+from safeusb.handover.policy import Policy
+from safeusb.handover.transaction import prepare
+from safeusb.host.journal import StateDir
+from safeusb.host.roots import Roots
+from safeusb.host.runner import Runner
+from safeusb.host.selector import Selector, resolve
 from tests.host.conftest import Loop, background, wait_for
 from tests.host.test_prepare_host import UNMOUNT, _mounted_in, _ns_mount, stalled_mount
 

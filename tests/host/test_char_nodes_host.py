@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from safeusb.procfs import list_pids, scan_processes
-from safeusb.roots import Roots
+from safeusb.host.procfs import list_pids, scan_processes
+from safeusb.host.roots import Roots
 from tests.conftest import require_root
 from tests.host.conftest import background
 

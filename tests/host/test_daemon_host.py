@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from safeusb import protocol as proto
-from safeusb.client import DaemonError, DaemonUnavailable, ask
+from safeusb.safeusbd import protocol as proto
+from safeusb.safeusbd.client import DaemonError, DaemonUnavailable, ask
 from tests.conftest import ROOT, require_root
 from tests.host.conftest import Loop, background, wait_for
 from tests.host.test_prepare_host import UNMOUNT, _mounted_in, _ns_mount
@@ -94,7 +94,7 @@ def test_root_may_ping_and_inspect(safeusbd: Served, loop_ext4: Loop) -> None:
 
 _AS_NOBODY = """
 import json, sys
-from safeusb.client import DaemonError, ask
+from safeusb.safeusbd.client import DaemonError, ask
 out = {}
 for op, args in (("ping", {}), ("inspect", {"selector": sys.argv[2]}),
                  ("prepare", {"selector": sys.argv[2], "domain": "g1"}),

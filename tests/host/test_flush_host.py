@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from safeusb.runner import FlushTimeout, Runner, StepFailed
+from safeusb.host.runner import FlushTimeout, Runner, StepFailed
 from tests.host.conftest import Loop, run, wait_for
 
 pytestmark = pytest.mark.host

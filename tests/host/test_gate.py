@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from safeusb.qmp import send_with_fds
+from safeusb.gate.qmp import send_with_fds
 
 QEMU = shutil.which("qemu-system-x86_64")
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,7 +90,7 @@ def gated(tmp_path: Path, decision: str | None = "tests.host.gate_decisions:refu
     fd = listener.fileno()
     os.set_inheritable(fd, True)
     log = tmp_path / "domain.log"
-    argv = [sys.executable, "-m", "safeusb.gate", "--real-emulator", QEMU,
+    argv = [sys.executable, "-m", "safeusb.gate.proxy", "--real-emulator", QEMU,
             *(("--decision", decision) if decision else ()), *extra, "--",
             "-name", "guest=gated,debug-threads=on", "-machine", "pc,accel=tcg",
             "-nodefaults", "-display", "none", "-S", "-m", "32",

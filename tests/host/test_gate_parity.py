@@ -37,8 +37,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safeusb.gate import CloseFds, Session, ToServer
-from safeusb.qemu_usb_host import (
+from safeusb.gate.proxy import CloseFds, Session, ToServer
+from safeusb.gate.qemu_usb_host import (
     FDSET_PREFIX,
     UNSEEN_FD,
     FdIdentity,
@@ -46,8 +46,8 @@ from safeusb.qemu_usb_host import (
     UsbHostRequest,
     device_add_request,
 )
-from safeusb.qemuparse import qemu_strtol10
-from safeusb.qmp import send_with_fds
+from safeusb.gate.qemuparse import qemu_strtol10
+from safeusb.gate.qmp import send_with_fds
 
 QEMU = shutil.which("qemu-system-x86_64")
 pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")

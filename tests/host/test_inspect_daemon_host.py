@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from safeusb import cli, protocol
+from safeusb import cli
+from safeusb.safeusbd import protocol
 from tests.conftest import ROOT, SAFEUSB
 from tests.host.conftest import Loop, background, mounted, run
 from tests.host.test_daemon_host import HANG, serve_safeusbd

@@ -167,10 +167,10 @@ def test_reading_never_mounts_debugfs_and_acting_does(loop_ext4: Loop, tmp_path:
     require_root()
     from dataclasses import replace  # noqa: PLC0415
 
-    from safeusb.roots import Roots  # noqa: PLC0415
-    from safeusb.runner import Runner  # noqa: PLC0415
-    from safeusb.selector import Selector, resolve  # noqa: PLC0415
-    from safeusb.snapshot import read_snapshot  # noqa: PLC0415
+    from safeusb.host.roots import Roots  # noqa: PLC0415
+    from safeusb.host.runner import Runner  # noqa: PLC0415
+    from safeusb.host.selector import Selector, resolve  # noqa: PLC0415
+    from safeusb.host.snapshot import read_snapshot  # noqa: PLC0415
 
     where = tmp_path / "debugfs"
     where.mkdir()

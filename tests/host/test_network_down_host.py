@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from safeusb.plan import down_link
-from safeusb.runner import Runner
+from safeusb.handover.plan import down_link
+from safeusb.host.runner import Runner
 from tests.host.test_network_host import NetLab, by_name, lab, ns_inode, scan
 
 pytestmark = pytest.mark.host

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from safeusb.handover import prepare, release
-from safeusb.journal import StateDir
-from safeusb.policy import Policy
-from safeusb.roots import Roots
-from safeusb.runner import Runner, StepFailed
-from safeusb.selector import Selector, resolve
+from safeusb.handover.policy import Policy
+from safeusb.handover.transaction import prepare, release
+from safeusb.host.journal import StateDir
+from safeusb.host.roots import Roots
+from safeusb.host.runner import Runner, StepFailed
+from safeusb.host.selector import Selector, resolve
 from tests.host.conftest import Loop, background, run, wait_for
 
 pytestmark = pytest.mark.host

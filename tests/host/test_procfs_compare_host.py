@@ -11,8 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from safeusb import procfs
-from safeusb.roots import Roots
+from safeusb.host import procfs
+from safeusb.host.roots import Roots
 from tests import procfs_reference as reference
 from tests.host.conftest import Loop, background, mounted, wait_for
 

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safeusb.roots import Roots
+from safeusb.host.roots import Roots
 
 PCI = "devices/pci0000:00/0000:00:04.0"
 LINUX_NS = 4026531840

@@ -7,13 +7,13 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from safeusb import sysfs
-from safeusb.handover import _left_the_host, without_request
-from safeusb.inspect import inspect
+from safeusb.handover.transaction import _left_the_host, without_request
+from safeusb.host import sysfs
+from safeusb.host.parsers import parse_devnum
+from safeusb.host.selector import Selector, resolve
+from safeusb.host.snapshot import read_snapshot
+from safeusb.inspect.decide import inspect
 from safeusb.model import ProcessUse
-from safeusb.parsers import parse_devnum
-from safeusb.selector import Selector, resolve
-from safeusb.snapshot import read_snapshot
 from tests.unit.fakesys import LINUX_NS, ROOT_MOUNT, FakeSystem
 
 

@@ -1,4 +1,4 @@
-"""safeusbd's attach_to (safeusb.autoattach) on built sysfs trees, with fake libvirt,
+"""safeusbd's attach_to (safeusb.safeusbd.autoattach) on built sysfs trees, with fake libvirt,
 prepare and clock; the real kernel is in tests/vm/test_events_vm.py (autoattach)."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from safeusb.autoattach import AutoAttach, hostdev_xml
 from safeusb.errors import SafeUSBError
-from safeusb.events import EventLoop, HandoverWatch, UEvent
-from safeusb.journal import StateDir
-from safeusb.policy import Policy
+from safeusb.handover.policy import Policy
+from safeusb.host.journal import StateDir
+from safeusb.safeusbd.autoattach import AutoAttach, hostdev_xml
+from safeusb.safeusbd.events import EventLoop, HandoverWatch, UEvent
 from tests.unit.fakesys import FakeSystem
 
 KEY = "2-1"

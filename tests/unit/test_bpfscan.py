@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from safeusb import bpfscan, procfs
-from safeusb.bpfload import BPFError
-from safeusb.roots import Roots
+from safeusb.host import bpfscan, procfs
+from safeusb.host.bpfload import BPFError
+from safeusb.host.roots import Roots
 
 
 def test_device_numbers_in_the_kernels_encoding() -> None:

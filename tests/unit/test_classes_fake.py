@@ -15,8 +15,16 @@ from typing import Any
 
 import pytest
 
-from safeusb.inputdev import input_reasons, parse_bitmap
-from safeusb.inspect import Findings, inspect
+from safeusb.handover.plan import build_plan
+from safeusb.handover.policy import Settings
+from safeusb.handover.steps import DownLink, Handoff
+from safeusb.host.inputdev import input_reasons, parse_bitmap
+from safeusb.host.modeswitch import SwitchDbCache, parse_config, read_switch_db
+from safeusb.host.netinfo import addresses_from, device_match, net_reasons, routes_from
+from safeusb.host.selector import Selector, resolve
+from safeusb.host.snapshot import read_snapshot
+from safeusb.inspect.decide import Findings, inspect
+from safeusb.inspect.report import as_json, as_text
 from safeusb.model import (
     ClassSnapshot,
     InputDevice,
@@ -29,14 +37,6 @@ from safeusb.model import (
     NetScan,
     SwitchDb,
 )
-from safeusb.modeswitch import SwitchDbCache, parse_config, read_switch_db
-from safeusb.netinfo import addresses_from, device_match, net_reasons, routes_from
-from safeusb.plan import build_plan
-from safeusb.policy import Settings
-from safeusb.report import as_json, as_text
-from safeusb.selector import Selector, resolve
-from safeusb.snapshot import read_snapshot
-from safeusb.steps import DownLink, Handoff
 from tests.unit.fakesys import LINUX_NS, PCI, ROOT_MOUNT, FakeSystem, _link, _write
 
 # Capability bitmaps as a 64-bit kernel prints them for real devices.
@@ -438,7 +438,7 @@ def test_network_down_plan_keeps_what_was_configured_by_hand(tmp_path: Path) -> 
     assert down.describe() == ("take usb0 down in network namespace 4026531840 (keeping "
                                "10.0.2.15/24, route default via 10.0.2.2)")
     # Through the state file and back: the step is the same.
-    from safeusb.steps import step_from_json  # noqa: PLC0415
+    from safeusb.handover.steps import step_from_json  # noqa: PLC0415
 
     assert step_from_json(json.loads(json.dumps(down.as_json()))) == down
 
@@ -463,7 +463,7 @@ def test_interface_found_again_by_its_usb_interface_when_its_address_changed() -
     recorded USB interface is the device's, as long as it is the only one there."""
     from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg  # noqa: PLC0415
 
-    from safeusb.runner import _link_of  # noqa: PLC0415
+    from safeusb.host.runner import _link_of  # noqa: PLC0415
 
     def link(index: int, name: str, mac: str, parent: str | None) -> Any:
         m = ifinfmsg()

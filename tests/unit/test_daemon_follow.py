@@ -7,8 +7,8 @@ import threading
 import time
 from pathlib import Path
 
-from safeusb.client import ask
-from safeusb.daemon import Daemon, Limits, bind_socket
+from safeusb.safeusbd.client import ask
+from safeusb.safeusbd.server import Daemon, Limits, bind_socket
 from tests.unit.test_daemon_server import HANG, ROOT, FakeActions
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from safeusb.peer import (
+from safeusb.safeusbd.peer import (
     Caller,
     LibvirtResolver,
     MachineScope,

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from safeusb import protocol as proto
-from safeusb.protocol import DeviceArgs, ProtocolError, parse_reply, parse_request
+from safeusb.safeusbd import protocol as proto
+from safeusb.safeusbd.protocol import DeviceArgs, ProtocolError, parse_reply, parse_request
 
 
 def line(doc: Any) -> bytes:

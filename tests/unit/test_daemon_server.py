@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 
-from safeusb import protocol as proto
-from safeusb.client import DaemonError, DaemonUnavailable, ask
-from safeusb.daemon import Daemon, Done, Limits, activation_socket, bind_socket
 from safeusb.errors import SafeUSBError
-from safeusb.peer import Caller, Peer
-from safeusb.protocol import DeviceArgs
+from safeusb.safeusbd import protocol as proto
+from safeusb.safeusbd.client import DaemonError, DaemonUnavailable, ask
+from safeusb.safeusbd.peer import Caller, Peer
+from safeusb.safeusbd.protocol import DeviceArgs
+from safeusb.safeusbd.server import Daemon, Done, Limits, activation_socket, bind_socket
 
 ROOT = Caller(Peer(1, 0, 0), "root", why="uid 0")
 G1 = Caller(Peer(2, 64055, 64055), "domain", "g1", why="cgroup of g1")
@@ -307,7 +307,7 @@ def test_a_client_that_cancels_gets_the_answer_after_the_undo(served) -> None:  
 
 
 def test_the_gate_decision_asks_the_daemon_and_passes_its_reasons_on(served) -> None:  # type: ignore[no-untyped-def]
-    from safeusb.qemu_usb_host import UsbHostRequest, prepare_decision  # noqa: PLC0415
+    from safeusb.gate.qemu_usb_host import UsbHostRequest, prepare_decision  # noqa: PLC0415
 
     refuse = FakeActions()
     r = served(ROOT, actions=refuse)
@@ -327,7 +327,7 @@ def test_the_gate_decision_asks_the_daemon_and_passes_its_reasons_on(served) -> 
 
 
 def test_the_gate_decision_says_who_refused_what_is_not_a_reason(served) -> None:  # type: ignore[no-untyped-def]
-    from safeusb.qemu_usb_host import UsbHostRequest, prepare_decision  # noqa: PLC0415
+    from safeusb.gate.qemu_usb_host import UsbHostRequest, prepare_decision  # noqa: PLC0415
 
     r = served(G1)
     with pytest.raises(SafeUSBError) as err:
@@ -339,7 +339,7 @@ def test_the_gate_decision_says_who_refused_what_is_not_a_reason(served) -> None
 
 def test_the_gate_decision_without_a_daemon_refuses_and_says_how_to_start_it(
         tmp_path: Path) -> None:
-    from safeusb.qemu_usb_host import UsbHostRequest, prepare_decision  # noqa: PLC0415
+    from safeusb.gate.qemu_usb_host import UsbHostRequest, prepare_decision  # noqa: PLC0415
 
     path = str(tmp_path / "none.sock")
     with pytest.raises(DaemonUnavailable) as err:
@@ -404,7 +404,7 @@ if listener.fileno() != 3:
     os.dup2(listener.fileno(), 3)
 os.set_inheritable(3, True)
 os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
-os.execv(sys.executable, [sys.executable, "-m", "safeusb.daemon", *sys.argv[2:]])
+os.execv(sys.executable, [sys.executable, "-m", "safeusb.safeusbd.server", *sys.argv[2:]])
 """
 
 
@@ -440,15 +440,16 @@ def test_preload_imports_what_requests_use() -> None:
     renamed module fails here instead of costing the first decision its import)."""
     import sys  # noqa: PLC0415
 
-    from safeusb import daemon  # noqa: PLC0415
+    from safeusb.safeusbd import server as daemon  # noqa: PLC0415
 
     daemon._preload()
-    for name in ("handover", "journal", "runner", "service", "steps", "snapshot"):
+    for name in ("handover.transaction", "host.journal", "host.runner", "handover.service",
+                 "handover.steps", "host.snapshot"):
         assert f"safeusb.{name}" in sys.modules
 
 
 def test_a_prepares_log_line_says_where_its_time_went() -> None:
-    from safeusb.daemon import _took  # noqa: PLC0415
+    from safeusb.safeusbd.server import _took  # noqa: PLC0415
 
     outcome = {"read_seconds": 0.25, "done": ["flush /dev/sda", "hand over 1-1"],
                "seconds": [0.02, 0.3]}
@@ -459,7 +460,7 @@ def test_a_prepares_log_line_says_where_its_time_went() -> None:
 def test_the_hangup_watch_ends_with_the_op_not_on_a_clock(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The op's answer waits for the watch to end: it must end when the op does, not at
     its next look (a 200 ms poll added up to 200 ms to every prepare)."""
-    import safeusb.daemon as daemon_mod  # noqa: PLC0415
+    import safeusb.safeusbd.server as daemon_mod  # noqa: PLC0415
 
     timeouts: list[object] = []
     real_poll = select.poll

@@ -33,7 +33,7 @@ def test_units_verify(tmp_path: Path) -> None:
 
 
 def test_socket_unit_listens_where_the_daemon_and_client_expect() -> None:
-    from safeusb.daemon import DEFAULT_SOCKET  # noqa: PLC0415
+    from safeusb.safeusbd.server import DEFAULT_SOCKET  # noqa: PLC0415
 
     socket_unit = (UNITS / "safeusbd.socket").read_text().splitlines()
     assert f"ListenStream={DEFAULT_SOCKET}" in socket_unit

@@ -1,4 +1,4 @@
-"""safeusbd following libvirt's domain events (safeusb.domains), `safeusb protect --all`
+"""safeusbd following libvirt's domain events (safeusb.safeusbd.domains), `safeusb protect --all`
 and the unprotected domains in `safeusb status`, against libvirt's test driver (its
 events are real libvirt events, through libvirt-python's event loop)."""
 
@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 
 from safeusb import protect
-from safeusb.domains import DomainWatch, domain_active
 from safeusb.errors import UsageError
-from safeusb.gate import GATE_ROOT, launcher_path
-from safeusb.policy import Policy, PolicyError
+from safeusb.gate.proxy import GATE_ROOT, launcher_path
+from safeusb.handover.policy import Policy, PolicyError
 from safeusb.protect import is_protected, protect_all, protect_xml
+from safeusb.safeusbd.domains import DomainWatch, domain_active
 from safeusb.status import collect
 from tests.unit.fakesys import FakeSystem
 

@@ -1,4 +1,4 @@
-"""safeusbd's following of handed-over devices (safeusb.events), on built sysfs trees with
+"""safeusbd's following of handed-over devices (safeusb.safeusbd.events), on built sysfs trees with
 a fake event source and fake node holders; the real kernel is in tests/vm/test_events_vm.py."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from safeusb import events
-from safeusb.events import EventLoop, HandoverWatch, UEvent, device_now, node_holders
-from safeusb.journal import Record, StateDir, new_record
-from safeusb.roots import Roots
+from safeusb.host.journal import Record, StateDir, new_record
+from safeusb.host.roots import Roots
+from safeusb.safeusbd import events
+from safeusb.safeusbd.events import EventLoop, HandoverWatch, UEvent, device_now, node_holders
 from tests.unit.fakesys import FakeSystem
 
 HANG = 10.0

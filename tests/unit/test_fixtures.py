@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from safeusb.inspect import Findings, inspect
-from safeusb.plan import build_plan, describe_plan
-from safeusb.policy import Policy
-from safeusb.roots import Roots
-from safeusb.selector import Selector, resolve
-from safeusb.snapshot import read_snapshot
+from safeusb.handover.plan import build_plan, describe_plan
+from safeusb.handover.policy import Policy
+from safeusb.host.roots import Roots
+from safeusb.host.selector import Selector, resolve
+from safeusb.host.snapshot import read_snapshot
+from safeusb.inspect.decide import Findings, inspect
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 PLANS = Path(__file__).resolve().parent / "data" / "plans"

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safeusb.gate import Action, Ask, Session, ToClient
-from safeusb.qemu_usb_host import FdIdentity, RequestError, device_add_request
-from safeusb.qemuparse import (
+from safeusb.gate.proxy import Action, Ask, Session, ToClient
+from safeusb.gate.qemu_usb_host import FdIdentity, RequestError, device_add_request
+from safeusb.gate.qemuparse import (
     hmp_device_add_text,
     qemu_opts_items,
     qemu_strtol10,

@@ -14,11 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from safeusb import guard
-from safeusb.daemon import CLOCK_TICKS, Done, prepare_on_refusal, refused_domain, still_refused
-from safeusb.journal import StateDir
-from safeusb.peer import MachineScope
-from safeusb.protocol import DeviceArgs
+from safeusb.host import guard
+from safeusb.host.journal import StateDir
+from safeusb.safeusbd.peer import MachineScope
+from safeusb.safeusbd.protocol import DeviceArgs
+from safeusb.safeusbd.server import (
+    CLOCK_TICKS,
+    Done,
+    prepare_on_refusal,
+    refused_domain,
+    still_refused,
+)
 
 
 def event(**kw: object) -> bytes:
@@ -33,7 +39,7 @@ def test_event_layout_matches_the_c_struct() -> None:
     assert ctypes.sizeof(guard._Event) == 224
     assert guard._Event.written.offset == 184
     assert guard._Event.start_time.offset == 216
-    src = (Path(guard.__file__).parent / "bpf" / "guard.bpf.c").read_text()
+    src = (Path(guard.__file__).parent.parent / "bpf" / "guard.bpf.c").read_text()
     body = src.split("struct guard_event {", 1)[1].split("};", 1)[0]
     c_fields = [line.split(";")[0].split()[-1].split("[")[0] for line in body.splitlines()
                 if ";" in line]

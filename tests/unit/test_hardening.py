@@ -21,12 +21,12 @@ from safeusb import cli, trust
 from safeusb import hook as hookmod
 from safeusb.domain import DomainInfo
 from safeusb.errors import SafeUSBError
-from safeusb.handover import release_domain
+from safeusb.handover.policy import Policy, PolicyError
+from safeusb.handover.transaction import release_domain
+from safeusb.host.journal import StateDir, StateError, new_record
+from safeusb.host.roots import Roots
+from safeusb.host.runner import Runner
 from safeusb.install import InstallError, boot_source, install, render
-from safeusb.journal import StateDir, StateError, new_record
-from safeusb.policy import Policy, PolicyError
-from safeusb.roots import Roots
-from safeusb.runner import Runner
 from tests.unit.fakesys import FakeSystem
 
 pytestmark = pytest.mark.hostile

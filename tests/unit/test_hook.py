@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from safeusb.domain import DomainInfo, policy_for_domain
+from safeusb.handover.policy import Policy, PolicyError
 from safeusb.hook import EXIT_REFUSED, hook
 from safeusb.install import install, render, uninstall
-from safeusb.policy import Policy, PolicyError
 from tests.unit.fakesys import FakeSystem
 
 DOMAINS = Path(__file__).parent / "data" / "domains"

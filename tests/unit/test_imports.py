@@ -129,10 +129,10 @@ def test_the_graph_is_read() -> None:
     """The reader sees every kind of import (a guard against a test that passes because
     it reads nothing)."""
     edges = graph()
-    assert "safeusb.inspect" in edges["safeusb.plan"]  # from .inspect import ...
-    assert "safeusb.sysfs" in edges["safeusb.status"]  # from . import sysfs
-    assert "safeusb.runner" in edges["safeusb.status"]  # under TYPE_CHECKING
-    assert "safeusb.snapshot" in edges["safeusb.status"]  # inside a function
+    assert "safeusb.inspect.decide" in edges["safeusb.handover.plan"]  # from a.b import ...
+    assert "safeusb.host.sysfs" in edges["safeusb.status"]  # from safeusb.host import sysfs
+    assert "safeusb.host.runner" in edges["safeusb.status"]  # under TYPE_CHECKING
+    assert "safeusb.host.snapshot" in edges["safeusb.status"]  # inside a function
 
 
 def test_circles_are_found() -> None:
@@ -146,3 +146,46 @@ def test_no_import_circle_but_the_known_ones() -> None:
     assert not new, f"import circles: {new}"
     gone = sorted(KNOWN_CIRCLES - found)
     assert not gone, f"no longer circles, take them out of KNOWN_CIRCLES: {gone}"
+
+
+# The floors of the package (safeusb/__init__.py): a module imports its own floor and the
+# ones below it, never one above. The shared vocabulary is the ground floor.
+VOCABULARY = {"errors", "model", "reasons", "textout", "defaults", "strictjson", "logsetup",
+              "trust", "hostdev"}
+FLOORS = ("vocabulary", "host", "inspect", "handover", "front ends")
+
+
+def floor(module: str) -> int:
+    parts = module.split(".")[1:]
+    if not parts:
+        return 0  # the package itself: its version only
+    if len(parts) == 1 and parts[0] in VOCABULARY:
+        return 0
+    if parts[0] in ("host", "inspect", "handover"):
+        return FLOORS.index(parts[0])
+    return len(FLOORS) - 1  # gate/, safeusbd/, lab/, the commands
+
+
+def upward(edges: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{a} ({FLOORS[floor(a)]}) imports {b} ({FLOORS[floor(b)]})"
+                  for a, targets in edges.items() for b in targets if floor(b) > floor(a))
+
+
+def test_floors_are_told_apart() -> None:
+    assert floor("safeusb.model") == 0 and floor("safeusb.host.sysfs") == 1
+    assert floor("safeusb.handover.plan") == 3 and floor("safeusb.cli") == 4
+    assert floor("safeusb.gate.proxy") == 4 and floor("safeusb.hook") == 4
+    assert upward({"safeusb.host.runner": {"safeusb.handover.steps"}}) == [
+        "safeusb.host.runner (host) imports safeusb.handover.steps (handover)"]
+
+
+def test_no_module_imports_a_floor_above_its_own() -> None:
+    edges = graph()
+    assert set(VOCABULARY) <= {m.split(".", 1)[1] for m in edges if "." in m}
+    assert not upward(edges), "imports going up a floor:\n" + "\n".join(upward(edges))
+
+
+def test_each_package_says_what_it_holds_and_may_import() -> None:
+    for init in sorted(ROOT.rglob("__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8"))) or ""
+        assert "import" in doc.lower(), f"{init}: its docstring does not say what it may import"

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 
 from safeusb.errors import AmbiguousSelector, NoSuchDevice, SelectorError
-from safeusb.inspect import inspect
-from safeusb.plan import build_plan
-from safeusb.policy import Settings
-from safeusb.report import as_json, as_text
-from safeusb.selector import Selector, resolve
-from safeusb.snapshot import read_snapshot
+from safeusb.handover.plan import build_plan
+from safeusb.handover.policy import Settings
+from safeusb.host.selector import Selector, resolve
+from safeusb.host.snapshot import read_snapshot
+from safeusb.inspect.decide import inspect
+from safeusb.inspect.report import as_json, as_text
 from tests.unit.fakesys import LINUX_NS, ROOT_MOUNT, FakeSystem, mount_line
 
 

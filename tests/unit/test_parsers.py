@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from safeusb.errors import SelectorError
-from safeusb.parsers import (
+from safeusb.host.parsers import (
     ParseError,
     parse_bdi_stats,
     parse_maps_dev_nodes,
@@ -19,7 +19,7 @@ from safeusb.parsers import (
     parse_swaps,
     unescape,
 )
-from safeusb.selector import Selector
+from safeusb.host.selector import Selector
 
 MOUNTINFO = (
     "36 35 98:0 /mnt1 /mnt/parent rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n"

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from safeusb.inspect import inspect
-from safeusb.plan import build_plan
-from safeusb.policy import Settings
+from safeusb.handover.plan import build_plan
+from safeusb.handover.policy import Settings
+from safeusb.handover.steps import DetachLoop, Kill, Unmount, step_from_json
+from safeusb.host.runner import Runner, StepFailed
+from safeusb.host.selector import Selector, resolve
+from safeusb.host.snapshot import read_snapshot
+from safeusb.inspect.decide import inspect
 from safeusb.reasons import Open, Reason, Use
-from safeusb.runner import Runner, StepFailed
-from safeusb.selector import Selector, resolve
-from safeusb.snapshot import read_snapshot
-from safeusb.steps import DetachLoop, Kill, Unmount, step_from_json
 from tests.unit.fakesys import LINUX_NS, ROOT_MOUNT, FakeSystem, mount_line
 
 TEARDOWN = Settings(mount="unmount", holder="unmount")
@@ -178,7 +178,7 @@ def test_every_step_kind_is_known_by_its_json_kind_and_kinds_are_unique() -> Non
     from dataclasses import dataclass  # noqa: PLC0415
     from typing import ClassVar  # noqa: PLC0415
 
-    from safeusb.steps import Step  # noqa: PLC0415
+    from safeusb.handover.steps import Step  # noqa: PLC0415
 
     assert sorted(Step.by_kind) == sorted([
         "kill", "flush", "unmount", "swapoff", "detach-loop", "close-crypt", "deactivate-lv",

@@ -8,9 +8,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from safeusb import cli, defaults, journal, policy, protocol
+from safeusb import cli, defaults
+from safeusb.handover import policy
+from safeusb.handover.policy import Policy, PolicyError
+from safeusb.host import journal
 from safeusb.model import UsbDevice, UsbInterface
-from safeusb.policy import Policy, PolicyError
+from safeusb.safeusbd import protocol
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 STICK = UsbDevice("2-2", "/sys/x", 2, 3, 0x0781, 0x5583, serial="A1",
@@ -38,7 +41,7 @@ def test_missing_default_file_means_built_in_defaults(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     default = str(tmp_path / "policy.toml")
-    monkeypatch.setattr("safeusb.policy.DEFAULT_PATH", default)
+    monkeypatch.setattr("safeusb.handover.policy.DEFAULT_PATH", default)
     settings, rule = Policy.from_file(default).settings_for(None, None)
     assert settings.mount == "refuse" and rule == "built-in defaults"
 
@@ -85,7 +88,7 @@ def test_any_text_loads_or_raises_policy_error(text: str) -> None:
 
 
 def test_cli_defaults_match_the_modules() -> None:
-    from safeusb import daemon  # noqa: PLC0415
+    from safeusb.safeusbd import server as daemon  # noqa: PLC0415
 
     assert cli.DEFAULT_POLICY == policy.DEFAULT_PATH == defaults.POLICY
     assert cli.DEFAULT_STATE_DIR == journal.DEFAULT_DIR == defaults.STATE_DIR

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from safeusb import procfs
-from safeusb.roots import Roots
-from safeusb.selector import Selector, resolve
-from safeusb.snapshot import read_snapshot
+from safeusb.host import procfs
+from safeusb.host.roots import Roots
+from safeusb.host.selector import Selector, resolve
+from safeusb.host.snapshot import read_snapshot
 from tests import procfs_reference as reference
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safeusb.qmp import (
+from safeusb.gate.qmp import (
     ClientStream,
     Kind,
     LineStream,

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safeusb.gate import (
+from safeusb.gate.proxy import (
     FDSETS_ID,
     KEEPALIVE_FDNAME,
     Action,
@@ -27,8 +27,8 @@ from safeusb.gate import (
     ToClient,
     ToServer,
 )
-from safeusb.qemu_usb_host import FdIdentity, UsbHostRequest
-from safeusb.qmp import error_reply
+from safeusb.gate.qemu_usb_host import FdIdentity, UsbHostRequest
+from safeusb.gate.qmp import error_reply
 
 DATA = Path(__file__).parent / "data" / "qmp"
 KEEPALIVE_FD = 900

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from safeusb import protocol
-from safeusb.report import as_json, as_text
+from safeusb.inspect.report import as_json, as_text
+from safeusb.safeusbd import protocol
 from safeusb.textout import text_of_json
 from tests.unit.test_fixtures import NAMES, findings
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from safeusb.runner import CommandFailed, Runner
+from safeusb.host.runner import CommandFailed, Runner
 
 
 class _Recorded(Runner):

@@ -51,12 +51,12 @@ def test_answers_from_safeusbd_show_as_findings_read_here(tmp_path: Path) -> Non
     """Each device's inspect answer (what safeusbd sends: the inspect JSON, through the
     protocol's encoding) gives the status that reading the tree here gives; a device it
     gives no answer for, or an answer that is not an inspect object, is read here."""
-    from safeusb import protocol  # noqa: PLC0415
-    from safeusb.inspect import inspect  # noqa: PLC0415
+    from safeusb.host.snapshot import read_snapshot  # noqa: PLC0415
+    from safeusb.host.sysfs import list_usb_devices  # noqa: PLC0415
+    from safeusb.inspect.decide import inspect  # noqa: PLC0415
+    from safeusb.inspect.report import as_json  # noqa: PLC0415
     from safeusb.model import Target  # noqa: PLC0415
-    from safeusb.report import as_json  # noqa: PLC0415
-    from safeusb.snapshot import read_snapshot  # noqa: PLC0415
-    from safeusb.sysfs import list_usb_devices  # noqa: PLC0415
+    from safeusb.safeusbd import protocol  # noqa: PLC0415
 
     fs = FakeSystem(tmp_path)
     busy = fs.usb_device("2-1", 0x46F4, 0x0001, busnum=2, devnum=3)
@@ -92,7 +92,7 @@ def test_answers_from_safeusbd_show_as_findings_read_here(tmp_path: Path) -> Non
 def test_attach_to_rules_their_domains_and_what_each_holds(tmp_path: Path) -> None:
     """Each rule with attach_to, its domain's state from libvirt (the test driver runs
     "test") and the devices it matches: handed over (a record) or on the host."""
-    from safeusb.journal import StateDir, new_record  # noqa: PLC0415
+    from safeusb.host.journal import StateDir, new_record  # noqa: PLC0415
 
     fs = FakeSystem(tmp_path / "root")
     fs.usb_device("2-1", 0x46F4, 0x0001, busnum=2, devnum=3)

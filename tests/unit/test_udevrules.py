@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from safeusb import cli, udevrules
-from safeusb.policy import Policy
+from safeusb.handover.policy import Policy
 
 DATA = Path(__file__).resolve().parent / "data" / "udev"
 TWO = """\

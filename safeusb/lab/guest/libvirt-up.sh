@@ -27,7 +27,7 @@ mkdir -p /run/libvirt /var/lib/libvirt/qemu /var/log/libvirt/qemu /var/cache/lib
 if [ "${SAFEUSBD:-0}" = 1 ]; then
     setsid "$SAFEUSBD_CMD" -v >"$out/safeusbd.log" 2>&1 </dev/null &
     for _ in $(seq 1 100); do
-        "$PYTHON" -c 'from safeusb.client import ask
+        "$PYTHON" -c 'from safeusb.safeusbd.client import ask
 ask("ping", {}, "/run/safeusb/safeusbd.sock", timeout=5)' 2>/dev/null && { mark safeusbd_up; break; }
         sleep 0.2
     done

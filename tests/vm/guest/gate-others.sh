@@ -8,7 +8,7 @@ bus=${REFUSE_BUSDEV%%:*}
 dev=${REFUSE_BUSDEV##*:}
 cat >/tmp/su-ask.py <<'PY'
 import json, sys
-from safeusb.client import ask
+from safeusb.safeusbd.client import ask
 from safeusb.errors import SafeUSBError
 op = sys.argv[1]
 args = {"bus": int(sys.argv[2]), "addr": int(sys.argv[3])}

@@ -1,0 +1,437 @@
+"""The in-kernel scan: what processes hold on a device, found by BPF iterators in one
+pass (safeusb/bpf/scan.bpf.c), with the same findings as the /proc scan (procfs.py).
+
+The kernel walks every task's working and root directory, open files and file-backed
+mappings and writes out only those on the device's filesystems (by s_dev) and nodes (by
+i_rdev). Here only the matches are looked at: their names are read from /proc as the
+/proc scan reads them (the descriptor's link, the cwd and root links, the maps of a
+process that maps the device), so the two give the same findings.
+
+Used where it can be (root, Linux >= 5.12 with BTF, libbpf1, the object built by
+scripts/build-bpf, the live system, the initial pid namespace); anywhere else, or when
+anything of it fails, the /proc scan runs instead and the reason is logged (debug).
+SAFEUSB_SCAN=proc chooses the /proc scan, SAFEUSB_SCAN=kernel refuses to fall back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import logging
+import os
+import stat
+import struct
+from typing import Any
+
+from safeusb.host.bpfload import BPFError, bpffs, libbpf
+from safeusb.host.parsers import parse_maps_devices, parse_maps_files
+from safeusb.host.procfs import ProcessScan, read_comm, scan_processes
+from safeusb.host.recording import is_recording
+from safeusb.host.roots import Roots
+from safeusb.model import DevNum, NodeKind, ProcessUse, UseKind
+
+log = logging.getLogger("safeusb")
+
+# A str, not a pathlib.Path: pathlib (and urllib, ipaddress with it) costs the command
+# ~6 ms of start-up, and nothing else on the inspect path imports it.
+OBJECT = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "bpf",
+                      "scan.bpf.o")
+PROGRAMS = ("scan_dirs", "scan_files", "scan_maps")  # read for a device's uses
+NS_PROGRAM = "scan_ns"  # every process's mount namespace
+ENV = "SAFEUSB_SCAN"
+PIN_ROOT = "/sys/fs/bpf"
+PIN_PREFIX = "safeusb-scan-"
+
+# struct scan_rec in bpf/scan.bpf.c
+_REC = struct.Struct("<IIiIIIIIQQ")
+_FD, _CWD, _ROOT, _MMAP, _MNTNS = 1, 2, 3, 4, 5
+_REC_STAT = 1
+_DEV_FS, _DEV_BLOCK, _DEV_CHAR = 1, 2, 4
+_KIND: dict[int, UseKind] = {_CWD: "cwd", _ROOT: "root"}
+
+
+class Unavailable(Exception):
+    """The in-kernel scan cannot run here; the message says why."""
+
+
+def _kdev(d: DevNum) -> int:
+    """The kernel's encoding of a device number (dev_t inside the kernel)."""
+    return (d[0] << 20) | d[1]
+
+
+def _from_kdev(v: int) -> DevNum:
+    return v >> 20, v & 0xFFFFF
+
+
+def unavailable(roots: Roots) -> str | None:
+    """Why the in-kernel scan cannot run for these roots, or None when it may."""
+    if not roots.live or is_recording(roots) or roots.proc != "/proc":
+        return "not the live system's /proc (a recording is read through its own)"
+    if os.geteuid() != 0:
+        return "not root (BPF iterators need CAP_BPF and CAP_PERFMON)"
+    if not os.path.exists("/sys/kernel/btf/vmlinux"):
+        return "the kernel has no BTF (/sys/kernel/btf/vmlinux: CONFIG_DEBUG_INFO_BTF)"
+    if not os.path.exists(OBJECT):
+        return f"the scan's BPF object is not built ({OBJECT}; scripts/build-bpf)"
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            nspid = next((ln.split()[1:] for ln in f if ln.startswith("NSpid:")), None)
+    except OSError as exc:
+        return f"cannot tell the pid namespace (/proc/self/status: {exc.strerror})"
+    if nspid is None or len(nspid) != 1:
+        return ("not in the initial pid namespace (the iterators report the kernel's "
+                "process ids)")
+    return None
+
+
+def _pin_dir(obj_path: str) -> str:
+    """Where this build of the object stays loaded: a new build gets a new directory."""
+    st = os.stat(obj_path)
+    return f"{PIN_ROOT}/{PIN_PREFIX}{st.st_size:x}-{st.st_mtime_ns:x}"
+
+
+def _load(obj_path: str, pin_dir: str) -> None:
+    """Load the iterator programs and pin their links and the device map in pin_dir
+    (made whole under a temporary name, then renamed: a concurrent load loses the rename
+    and removes its own)."""
+    lib = libbpf().lib
+    bpffs()
+    tmp = f"{pin_dir}-tmp{os.getpid()}"  # bpffs refuses names with a dot
+    _remove(tmp)  # left by a load that died, or made by someone else
+    os.mkdir(tmp, 0o700)
+    quiet = lib.libbpf_set_print(None)  # its log would go to our stderr
+    obj = lib.bpf_object__open_file(obj_path.encode(), None)
+    try:
+        if not obj:
+            raise Unavailable(str(libbpf().err(f"cannot open {obj_path}")))
+        rc = lib.bpf_object__load(obj)
+        if rc:
+            raise Unavailable(str(libbpf().err(
+                "the kernel refused the iterator programs (BPF iterators need Linux >= 5.12 "
+                "with BTF)", rc)))
+        rc = lib.bpf_map__pin(lib.bpf_object__find_map_by_name(obj, b"devs"),
+                              f"{tmp}/devs".encode())
+        if rc:
+            raise Unavailable(str(libbpf().err("cannot pin the scan's device map", rc)))
+        for name in (*PROGRAMS, NS_PROGRAM):
+            prog = lib.bpf_object__find_program_by_name(obj, name.encode())
+            link = lib.bpf_program__attach_iter(prog, None) if prog else None
+            if not link:
+                raise Unavailable(str(libbpf().err(f"cannot attach the iterator {name}")))
+            rc = lib.bpf_link__pin(link, f"{tmp}/{name}".encode())
+            lib.bpf_link__destroy(link)  # the pin keeps it
+            if rc:
+                raise Unavailable(str(libbpf().err(f"cannot pin the iterator {name}", rc)))
+        try:
+            os.rename(tmp, pin_dir)
+        except OSError:
+            if not os.path.isdir(pin_dir):
+                raise
+    finally:
+        if obj:
+            lib.bpf_object__close(obj)
+        lib.libbpf_set_print(quiet)
+        _remove(tmp)
+    # Older builds' pins are of no further use.
+    for name in os.listdir(PIN_ROOT):
+        if name.startswith(PIN_PREFIX) and f"{PIN_ROOT}/{name}" != pin_dir \
+                and "-tmp" not in name:
+            _remove(f"{PIN_ROOT}/{name}")
+
+
+def _lib() -> Any:
+    try:
+        return libbpf().lib
+    except BPFError as exc:
+        raise Unavailable(str(exc)) from None
+
+
+def _ready(obj_path: str) -> str:
+    """The pinned directory of this build, loaded first if it is not there. /sys/fs/bpf
+    is writable by everyone (sticky, like /tmp): a directory of that name that is not
+    root's own, mode 0700, is removed (or, if it cannot be, refused) and never used."""
+    try:
+        pin_dir = _pin_dir(obj_path)
+        for _ in range(3):  # remove a stranger's, load, check
+            try:
+                st = os.lstat(pin_dir)
+            except FileNotFoundError:
+                _load(obj_path, pin_dir)
+                continue
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() \
+                    and not st.st_mode & 0o077:
+                return pin_dir
+            _remove(pin_dir)
+            if os.path.lexists(pin_dir):
+                break
+    except (BPFError, OSError) as exc:
+        raise Unavailable(str(exc)) from None
+    raise Unavailable(f"{pin_dir} is not root's own, and cannot be removed")
+
+
+def _remove(path: str) -> None:
+    """Remove a pinned directory and what is pinned in it; never through a symlink."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError:  # not a directory (a symlink, a pinned object): only the name goes
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    try:
+        for name in os.listdir(fd):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=fd)
+    finally:
+        os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(path)
+
+
+def unload() -> bool:
+    """Remove every pinned build of the scan; True when there was one."""
+    found = False
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(PIN_ROOT):
+            if name.startswith(PIN_PREFIX):
+                _remove(f"{PIN_ROOT}/{name}")
+                found = True
+    return found
+
+
+def read_records(devs: dict[int, int], obj_path: str = OBJECT,
+                 programs: tuple[str, ...] = PROGRAMS) -> bytes:
+    """Run the iterator programs for the device numbers (kernel encoding -> DEV_ bits)
+    and read what each writes out. The programs are loaded once and stay pinned under
+    /sys/fs/bpf (loading costs more than a scan); a scan holds an exclusive lock on their
+    directory while it sets the device map. Raises Unavailable with the reason."""
+    lib = _lib()
+    pin_dir = _ready(obj_path)
+    try:
+        dfd = os.open(pin_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise Unavailable(str(exc)) from None
+    try:
+        fcntl.flock(dfd, fcntl.LOCK_EX)
+        mfd = lib.bpf_obj_get(f"{pin_dir}/devs".encode())
+        if mfd < 0:
+            why = str(libbpf().err(f"cannot open {pin_dir}/devs", mfd))
+            _remove(pin_dir)  # broken: the next scan loads it again
+            raise Unavailable(why)
+        try:
+            key, nxt = ctypes.c_uint32(0), ctypes.c_uint32(0)
+            while lib.bpf_map_get_next_key(mfd, None, ctypes.byref(nxt)) == 0:
+                if lib.bpf_map_delete_elem(mfd, ctypes.byref(nxt)):
+                    raise Unavailable(str(libbpf().err("cannot clear the scan's device map")))
+            for dev, bits in devs.items():
+                key, val = ctypes.c_uint32(dev), ctypes.c_uint32(bits)
+                if lib.bpf_map_update_elem(mfd, ctypes.byref(key), ctypes.byref(val), 0):
+                    raise Unavailable(str(libbpf().err("cannot fill the scan's device map")))
+            return b"".join(_run(pin_dir, name) for name in programs)
+        finally:
+            os.close(mfd)
+    finally:
+        os.close(dfd)  # and the lock with it
+
+
+def _run(pin_dir: str, name: str) -> bytes:
+    """Everything one pinned iterator writes out."""
+    lib = libbpf().lib
+    lfd = lib.bpf_obj_get(f"{pin_dir}/{name}".encode())
+    if lfd < 0:
+        why = str(libbpf().err(f"cannot open {pin_dir}/{name}", lfd))
+        _remove(pin_dir)  # broken: the next scan loads it again
+        raise Unavailable(why)
+    try:
+        fd = lib.bpf_iter_create(lfd)
+    finally:
+        os.close(lfd)
+    if fd < 0:
+        raise Unavailable(str(libbpf().err(f"cannot create the iterator {name}", fd)))
+    out: list[bytes] = []
+    try:
+        while chunk := os.read(fd, 1 << 20):
+            out.append(chunk)
+    except OSError as exc:
+        raise Unavailable(f"reading the iterator {name}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    return b"".join(out)
+
+
+def mount_namespaces(obj_path: str = OBJECT) -> dict[int, int]:
+    """Every process's mount namespace (pid -> inode number), as /proc/PID/ns/mnt names
+    it, in one pass. Raises Unavailable."""
+    data = _run(_ready(obj_path), NS_PROGRAM)
+    return {r[1]: r[8] for r in _REC.iter_unpack(data) if r[0] == _MNTNS}
+
+
+def namespaces_of(roots: Roots) -> dict[int, int] | None:
+    """mount_namespaces() where the in-kernel scan may run (as scan() decides), else None:
+    the /proc scan reads each process's link."""
+    if os.environ.get(ENV, "") == "proc" or unavailable(roots) is not None:
+        return None
+    try:
+        return mount_namespaces()
+    except Unavailable as exc:
+        log.debug("scan: mount namespaces from /proc, not BPF iterators: %s", exc)
+        return None
+
+
+def scan_processes_kernel(
+    roots: Roots,
+    pids: list[int],
+    nodes: frozenset[tuple[NodeKind, DevNum]],
+    fs_devnums: frozenset[DevNum],
+    skip_pids: frozenset[int] = frozenset(),
+) -> ProcessScan:
+    """procfs.scan_processes's findings, by the BPF iterators. Raises Unavailable."""
+    why = unavailable(roots)
+    if why is not None:
+        raise Unavailable(why)
+    devs: dict[int, int] = {}
+    for d in fs_devnums:
+        devs[_kdev(d)] = devs.get(_kdev(d), 0) | _DEV_FS
+    for k, d in nodes:
+        devs[_kdev(d)] = devs.get(_kdev(d), 0) | (_DEV_BLOCK if k == "block" else _DEV_CHAR)
+    # Without a filesystem on the device, a directory cannot be on it: only descriptors
+    # and mappings of its nodes can hold it.
+    blk = {d for k, d in nodes if k == "block"}
+    chrs = {d for k, d in nodes if k == "char"}
+    data = read_records(devs, programs=PROGRAMS if fs_devnums else ("scan_files",
+                                                                   "scan_maps"))
+    wanted = set(pids) - skip_pids
+    # per process: descriptors, working and root directory, whether it maps the device
+    fds: dict[int, list[tuple[int, int, int, int, int]]] = {}
+    dirs: dict[int, list[tuple[int, int, int]]] = {}
+    maps: set[int] = set()
+    mapped_nodes: dict[int, list[tuple[int, tuple[NodeKind, DevNum]]]] = {}
+    for kind, tgid, fd, mode, dev, rdev, flags, _pad, _ino, start in _REC.iter_unpack(data):
+        if tgid not in wanted:
+            continue
+        if kind == _FD:
+            fds.setdefault(tgid, []).append((fd, mode, dev, rdev, flags))
+        elif kind in _KIND:
+            dirs.setdefault(tgid, []).append((kind, dev, flags))
+        elif kind == _MMAP:
+            if stat.S_ISBLK(mode) and _from_kdev(rdev) in blk:
+                mapped_nodes.setdefault(tgid, []).append((start, ("block", _from_kdev(rdev))))
+            elif stat.S_ISCHR(mode) and _from_kdev(rdev) in chrs:
+                mapped_nodes.setdefault(tgid, []).append((start, ("char", _from_kdev(rdev))))
+            else:
+                maps.add(tgid)
+    proc = roots.proc
+    uses: list[ProcessUse] = []
+    for pid in sorted(set(fds) | set(dirs) | maps | set(mapped_nodes)):
+        base = f"{proc}/{pid}"
+        found: list[tuple[UseKind, str, tuple[NodeKind, DevNum] | None, DevNum | None]] = []
+        for fd, mode, kdev, krdev, flags in sorted(fds.get(pid, ())):
+            link = f"{base}/fd/{fd}"
+            # stat tells another filesystem than the record; with none on the device
+            # there is nothing to tell (mode and node number are the inode's own)
+            if flags & _REC_STAT and fs_devnums:
+                try:
+                    st = os.stat(link)
+                except OSError:
+                    continue
+                kind = st.st_mode
+                fsdev = (os.major(st.st_dev), os.minor(st.st_dev))
+                rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+            else:
+                kind, fsdev, rdev = mode, _from_kdev(kdev), _from_kdev(krdev)
+            node: tuple[NodeKind, DevNum] | None = None
+            fs: DevNum | None = None
+            if stat.S_ISBLK(kind) and rdev in blk:
+                node = ("block", rdev)
+            elif stat.S_ISCHR(kind) and rdev in chrs:
+                node = ("char", rdev)
+            elif fsdev in fs_devnums:
+                fs = fsdev
+            else:
+                continue
+            try:
+                target = os.readlink(link)
+            except OSError:
+                continue
+            found.append(("fd", target, node, fs))
+        for kind, kdev, flags in sorted(dirs.get(pid, ())):
+            if not fs_devnums:
+                break  # a directory is on the device only through a filesystem on it
+            how = _KIND[kind]
+            link = f"{base}/{how}"
+            if flags & _REC_STAT:
+                try:
+                    st = os.stat(link)
+                except OSError:
+                    continue
+                fsdev = (os.major(st.st_dev), os.minor(st.st_dev))
+            else:
+                fsdev = _from_kdev(kdev)
+            if fsdev not in fs_devnums:
+                continue
+            try:
+                path = os.readlink(link)
+            except OSError:
+                path = "?"
+            found.append((how, path, None, fsdev))
+        if pid in maps or pid in mapped_nodes:
+            try:
+                with open(f"{base}/maps", "rb") as f:
+                    text = f.read().decode("utf-8", "replace")
+            except OSError:
+                text = ""
+            if pid in maps:
+                for dev, path in parse_maps_devices(text).items():
+                    if dev in fs_devnums:
+                        found.append(("mmap", path, None, dev))
+            if pid in mapped_nodes:
+                found.extend(_mapped_nodes(text, mapped_nodes[pid]))
+        if found:
+            comm = read_comm(roots, pid)
+            uses.extend(ProcessUse(pid, comm, how, path, node, fs)
+                        for how, path, node, fs in found)
+    return ProcessScan(tuple(uses), ())
+
+
+def _mapped_nodes(text: str, records: list[tuple[int, tuple[NodeKind, DevNum]]]
+                  ) -> list[tuple[UseKind, str, tuple[NodeKind, DevNum] | None, DevNum | None]]:
+    """Each node the process maps, once, named by its first mapping's path in the maps
+    (the mapping at the record's start address)."""
+    paths = {m[1]: m[2] for m in parse_maps_files(text)}
+    out: list[tuple[UseKind, str, tuple[NodeKind, DevNum] | None, DevNum | None]] = []
+    seen: set[tuple[NodeKind, DevNum]] = set()
+    for start, node in sorted(records):
+        if node in seen:
+            continue
+        seen.add(node)
+        out.append(("mmap", paths.get(start, "?"), node, None))
+    return out
+
+
+def scan(
+    roots: Roots,
+    pids: list[int],
+    nodes: frozenset[tuple[NodeKind, DevNum]],
+    fs_devnums: frozenset[DevNum],
+    skip_pids: frozenset[int] = frozenset(),
+    kernel: bool = True,
+) -> tuple[ProcessScan, str | None]:
+    """What processes hold on the device: in the kernel where it can (and ``kernel``),
+    else through /proc. Returns the scan and, when /proc was read, why the in-kernel scan
+    was not used."""
+    choice = os.environ.get(ENV, "")
+    if not kernel:
+        why: str | None = "the caller reads /proc only"
+    elif choice == "proc":
+        why = f"{ENV}=proc"
+    else:
+        try:
+            return scan_processes_kernel(roots, pids, nodes, fs_devnums, skip_pids), None
+        except Unavailable as exc:
+            if choice == "kernel":
+                raise BPFError(f"the in-kernel scan cannot run: {exc}") from None
+            why = str(exc)
+    log.debug("scan: reading /proc, not BPF iterators: %s", why)
+    return scan_processes(roots, pids, nodes, fs_devnums, skip_pids), why

@@ -1,0 +1,265 @@
+"""Read the system once, for one target, into a frozen Snapshot."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import TYPE_CHECKING
+
+from safeusb.host import recording, sysfs
+from safeusb.host.bpfscan import namespaces_of
+from safeusb.host.bpfscan import scan as scan_processes
+from safeusb.host.parsers import ParseError, parse_bdi_stats
+from safeusb.host.procfs import list_pids, read_mount_namespaces, read_swaps
+from safeusb.host.roots import Roots
+from safeusb.host.usb_classes import read_classes
+from safeusb.model import (
+    BlockDevice,
+    DevNum,
+    DirtyStat,
+    MountNamespace,
+    NodeKind,
+    Snapshot,
+    SwapEntry,
+    Target,
+    Unreadable,
+    fmt_devnum,
+)
+
+if TYPE_CHECKING:
+    from safeusb.host.netinfo import NetMatch
+
+
+def _under(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+class _Names:
+    """Resolves paths such as /dev/sda1, /dev/mapper/x or /dev/vg/lv to block devices."""
+
+    def __init__(self, roots: Roots, blocks: dict[str, BlockDevice]) -> None:
+        self.roots = roots
+        self.by_path: dict[str, DevNum] = {}
+        for b in blocks.values():
+            self.by_path["/dev/" + b.name] = b.devnum
+            if b.dm_name:
+                self.by_path["/dev/mapper/" + b.dm_name] = b.devnum
+                if (b.dm_uuid or "").startswith("LVM-"):
+                    vg, lv = sysfs.split_lvm_name(b.dm_name)
+                    if vg and lv:
+                        self.by_path[f"/dev/{vg}/{lv}"] = b.devnum
+
+    def resolve(self, path: str) -> DevNum | None:
+        if not path.startswith("/dev/"):
+            return None
+        found = self.by_path.get(os.path.normpath(path))
+        if found is not None:
+            return found
+        if not self.roots.live:
+            node = recording.node(self.roots, path)
+            return node[1] if node and node[0] == "block" else None
+        try:
+            st = os.stat(self.roots.dev_path(path))
+        except OSError:
+            return None
+        if stat.S_ISBLK(st.st_mode):
+            return os.major(st.st_rdev), os.minor(st.st_rdev)
+        return None
+
+
+def _read_all_blocks(roots: Roots) -> dict[str, BlockDevice]:
+    blocks = {}
+    for name in sysfs.all_block_names(roots):
+        dev = sysfs.read_block_device(roots, name)
+        if dev is not None:
+            blocks[name] = dev
+    return blocks
+
+
+def _closure(start: set[str], blocks: dict[str, BlockDevice]) -> set[str]:
+    """The start devices with their partitions and holders, recursively."""
+    todo = list(start)
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in blocks:
+            continue
+        seen.add(name)
+        todo.extend(blocks[name].holders)
+        todo.extend(b.name for b in blocks.values() if b.parent == name)
+    return seen
+
+
+def _fs_devices(
+    namespaces: tuple[MountNamespace, ...], blocks: dict[DevNum, str], names: _Names
+) -> dict[DevNum, str]:
+    """Filesystems (by st_dev) that live on the given block devices, and on which one.
+
+    Most filesystems report the block device's own number; btrfs and others report an
+    anonymous one, matched through the mount source."""
+    fs = dict(blocks)
+    for ns in namespaces:
+        for m in ns.mounts:
+            if m.devnum in fs:
+                continue
+            src = names.resolve(m.source)
+            if src is not None and src in blocks:
+                fs[m.devnum] = blocks[src]
+    return fs
+
+
+def _mounts_of(namespaces: tuple[MountNamespace, ...], fs: set[DevNum]
+               ) -> list[tuple[str, DevNum]]:
+    return [(m.mountpoint, m.devnum) for ns in namespaces for m in ns.mounts if m.devnum in fs]
+
+
+def _fs_of(roots: Roots, path: str, fs: set[DevNum], mounts: list[tuple[str, DevNum]]
+           ) -> DevNum | None:
+    """Which of the filesystems a file named by the host path lies on, if any: its st_dev
+    on the live system; in a recording (or when stat fails), the longest mountpoint."""
+    if roots.live:
+        try:
+            st = os.stat(path)
+        except OSError:
+            pass
+        else:
+            dev = (os.major(st.st_dev), os.minor(st.st_dev))
+            return dev if dev in fs else None
+    best = max((mp for mp in mounts if _under(path, mp[0])), key=lambda mp: len(mp[0]),
+               default=None)
+    return best[1] if best else None
+
+
+def _bdi_of(block: BlockDevice, blocks: dict[str, BlockDevice]) -> DevNum:
+    if block.bdi is not None:
+        return block.bdi
+    if block.parent and block.parent in blocks:
+        parent = blocks[block.parent]
+        return parent.bdi or parent.devnum
+    return block.devnum
+
+
+def _read_dirty(roots: Roots, bdis: list[DevNum]) -> tuple[DirtyStat, ...]:
+    base = os.path.join(roots.debugfs, "bdi")
+    out = []
+    for num in bdis:
+        path = os.path.join(base, fmt_devnum(num), "stats")
+        try:
+            with open(path, encoding="utf-8") as f:
+                dirty, writeback = parse_bdi_stats(f.read())
+        except FileNotFoundError:
+            why = "debugfs is not mounted" if not os.path.isdir(base) else f"{path} is missing"
+            out.append(DirtyStat(num, None, None, why))
+        except PermissionError:
+            out.append(DirtyStat(num, None, None, f"{path}: permission denied (run as root)"))
+        except (OSError, ParseError) as exc:
+            out.append(DirtyStat(num, None, None, f"{path}: {exc}"))
+        else:
+            out.append(DirtyStat(num, dirty, writeback))
+    return tuple(out)
+
+
+def _probe_exclusive(roots: Roots, names: list[str]) -> tuple[str, ...]:
+    """Block devices that some holder has claimed exclusively (an O_EXCL open fails)."""
+    if not roots.live:
+        return ()
+    busy = []
+    for name in names:
+        try:
+            fd = os.open(
+                roots.dev_path("/dev/" + name),
+                os.O_RDONLY | os.O_EXCL | os.O_NONBLOCK | os.O_CLOEXEC,
+            )
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                busy.append(name)
+            continue
+        os.close(fd)
+    return tuple(busy)
+
+
+def read_snapshot(
+    roots: Roots, target: Target, net_match: NetMatch | None = None,
+    skip_pids: frozenset[int] = frozenset(), kernel_scan: bool = True,
+) -> Snapshot:
+    """Read everything the host does with the target, once; nothing is changed (a caller
+    that wants the dirty-page figures mounts debugfs first: Runner.ensure_debugfs).
+    ``net_match`` replaces the device-to-network-interface mapping (tests). This process,
+    and ``skip_pids`` (the command that asked safeusbd), are not counted as users. Open
+    files, mappings and mount namespaces are found by BPF iterators where they can run
+    (bpfscan.py), else through /proc; ``kernel_scan=False`` reads /proc only."""
+    nodes = sysfs.nodes_under(target.syspath)
+    all_blocks = _read_all_blocks(roots)
+    names = _Names(roots, all_blocks)
+    start = {os.path.basename(n.devname) for n in nodes if n.kind == "block"}
+    if target.block:
+        start.add(target.block)
+    members = _closure(start, all_blocks)
+
+    pids = list_pids(roots)
+    ns_scan = read_mount_namespaces(roots, pids,
+                                    namespaces_of(roots) if kernel_scan else None)
+    namespaces = ns_scan.namespaces
+    problems: list[Unreadable] = list(ns_scan.unreadable)
+
+    # Loop devices backed by files on these filesystems hold them too: grow to a fixed point.
+    loop_fs: dict[str, DevNum] = {}
+    while True:
+        fs_devices = _fs_devices(
+            namespaces, {all_blocks[n].devnum: n for n in members}, names
+        )
+        fs = set(fs_devices)
+        mounts = _mounts_of(namespaces, fs)
+        extra = {}
+        for b in all_blocks.values():
+            if b.loop_backing_file and b.name not in members:
+                on = _fs_of(roots, b.loop_backing_file, fs, mounts)
+                if on is not None:
+                    extra[b.name] = on
+        if not extra:
+            break
+        loop_fs.update(extra)
+        members = _closure(members | set(extra), all_blocks)
+
+    blocks = {n: all_blocks[n] for n in sorted(members)}
+    try:
+        swap_rows = read_swaps(roots)
+    except (OSError, ParseError) as exc:
+        swap_rows = ()
+        problems.append(Unreadable("active swap (/proc/swaps)", str(exc)))
+    swaps = []
+    for filename, kind, size, used in swap_rows:
+        devnum: DevNum | None = None
+        if kind == "partition":
+            devnum = names.resolve(filename)
+        else:
+            devnum = _fs_of(roots, filename, fs, mounts)
+        swaps.append(SwapEntry(filename, kind, size, used, devnum))
+
+    node_keys: set[tuple[NodeKind, DevNum]] = {(n.kind, n.devnum) for n in nodes}
+    node_keys |= {("block", b.devnum) for b in blocks.values()}
+    skip = frozenset({os.getpid()}) | skip_pids if roots.live else frozenset()
+    proc_scan, _why = scan_processes(roots, pids, frozenset(node_keys), frozenset(fs), skip,
+                                     kernel=kernel_scan)
+    problems.extend(proc_scan.unreadable)
+
+    bdis = sorted({_bdi_of(b, all_blocks) for b in blocks.values()})
+    dirty = _read_dirty(roots, bdis)
+    exclusive = _probe_exclusive(roots, list(blocks))
+    return Snapshot(
+        target=target,
+        nodes=nodes,
+        blocks=blocks,
+        namespaces=namespaces,
+        swaps=tuple(swaps),
+        uses=proc_scan.uses,
+        dirty=dirty,
+        exclusive_busy=exclusive,
+        fs_devices=fs_devices,
+        backed_loops=tuple(sorted(loop_fs)),
+        loop_fs=loop_fs,
+        unreadable=tuple(problems),
+        counter_slack_bytes=sysfs.writeback_counter_slack(roots),
+        classes=read_classes(roots, target, pids, namespaces, net_match),
+    )

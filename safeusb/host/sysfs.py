@@ -1,0 +1,263 @@
+"""Reading sysfs: USB devices, the nodes under them and the block device graph."""
+
+from __future__ import annotations
+
+import os
+
+from safeusb.errors import SystemReadError
+from safeusb.host.parsers import ParseError, parse_devnum
+from safeusb.host.roots import Roots
+from safeusb.model import BlockDevice, DevNum, LoopSetup, Node, NodeKind, UsbDevice, UsbInterface
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _read_int(path: str, base: int = 10) -> int | None:
+    text = _read(path)
+    if text is None:
+        return None
+    try:
+        return int(text, base)
+    except ValueError:
+        return None
+
+
+def read_uevent(path: str) -> dict[str, str]:
+    text = _read(os.path.join(path, "uevent")) or ""
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key] = value
+    return out
+
+
+def _link_name(path: str) -> str | None:
+    try:
+        return os.path.basename(os.readlink(path))
+    except OSError:
+        return None
+
+
+def is_usb_device_dir(path: str) -> bool:
+    """A USB device (not an interface): has idVendor and busnum."""
+    return os.path.exists(os.path.join(path, "idVendor")) and os.path.exists(
+        os.path.join(path, "busnum")
+    )
+
+
+def read_usb_device(path: str) -> UsbDevice:
+    """Read the USB device at a real sysfs path."""
+    real = os.path.realpath(path)
+    busnum = _read_int(os.path.join(real, "busnum"))
+    devnum = _read_int(os.path.join(real, "devnum"))
+    vendor = _read_int(os.path.join(real, "idVendor"), 16)
+    product = _read_int(os.path.join(real, "idProduct"), 16)
+    if busnum is None or devnum is None or vendor is None or product is None:
+        raise SystemReadError(real, "not a readable USB device")
+    interfaces = []
+    sysname = os.path.basename(real)
+    for entry in sorted(os.listdir(real)):
+        # "2-1:1.0"; a root hub usbN has "N-0:1.0"
+        ipath = os.path.join(real, entry)
+        if ":" in entry and os.path.exists(os.path.join(ipath, "bInterfaceClass")):
+            interfaces.append(
+                UsbInterface(
+                    name=entry,
+                    interface_class=_read_int(os.path.join(ipath, "bInterfaceClass"), 16) or 0,
+                    driver=_link_name(os.path.join(ipath, "driver")),
+                )
+            )
+    return UsbDevice(
+        sysname=sysname,
+        syspath=real,
+        busnum=busnum,
+        devnum=devnum,
+        vendor_id=vendor,
+        product_id=product,
+        serial=_read(os.path.join(real, "serial")),
+        manufacturer=_read(os.path.join(real, "manufacturer")),
+        product=_read(os.path.join(real, "product")),
+        device_class=_read_int(os.path.join(real, "bDeviceClass"), 16) or 0,
+        interfaces=tuple(interfaces),
+    )
+
+
+def list_usb_devices(roots: Roots) -> tuple[UsbDevice, ...]:
+    """Every USB device on the system (root hubs included), by sysfs name."""
+    base = roots.sys_path("bus", "usb", "devices")
+    try:
+        names = sorted(os.listdir(base))
+    except FileNotFoundError:
+        return ()
+    except OSError as exc:
+        raise SystemReadError(base, exc.strerror or str(exc)) from None
+    devices = []
+    for name in names:
+        if ":" in name:
+            continue
+        path = os.path.join(base, name)
+        if is_usb_device_dir(path):
+            try:
+                devices.append(read_usb_device(path))
+            except SystemReadError:
+                continue  # unplugged while listing
+    return tuple(devices)
+
+
+def usb_ancestor(path: str, roots: Roots) -> str | None:
+    """The nearest USB device directory above a real sysfs path (not a root hub)."""
+    top = os.path.realpath(roots.sys)
+    cur = os.path.dirname(os.path.realpath(path))
+    while cur.startswith(top) and cur != top:
+        if is_usb_device_dir(cur) and not os.path.basename(cur).startswith("usb"):
+            return cur
+        cur = os.path.dirname(cur)
+    return None
+
+
+def nodes_under(syspath: str) -> tuple[Node, ...]:
+    """Every device node provided below a sysfs device (block, sg, usb, tty, ...)."""
+    nodes = []
+    for dirpath, dirnames, filenames in os.walk(syspath):
+        # Do not descend into links (subsystem, driver, port, ...): os.walk does not.
+        if "dev" in filenames and "uevent" in filenames:
+            ev = read_uevent(dirpath)
+            devname = ev.get("DEVNAME")
+            num_text = _read(os.path.join(dirpath, "dev"))
+            if devname and num_text:
+                try:
+                    num = parse_devnum(num_text)
+                except ParseError:
+                    continue
+                subsystem = _link_name(os.path.join(dirpath, "subsystem")) or ""
+                kind: NodeKind = "block" if subsystem == "block" else "char"
+                nodes.append(Node(kind, num, devname, subsystem))
+        dirnames[:] = [d for d in dirnames if d not in ("power",)]
+    return tuple(sorted(nodes, key=lambda n: (n.kind, n.devnum)))
+
+
+def read_block_device(roots: Roots, name: str) -> BlockDevice | None:
+    path = roots.sys_path("class", "block", name)
+    num_text = _read(os.path.join(path, "dev"))
+    if num_text is None:
+        return None
+    try:
+        devnum = parse_devnum(num_text)
+    except ParseError:
+        return None
+    ev = read_uevent(path)
+    devtype = ev.get("DEVTYPE", "disk")
+    parent = None
+    if devtype == "partition":
+        parent = os.path.basename(os.path.dirname(os.path.realpath(path)))
+
+    def listing(sub: str) -> tuple[str, ...]:
+        try:
+            return tuple(sorted(os.listdir(os.path.join(path, sub))))
+        except OSError:
+            return ()
+
+    bdi_link = _link_name(os.path.join(path, "bdi"))
+    bdi: DevNum | None = None
+    if bdi_link:
+        try:
+            bdi = parse_devnum(bdi_link)
+        except ParseError:
+            bdi = None
+    sectors = _read_int(os.path.join(path, "size")) or 0
+    backing = _read(os.path.join(path, "loop", "backing_file"))
+    return BlockDevice(
+        name=name,
+        devnum=devnum,
+        devtype=devtype,
+        size_bytes=sectors * 512,
+        parent=parent,
+        holders=listing("holders"),
+        slaves=listing("slaves"),
+        dm_name=_read(os.path.join(path, "dm", "name")),
+        dm_uuid=_read(os.path.join(path, "dm", "uuid")),
+        md_level=_read(os.path.join(path, "md", "level")),
+        loop_backing_file=backing,
+        loop=_read_loop(path) if backing is not None else None,
+        bdi=bdi,
+    )
+
+
+def _read_loop(path: str) -> LoopSetup:
+    def number(*parts: str) -> int:
+        return _read_int(os.path.join(path, *parts)) or 0
+
+    return LoopSetup(
+        offset=number("loop", "offset"),
+        sizelimit=number("loop", "sizelimit"),
+        read_only=number("ro") == 1,
+        partscan=number("loop", "partscan") == 1,
+        direct_io=number("loop", "dio") == 1,
+        autoclear=number("loop", "autoclear") == 1,
+        sector_size=number("queue", "logical_block_size") or 512,
+    )
+
+
+def all_block_names(roots: Roots) -> tuple[str, ...]:
+    base = roots.sys_path("class", "block")
+    try:
+        return tuple(sorted(os.listdir(base)))
+    except OSError as exc:
+        raise SystemReadError(base, exc.strerror or str(exc)) from None
+
+
+def block_name_for_syspath(path: str) -> str | None:
+    """The kernel name of a block device given its sysfs directory."""
+    if os.path.exists(os.path.join(path, "dev")) and os.path.islink(
+        os.path.join(path, "subsystem")
+    ):
+        if _link_name(os.path.join(path, "subsystem")) == "block":
+            return os.path.basename(path)
+    return None
+
+
+def possible_cpus(roots: Roots) -> int:
+    """Number of possible CPUs (/sys/devices/system/cpu/possible, e.g. "0-3")."""
+    text = _read(roots.sys_path("devices", "system", "cpu", "possible"))
+    if not text:
+        return 0
+    count = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        try:
+            count += (int(hi) if hi else int(lo)) - int(lo) + 1
+        except ValueError:
+            return 0
+    return count
+
+
+def writeback_counter_slack(roots: Roots) -> int:
+    """Largest error of a per-device writeback counter as debugfs shows it, in bytes.
+
+    The kernel keeps them as per-CPU counters with a batch of 8 * (1 + ilog2(CPUs)) pages
+    and shows the global part only (mm/backing-dev.c, include/linux/backing-dev-defs.h)."""
+    cpus = possible_cpus(roots)
+    if cpus <= 0:
+        return 0
+    batch = 8 * (1 + (cpus.bit_length() - 1))
+    return batch * cpus * os.sysconf("SC_PAGE_SIZE")
+
+
+def split_lvm_name(dm_name: str) -> tuple[str, str]:
+    """Split a device-mapper name "vg-lv" (dashes doubled inside names) into (vg, lv)."""
+    i = 0
+    while i < len(dm_name):
+        if dm_name[i] == "-":
+            if i + 1 < len(dm_name) and dm_name[i + 1] == "-":
+                i += 2
+                continue
+            return dm_name[:i].replace("--", "-"), dm_name[i + 1 :].replace("--", "-")
+        i += 1
+    return "", ""
