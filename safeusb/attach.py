@@ -13,7 +13,9 @@ from typing import Any
 from safeusb.errors import LibvirtError, Refused, SafeUSBError, XMLError
 from safeusb.handover.policy import Policy
 from safeusb.handover.service import Handover, refusal_text, release_lines
+from safeusb.host import virt
 from safeusb.host.selector import Selector, resolve
+from safeusb.host.virt import Connection, Domain, VirtError
 from safeusb.hostdev import usb_hostdevs
 from safeusb.model import Target
 
@@ -26,43 +28,35 @@ class Flags:
     persistent: bool = False
 
     def libvirt_flags(self, running: bool) -> int:
-        import libvirt  # noqa: PLC0415
-
         if self.current and (self.live or self.config or self.persistent):
             raise SafeUSBError("--current cannot be combined with --live, --config or "
                                "--persistent")
         flags = 0
         if self.live:
-            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+            flags |= virt.AFFECT_LIVE
         if self.config:
-            flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+            flags |= virt.AFFECT_CONFIG
         if self.persistent:
-            flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+            flags |= virt.AFFECT_CONFIG
             if running:
-                flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+                flags |= virt.AFFECT_LIVE
         return flags  # 0 is VIR_DOMAIN_AFFECT_CURRENT
 
     def affects_live(self, running: bool) -> bool:
         return running and (self.live or self.persistent or not (self.config or self.live))
 
 
-def _domain(uri: str | None, name: str) -> Any:
-    import libvirt  # noqa: PLC0415
-
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are raised here
+def _domain(uri: str | None, name: str) -> Domain:
     try:
-        conn = libvirt.open(uri)
-        return conn.lookupByName(name)
-    except libvirt.libvirtError as exc:
-        raise LibvirtError(f"libvirt: {exc.get_error_message()}") from None
+        return Connection.open(uri).domain(name)
+    except VirtError as exc:
+        raise LibvirtError(f"libvirt: {exc}") from None
 
 
 def attach(handover: Handover, uri: str | None, name: str, xml: bytes, source: str,
            flags: Flags, policy: Policy) -> list[str]:
-    import libvirt  # noqa: PLC0415
-
     dom = _domain(uri, name)
-    running = bool(dom.isActive())
+    running = _active(dom)
     hostdevs = _hostdevs(xml, source)
     taken: list[Target] = []
     lines = []
@@ -76,24 +70,22 @@ def attach(handover: Handover, uri: str | None, name: str, xml: bytes, source: s
             taken.append(target)
             lines.extend(outcome.done)
     try:
-        dom.attachDeviceFlags(xml.decode(), flags.libvirt_flags(running))
-    except libvirt.libvirtError as exc:
+        dom.attach(xml.decode(), flags.libvirt_flags(running))
+    except VirtError as exc:
         handover.give_back(taken, name, policy)
-        raise LibvirtError(f"libvirt: {exc.get_error_message()}") from None
+        raise LibvirtError(f"libvirt: {exc}") from None
     return [*lines, "Device attached successfully"]
 
 
 def detach(handover: Handover, uri: str | None, name: str, xml: bytes, source: str,
            flags: Flags, policy: Policy | None) -> list[str]:
-    import libvirt  # noqa: PLC0415
-
     dom = _domain(uri, name)
-    running = bool(dom.isActive())
+    running = _active(dom)
     hostdevs = _hostdevs(xml, source)
     try:
-        dom.detachDeviceFlags(xml.decode(), flags.libvirt_flags(running))
-    except libvirt.libvirtError as exc:
-        raise LibvirtError(f"libvirt: {exc.get_error_message()}") from None
+        dom.detach(xml.decode(), flags.libvirt_flags(running))
+    except VirtError as exc:
+        raise LibvirtError(f"libvirt: {exc}") from None
     lines = ["Device detached successfully"]
     if flags.affects_live(running):
         for hd in hostdevs:
@@ -104,6 +96,13 @@ def detach(handover: Handover, uri: str | None, name: str, xml: bytes, source: s
                 continue
             lines.extend(release_lines(handover.release_target(target, name, policy)))
     return lines
+
+
+def _active(dom: Domain) -> bool:
+    try:
+        return dom.active()
+    except VirtError as exc:
+        raise LibvirtError(f"libvirt: {exc}") from None
 
 
 def _hostdevs(xml: bytes, source: str) -> tuple[Any, ...]:

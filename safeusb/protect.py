@@ -20,13 +20,13 @@ import argparse
 import copy
 import os
 import sys
-from typing import Any
 
 from lxml import etree
 
 from safeusb import confinement, trust
 from safeusb.errors import EXIT_IN_USE, LibvirtError, SafeUSBError, UsageError
 from safeusb.gate.proxy import GATE_ROOT, PROG, is_gate_path, launcher_path
+from safeusb.host.virt import Connection, Domain, VirtError
 from safeusb.hostdev import parse_xml
 
 NS = "https://safeusb.invalid/xmlns/1"
@@ -137,9 +137,9 @@ def ensure_launcher(real: str, gate_root: str = GATE_ROOT, program: str | None =
     return link
 
 
-def _domain_xml(dom: Any, libvirt: Any) -> etree._Element:
-    flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
-    return parse_xml(dom.XMLDesc(flags).encode(), dom.name())
+def _domain_xml(dom: Domain) -> etree._Element:
+    name = dom.name
+    return parse_xml(dom.xml(inactive=True, secure=True), name)
 
 
 def is_protected(root: etree._Element, source: str = "domain",
@@ -153,25 +153,25 @@ def is_protected(root: etree._Element, source: str = "domain",
         return True  # safeusb's metadata, damaged: not ours to change again
 
 
-def confinement_check(conn: Any) -> list[str]:
+def confinement_check(conn: Connection) -> list[str]:
     """What the admin must still do for the gate under libvirt's confinement (notes), or
     ProtectError when the gate cannot run under it yet."""
     refusal, notes = confinement.advice(
-        confinement.libvirt_security_models(conn.getCapabilities().encode()))
+        confinement.libvirt_security_models(conn.capabilities()))
     if refusal:
         raise ProtectError(refusal)
     return list(notes)
 
 
-def change_on(conn: Any, dom: Any, libvirt: Any, protect: bool,
+def change_on(conn: Connection, dom: Domain, protect: bool,
               notes: list[str] | None = None) -> str:
     """Protect (or unprotect) one domain on an open connection; ProtectError when it
     cannot be done as asked, libvirt's error as it comes. ``notes``: the confinement
     check's, when the caller made it already."""
-    name = dom.name()
-    if not dom.isPersistent():
+    name = dom.name
+    if not dom.persistent():
         raise ProtectError(f"{name}: a transient domain has no definition to change")
-    root = _domain_xml(dom, libvirt)
+    root = _domain_xml(dom)
     if protect:
         if notes is None:
             try:
@@ -183,42 +183,35 @@ def change_on(conn: Any, dom: Any, libvirt: Any, protect: bool,
         ensure_launcher(current)
     else:
         new = unprotect_xml(root, name)
-    conn.defineXML(to_text(new))
+    conn.define(to_text(new))
     emulator = (_emulator(new, name).text or "").strip()
     later = " (the running QEMU keeps its emulator until the domain restarts)" \
-        if dom.isActive() else ""
+        if dom.active() else ""
     return "\n".join([f"{name}: emulator {emulator}{later}", *(notes or ())])
 
 
 def change_domain(name: str, uri: str | None, protect: bool) -> str:
-    import libvirt  # noqa: PLC0415
-
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     try:
-        conn = libvirt.open(uri)
-        try:
-            return change_on(conn, conn.lookupByName(name), libvirt, protect)
-        finally:
-            conn.close()
-    except libvirt.libvirtError as exc:
+        with Connection.open(uri) as conn:
+            return change_on(conn, conn.domain(name), protect)
+    except VirtError as exc:
         raise LibvirtError(f"{name}: {exc}") from None
 
 
 def protect_all(uri: str | None) -> tuple[list[str], bool]:
     """Protect every defined domain: a line for each (protected now, already protected,
     or why not), and whether every one is protected now."""
-    import libvirt  # noqa: PLC0415
-
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     lines: list[str] = []
     ok = True
     try:
-        conn = libvirt.open(uri)
-    except libvirt.libvirtError as exc:
+        conn = Connection.open(uri)
+    except VirtError as exc:
         raise LibvirtError(f"libvirt: {exc}") from None
-    try:
-        domains = sorted(conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT),
-                         key=lambda d: d.name())
+    with conn:
+        try:
+            domains = conn.domains(persistent_only=True)
+        except VirtError as exc:
+            raise LibvirtError(f"libvirt: {exc}") from None
         try:
             notes = confinement_check(conn)
         except ProtectError as exc:
@@ -227,16 +220,17 @@ def protect_all(uri: str | None) -> tuple[list[str], bool]:
         else:
             refusal = None
         for dom in domains:
-            name = dom.name()
+            name = ""
             try:
-                if is_protected(_domain_xml(dom, libvirt), name):
-                    emulator = (_emulator(_domain_xml(dom, libvirt), name).text or "").strip()
+                name = dom.name
+                if is_protected(_domain_xml(dom), name):
+                    emulator = (_emulator(_domain_xml(dom), name).text or "").strip()
                     lines.append(f"{name}: already protected (emulator {emulator})")
                     continue
                 if refusal is not None:
                     raise ProtectError(f"{name}: {refusal}")
-                lines.append(change_on(conn, dom, libvirt, True, notes=[]))
-            except (SafeUSBError, libvirt.libvirtError) as exc:
+                lines.append(change_on(conn, dom, True, notes=[]))
+            except SafeUSBError as exc:
                 ok = False
                 text = str(exc)
                 lines.append(f"{name}: NOT protected: "
@@ -244,8 +238,6 @@ def protect_all(uri: str | None) -> tuple[list[str], bool]:
         if not domains:
             lines.append("no domains are defined")
         lines.extend(notes)
-    finally:
-        conn.close()
     return lines, ok
 
 

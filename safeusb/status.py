@@ -242,37 +242,40 @@ def _domains(uri: str | None) -> tuple[list[tuple[str, str, DomainInfo]], str,
     """Each domain (name, state, USB devices), libvirt's state in words, and the domains
     whose definition does not run the gate."""
     from safeusb.domain import DomainInfo  # noqa: PLC0415 (lxml and the policy code, only here)
-
-    try:
-        import libvirt  # noqa: PLC0415
-    except ImportError:
-        return [], "libvirt-python is not installed: domains not shown", None
+    from safeusb.host.virt import Connection, VirtError, VirtMissing  # noqa: PLC0415
     from safeusb.hostdev import parse_xml  # noqa: PLC0415
     from safeusb.protect import is_protected  # noqa: PLC0415
 
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     try:
-        conn = libvirt.openReadOnly(uri)
-    except libvirt.libvirtError as exc:
-        return [], f"not reachable ({exc.get_error_message()}): domains not shown", None
+        conn = Connection.open(uri, read_only=True)
+    except VirtMissing:
+        return [], "libvirt-python is not installed: domains not shown", None
+    except VirtError as exc:
+        return [], f"not reachable ({exc}): domains not shown", None
     out = []
     unprotected: list[str] = []
-    try:
-        for dom in conn.listAllDomains(0):
-            state = "running" if dom.isActive() else "defined"
+    with conn:
+        try:
+            domains = conn.domains()
+        except VirtError as exc:
+            return [], f"not reachable ({exc}): domains not shown", None
+        for dom in domains:
             try:
-                xml = dom.XMLDesc(0).encode()
-                info = DomainInfo.from_xml(xml, dom.name())
-                if dom.isPersistent():
-                    xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode()
-                if not is_protected(parse_xml(xml, dom.name()), dom.name()):
-                    unprotected.append(dom.name())
-            except (SafeUSBError, libvirt.libvirtError):
+                name = dom.name
+                state = "running" if dom.active() else "defined"
+                xml = dom.xml()
+                info = DomainInfo.from_xml(xml, name)
+                if dom.persistent():
+                    xml = dom.xml(inactive=True)
+                if not is_protected(parse_xml(xml, name), name):
+                    unprotected.append(name)
+            except SafeUSBError:
                 continue
-            out.append((dom.name(), state, info))
-        uri_text = conn.getURI()
-    finally:
-        conn.close()
+            out.append((name, state, info))
+        try:
+            uri_text = conn.uri()
+        except VirtError as exc:
+            return [], f"not reachable ({exc}): domains not shown", None
     return out, f"connected to {uri_text}", tuple(sorted(unprotected))
 
 

@@ -43,7 +43,7 @@ from typing import Any, Protocol
 
 from safeusb.errors import LibvirtError, SafeUSBError
 from safeusb.handover.policy import Policy, Rule
-from safeusb.host import sysfs
+from safeusb.host import sysfs, virt
 from safeusb.host.roots import Roots
 from safeusb.safeusbd.events import device_now
 
@@ -314,25 +314,14 @@ class HostLibvirt:
         self.uri = uri
 
     def active(self, name: str) -> bool | None:
-        from safeusb.safeusbd.domains import domain_active  # noqa: PLC0415
-
-        return domain_active(self.uri)(name)
+        return virt.domain_active(self.uri, name)
 
     def attach(self, name: str, xml: str) -> None:
-        import libvirt  # noqa: PLC0415
-
-        from safeusb.attach import _domain  # noqa: PLC0415
-
-        dom = _domain(self.uri, name)
         try:
-            dom.attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        except libvirt.libvirtError as exc:
-            raise LibvirtError(f"libvirt: {exc.get_error_message()}") from None
-        finally:
-            try:
-                dom.connect().close()
-            except libvirt.libvirtError:
-                pass
+            with virt.Connection.open(self.uri) as conn:
+                conn.domain(name).attach(xml, virt.AFFECT_LIVE)
+        except virt.VirtError as exc:
+            raise LibvirtError(f"libvirt: {exc}") from None
 
 
 class HostHandover:

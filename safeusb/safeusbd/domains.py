@@ -22,36 +22,12 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
+
+from safeusb.host import virt
 
 log = logging.getLogger("safeusb")
 
 RETRY = 5.0  # seconds between attempts to reach libvirtd
-_loop_lock = threading.Lock()
-_loop_started = False
-
-
-def _ensure_event_loop(libvirt: Any) -> None:
-    """libvirt's default event implementation, run by one thread for the whole process
-    (registered before any connection that wants events is opened)."""
-    global _loop_started  # noqa: PLW0603 (one event loop per process, as libvirt has)
-    with _loop_lock:
-        if _loop_started:
-            return
-        libvirt.virEventRegisterDefaultImpl()
-
-        def run() -> None:
-            while True:
-                try:
-                    libvirt.virEventRunDefaultImpl()
-                except Exception:  # the loop must keep running for every connection
-                    log.exception("safeusbd: libvirt's event loop")
-
-        # A timer wakes the loop now and then, so nothing waits on it for long.
-        libvirt.virEventAddTimeout(1000, lambda _timer, _opaque: None, None)
-        threading.Thread(target=run, daemon=True, name="safeusbd-libvirt-loop").start()
-        _loop_started = True
-
 
 class DomainWatch:
     """Lifecycle events of ``uri``'s domains, handed to a worker thread: ``protect(name)``
@@ -59,7 +35,7 @@ class DomainWatch:
     stopped."""
 
     def __init__(self, uri: str, protect_new: Callable[[], bool],
-                 protect: Callable[[Any, Any, Any], str],
+                 protect: Callable[[virt.Connection, virt.Domain], str],
                  stopped: Callable[[str], None], retry: float = RETRY,
                  started: Callable[[str], None] | None = None) -> None:
         self.uri = uri
@@ -70,7 +46,7 @@ class DomainWatch:
         self.retry = retry
         self.jobs: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
         self.stopping = threading.Event()
-        self.conn: Any = None
+        self.conn: virt.Connection | None = None
         self.connected = threading.Event()
         self.protected: list[str] = []  # names protected by this watch, in order
         self.thread = threading.Thread(target=self._run, daemon=True,
@@ -88,48 +64,38 @@ class DomainWatch:
     # -- the worker --------------------------------------------------------------------
 
     def _run(self) -> None:
-        import libvirt  # noqa: PLC0415
-
-        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-        _ensure_event_loop(libvirt)
+        virt.start_event_loop()
         while not self.stopping.is_set():
             if self.conn is None:
-                self._connect(libvirt)
+                self._connect()
             try:
                 kind, name = self.jobs.get(timeout=self.retry if self.conn is None else 1.0)
             except queue.Empty:
                 continue
             if kind == "closed":
-                self._drop(libvirt)
+                self._drop()
             elif kind == "defined":
-                self._defined(libvirt, name)
+                self._defined(name)
             elif kind == "stopped":
                 self.stopped(name)
             elif kind == "started" and self.started is not None:
                 self.started(name)
-        self._drop(libvirt)
+        self._drop()
 
-    def _connect(self, libvirt: Any) -> None:
+    def _connect(self) -> None:
         try:
-            conn = libvirt.open(self.uri)
-        except libvirt.libvirtError as exc:
+            conn = virt.Connection.open(self.uri)
+        except virt.VirtError as exc:
             if not self._said_unreachable:
                 log.warning("safeusbd: libvirt (%s) cannot be reached (%s); trying again "
-                            "every %g s", self.uri, exc.get_error_message(), self.retry)
+                            "every %g s", self.uri, exc, self.retry)
                 self._said_unreachable = True
             return
         try:
-            conn.registerCloseCallback(self._on_close, None)
-            try:
-                conn.setKeepAlive(5, 3)
-            except libvirt.libvirtError as exc:  # local drivers have no keepalive
-                if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
-                    raise
-            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-                                        self._on_lifecycle, None)
-        except libvirt.libvirtError as exc:
+            conn.follow(self._on_lifecycle, self._on_close)
+        except virt.VirtError as exc:
             log.warning("safeusbd: libvirt (%s): cannot follow domain events: %s", self.uri,
-                        exc.get_error_message())
+                        exc)
             conn.close()
             return
         self.conn = conn
@@ -137,23 +103,16 @@ class DomainWatch:
         self.connected.set()
         log.info("safeusbd: following libvirt's domain events (%s)", self.uri)
 
-    def _drop(self, libvirt: Any) -> None:
+    def _drop(self) -> None:
         conn, self.conn = self.conn, None
         self.connected.clear()
         if conn is None:
             return
-        try:
-            conn.unregisterCloseCallback()
-        except libvirt.libvirtError:
-            pass
-        try:
-            conn.close()
-        except libvirt.libvirtError:
-            pass
+        conn.close()
         if not self.stopping.is_set():
             log.warning("safeusbd: lost libvirt (%s); reconnecting", self.uri)
 
-    def _defined(self, libvirt: Any, name: str) -> None:
+    def _defined(self, name: str) -> None:
         try:
             wanted = self.protect_new()
         except Exception as exc:  # a policy that cannot be read protects nothing new
@@ -165,8 +124,7 @@ class DomainWatch:
             log.warning("safeusbd: domain %s defined; not protected: libvirt is gone", name)
             return
         try:
-            dom = self.conn.lookupByName(name)
-            line = self.protect(self.conn, dom, libvirt)
+            line = self.protect(self.conn, self.conn.domain(name))
         except Exception as exc:
             log.warning("safeusbd: domain %s defined; NOT protected: %s", name, exc)
             return
@@ -176,45 +134,14 @@ class DomainWatch:
 
     # -- callbacks, in libvirt's event loop thread: hand over, never block ---------------
 
-    def _on_close(self, _conn: Any, reason: int, _opaque: Any) -> None:
+    def _on_close(self, reason: int) -> None:
         self.jobs.put(("closed", str(reason)))
 
-    def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int,
-                      _opaque: Any) -> None:
-        import libvirt  # noqa: PLC0415
-
-        name = dom.name()
-        if event == libvirt.VIR_DOMAIN_EVENT_DEFINED and \
-                detail == libvirt.VIR_DOMAIN_EVENT_DEFINED_ADDED:
-            self.jobs.put(("defined", name))
-        elif event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
-            self.jobs.put(("stopped", name))
-        elif event == libvirt.VIR_DOMAIN_EVENT_STARTED:
-            self.jobs.put(("started", name))
+    def _on_lifecycle(self, kind: str, name: str) -> None:
+        self.jobs.put((kind, name))
 
 
 def domain_active(uri: str) -> Callable[[str], bool | None]:
     """Whether libvirt runs the domain now: True, False (not running, or no such
     domain), None (libvirt cannot say)."""
-
-    def active(name: str) -> bool | None:
-        try:
-            import libvirt  # noqa: PLC0415
-        except ImportError:
-            return None
-        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-        try:
-            conn = libvirt.openReadOnly(uri)
-        except libvirt.libvirtError:
-            return None
-        try:
-            try:
-                return bool(conn.lookupByName(name).isActive())
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    return False
-                return None
-        finally:
-            conn.close()
-
-    return active
+    return lambda name: virt.domain_active(uri, name)

@@ -9,7 +9,6 @@ only. Everyone else may ping and, unless the daemon was told otherwise, inspect.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import stat
@@ -18,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from safeusb.host import virt
 from safeusb.safeusbd.protocol import ACTING_OPS
 
 Role = Literal["root", "domain", "other"]
@@ -146,11 +146,6 @@ def refusal(caller: Caller, op: str, domain: str | None, others_may_inspect: boo
             f"devices ({caller.why})")
 
 
-# virErrorNumber values for a connection that broke (VIR_ERR_NO_CONNECT,
-# VIR_ERR_INVALID_CONN, VIR_ERR_SYSTEM_ERROR, VIR_ERR_RPC)
-_GONE_CODES = (5, 6, 38, 39)
-
-
 class LibvirtResolver:
     """Confirms a scope against libvirt: the running domain with the scope's ID, whose
     QEMU process (libvirt's pid file for it) is in the same scope."""
@@ -162,51 +157,44 @@ class LibvirtResolver:
         self.pid_dir = pid_dir
         self.pid_owner = 0  # libvirtd writes the pid files as root
         self._lock = threading.Lock()
-        self._conn: Any = None
+        self._conn: virt.Connection | None = None
 
     def __call__(self, scope: MachineScope) -> tuple[str | None, str]:
-        try:
-            import libvirt  # noqa: PLC0415 (only when a non-root caller needs it)
-        except ImportError:
-            return None, "libvirt-python is not installed, so no domain can be confirmed"
         for attempt in (1, 2):
             try:
-                conn = self._connection(libvirt)
-            except libvirt.libvirtError as exc:
+                conn = self._connection()
+            except virt.VirtMissing:
+                return None, "libvirt-python is not installed, so no domain can be confirmed"
+            except virt.VirtError as exc:
                 return None, f"libvirt ({self.uri}) cannot be reached: {exc}"
             try:
-                name = str(conn.lookupByID(scope.domain_id).name())
+                name = conn.domain_by_id(scope.domain_id).name
                 break
-            except libvirt.libvirtError as exc:
-                if attempt == 1 and exc.get_error_code() in _GONE_CODES:
+            except virt.VirtError as exc:
+                if attempt == 1 and exc.code in virt.ERR_GONE:
                     self._drop(conn)  # libvirtd restarted: ask a new connection once
                     continue
                 return None, f"libvirt has no running domain with ID {scope.domain_id}"
         return self.confirm(scope, name)
 
-    def _connection(self, libvirt: Any) -> Any:
+    def _connection(self) -> virt.Connection:
         """One read-only connection, kept while libvirt keeps it (opening one for each
         caller cost a noticeable part of a decision)."""
         with self._lock:
             conn = self._conn
             if conn is not None:
-                try:
-                    if conn.isAlive():
-                        return conn
-                except libvirt.libvirtError:
-                    pass
+                if conn.alive():
+                    return conn
                 self._conn = None
-                with contextlib.suppress(libvirt.libvirtError):
-                    conn.close()
-            self._conn = libvirt.openReadOnly(self.uri)
+                conn.close()
+            self._conn = virt.Connection.open(self.uri, read_only=True)
             return self._conn
 
-    def _drop(self, conn: Any) -> None:
+    def _drop(self, conn: virt.Connection) -> None:
         with self._lock:
             if self._conn is conn:
                 self._conn = None
-        with contextlib.suppress(Exception):
-            conn.close()
+        conn.close()
 
     def confirm(self, scope: MachineScope, name: str) -> tuple[str | None, str]:
         """The name, when libvirt's QEMU process for that domain is in the scope."""

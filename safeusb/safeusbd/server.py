@@ -861,7 +861,7 @@ def start_following(daemon: Daemon, args: argparse.Namespace) -> list[Callable[[
             loop.poke(f"domain {name} started")
 
     domains = DomainWatch(args.libvirt_uri, protect_new,
-                          lambda conn, dom, lv: change_on(conn, dom, lv, True), stopped,
+                          lambda conn, dom: change_on(conn, dom, True), stopped,
                           started=domain_started)
     domains.start()
     stops.append(domains.stop)
@@ -960,8 +960,9 @@ def _preload() -> None:
                  "inspect.decide", "inspect.report", "handover.plan", "handover.policy",
                  "handover.service", "handover.steps", "handover.transaction"):
         importlib.import_module(f"safeusb.{name}")  # a name that is not a module: a bug
-    with contextlib.suppress(ImportError):
-        importlib.import_module("libvirt")  # safeusbd runs without it (no libvirt events)
+    from safeusb.host import virt  # noqa: PLC0415
+
+    virt.load()  # safeusbd runs without it (no libvirt events)
     from safeusb.host.modeswitch import SWITCH_DBS  # noqa: PLC0415
 
     SWITCH_DBS.get()  # read the mode-switch database now; again only when it changes

@@ -17,6 +17,7 @@ from safeusb import protect
 from safeusb.errors import UsageError
 from safeusb.gate.proxy import GATE_ROOT, launcher_path
 from safeusb.handover.policy import Policy, PolicyError
+from safeusb.host.virt import Connection, Domain
 from safeusb.protect import is_protected, protect_all, protect_xml
 from safeusb.safeusbd.domains import DomainWatch, domain_active
 from safeusb.status import collect
@@ -77,10 +78,10 @@ class Seen:
         self.stopped: list[str] = []
         self.lock = threading.Lock()
 
-    def protect(self, _conn: Any, dom: Any, _lv: Any) -> str:
+    def protect(self, _conn: Connection, dom: Domain) -> str:
         with self.lock:
-            self.protected.append(dom.name())
-        return f"{dom.name()}: emulator {GATE_ROOT}{EMULATOR}"
+            self.protected.append(dom.name)
+        return f"{dom.name}: emulator {GATE_ROOT}{EMULATOR}"
 
 
 @pytest.fixture
@@ -179,7 +180,7 @@ def test_reconnects_after_the_connection_closes(
     registered again."""
     w, seen = watch
     first = w.conn
-    w._on_close(first, libvirt.VIR_CONNECT_CLOSE_REASON_EOF, None)
+    w._on_close(libvirt.VIR_CONNECT_CLOSE_REASON_EOF)
     until(lambda: w.conn is not None and w.conn is not first, "a new connection")
     name = unique("again")
     define(conn, name)
@@ -256,7 +257,8 @@ def test_status_lists_unprotected_domains(tmp_path: Path, conn: Any,
     bare, guarded = unique("bare"), unique("guarded")
     define(conn, bare)
     define(conn, guarded)
-    protect.change_on(conn, conn.lookupByName(guarded), libvirt, True)
+    with Connection.open(URI) as ours:
+        protect.change_on(ours, ours.domain(guarded), True)
     status = collect(fs.roots, URI)
     assert status.unprotected is not None
     assert bare in status.unprotected and guarded not in status.unprotected
