@@ -14,10 +14,10 @@ from safeusb.errors import LibvirtError, Refused, SafeUSBError, XMLError
 from safeusb.handover.policy import Policy
 from safeusb.handover.service import Handover, refusal_text, release_lines
 from safeusb.host import virt
+from safeusb.host.model import Target
 from safeusb.host.selector import Selector, resolve
 from safeusb.host.virt import Connection, Domain, VirtError
 from safeusb.hostdev import usb_hostdevs
-from safeusb.model import Target
 
 
 @dataclass(frozen=True)

@@ -9,17 +9,18 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from safeusb import __version__, defaults
+from safeusb import __version__
 from safeusb.errors import EXIT_FREE, EXIT_IN_USE, SafeUSBError, UsageError, XMLError, exit_code_for
+from safeusb.host import defaults
+from safeusb.host.logsetup import setup_logging
 from safeusb.host.roots import Roots
-from safeusb.logsetup import setup_logging
 
 # Each command imports what it uses when it runs: `inspect` pays for no acting, policy,
 # libvirt or network code at start-up.
 if TYPE_CHECKING:
     from safeusb.handover.service import Handover
     from safeusb.handover.transaction import Outcome
-    from safeusb.model import Target
+    from safeusb.host.model import Target
 
 # From defaults.py, so that the parser needs no policy or state code (loaded per command).
 DEFAULT_POLICY = defaults.POLICY

@@ -21,10 +21,10 @@ from safeusb.errors import NoSuchDevice, SafeUSBError, XMLError
 from safeusb.handover.policy import DEFAULT_PATH
 from safeusb.handover.service import Handover
 from safeusb.host.journal import DEFAULT_DIR
+from safeusb.host.logsetup import setup_logging
+from safeusb.host.model import Target
 from safeusb.host.roots import Roots
 from safeusb.host.selector import Selector, resolve
-from safeusb.logsetup import setup_logging
-from safeusb.model import Target
 
 EXIT_REFUSED = 3
 MAX_DOMAIN_XML_BYTES = 64 * 1024 * 1024

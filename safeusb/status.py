@@ -7,12 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from safeusb import defaults
 from safeusb.errors import SafeUSBError
-from safeusb.host import sysfs
+from safeusb.host import defaults, sysfs
+from safeusb.host.model import Target, UsbDevice
 from safeusb.host.roots import Roots
 from safeusb.inspect.decide import Findings
-from safeusb.model import Target, UsbDevice
 from safeusb.reasons import (
     Dirty,
     Holder,

@@ -11,6 +11,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from safeusb.host.model import DevNum, MountNamespace, NodeKind, ProcessUse, Unreadable, UseKind
 from safeusb.host.parsers import (
     ParseError,
     parse_maps_devices,
@@ -20,7 +21,6 @@ from safeusb.host.parsers import (
 )
 from safeusb.host.recording import RecordedStat, Stater, is_recording
 from safeusb.host.roots import Roots
-from safeusb.model import DevNum, MountNamespace, NodeKind, ProcessUse, Unreadable, UseKind
 
 _GONE = (errno.ENOENT, errno.ESRCH)
 

@@ -22,9 +22,7 @@ from safeusb.handover.steps import (
     Swapoff,
     Unmount,
 )
-from safeusb.host.sysfs import split_lvm_name
-from safeusb.inspect.decide import Findings
-from safeusb.model import (
+from safeusb.host.model import (
     BlockDevice,
     DevNum,
     LoopSetup,
@@ -34,6 +32,8 @@ from safeusb.model import (
     NetNamespaceRef,
     Snapshot,
 )
+from safeusb.host.sysfs import split_lvm_name
+from safeusb.inspect.decide import Findings
 from safeusb.reasons import Mount, NetworkStacked, Open, Reason, ReasonKind, with_details
 from safeusb.textout import human_bytes
 

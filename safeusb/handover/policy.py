@@ -36,9 +36,10 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from safeusb import defaults, trust
+from safeusb import trust
 from safeusb.errors import SafeUSBError
-from safeusb.model import UsbDevice
+from safeusb.host import defaults
+from safeusb.host.model import UsbDevice
 
 DEFAULT_PATH = defaults.POLICY
 MAX_TIMEOUT = 86400

@@ -26,9 +26,9 @@ from safeusb.handover.transaction import (
 )
 from safeusb.host import sysfs
 from safeusb.host.journal import StateDir
+from safeusb.host.model import Target, UsbDevice
 from safeusb.host.roots import Roots
 from safeusb.host.runner import Runner
-from safeusb.model import Target, UsbDevice
 
 
 @dataclass(frozen=True)

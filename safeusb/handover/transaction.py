@@ -22,11 +22,11 @@ from safeusb.handover.steps import (
 )
 from safeusb.host import sysfs
 from safeusb.host.journal import DeviceBusy, StateDir, StateError, new_record
+from safeusb.host.model import Snapshot, Target, UsbDevice
 from safeusb.host.roots import Roots
 from safeusb.host.runner import DeviceGone, NothingToDo, Runner, StepFailed
 from safeusb.host.snapshot import read_snapshot
 from safeusb.inspect.decide import inspect
-from safeusb.model import Snapshot, Target, UsbDevice
 
 
 def target_key(target: Target) -> str:

@@ -25,11 +25,11 @@ import struct
 from typing import Any
 
 from safeusb.host.bpfload import BPFError, bpffs, libbpf
+from safeusb.host.model import DevNum, NodeKind, ProcessUse, UseKind
 from safeusb.host.parsers import parse_maps_devices, parse_maps_files
 from safeusb.host.procfs import ProcessScan, read_comm, scan_processes
 from safeusb.host.recording import is_recording
 from safeusb.host.roots import Roots
-from safeusb.model import DevNum, NodeKind, ProcessUse, UseKind
 
 log = logging.getLogger("safeusb")
 

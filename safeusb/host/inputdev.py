@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import struct
 
+from safeusb.host.model import InputDevice, InputScan, Unreadable
 from safeusb.host.roots import Roots
-from safeusb.model import InputDevice, InputScan, Unreadable
 from safeusb.reasons import CannotRead, LastInput, Reason
 
 # The kernel prints capability bitmaps as unsigned longs of the reading process's width

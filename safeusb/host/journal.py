@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from safeusb import defaults
 from safeusb.errors import SafeUSBError
+from safeusb.host import defaults
 
 DEFAULT_DIR = defaults.STATE_DIR
 MAX_RECORD_BYTES = 1024 * 1024

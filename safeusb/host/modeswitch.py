@@ -10,7 +10,7 @@ import os
 import re
 import threading
 
-from safeusb.model import Id, Node, SwitchDb, UsbDevice
+from safeusb.host.model import Id, Node, SwitchDb, UsbDevice
 from safeusb.reasons import ModeSwitchMaybe, ModeSwitchStorage, ModeSwitchSwitched, Reason
 
 # Where distributions ship the switch database: the configuration pack (Debian) or its

@@ -15,10 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from safeusb.host.parsers import ParseError, parse_ns_link
-from safeusb.host.procfs import read_comm
-from safeusb.host.roots import Roots
-from safeusb.model import (
+from safeusb.host.model import (
     LinkId,
     MountNamespace,
     NetAddress,
@@ -28,6 +25,9 @@ from safeusb.model import (
     NetScan,
     Unreadable,
 )
+from safeusb.host.parsers import ParseError, parse_ns_link
+from safeusb.host.procfs import read_comm
+from safeusb.host.roots import Roots
 from safeusb.reasons import (
     CannotRead,
     NetworkAddress,

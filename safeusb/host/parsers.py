@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from safeusb.model import DevNum, MountEntry
+from safeusb.host.model import DevNum, MountEntry
 
 _OCTAL = re.compile(r"\\([0-7]{3})")
 

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from safeusb.host.model import DevNum, MountNamespace, NodeKind, ProcessUse, Unreadable, UseKind
 from safeusb.host.parsers import (
     ParseError,
     parse_maps_dev_nodes,
@@ -20,7 +21,6 @@ from safeusb.host.parsers import (
 )
 from safeusb.host.recording import RecordedStat, Stater, is_recording
 from safeusb.host.roots import Roots
-from safeusb.model import DevNum, MountNamespace, NodeKind, ProcessUse, Unreadable, UseKind
 
 _GONE = (errno.ENOENT, errno.ESRCH)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC

@@ -13,9 +13,9 @@ import os
 import stat
 from dataclasses import dataclass
 
+from safeusb.host.model import DevNum, MountEntry
 from safeusb.host.parsers import ParseError, parse_devnum, parse_mountinfo
 from safeusb.host.roots import Roots
-from safeusb.model import DevNum, MountEntry
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 from safeusb.errors import AmbiguousSelector, NoSuchDevice, SelectorError
 from safeusb.host import recording, sysfs
+from safeusb.host.model import Target, UsbDevice
 from safeusb.host.roots import Roots
-from safeusb.model import Target, UsbDevice
 
 if TYPE_CHECKING:
     from safeusb.hostdev import UsbHostdev

@@ -10,11 +10,7 @@ from typing import TYPE_CHECKING
 from safeusb.host import recording, sysfs
 from safeusb.host.bpfscan import namespaces_of
 from safeusb.host.bpfscan import scan as scan_processes
-from safeusb.host.parsers import ParseError, parse_bdi_stats
-from safeusb.host.procfs import list_pids, read_mount_namespaces, read_swaps
-from safeusb.host.roots import Roots
-from safeusb.host.usb_classes import read_classes
-from safeusb.model import (
+from safeusb.host.model import (
     BlockDevice,
     DevNum,
     DirtyStat,
@@ -26,6 +22,10 @@ from safeusb.model import (
     Unreadable,
     fmt_devnum,
 )
+from safeusb.host.parsers import ParseError, parse_bdi_stats
+from safeusb.host.procfs import list_pids, read_mount_namespaces, read_swaps
+from safeusb.host.roots import Roots
+from safeusb.host.usb_classes import read_classes
 
 if TYPE_CHECKING:
     from safeusb.host.netinfo import NetMatch

@@ -5,9 +5,17 @@ from __future__ import annotations
 import os
 
 from safeusb.errors import SystemReadError
+from safeusb.host.model import (
+    BlockDevice,
+    DevNum,
+    LoopSetup,
+    Node,
+    NodeKind,
+    UsbDevice,
+    UsbInterface,
+)
 from safeusb.host.parsers import ParseError, parse_devnum
 from safeusb.host.roots import Roots
-from safeusb.model import BlockDevice, DevNum, LoopSetup, Node, NodeKind, UsbDevice, UsbInterface
 
 
 def _read(path: str) -> str | None:

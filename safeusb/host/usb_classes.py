@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from safeusb.host.model import ClassSnapshot, MountNamespace, Node, Target
 from safeusb.host.roots import Roots
-from safeusb.model import ClassSnapshot, MountNamespace, Node, Target
 
 if TYPE_CHECKING:  # each class's module is imported where it is used: start-up stays short
     from safeusb.host.netinfo import NetMatch

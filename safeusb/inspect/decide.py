@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from safeusb.host.model import BlockDevice, DevNum, Snapshot, fmt_devnum
 from safeusb.host.usb_classes import class_reasons, class_warnings, node_label
-from safeusb.model import BlockDevice, DevNum, Snapshot, fmt_devnum
 from safeusb.reasons import (
     CannotRead,
     Dirty,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from safeusb.host.model import DevNum, fmt_devnum
 from safeusb.host.usb_classes import class_json
 from safeusb.inspect.decide import Findings
-from safeusb.model import DevNum, fmt_devnum
 from safeusb.textout import findings_text, text_of_json
 
 __all__ = ["SCHEMA_VERSION", "as_json", "as_text", "text_of_json"]

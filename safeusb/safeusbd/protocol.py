@@ -10,8 +10,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from safeusb import defaults, strictjson
+from safeusb import strictjson
 from safeusb.errors import SafeUSBError
+from safeusb.host import defaults
 
 VERSION = 1
 DEFAULT_SOCKET = defaults.SOCKET

@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from safeusb import defaults
 from safeusb.errors import AmbiguousSelector, NoSuchDevice, SafeUSBError, SelectorError
+from safeusb.host import defaults
 from safeusb.host.roots import Roots
 from safeusb.safeusbd import protocol as proto
 from safeusb.safeusbd.peer import Caller, DomainResolver, LibvirtResolver, Peer, classify, refusal
@@ -897,7 +897,7 @@ def _check_udev_rules(policy_path: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from safeusb.logsetup import setup_logging  # noqa: PLC0415
+    from safeusb.host.logsetup import setup_logging  # noqa: PLC0415
 
     try:
         args = build_parser().parse_args(argv)

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from safeusb.host import bpfscan, procfs
+from safeusb.host.model import DevNum, NodeKind, ProcessUse
 from safeusb.host.procfs import ProcessScan
 from safeusb.host.roots import Roots
-from safeusb.model import DevNum, NodeKind, ProcessUse
 from tests.host.conftest import Loop, background, mounted, wait_for
 
 HOLD = """

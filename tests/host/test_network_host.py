@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from safeusb.host.model import LinkId, NetScan
 from safeusb.host.netinfo import NetMatch, net_reasons, read_network
 from safeusb.host.procfs import list_pids, read_mount_namespaces
 from safeusb.host.roots import Roots
@@ -19,7 +20,6 @@ from safeusb.host.selector import Selector, resolve
 from safeusb.host.snapshot import read_snapshot
 from safeusb.inspect.decide import inspect as decide
 from safeusb.inspect.report import as_json, as_text
-from safeusb.model import LinkId, NetScan
 from tests.conftest import require_root
 from tests.host.conftest import Loop, background, run
 

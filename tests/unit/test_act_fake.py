@@ -9,11 +9,11 @@ from pathlib import Path
 
 from safeusb.handover.transaction import _left_the_host, without_request
 from safeusb.host import sysfs
+from safeusb.host.model import ProcessUse
 from safeusb.host.parsers import parse_devnum
 from safeusb.host.selector import Selector, resolve
 from safeusb.host.snapshot import read_snapshot
 from safeusb.inspect.decide import inspect
-from safeusb.model import ProcessUse
 from tests.unit.fakesys import LINUX_NS, ROOT_MOUNT, FakeSystem
 
 

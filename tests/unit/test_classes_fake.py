@@ -19,13 +19,7 @@ from safeusb.handover.plan import build_plan
 from safeusb.handover.policy import Settings
 from safeusb.handover.steps import DownLink, Handoff
 from safeusb.host.inputdev import input_reasons, parse_bitmap
-from safeusb.host.modeswitch import SwitchDbCache, parse_config, read_switch_db
-from safeusb.host.netinfo import addresses_from, device_match, net_reasons, routes_from
-from safeusb.host.selector import Selector, resolve
-from safeusb.host.snapshot import read_snapshot
-from safeusb.inspect.decide import Findings, inspect
-from safeusb.inspect.report import as_json, as_text
-from safeusb.model import (
+from safeusb.host.model import (
     ClassSnapshot,
     InputDevice,
     InputScan,
@@ -37,6 +31,12 @@ from safeusb.model import (
     NetScan,
     SwitchDb,
 )
+from safeusb.host.modeswitch import SwitchDbCache, parse_config, read_switch_db
+from safeusb.host.netinfo import addresses_from, device_match, net_reasons, routes_from
+from safeusb.host.selector import Selector, resolve
+from safeusb.host.snapshot import read_snapshot
+from safeusb.inspect.decide import Findings, inspect
+from safeusb.inspect.report import as_json, as_text
 from tests.unit.fakesys import LINUX_NS, PCI, ROOT_MOUNT, FakeSystem, _link, _write
 
 # Capability bitmaps as a 64-bit kernel prints them for real devices.
@@ -169,7 +169,7 @@ def test_last_pointer_relative_and_absolute(tmp_path: Path) -> None:
 
 
 def test_unreadable_other_input_fails_closed() -> None:
-    from safeusb.model import Unreadable  # noqa: PLC0415
+    from safeusb.host.model import Unreadable  # noqa: PLC0415
 
     scan = InputScan((InputDevice("input5", "kbd", True, False, True),),
                      (Unreadable("capabilities of input device input9", "I/O error"),))

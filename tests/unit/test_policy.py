@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from safeusb import cli, defaults
+from safeusb import cli
 from safeusb.handover import policy
 from safeusb.handover.policy import Policy, PolicyError
-from safeusb.host import journal
-from safeusb.model import UsbDevice, UsbInterface
+from safeusb.host import defaults, journal
+from safeusb.host.model import UsbDevice, UsbInterface
 from safeusb.safeusbd import protocol
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

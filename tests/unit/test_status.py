@@ -51,11 +51,11 @@ def test_answers_from_safeusbd_show_as_findings_read_here(tmp_path: Path) -> Non
     """Each device's inspect answer (what safeusbd sends: the inspect JSON, through the
     protocol's encoding) gives the status that reading the tree here gives; a device it
     gives no answer for, or an answer that is not an inspect object, is read here."""
+    from safeusb.host.model import Target  # noqa: PLC0415
     from safeusb.host.snapshot import read_snapshot  # noqa: PLC0415
     from safeusb.host.sysfs import list_usb_devices  # noqa: PLC0415
     from safeusb.inspect.decide import inspect  # noqa: PLC0415
     from safeusb.inspect.report import as_json  # noqa: PLC0415
-    from safeusb.model import Target  # noqa: PLC0415
     from safeusb.safeusbd import protocol  # noqa: PLC0415
 
     fs = FakeSystem(tmp_path)

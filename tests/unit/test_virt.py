@@ -42,7 +42,7 @@ def test_errors_carry_libvirts_message_and_code() -> None:
 
 def test_a_read_only_connection_cannot_define() -> None:
     with virt.Connection.open(URI, read_only=True) as conn, \
-            pytest.raises(virt.VirtError, match="read only|read-only"):
+            pytest.raises(virt.VirtError, match=r"read only|read-only"):
         conn.define("<domain type='test'><name>x</name><memory>1024</memory>"
                     "<os><type>hvm</type></os></domain>")
 

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from safeusb import GUEST_DIR
 from safeusb.lab.harness import SAFEUSB, Boot, Runner, missing_prerequisites
+
+from . import GUEST_DIR
 
 _RUNNER_KEY = pytest.StashKey[Runner]()
 
