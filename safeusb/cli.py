@@ -13,7 +13,7 @@ from safeusb import __version__
 from safeusb.errors import EXIT_FREE, EXIT_IN_USE, SafeUSBError, UsageError, XMLError, exit_code_for
 from safeusb.host import defaults
 from safeusb.host.logsetup import setup_logging
-from safeusb.host.roots import Roots
+from safeusb.host.roots import DEV, Roots
 
 # Each command imports what it uses when it runs: `inspect` pays for no acting, policy,
 # libvirt or network code at start-up.
@@ -200,7 +200,7 @@ def add_selector_arguments(p: _Adds) -> None:
         "selector",
         nargs="?",
         help="2-1 (sysfs name), 002:003 (BUS:DEV), 46f4:0001 (VENDOR:PRODUCT), "
-        "/dev/sda, /dev/sda1, /dev/bus/usb/002/003",
+        f"{DEV}/sda, {DEV}/sda1, {DEV}/bus/usb/002/003",
     )
     p.add_argument("--xml", metavar="FILE", help="a file holding a libvirt USB <hostdev>")
 
@@ -395,7 +395,7 @@ def cmd_status(args: argparse.Namespace, roots: Roots) -> int:
         return ask_daemon(args, {"bus": bus, "addr": addr})
 
     guard_state = None
-    if roots.sys == "/sys":  # the guard is this host's kernel's, not a recording's
+    if roots.own_kernel:  # the guard is this host's kernel's, not a recording's
         from safeusb.host.guard import report  # noqa: PLC0415
 
         guard_state = report(DEFAULT_STATE_DIR)

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from safeusb.errors import SafeUSBError
+from safeusb.host.defaults import SOCKET
+from safeusb.host.roots import Roots
 from safeusb.install import Installed, code_dirs
 
 PROG = "safeusb-qemu-gate"
@@ -63,9 +65,9 @@ QEMU_RULES = """\
         shutdown) type=stream,
 
   # Asking safeusbd, which decides (it runs as root, unconfined).
-  /run/safeusb/safeusbd.sock rw,
+  @SOCKET@ rw,
   unix (connect, send, receive) type=stream peer=(label=unconfined),
-"""
+""".replace("@SOCKET@", SOCKET)
 
 LIBVIRTD_RULES = """\
   # libvirtd probes a protected domain's emulator: the gate, which runs the real one.
@@ -241,9 +243,11 @@ def installed(root: str = "/") -> bool:
     return BEGIN in _read(os.path.join(root, APPARMOR_DIR, QEMU_LOCAL)).splitlines()
 
 
-def apparmor_enabled(sysfs: str = "/sys") -> bool:
+def apparmor_enabled(roots: Roots | None = None) -> bool:
+    """Whether the kernel runs AppArmor (its module parameter in sysfs)."""
+    roots = roots or Roots.host()
     try:
-        with open(os.path.join(sysfs, "module/apparmor/parameters/enabled"),
+        with open(roots.sys_path("module", "apparmor", "parameters", "enabled"),
                   encoding="ascii") as f:
             return f.read().strip() == "Y"
     except OSError:

@@ -153,15 +153,10 @@ def verify(python: str, boot: str) -> None:
 
 
 def _libvirtd_running() -> bool:
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/comm", encoding="utf-8") as f:
-                    if f.read().strip() in ("libvirtd", "virtqemud"):
-                        return True
-            except OSError:
-                continue
-    return False
+    from safeusb.host.procfs import any_running  # noqa: PLC0415
+    from safeusb.host.roots import Roots  # noqa: PLC0415
+
+    return any_running(Roots.host(), ("libvirtd", "virtqemud"))
 
 
 def install(root: str = "/", python: str | None = None, check: bool | None = None,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from safeusb.errors import SafeUSBError
 from safeusb.host import defaults, sysfs
 from safeusb.host.model import Target, UsbDevice
-from safeusb.host.roots import Roots
+from safeusb.host.roots import SYS, Roots
 from safeusb.inspect.decide import Findings
 from safeusb.reasons import (
     Dirty,
@@ -209,7 +209,7 @@ class Status:
     def as_text(self) -> str:
         if not self.usb_present:
             extra = self.protection_line()
-            return ("This host has no USB subsystem (/sys/bus/usb is missing): "
+            return (f"This host has no USB subsystem ({SYS}/bus/usb is missing): "
                     "no USB devices to show.\n" + (extra + "\n" if extra else "")
                     + self._guard_text())
         lines = []

@@ -40,10 +40,8 @@ from safeusb.errors import EXIT_IN_USE, EXIT_USAGE, SafeUSBError, UsageError
 from safeusb.gate.qemu_usb_host import (
     UNSEEN_FD,
     Decide,
-    FdIdentity,
     UsbHostRequest,
     device_add_request,
-    fd_identity,
     prepare_decision,
 )
 from safeusb.gate.qemuargs import (
@@ -67,6 +65,7 @@ from safeusb.gate.qmp import (
     recv_with_fds,
     send_with_fds,
 )
+from safeusb.host.usbfs import FdIdentity, fd_identity
 
 PROG = "safeusb-qemu-gate"
 GATE_ROOT = "/usr/local/lib/safeusb/gate"

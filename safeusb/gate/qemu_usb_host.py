@@ -12,7 +12,6 @@ only the first two forms.
 from __future__ import annotations
 
 import os
-import re
 import stat
 import threading
 from collections.abc import Callable, Mapping
@@ -29,9 +28,12 @@ from safeusb.gate.qemuparse import (
     qemu_strtou64,
     qmp_opts,
 )
-
-USB_DEVICE_MAJOR = 189
-_DEV_BUS_USB = re.compile(r"/dev/bus/usb/([0-9]{3})/([0-9]{3})")
+from safeusb.host.usbfs import (
+    FDSET_PREFIX,
+    FdIdentity,
+    through_proc,
+    usbfs_busdev,
+)
 
 
 class RequestError(SafeUSBError):
@@ -40,34 +42,6 @@ class RequestError(SafeUSBError):
 
 if TYPE_CHECKING:
     from safeusb.host.selector import Selector
-
-
-@dataclass(frozen=True)
-class FdIdentity:
-    """What an fd passed to QEMU (add-fd, getfd) refers to."""
-
-    path: str
-    rdev: tuple[int, int] | None  # (major, minor) of a character device
-
-    @property
-    def usb_busdev(self) -> tuple[int, int] | None:
-        if self.rdev is None or self.rdev[0] != USB_DEVICE_MAJOR:
-            return None
-        minor = self.rdev[1]
-        return minor // 128 + 1, minor % 128 + 1
-
-
-def fd_identity(fd: int) -> FdIdentity:
-    try:
-        path = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        path = f"fd {fd}"
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        return FdIdentity(path, None)
-    rdev = (os.major(st.st_rdev), os.minor(st.st_rdev)) if stat.S_ISCHR(st.st_mode) else None
-    return FdIdentity(path, rdev)
 
 
 @dataclass(frozen=True)
@@ -106,8 +80,6 @@ when the requester gives up waiting: stop, put the host back as it was, and refu
 
 USB_HOST = "usb-host"
 HOST_PROPS = ("hostbus", "hostaddr", "hostport", "vendorid", "productid", "hostdevice")
-FDSET_PREFIX = "/dev/fdset/"
-MAX_SYMLINKS = 40
 UNSEEN_FD = FdIdentity("an fd that did not come with its add-fd", None)
 """Stands for an fd QEMU may have put in a set that the gate did not see (an add-fd
 without fds of its own takes whatever fds QEMU still holds from earlier messages)."""
@@ -195,36 +167,6 @@ def device_add_request(
     return None
 
 
-def _through_proc(path: str) -> bool:
-    """Whether the path, its symlinks followed, passes through /proc (where "self" is
-    whoever looks: QEMU and the gate would see different files). Unsure counts as yes."""
-    todo = path.split("/")
-    cur = "/"
-    links = 0
-    while todo:
-        part = todo.pop(0)
-        if part in ("", "."):
-            continue
-        if part == "..":
-            cur = os.path.dirname(cur)
-            continue
-        nxt = os.path.join(cur, part)
-        if nxt == "/proc" or nxt.startswith("/proc/"):
-            return True
-        try:
-            target = os.readlink(nxt)
-        except OSError:
-            cur = nxt
-            continue
-        links += 1
-        if links > MAX_SYMLINKS:
-            return True
-        if target.startswith("/"):
-            cur = "/"
-        todo = target.split("/") + todo
-    return False
-
-
 def _path(path: str, limit: int = 160) -> str:
     """A path for a one-line message."""
     return repr(path) if len(path) <= limit else repr(path[:limit]) + "..."
@@ -265,10 +207,10 @@ def _busdev_of_path(
                            "(QEMU would open it relative to its own directory)")
     if "\0" in path:
         raise RequestError(f"usb-host hostdevice={_path(path)}: QEMU reads U+0000 as other bytes")
-    m = _DEV_BUS_USB.fullmatch(path)
-    if m:
-        return int(m.group(1)), int(m.group(2))
-    if _through_proc(path):
+    named = usbfs_busdev(path)
+    if named is not None:
+        return named
+    if through_proc(path):
         raise RequestError(f"usb-host hostdevice={_path(path)}: leads through /proc, where QEMU "
                            "would see its own files, not the gate's")
     try:

@@ -31,6 +31,7 @@ from safeusb.host.model import (
     NetInterface,
     NetNamespaceRef,
     Snapshot,
+    node,
 )
 from safeusb.host.sysfs import split_lvm_name
 from safeusb.inspect.decide import Findings
@@ -95,7 +96,7 @@ def build_plan(findings: Findings, settings: Settings, rule: str) -> Plan:
             backing = snap.blocks[loop].loop_backing_file or ""
             if backing.endswith(_DELETED):
                 refusals.append(
-                    f"loop device /dev/{loop} is backed by {backing.removesuffix(_DELETED)}, "
+                    f"loop device {node(loop)} is backed by {backing.removesuffix(_DELETED)}, "
                     "a file already deleted: detaching it would destroy what it holds; "
                     "copy its contents off it and detach it yourself")
 
@@ -226,7 +227,7 @@ def _detach_loop(snap: Snapshot, loop: BlockDevice) -> DetachLoop:
     )
     setup = loop.loop or LoopSetup()
     return DetachLoop(
-        f"/dev/{loop.name}", backing, offset=setup.offset, sizelimit=setup.sizelimit,
+        node(loop.name), backing, offset=setup.offset, sizelimit=setup.sizelimit,
         read_only=setup.read_only, partscan=setup.partscan, direct_io=setup.direct_io,
         sector_size=setup.sector_size, autoclear=setup.autoclear, pid=where[0],
         mnt_ns=where[1],
@@ -240,7 +241,7 @@ def _remove_holder(holder: BlockDevice, blocks: dict[str, BlockDevice]) -> Step:
         vg, lv = split_lvm_name(holder.dm_name)
         return DeactivateLV(vg, lv)
     if holder.kind == "md":
-        return StopMd(holder.path, tuple(f"/dev/{s}" for s in holder.slaves))
+        return StopMd(holder.path, tuple(node(s) for s in holder.slaves))
     return RemoveDm(holder.dm_name or holder.name)
 
 

@@ -177,11 +177,11 @@ class DetachLoop(Step):
         backing = self.backing_file
         if self.pid:
             if not runner.dry_run and self.mnt_ns and \
-                    not _in_mount_namespace(self.pid, self.mnt_ns):
+                    not runner.in_mount_namespace(self.pid, self.mnt_ns):
                 raise StepFailed(f"cannot attach {self.node} again: pid {self.pid} is no "
                                  f"longer in mount namespace {self.mnt_ns}, where "
                                  f"{backing} lies")
-            backing = f"/proc/{self.pid}/root{backing}"
+            backing = runner.seen_by(self.pid, backing)
         argv = [tool("losetup")]
         if self.offset:
             argv += ["--offset", str(self.offset)]
@@ -198,13 +198,6 @@ class DetachLoop(Step):
         runner.run([*argv, self.node, backing])
         if self.autoclear:
             runner.set_autoclear(self.node)
-
-
-def _in_mount_namespace(pid: int, mnt_ns: int) -> bool:
-    try:
-        return os.readlink(f"/proc/{pid}/ns/mnt") == f"mnt:[{mnt_ns}]"
-    except OSError:
-        return False
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from safeusb.handover.steps import (
 )
 from safeusb.host import sysfs
 from safeusb.host.journal import DeviceBusy, StateDir, StateError, new_record
-from safeusb.host.model import Snapshot, Target, UsbDevice
+from safeusb.host.model import Snapshot, Target, UsbDevice, node
 from safeusb.host.roots import Roots
 from safeusb.host.runner import DeviceGone, NothingToDo, Runner, StepFailed
 from safeusb.host.snapshot import read_snapshot
@@ -292,7 +292,7 @@ def release_locked(roots: Roots, key: str, policy: Policy | None, runner: Runner
 
 def _guard_forget(roots: Roots, state: StateDir) -> None:
     """The kernel guard stops refusing binds for devices whose records are gone."""
-    if roots.sys != "/sys":
+    if not roots.own_kernel:
         return  # a recording's tree: the guard is this host's kernel's
     from safeusb.host.guard import forget_released  # noqa: PLC0415
 
@@ -335,9 +335,9 @@ def _renamed(step: Step, renames: dict[str, str]) -> Step:
     def fix(value: Any) -> Any:
         if isinstance(value, str):
             for old, new in renames.items():
-                if value == f"/dev/{old}" or (value.startswith(f"/dev/{old}")
-                                              and value[len(old) + 5:].isdigit()):
-                    return f"/dev/{new}" + value[len(old) + 5:]
+                was = node(old)
+                if value == was or (value.startswith(was) and value[len(was):].isdigit()):
+                    return node(new) + value[len(was):]
             return value
         if isinstance(value, list | tuple):
             return [fix(v) for v in value]

@@ -13,6 +13,14 @@ def fmt_devnum(num: DevNum) -> str:
     return f"{num[0]}:{num[1]}"
 
 
+
+DEV = "/dev/"  # where devtmpfs puts the nodes the kernel names
+
+
+def node(name: str) -> str:
+    """The path of the node the kernel names ``name`` ("sda1", "bus/usb/002/003")."""
+    return DEV + name
+
 @dataclass(frozen=True)
 class UsbInterface:
     name: str  # "2-1:1.0"
@@ -59,7 +67,7 @@ class Node:
 
     @property
     def path(self) -> str:
-        return "/dev/" + self.devname
+        return node(self.devname)
 
 
 @dataclass(frozen=True)
@@ -93,7 +101,7 @@ class BlockDevice:
 
     @property
     def path(self) -> str:
-        return "/dev/" + self.name
+        return node(self.name)
 
     @property
     def kind(self) -> str:
@@ -189,7 +197,7 @@ class Target:
     def describe(self) -> str:
         if self.usb is not None:
             return self.usb.describe()
-        return f"/dev/{self.block} (not a USB device)"
+        return f"{node(str(self.block))} (not a USB device)"
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,15 @@ def read_comm(roots: Roots, pid: int) -> str:
         return "?"
 
 
+def any_running(roots: Roots, commands: tuple[str, ...]) -> bool:
+    """Whether a process runs one of ``commands`` (by its comm)."""
+    try:
+        pids = [p for p in os.listdir(roots.proc) if p.isdigit()]
+    except OSError:
+        return False
+    return any(read_comm(roots, int(p)) in commands for p in pids)
+
+
 @dataclass(frozen=True)
 class NamespaceScan:
     namespaces: tuple[MountNamespace, ...]

@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+SYS = "/sys"
+PROC = "/proc"
+DEV = "/dev"
+RUN = "/run"
+
 
 @dataclass(frozen=True)
 class Roots:
@@ -14,10 +19,10 @@ class Roots:
     directories, so the same code reads fixtures in tests.
     """
 
-    sys: str = "/sys"
-    proc: str = "/proc"
-    dev: str = "/dev"
-    debugfs: str = "/sys/kernel/debug"
+    sys: str = SYS
+    proc: str = PROC
+    dev: str = DEV
+    debugfs: str = SYS + "/kernel/debug"
     live: bool = True
 
     @classmethod
@@ -34,6 +39,12 @@ class Roots:
             debugfs=os.path.join(directory, "debug"),
             live=False,
         )
+
+    @property
+    def own_kernel(self) -> bool:
+        """Whether these are this host's own sysfs and procfs, where its kernel answers
+        (the kernel guard, BPF programs), and not a recording or a built tree."""
+        return self.live and self.sys == SYS and self.proc == PROC
 
     def sys_path(self, *parts: str) -> str:
         return os.path.join(self.sys, *parts)

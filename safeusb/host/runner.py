@@ -143,6 +143,20 @@ class Runner:
         """A runner acting on the system the roots describe."""
         return cls(debugfs=roots.debugfs, sys_root=roots.sys, **kwargs)
 
+    @staticmethod
+    def in_mount_namespace(pid: int, mnt_ns: int) -> bool:
+        """Whether process ``pid`` is (still) in mount namespace ``mnt_ns``."""
+        try:
+            return os.readlink(f"/proc/{pid}/ns/mnt") == f"mnt:[{mnt_ns}]"
+        except OSError:
+            return False
+
+    @staticmethod
+    def seen_by(pid: int, path: str) -> str:
+        """``path`` as process ``pid`` sees it (through its root directory), for a
+        command run from here."""
+        return f"/proc/{pid}/root{path}"
+
     def check_cancelled(self, doing: str = "prepare") -> None:
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled(f"{doing} was cancelled: the request for the device gave up "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from safeusb.host.model import BlockDevice, DevNum, Snapshot, fmt_devnum
+from safeusb.host.model import BlockDevice, DevNum, Snapshot, fmt_devnum, node
 from safeusb.host.usb_classes import class_reasons, class_warnings, node_label
 from safeusb.reasons import (
     CannotRead,
@@ -58,7 +58,7 @@ def _holder_text(holder: BlockDevice, below: BlockDevice) -> str:
         "md": "md RAID array",
         "bcache": "bcache device",
     }.get(holder.kind, "device")
-    return f"{kind} /dev/{holder.label()} is built on /dev/{below.name}"
+    return f"{kind} {node(holder.label())} is built on {node(below.name)}"
 
 
 def inspect(snap: Snapshot) -> Findings:
@@ -81,7 +81,7 @@ def inspect(snap: Snapshot) -> Findings:
             mounted.add(name)
             reasons.append(
                 Reason(
-                    f"/dev/{name} mounted at {m.mountpoint} in {_ns_text(ns.inode, ns.pid)} "
+                    f"{node(name)} mounted at {m.mountpoint} in {_ns_text(ns.inode, ns.pid)} "
                     f"(pid {ns.pid} {ns.comm})",
                     Mount(name, m.mountpoint, m.fstype, m.options, ns.inode, ns.pid, ns.comm),
                 )
@@ -98,8 +98,8 @@ def inspect(snap: Snapshot) -> Findings:
             dev = owner(below.devnum)
             reasons.append(
                 Reason(
-                    f"{m.fstype} {m.source} is mounted at {m.mountpoint}, on top of /dev/"
-                    f"{dev.name if dev else '?'} (mounted at {below.mountpoint}) in "
+                    f"{m.fstype} {m.source} is mounted at {m.mountpoint}, on top of "
+                    f"{node(dev.name if dev else '?')} (mounted at {below.mountpoint}) in "
                     f"{_ns_text(ns.inode, ns.pid)}; unmount it first",
                     Submount(m.mountpoint, m.fstype, m.source, below.mountpoint, ns.inode,
                              ns.pid),
@@ -113,7 +113,7 @@ def inspect(snap: Snapshot) -> Findings:
         if s.swap_type == "partition" and s.devnum in by_devnum:
             dev = by_devnum[s.devnum]
             mounted.add(dev.name)
-            text = f"/dev/{dev.name} is active swap ({human_bytes(s.used_kib * 1024)} in use)"
+            text = f"{node(dev.name)} is active swap ({human_bytes(s.used_kib * 1024)} in use)"
         elif s.swap_type != "partition" and s.devnum in snap.fs_devices:
             text = f"swap file {s.filename} is active on this device"
         else:
@@ -137,7 +137,7 @@ def inspect(snap: Snapshot) -> Findings:
         loop = blocks[name]
         reasons.append(
             Reason(
-                f"loop device /dev/{name} is backed by {loop.loop_backing_file} on this device",
+                f"loop device {node(name)} is backed by {loop.loop_backing_file} on this device",
                 LoopHolder(name, loop.loop_backing_file),
             )
         )
@@ -157,7 +157,7 @@ def inspect(snap: Snapshot) -> Findings:
         else:
             assert u.fs is not None
             dev = owner(u.fs)
-            on = f"/dev/{dev.name}" if dev else f"filesystem {fmt_devnum(u.fs)}"
+            on = node(dev.name) if dev else f"filesystem {fmt_devnum(u.fs)}"
             entry = (u.how, u.path)
             uses = held.setdefault((u.pid, on), [])
             if entry not in uses:
@@ -186,7 +186,7 @@ def inspect(snap: Snapshot) -> Findings:
         if name not in explained:
             reasons.append(
                 Reason(
-                    f"/dev/{name} is claimed exclusively by a holder safeusb cannot name",
+                    f"{node(name)} is claimed exclusively by a holder safeusb cannot name",
                     Exclusive(name),
                 )
             )

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from safeusb.errors import SafeUSBError
-from safeusb.host import sysfs
+from safeusb.host import defaults, sysfs
 from safeusb.host.journal import DeviceBusy, Record, StateDir, StateError
 from safeusb.host.roots import Roots
 
@@ -86,7 +86,7 @@ class EventSource(Protocol):
     def close(self) -> None: ...
 
 
-def udevd_running(control: str = "/run/udev/control") -> bool:
+def udevd_running(control: str = defaults.UDEV_CONTROL) -> bool:
     """udevd listens on its control socket while it runs."""
     try:
         return stat.S_ISSOCK(os.stat(control).st_mode)
@@ -193,7 +193,7 @@ def node_holders(roots: Roots, dev: str) -> list[tuple[int, str]]:
     return out
 
 
-def libvirt_qemu_pid(domain: str, pid_dir: str = "/run/libvirt/qemu") -> int | None:
+def libvirt_qemu_pid(domain: str, pid_dir: str = defaults.LIBVIRT_QEMU_PIDS) -> int | None:
     """The pid libvirt keeps for the domain's QEMU (a root file), or None."""
     from safeusb.safeusbd.peer import read_pid_file  # noqa: PLC0415
 
@@ -280,7 +280,7 @@ class HandoverWatch:
         with self.lock:
             for key in set(self.tracked) - set(keys):
                 del self.tracked[key]  # released or removed by someone else
-        if self.roots.sys == "/sys":
+        if self.roots.own_kernel:
             from safeusb.host.guard import forget_released  # noqa: PLC0415
 
             forget_released(self.state.path)  # devices that left or were given back

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from safeusb.host import virt
+from safeusb.host import defaults, virt
+from safeusb.host.roots import PROC
 from safeusb.safeusbd.protocol import ACTING_OPS
 
 Role = Literal["root", "domain", "other"]
@@ -150,8 +151,8 @@ class LibvirtResolver:
     """Confirms a scope against libvirt: the running domain with the scope's ID, whose
     QEMU process (libvirt's pid file for it) is in the same scope."""
 
-    def __init__(self, uri: str = "qemu:///system", proc: str = "/proc",
-                 pid_dir: str = "/run/libvirt/qemu") -> None:
+    def __init__(self, uri: str = "qemu:///system", proc: str = PROC,
+                 pid_dir: str = defaults.LIBVIRT_QEMU_PIDS) -> None:
         self.uri = uri
         self.proc = proc
         self.pid_dir = pid_dir

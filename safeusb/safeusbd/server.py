@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from safeusb.errors import AmbiguousSelector, NoSuchDevice, SafeUSBError, SelectorError
 from safeusb.host import defaults
-from safeusb.host.roots import Roots
+from safeusb.host.roots import PROC, Roots
 from safeusb.safeusbd import protocol as proto
 from safeusb.safeusbd.peer import Caller, DomainResolver, LibvirtResolver, Peer, classify, refusal
 from safeusb.safeusbd.protocol import DeviceArgs, ProtocolError, Request
@@ -65,7 +65,7 @@ def peer_pidfd(conn: socket.socket, pid: int) -> int:
     return os.pidfd_open(pid)
 
 
-def pidfd_pid(pidfd: int, proc: str = "/proc") -> int | None:
+def pidfd_pid(pidfd: int, proc: str = PROC) -> int | None:
     """The pid a pidfd refers to while that process lives; None once it has exited."""
     try:
         with open(os.path.join(proc, "self", "fdinfo", str(pidfd)), encoding="ascii") as f:
@@ -78,7 +78,7 @@ def pidfd_pid(pidfd: int, proc: str = "/proc") -> int | None:
     return None
 
 
-def identify(conn: socket.socket, resolve: DomainResolver, proc: str = "/proc") -> Caller:
+def identify(conn: socket.socket, resolve: DomainResolver, proc: str = PROC) -> Caller:
     """The caller on a connection just accepted. A peer whose pid was reused meanwhile
     (it exited before its identity was read) is nobody: ValueError."""
     peer = peer_credentials(conn)
@@ -661,7 +661,7 @@ def _guard_enabled() -> bool:
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def process_start_ticks(pid: int, proc: str = "/proc") -> int | None:
+def process_start_ticks(pid: int, proc: str = PROC) -> int | None:
     """/proc/PID/stat's starttime (clock ticks since boot), None once the process is gone."""
     try:
         with open(os.path.join(proc, str(pid), "stat"), encoding="utf-8",
@@ -673,7 +673,7 @@ def process_start_ticks(pid: int, proc: str = "/proc") -> int | None:
 
 
 def refused_domain(pid: int, start_ns: int, resolve: DomainResolver,
-                   proc: str = "/proc") -> tuple[str | None, str]:
+                   proc: str = PROC) -> tuple[str | None, str]:
     """The libvirt domain whose QEMU the refused process is: its cgroup scope, confirmed
     by libvirt (LibvirtResolver: the running domain with the scope's ID, whose QEMU from
     libvirt's pid file is in that scope), never what the process says. The cgroup is read
@@ -694,7 +694,7 @@ def refused_domain(pid: int, start_ns: int, resolve: DomainResolver,
     return resolve(scope)
 
 
-def still_refused(r: Refusal, proc: str = "/proc") -> int | None:
+def still_refused(r: Refusal, proc: str = PROC) -> int | None:
     """The pid of the process the guard refused (a guard.Refusal), if that process still
     runs (its start time, which the kernel reported with the refusal, is checked: a pid
     reused meanwhile is another process), else None."""
@@ -706,7 +706,7 @@ def still_refused(r: Refusal, proc: str = "/proc") -> int | None:
 
 
 def prepare_on_refusal(actions: DeviceActions, port: str, domain: str | None,
-                       r: Refusal, proc: str = "/proc") -> tuple[bool, str]:
+                       r: Refusal, proc: str = PROC) -> tuple[bool, str]:
     """safeusbd's prepare of a device the kernel guard refused to the process of ``r``
     (a guard.Refusal): its record says so (after_refusal), and that process's hold on the
     device's usbfs node is left out while it is still the process refused. (done, what

@@ -39,15 +39,14 @@ from hypothesis import strategies as st
 
 from safeusb.gate.proxy import CloseFds, Session, ToServer
 from safeusb.gate.qemu_usb_host import (
-    FDSET_PREFIX,
     UNSEEN_FD,
-    FdIdentity,
     RequestError,
     UsbHostRequest,
     device_add_request,
 )
 from safeusb.gate.qemuparse import qemu_strtol10
 from safeusb.gate.qmp import send_with_fds
+from safeusb.host.usbfs import FDSET_PREFIX, FdIdentity
 
 QEMU = shutil.which("qemu-system-x86_64")
 pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")

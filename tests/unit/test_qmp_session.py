@@ -27,8 +27,9 @@ from safeusb.gate.proxy import (
     ToClient,
     ToServer,
 )
-from safeusb.gate.qemu_usb_host import FdIdentity, UsbHostRequest
+from safeusb.gate.qemu_usb_host import UsbHostRequest
 from safeusb.gate.qmp import error_reply
+from safeusb.host.usbfs import FdIdentity
 
 DATA = Path(__file__).parent / "data" / "qmp"
 KEEPALIVE_FD = 900
