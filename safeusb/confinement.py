@@ -10,15 +10,14 @@ installation into the system's Python.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from safeusb.errors import SafeUSBError
+from safeusb.host import files
 from safeusb.host.defaults import SOCKET
 from safeusb.host.roots import Roots
 from safeusb.install import Installed, code_dirs
@@ -157,28 +156,9 @@ def _replace_block(text: str, body: str | None) -> str:
     return kept + _block(body)
 
 
-def _write(path: str, text: str) -> None:
-    directory = os.path.dirname(path)
-    os.makedirs(directory, mode=0o755, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".safeusb.", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            os.fchmod(f.fileno(), 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _read(path: str) -> str:
     try:
-        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC),
-                  encoding="utf-8") as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
+        return files.read_text(path) or ""
     except OSError as exc:
         raise ConfinementError(f"{path}: {exc.strerror or exc}") from None
 
@@ -193,7 +173,7 @@ def _apply(root: str, blocks: dict[str, str | None]) -> list[Installed]:
             changes.append(Installed(path, False, False))
             continue
         try:
-            _write(path, new)
+            files.write_text(path, new)
         except OSError as exc:
             raise ConfinementError(f"{path}: {exc.strerror or exc}") from None
         changes.append(Installed(path, True, False))
@@ -207,9 +187,7 @@ def reload_libvirtd_profile(root: str = "/") -> str | None:
     if not os.path.exists(profile):
         return f"{profile} is not installed"
     try:
-        proc = subprocess.run(["apparmor_parser", "-r", profile],  # noqa: S607 (PATH's)
-                              capture_output=True, text=True, timeout=120, check=False,
-                              stdin=subprocess.DEVNULL)
+        proc = files.command(["apparmor_parser", "-r", profile])
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"apparmor_parser: {getattr(exc, 'strerror', None) or exc}"
     if proc.returncode != 0:

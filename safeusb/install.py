@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from safeusb import trust
 from safeusb.errors import SafeUSBError, UsageError
+from safeusb.host import files
 from safeusb.host.journal import DEFAULT_DIR as STATE_DIR
 
 TEMPLATE = Path(__file__).resolve().parent / "libvirt_hook.in"
@@ -173,11 +172,7 @@ def install(root: str = "/", python: str | None = None, check: bool | None = Non
     directory = os.path.join(root, HOOK_DIR)
     path = os.path.join(directory, HOOK_NAME)
     try:
-        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC),
-                  encoding="utf-8") as f:
-            current: str | None = f.read()
-    except FileNotFoundError:
-        current = None
+        current = files.read_text(path)
     except OSError as exc:
         raise InstallError(f"{path}: {exc.strerror or exc}") from None
     if current is not None and MARK not in current:
@@ -185,24 +180,14 @@ def install(root: str = "/", python: str | None = None, check: bool | None = Non
     if current == content and os.access(path, os.X_OK):
         return Installed(path, False, False)
     try:
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-        if root == "/":
-            trust.check_path(directory)
-        fd, tmp = tempfile.mkstemp(prefix=f".{HOOK_NAME}.", dir=directory)
+        # libvirtd runs it; it holds no secret
+        files.write_text(path, content, mode=0o755,
+                         check_directory=trust.check_path if root == "/" else None)
     except trust.Untrusted as exc:
         raise InstallError(f"not installing into a directory others can change: {exc}") \
             from None
     except OSError as exc:
         raise InstallError(f"{directory}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(content)
-            os.fchmod(f.fileno(), 0o755)  # libvirtd runs it; it holds no secret
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     # libvirtd looks for hooks when it starts (and on SIGHUP).
     return Installed(path, True, root == "/" and current is None and _libvirtd_running())
 
@@ -215,5 +200,5 @@ def uninstall(root: str = "/") -> Installed:
                 raise InstallError(f"{path} is not safeusb's hook; not removing it")
     except FileNotFoundError:
         return Installed(path, False, False)
-    os.unlink(path)
+    files.remove(path)
     return Installed(path, True, False)

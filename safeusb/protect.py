@@ -26,6 +26,7 @@ from lxml import etree
 from safeusb import confinement, trust
 from safeusb.errors import EXIT_IN_USE, LibvirtError, SafeUSBError, UsageError
 from safeusb.gate.proxy import GATE_ROOT, PROG, is_gate_path, launcher_path
+from safeusb.host import files
 from safeusb.host.virt import Connection, Domain, VirtError
 from safeusb.hostdev import parse_xml
 
@@ -128,12 +129,9 @@ def ensure_launcher(real: str, gate_root: str = GATE_ROOT, program: str | None =
         raise ProtectError(f"the emulator {real} is not an executable")
     target = program or gate_program()
     link = launcher_path(real, gate_root)
-    os.makedirs(os.path.dirname(link), mode=0o755, exist_ok=True)
     if os.path.islink(link) and os.readlink(link) == target:
         return link
-    tmp = f"{link}.{os.getpid()}.tmp"
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
+    files.symlink(link, target)
     return link
 
 

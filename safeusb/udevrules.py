@@ -22,11 +22,11 @@ import contextlib
 import os
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 
 from safeusb.errors import SafeUSBError
 from safeusb.handover.policy import Policy, Rule
+from safeusb.host import files
 
 RULES_DIR = "/etc/udev/rules.d"
 RULES_NAME = "10-safeusb-attach.rules"
@@ -153,19 +153,8 @@ def install(policy: Policy, root: str = "/", reload: bool = True) -> Written:
     with contextlib.suppress(OSError), open(path, encoding="utf-8") as f:
         if f.read() == text and not os.path.islink(path):
             return Written(path, False, "")
-    directory = os.path.dirname(path)
     try:
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{RULES_NAME}.", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        files.write_text(path, text)
     except OSError as exc:
         raise UdevRulesError(f"cannot write {path}: {exc.strerror or exc}") from None
     return Written(path, True, reload_udev() if reload else "")
@@ -176,8 +165,11 @@ def reload_udev() -> str:
     udevadm = shutil.which("udevadm", path="/usr/bin:/bin:/usr/sbin:/sbin")
     if udevadm is None:
         return "udevadm not found: udevd reads the rules when it next starts"
-    proc = subprocess.run([udevadm, "control", "--reload"], capture_output=True, text=True,
-                          check=False)
+    try:
+        proc = files.command([udevadm, "control", "--reload"])
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return (f"udevadm control --reload failed ({exc}): udevd reads the rules when it "
+                "next starts")
     if proc.returncode != 0:
         return (f"udevadm control --reload failed ({proc.stderr.strip() or proc.returncode}): "
                 "udevd reads the rules when it next starts")
