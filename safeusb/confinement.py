@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from safeusb.errors import SafeUSBError
-from safeusb.host import files
+from safeusb.host import files, sysfs
 from safeusb.host.defaults import SOCKET
 from safeusb.host.roots import Roots
 from safeusb.install import Installed, code_dirs
@@ -222,14 +222,8 @@ def installed(root: str = "/") -> bool:
 
 
 def apparmor_enabled(roots: Roots | None = None) -> bool:
-    """Whether the kernel runs AppArmor (its module parameter in sysfs)."""
-    roots = roots or Roots.host()
-    try:
-        with open(roots.sys_path("module", "apparmor", "parameters", "enabled"),
-                  encoding="ascii") as f:
-            return f.read().strip() == "Y"
-    except OSError:
-        return False
+    """Whether the kernel runs AppArmor."""
+    return sysfs.apparmor_enabled(roots or Roots.host())
 
 
 def libvirt_security_models(capabilities_xml: bytes) -> tuple[str, ...]:

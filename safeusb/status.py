@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -352,7 +351,7 @@ def collect(roots: Roots, uri: str | None = None, guard: dict[str, Any] | None =
             state_dir: str | None = None) -> Status:
     """Every USB device; each one that is not a hub inspected by safeusbd through ``ask``
     when it answers, else here. With ``policy_path``, the policy's attach_to rules too."""
-    if not os.path.isdir(roots.sys_path("bus", "usb")):
+    if not sysfs.has_usb(roots):
         return Status(False, (), "not asked (no USB)", None, guard)
     domains, libvirt_state, unprotected = _domains(uri)
     runner: Runner | None = None

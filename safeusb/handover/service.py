@@ -117,7 +117,7 @@ class Handover:
         """release, for a device known by its port alone (it may have left the host)."""
         usb = None
         with contextlib.suppress(SafeUSBError):
-            usb = sysfs.read_usb_device(self.roots.sys_path("bus", "usb", "devices", key))
+            usb = sysfs.usb_device_at(self.roots, key)
         return self.release(key, usb, domain, policy=policy, locked=locked)
 
     def give_back(self, targets: Sequence[Target], domain: str,

@@ -194,9 +194,8 @@ def prepare(
 
 def _left_the_host(roots: Roots, usb: UsbDevice) -> bool:
     """The USB device is no longer at its port, or another device is there now."""
-    port = roots.sys_path("bus", "usb", "devices", usb.sysname)
     try:
-        now = sysfs.read_usb_device(port) if sysfs.is_usb_device_dir(port) else None
+        now = sysfs.usb_device_at(roots, usb.sysname)
     except SafeUSBError:
         return True
     return now is None or (now.busnum, now.devnum) != (usb.busnum, usb.devnum)
@@ -296,12 +295,11 @@ def _guard_forget(roots: Roots, state: StateDir) -> None:
         return  # a recording's tree: the guard is this host's kernel's
     from safeusb.host.guard import forget_released  # noqa: PLC0415
 
-    forget_released(state.path, roots.sys)
+    forget_released(state.path)
 
 
 def _disk_of(node: str) -> str:
-    name = os.path.basename(node)
-    return name.rstrip("0123456789") if name.startswith("sd") else name
+    return sysfs.whole_disk_name(os.path.basename(node))
 
 
 def _wait_present(roots: Roots, key: str, nodes: tuple[str, ...],
@@ -309,15 +307,11 @@ def _wait_present(roots: Roots, key: str, nodes: tuple[str, ...],
     """Wait for the disks to come back under the USB port after binding; the kernel may
     give them new names (sdb for sda): return the renames of whole disks."""
     old = sorted({_disk_of(n) for n in nodes})
-    port = roots.sys_path("bus", "usb", "devices", key)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        disks = sorted(
-            os.path.basename(n.devname) for n in sysfs.nodes_under(os.path.realpath(port))
-            if n.kind == "block" and os.path.basename(n.devname) == _disk_of(n.devname)
-        )
+        disks = sysfs.whole_disks_under(roots, key)
         if len(disks) >= len(old) and all(
-            os.path.exists(roots.sys_path("class", "block", n.replace(o, d, 1)))
+            sysfs.block_exists(roots, n.replace(o, d, 1))
             for o, d in zip(old, disks, strict=False) for n in
             (os.path.basename(x) for x in nodes if _disk_of(x) == o)
         ):
@@ -355,11 +349,8 @@ def release_domain(roots: Roots, domain: str, policy: Policy | None, runner: Run
     total.not_undone.extend(f"{p} (it may be one that domain {domain} took)"
                             for p in unreadable)
     for key in keys:
-        usb = None
-        port = roots.sys_path("bus", "usb", "devices", key)
         try:
-            if sysfs.is_usb_device_dir(port):
-                usb = sysfs.read_usb_device(port)
+            usb = sysfs.usb_device_at(roots, key)
             one = release(roots, key, policy, runner, state, usb=usb, domain=domain)
         except SafeUSBError as exc:
             total.not_undone.append(f"{key}: {exc}")

@@ -471,3 +471,39 @@ class _Scanner:
                 comm = read_comm(self.roots, pid)
                 for how, path, node, fs in found:
                     self.uses.append(ProcessUse(pid, comm, how, path, node, fs))
+
+
+def node_holders(roots: Roots, dev: str) -> list[tuple[int, str]]:
+    """Processes with a descriptor open on the character device ``dev`` ("189:130"), as
+    (pid, comm): every descriptor of every process, by device number."""
+    try:
+        major, minor = (int(x) for x in dev.split(":"))
+    except ValueError:
+        return []
+    want = os.makedev(major, minor)
+    out: list[tuple[int, str]] = []
+    try:
+        pids = [int(p) for p in os.listdir(roots.proc) if p.isdigit()]
+    except OSError:
+        return []
+    for pid in pids:
+        fd_dir = roots.proc_path(str(pid), "fd")
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(os.path.join(fd_dir, fd))
+            except OSError:
+                continue
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == want:
+                try:
+                    with open(roots.proc_path(str(pid), "comm"), encoding="utf-8",
+                              errors="replace") as f:
+                        comm = f.read().strip()
+                except OSError:
+                    comm = "?"
+                out.append((pid, comm))
+                break
+    return out

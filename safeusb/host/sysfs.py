@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from safeusb.errors import SystemReadError
 from safeusb.host.model import (
@@ -16,6 +17,8 @@ from safeusb.host.model import (
 )
 from safeusb.host.parsers import ParseError, parse_devnum
 from safeusb.host.roots import Roots
+
+USBFS = "usbfs"  # the driver usbfs binds to an interface claimed through the node
 
 
 def _read(path: str) -> str | None:
@@ -58,6 +61,51 @@ def is_usb_device_dir(path: str) -> bool:
     return os.path.exists(os.path.join(path, "idVendor")) and os.path.exists(
         os.path.join(path, "busnum")
     )
+
+
+def port_path(roots: Roots, key: str) -> str:
+    """The sysfs directory of the USB device at port ``key`` ("2-1")."""
+    return roots.sys_path("bus", "usb", "devices", key)
+
+
+def usb_device_at(roots: Roots, key: str) -> UsbDevice | None:
+    """The USB device at port ``key``; None when no device is there."""
+    path = port_path(roots, key)
+    return read_usb_device(path) if is_usb_device_dir(path) else None
+
+
+def usb_port_names(roots: Roots) -> list[str]:
+    """Every name under /sys/bus/usb/devices (devices and their interfaces), sorted."""
+    try:
+        return sorted(os.listdir(roots.sys_path("bus", "usb", "devices")))
+    except OSError:
+        return []
+
+
+def has_usb(roots: Roots) -> bool:
+    """Whether the kernel has a USB subsystem."""
+    return os.path.isdir(roots.sys_path("bus", "usb"))
+
+
+def whole_disks_under(roots: Roots, key: str) -> list[str]:
+    """The names of the whole block devices under the USB device at port ``key``."""
+    real = os.path.realpath(port_path(roots, key))
+    return sorted(name for n in nodes_under(real) if n.kind == "block"
+                  and (name := os.path.basename(n.devname)) == whole_disk_name(name))
+
+
+def whole_disk_name(name: str) -> str:
+    """The whole disk of a SCSI disk's partition name ("sda1" -> "sda"); others as given."""
+    return name.rstrip("0123456789") if name.startswith("sd") else name
+
+
+def block_exists(roots: Roots, name: str) -> bool:
+    return os.path.exists(roots.sys_path("class", "block", name))
+
+
+def apparmor_enabled(roots: Roots) -> bool:
+    """Whether the kernel runs AppArmor (its module parameter)."""
+    return _read(roots.sys_path("module", "apparmor", "parameters", "enabled")) == "Y"
 
 
 def read_usb_device(path: str) -> UsbDevice:
@@ -269,3 +317,39 @@ def split_lvm_name(dm_name: str) -> tuple[str, str]:
             return dm_name[:i].replace("--", "-"), dm_name[i + 1 :].replace("--", "-")
         i += 1
     return "", ""
+
+
+@dataclass(frozen=True)
+class DeviceNow:
+    """The USB device at a port now: its usbfs node's device number and each interface's
+    driver (None: no driver)."""
+
+    dev: str  # "189:130"
+    drivers: dict[str, str | None]
+
+    @property
+    def claimed(self) -> bool:
+        return USBFS in self.drivers.values()
+
+
+def device_now(roots: Roots, key: str) -> DeviceNow | None:
+    """The device at port ``key`` (``2-1``), or None when nothing is there."""
+    port = port_path(roots, key)
+    if not is_usb_device_dir(port):
+        return None
+    real = os.path.realpath(port)
+    try:
+        with open(os.path.join(real, "dev"), encoding="ascii") as f:
+            dev = f.read().strip()
+        names = os.listdir(real)
+    except OSError:
+        return None
+    drivers: dict[str, str | None] = {}
+    for name in names:
+        if name.startswith(f"{key}:"):
+            try:
+                drivers[name] = os.path.basename(os.readlink(os.path.join(real, name,
+                                                                          "driver")))
+            except OSError:
+                drivers[name] = None
+    return DeviceNow(dev, drivers)

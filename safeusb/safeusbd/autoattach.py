@@ -45,7 +45,7 @@ from safeusb.errors import LibvirtError, SafeUSBError
 from safeusb.handover.policy import Policy, Rule
 from safeusb.host import sysfs, virt
 from safeusb.host.roots import Roots
-from safeusb.safeusbd.events import device_now
+from safeusb.host.sysfs import device_now
 
 log = logging.getLogger("safeusb")
 
@@ -185,8 +185,10 @@ class AutoAttach:
         if now is None:
             return None
         try:
-            usb = sysfs.read_usb_device(self.roots.sys_path("bus", "usb", "devices", key))
+            usb = sysfs.usb_device_at(self.roots, key)
         except SafeUSBError:
+            return None
+        if usb is None:
             return None
         try:
             policy = self.load_policy()

@@ -57,11 +57,12 @@ from typing import Any, Protocol
 from safeusb.errors import SafeUSBError
 from safeusb.host import defaults, sysfs
 from safeusb.host.journal import DeviceBusy, Record, StateDir, StateError
+from safeusb.host.procfs import node_holders
 from safeusb.host.roots import Roots
+from safeusb.host.sysfs import DeviceNow, device_now
 
 log = logging.getLogger("safeusb")
 
-USBFS = "usbfs"
 SETTLE = 0.3  # seconds of quiet after a uevent before the devices are looked at
 FOLLOW_UP = (0.5, 1.0, 2.0, 4.0, 8.0)  # after the interfaces were freed: node still open?
 RECHECK_HELD = 15.0  # a held device is looked at again this often, events or not
@@ -120,78 +121,6 @@ class PyudevSource:
 
 
 # --- what the device is doing now ----------------------------------------------------------
-
-@dataclass(frozen=True)
-class DeviceNow:
-    """The USB device at a port now: its usbfs node's device number and each interface's
-    driver (None: no driver)."""
-
-    dev: str  # "189:130"
-    drivers: dict[str, str | None]
-
-    @property
-    def claimed(self) -> bool:
-        return USBFS in self.drivers.values()
-
-
-def device_now(roots: Roots, key: str) -> DeviceNow | None:
-    """The device at port ``key`` (``2-1``), or None when nothing is there."""
-    port = roots.sys_path("bus", "usb", "devices", key)
-    if not sysfs.is_usb_device_dir(port):
-        return None
-    real = os.path.realpath(port)
-    try:
-        with open(os.path.join(real, "dev"), encoding="ascii") as f:
-            dev = f.read().strip()
-        names = os.listdir(real)
-    except OSError:
-        return None
-    drivers: dict[str, str | None] = {}
-    for name in names:
-        if name.startswith(f"{key}:"):
-            try:
-                drivers[name] = os.path.basename(os.readlink(os.path.join(real, name,
-                                                                          "driver")))
-            except OSError:
-                drivers[name] = None
-    return DeviceNow(dev, drivers)
-
-
-def node_holders(roots: Roots, dev: str) -> list[tuple[int, str]]:
-    """Processes with a descriptor open on the character device ``dev`` ("189:130"), as
-    (pid, comm): every descriptor of every process, by device number."""
-    try:
-        major, minor = (int(x) for x in dev.split(":"))
-    except ValueError:
-        return []
-    want = os.makedev(major, minor)
-    out: list[tuple[int, str]] = []
-    try:
-        pids = [int(p) for p in os.listdir(roots.proc) if p.isdigit()]
-    except OSError:
-        return []
-    for pid in pids:
-        fd_dir = roots.proc_path(str(pid), "fd")
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                st = os.stat(os.path.join(fd_dir, fd))
-            except OSError:
-                continue
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev == want:
-                try:
-                    with open(roots.proc_path(str(pid), "comm"), encoding="utf-8",
-                              errors="replace") as f:
-                        comm = f.read().strip()
-                except OSError:
-                    comm = "?"
-                out.append((pid, comm))
-                break
-    return out
-
 
 def libvirt_qemu_pid(domain: str, pid_dir: str = defaults.LIBVIRT_QEMU_PIDS) -> int | None:
     """The pid libvirt keeps for the domain's QEMU (a root file), or None."""
@@ -532,12 +461,7 @@ def start(roots: Roots, state_dir: str, policy_path: str,
              getattr(src, "source", "the given"))
     loop = EventLoop(watch, src, attach=attach)
     if attach is not None:
-        present = roots.sys_path("bus", "usb", "devices")
-        try:
-            names = sorted(os.listdir(present))
-        except OSError:
-            names = []
-        for name in names:  # decided as if they arrived now
-            attach.added(os.path.join(present, name))
+        for name in sysfs.usb_port_names(roots):  # decided as if they arrived now
+            attach.added(sysfs.port_path(roots, name))
     loop.start()
     return watch, loop

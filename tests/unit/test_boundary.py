@@ -1,5 +1,6 @@
 """The system boundary (safeusb/host/) is the only part of the package that calls libvirt
-or names a path under /proc, /sys, /dev or /run.
+or names a path under /proc, /sys, /dev or /run, literally or built from the system's
+roots.
 
 Read with ``ast``: every string constant counts (f-string parts included) but docstrings,
 which describe; every import and every ``libvirt.NAME`` counts wherever it is written.
@@ -16,6 +17,9 @@ import safeusb
 ROOT = Path(safeusb.__file__).parent
 # The boundary: the system, live or recorded; lab/ is the demo's VM, not the product's.
 INSIDE = ("host", "lab")
+# A path built from the roots is a read of the system too.
+ROOTS_PATHS = {"sys_path", "proc_path", "dev_path", "to_host_sys"}
+ROOTS_DIRS = {"sys", "proc", "dev", "debugfs"}
 SYSTEM_PATH = re.compile(r"(?<![\w.~-])/(proc|sys|dev|run)(/|$)")
 
 
@@ -48,6 +52,13 @@ def offences(path: Path, source: str | None = None) -> list[str]:
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
                 and node.value.id == "libvirt":
             found.append((node.lineno, f"libvirt.{node.attr}"))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr in ROOTS_PATHS:
+            found.append((node.lineno, f"{node.func.attr}()"))
+        elif isinstance(node, ast.Attribute) and node.attr in ROOTS_DIRS and (
+                (isinstance(node.value, ast.Name) and node.value.id == "roots")
+                or (isinstance(node.value, ast.Attribute) and node.value.attr == "roots")):
+            found.append((node.lineno, f"roots.{node.attr}"))
     return [f"line {n}: {what}" for n, what in sorted(found)]
 
 
@@ -71,10 +82,14 @@ def test_offences_are_seen(tmp_path: Path) -> None:
            'y = libvirt.open\n'
            'z = "/run/safeusb"\n'
            'w = "/srv/proc/x"\n'
-           'v = "/dev"\n')
+           'v = "/dev"\n'
+           'u = roots.sys_path("bus")\n'
+           't = self.roots.proc\n'
+           's = device.sys_path\n')
     assert offences(f, src) == [
         "line 2: import libvirt", "line 3: path '/proc/'", "line 4: libvirt.open",
-        "line 5: path '/run/safeusb'", "line 7: path '/dev'"]
+        "line 5: path '/run/safeusb'", "line 7: path '/dev'", "line 8: sys_path()",
+        "line 9: roots.proc"]
 
 
 def test_the_boundary_is_read() -> None:

@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 
 from safeusb.host.journal import Record, StateDir, new_record
+from safeusb.host.procfs import node_holders
 from safeusb.host.roots import Roots
+from safeusb.host.sysfs import device_now
 from safeusb.safeusbd import events
-from safeusb.safeusbd.events import EventLoop, HandoverWatch, UEvent, device_now, node_holders
+from safeusb.safeusbd.events import EventLoop, HandoverWatch, UEvent
 from tests.unit.fakesys import FakeSystem
 
 HANG = 10.0
