@@ -26,7 +26,7 @@ from safeusb.host.model import (
     Unreadable,
 )
 from safeusb.host.parsers import ParseError, parse_ns_link
-from safeusb.host.procfs import read_comm
+from safeusb.host.procfs import descriptor_stats, read_comm
 from safeusb.host.roots import Roots
 from safeusb.reasons import (
     CannotRead,
@@ -401,20 +401,11 @@ def held_by_descriptors(roots: Roots, pids: Iterable[int], known: set[int]) -> l
     except OSError:
         return []
     for pid in pids:
-        fd_dir = roots.proc_path(str(pid), "fd")
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                st = os.stat(os.path.join(fd_dir, fd))
-            except OSError:
-                continue
+        for path, st in descriptor_stats(roots, pid):
             inode = st.st_ino
             if st.st_dev == nsfs and inode not in known and inode not in found:
-                found[inode] = _Source(inode, os.path.join(fd_dir, fd),
-                                       f"descriptor {fd} of pid {pid} ({read_comm(roots, pid)})")
+                found[inode] = _Source(inode, path, f"descriptor {os.path.basename(path)} of "
+                                                    f"pid {pid} ({read_comm(roots, pid)})")
     return sorted(found.values(), key=lambda s: s.inode)
 
 

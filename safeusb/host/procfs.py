@@ -7,7 +7,7 @@ import marshal
 import os
 import stat
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from safeusb.host.model import DevNum, MountNamespace, NodeKind, ProcessUse, Unreadable, UseKind
@@ -473,6 +473,22 @@ class _Scanner:
                     self.uses.append(ProcessUse(pid, comm, how, path, node, fs))
 
 
+def descriptor_stats(roots: Roots, pid: int) -> Iterator[tuple[str, os.stat_result]]:
+    """Each open descriptor of ``pid`` that can be stat()ed: its path under /proc and what
+    it refers to (nothing when the process is gone or its table cannot be read)."""
+    fd_dir = roots.proc_path(str(pid), "fd")
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return
+    for fd in fds:
+        path = os.path.join(fd_dir, fd)
+        try:
+            yield path, os.stat(path)
+        except OSError:
+            continue
+
+
 def node_holders(roots: Roots, dev: str) -> list[tuple[int, str]]:
     """Processes with a descriptor open on the character device ``dev`` ("189:130"), as
     (pid, comm): every descriptor of every process, by device number."""
@@ -481,29 +497,10 @@ def node_holders(roots: Roots, dev: str) -> list[tuple[int, str]]:
     except ValueError:
         return []
     want = os.makedev(major, minor)
-    out: list[tuple[int, str]] = []
     try:
         pids = [int(p) for p in os.listdir(roots.proc) if p.isdigit()]
     except OSError:
         return []
-    for pid in pids:
-        fd_dir = roots.proc_path(str(pid), "fd")
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                st = os.stat(os.path.join(fd_dir, fd))
-            except OSError:
-                continue
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev == want:
-                try:
-                    with open(roots.proc_path(str(pid), "comm"), encoding="utf-8",
-                              errors="replace") as f:
-                        comm = f.read().strip()
-                except OSError:
-                    comm = "?"
-                out.append((pid, comm))
-                break
-    return out
+    return [(pid, read_comm(roots, pid)) for pid in pids
+            if any(stat.S_ISCHR(st.st_mode) and st.st_rdev == want
+                   for _, st in descriptor_stats(roots, pid))]

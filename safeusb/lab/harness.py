@@ -21,6 +21,7 @@ files whose content was generated here) as ground truth of what reached the disk
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import glob
 import hashlib
 import json
@@ -35,7 +36,7 @@ import sysconfig
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -951,6 +952,17 @@ class Runner:
         finally:
             for _ in range(slots):
                 self._slots.release()
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """A boot's share of the machine for a VM started some other way (a command that
+        boots one itself), so that no more run at once than planned."""
+        with self._whole:
+            self._slots.acquire()
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     def run(self, boot: Boot) -> BootResult:
         if boot.name not in self.results:
