@@ -70,8 +70,7 @@ class Handover:
             return None
 
     def runner(self, cancel: threading.Event | None = None) -> Runner:
-        return Runner.for_roots(self.roots, dry_run=self.dry_run, progress=self.progress,
-                                cancel=cancel)
+        return Runner.for_roots(self.roots, progress=self.progress, cancel=cancel)
 
     def prepare(self, target: Target, domain: str | None = None, *,
                 policy: Policy | None = None, timeout: float | None = None,
@@ -83,7 +82,7 @@ class Handover:
         that program while it still runs (handover.prepare)."""
         return prepare(self.roots, target, policy or self.policy(), self.runner(cancel),
                        self.state, domain=domain, timeout=timeout, requester=requester,
-                       after_refusal=after_refusal)
+                       after_refusal=after_refusal, plan_only=self.dry_run)
 
     def prepare_all(self, targets: Sequence[Target], domain: str,
                     policy: Policy | None = None) -> Taken:

@@ -154,30 +154,28 @@ class DetachLoop(Step):
             raise StepFailed(f"cannot read {path}: {exc.strerror or exc}") from None
 
     def execute(self, runner: Runner) -> None:
-        if not runner.dry_run:
-            now = self._bound_to(runner)
-            if now is None:
-                # An autoclear loop (mount -o loop) went away when its filesystem was
-                # unmounted: nothing to detach; undo attaches it again.
-                log.info("%s is already detached (it went with its last user)", self.node)
-                return
-            if now != self.backing_file:
-                raise StepFailed(f"{self.node} is now backed by {now}, not "
-                                 f"{self.backing_file}; left alone")
+        now = self._bound_to(runner)
+        if now is None:
+            # An autoclear loop (mount -o loop) went away when its filesystem was
+            # unmounted: nothing to detach; undo attaches it again.
+            log.info("%s is already detached (it went with its last user)", self.node)
+            return
+        if now != self.backing_file:
+            raise StepFailed(f"{self.node} is now backed by {now}, not "
+                             f"{self.backing_file}; left alone")
         runner.run([tool("losetup"), "--detach", self.node])
-        if not runner.dry_run and self._bound_to(runner) is not None:
+        if self._bound_to(runner) is not None:
             # LOOP_CLR_FD on a device still open only marks it to go with its last user.
             raise StepFailed(f"{self.node} is still in use after losetup --detach (the "
                              "kernel detaches it when its last user closes it)")
 
     def undo(self, runner: Runner) -> None:
-        if not runner.dry_run and self._bound_to(runner) == self.backing_file:
+        if self._bound_to(runner) == self.backing_file:
             log.info("%s is attached to %s already", self.node, self.backing_file)
             return
         backing = self.backing_file
         if self.pid:
-            if not runner.dry_run and self.mnt_ns and \
-                    not runner.in_mount_namespace(self.pid, self.mnt_ns):
+            if self.mnt_ns and not runner.in_mount_namespace(self.pid, self.mnt_ns):
                 raise StepFailed(f"cannot attach {self.node} again: pid {self.pid} is no "
                                  f"longer in mount namespace {self.mnt_ns}, where "
                                  f"{backing} lies")

@@ -109,6 +109,7 @@ def prepare(
     timeout: float | None = None,
     requester: int | None = None,
     after_refusal: bool = False,
+    plan_only: bool = False,
 ) -> Outcome:
     """Make the device free for a guest, by the policy, or refuse with the reasons.
 
@@ -142,7 +143,7 @@ def prepare(
         if plan.refused:
             return outcome
         runner.flush_timeout = timeout if timeout is not None else settings.flush_timeout
-        if runner.dry_run:
+        if plan_only:
             outcome.ok = True
             return outcome
         holds = hold_targets(findings.snapshot)
@@ -231,7 +232,7 @@ def _give_back(steps: list[Step], runner: Runner, roots: Roots, key: str,
                 continue
             try:
                 step.undo(runner)
-                if isinstance(step, Handoff) and step.interfaces and not runner.dry_run:
+                if isinstance(step, Handoff) and step.interfaces:
                     renames.update(_wait_present(roots, key, step.disks))
                 done.append(step.describe())
             except UndoImpossible as exc:

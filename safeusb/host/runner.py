@@ -126,9 +126,8 @@ def _libc() -> ctypes.CDLL:
 
 @dataclass
 class Runner:
-    """Executes commands and system calls and logs each one. ``dry_run`` only logs."""
+    """Executes commands and system calls and logs each one."""
 
-    dry_run: bool = False
     flush_timeout: float = 120.0
     debugfs: str = "/sys/kernel/debug"
     sys_root: str = "/sys"
@@ -170,8 +169,6 @@ class Runner:
         if not argv or not os.path.isabs(argv[0]):
             raise ValueError(f"command must start with an absolute path: {argv!r}")
         self._log("run: " + " ".join(argv))
-        if self.dry_run:
-            return ""
         try:
             proc = subprocess.run(
                 list(argv), capture_output=True, text=True, timeout=timeout, check=False
@@ -196,8 +193,6 @@ class Runner:
 
     def write_sysfs(self, path: str, value: str) -> None:
         self._log(f"write {value!r} to {path}")
-        if self.dry_run:
-            return
         try:
             with open(path, "w", encoding="ascii") as f:
                 f.write(value)
@@ -211,8 +206,6 @@ class Runner:
         (its files are closed then, even while it waits to be reaped). Through a pidfd,
         so a pid reused meanwhile is never signalled."""
         self._log(f"kill: pid {pid} ({comm}) with SIGTERM, SIGKILL after {grace:g} s")
-        if self.dry_run:
-            return
         try:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
@@ -278,8 +271,6 @@ class Runner:
     def umount_in(self, pid: int, mnt_ns: int, mountpoint: str) -> None:
         what = f"umount {mountpoint} in mount namespace {mnt_ns} (pid {pid})"
         self._log(what)
-        if self.dry_run:
-            return
         gone = NothingToDo(f"{mountpoint} in mount namespace {mnt_ns} was unmounted "
                            "meanwhile (by its owner, or by propagation)")
         if not self._still_mounted(pid, mountpoint):
@@ -303,8 +294,6 @@ class Runner:
         what = f"mount {source} at {mountpoint} ({fstype}, {options}) in mount namespace " \
                f"{mnt_ns} (pid {pid})"
         self._log(what)
-        if self.dry_run:
-            return
         flags, data = _mount_flags(options)
         src, mp, fs, opts = source.encode(), mountpoint.encode(), fstype.encode(), data.encode()
         self._in_namespace(
@@ -335,8 +324,6 @@ class Runner:
         targets = [f"/proc/{pid}/root{mp}" for pid, mp in step.filesystems]
         self._log(f"flush {step.device}: syncfs {', '.join(targets) or '-'}; "
                   f"fsync {', '.join(step.nodes)}")
-        if self.dry_run:
-            return
         job: _FlushJob
         if not targets and step.dirty_bytes == 0:
             job = _FsyncThread(step.nodes)
@@ -412,10 +399,6 @@ class Runner:
         for path in paths:
             if path in self.held:
                 continue
-            if self.dry_run:
-                self._log(f"hold {path} exclusively")
-                self.held[path] = -1
-                continue
             try:
                 self.held[path] = os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
             except OSError as exc:
@@ -441,7 +424,7 @@ class Runner:
         try:
             # The kernel guard (safeusb guard) refuses every other unbind of usb-storage/uas.
             with contextlib.ExitStack() as guard_mark:
-                if interfaces and not self.dry_run:
+                if interfaces:
                     guard_mark.enter_context(self._guard_handover())
                     # ... and, from before the unbind until the give-back, every bind
                     # but safeusb's own (the device is recorded as handed over).
@@ -449,7 +432,7 @@ class Runner:
                 for iface, driver in interfaces:
                     self.write_sysfs(os.path.join(self.sys_root, "bus/usb/drivers", driver,
                                                   "unbind"), iface)
-            if interfaces and not self.dry_run:
+            if interfaces:
                 self._wait_gone(holds)
         finally:
             self.release_holds()
@@ -492,9 +475,7 @@ class Runner:
         path = os.path.join(self.sys_root, "bus/usb/drivers", driver, "bind")
         try:
             # The kernel guard refuses every other bind while a device is handed over.
-            with contextlib.ExitStack() as guard_mark:
-                if not self.dry_run:
-                    guard_mark.enter_context(self._guard_handover())
+            with self._guard_handover():
                 self.write_sysfs(path, interface)
         except StepFailed:
             if os.path.exists(os.path.join(self.sys_root, "bus/usb/drivers", driver, interface)):
@@ -549,8 +530,6 @@ class Runner:
         The flag takes effect at once when nobody has it open, so the device is kept open
         here until :meth:`let_go_of_loops` (once what used it is mounted again)."""
         self._log(f"set autoclear on {node}")
-        if self.dry_run:
-            return
         try:
             fd = os.open(node, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
@@ -581,8 +560,6 @@ class Runner:
     def link_down(self, step: LinkRecord) -> None:
         what = f"set {step.name} down in network namespace {step.netns}"
         self._log(what)
-        if self.dry_run:
-            return
         path = _netns_path(step.netns, step.netns_path)
         if path is None:
             raise StepFailed(f"{what}: the namespace ({step.netns_where}) is gone")
@@ -598,8 +575,6 @@ class Runner:
         and routes. What is there already (a DHCP client was quicker) is left as it is."""
         what = f"put {step.name} back in network namespace {step.netns}"
         self._log(what)
-        if self.dry_run:
-            return
         home = _netns_path(step.netns, step.netns_path)
         if home is None:
             raise StepFailed(f"{what}: the namespace ({step.netns_where}) no longer exists; "
