@@ -252,7 +252,7 @@ def target_from_args(args: argparse.Namespace, roots: Roots) -> Target:
 
 
 def cmd_inspect(args: argparse.Namespace, roots: Roots) -> int:
-    if args.selector is not None and args.xml is None and roots.live:
+    if args.selector is not None and args.xml is None and roots.own_kernel:
         answer = ask_daemon(args, {"selector": args.selector})
         if answer is not None:
             from safeusb.textout import text_of_json  # noqa: PLC0415
@@ -399,8 +399,8 @@ def cmd_status(args: argparse.Namespace, roots: Roots) -> int:
         from safeusb.host.guard import report  # noqa: PLC0415
 
         guard_state = report(DEFAULT_STATE_DIR)
-    status = collect(roots, args.connect, guard_state, ask=ask if roots.live else None,
-                     policy_path=args.policy if roots.live else None,
+    status = collect(roots, args.connect, guard_state, ask=ask if roots.own_kernel else None,
+                     policy_path=args.policy if roots.own_kernel else None,
                      state_dir=args.state_dir)
     if args.json:
         import json  # noqa: PLC0415

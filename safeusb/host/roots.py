@@ -42,8 +42,9 @@ class Roots:
 
     @property
     def own_kernel(self) -> bool:
-        """Whether these are this host's own sysfs and procfs, where its kernel answers
-        (the kernel guard, BPF programs), and not a recording or a built tree."""
+        """Whether these are this host's own sysfs and procfs, where its kernel and its
+        services answer (the kernel guard, BPF programs, safeusbd), and not a recording
+        or a built tree."""
         return self.live and self.sys == SYS and self.proc == PROC
 
     def sys_path(self, *parts: str) -> str:

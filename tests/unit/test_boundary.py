@@ -20,6 +20,9 @@ INSIDE = ("host", "lab")
 # A path built from the roots is a read of the system too.
 ROOTS_PATHS = {"sys_path", "proc_path", "dev_path", "to_host_sys"}
 ROOTS_DIRS = {"sys", "proc", "dev", "debugfs"}
+# Whether a system is live or recorded is the boundary's own question (Roots.own_kernel is
+# what a front end may ask: whether this host's kernel and services answer).
+RECORDED = {"live", "is_recording"}
 SYSTEM_PATH = re.compile(r"(?<![\w.~-])/(proc|sys|dev|run)(/|$)")
 
 
@@ -59,6 +62,12 @@ def offences(path: Path, source: str | None = None) -> list[str]:
                 (isinstance(node.value, ast.Name) and node.value.id == "roots")
                 or (isinstance(node.value, ast.Attribute) and node.value.attr == "roots")):
             found.append((node.lineno, f"roots.{node.attr}"))
+        elif isinstance(node, ast.Attribute) and node.attr in RECORDED and (
+                (isinstance(node.value, ast.Name) and node.value.id == "roots")
+                or (isinstance(node.value, ast.Attribute) and node.value.attr == "roots")):
+            found.append((node.lineno, f"roots.{node.attr}"))
+        elif isinstance(node, ast.Name) and node.id == "is_recording":
+            found.append((node.lineno, node.id))
     return [f"line {n}: {what}" for n, what in sorted(found)]
 
 
@@ -85,11 +94,12 @@ def test_offences_are_seen(tmp_path: Path) -> None:
            'v = "/dev"\n'
            'u = roots.sys_path("bus")\n'
            't = self.roots.proc\n'
-           's = device.sys_path\n')
+           's = device.sys_path\n'
+           'r = roots.live or is_recording(roots)\n')
     assert offences(f, src) == [
         "line 2: import libvirt", "line 3: path '/proc/'", "line 4: libvirt.open",
         "line 5: path '/run/safeusb'", "line 7: path '/dev'", "line 8: sys_path()",
-        "line 9: roots.proc"]
+        "line 9: roots.proc", "line 11: is_recording", "line 11: roots.live"]
 
 
 def test_the_boundary_is_read() -> None:
