@@ -34,7 +34,8 @@ def test_the_demo_from_an_installed_wheel(vm_runner: Runner, tmp_path: Path) -> 
                    check=True, env=env, cwd="/")
     subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-index",
                     "--disable-pip-version-check", str(wheel)], check=True, env=env, cwd="/")
-    (venv / "bin" / "vng").symlink_to(vng)  # pip install virtme-ng, beside safeusb
+    for tool in [vng, *vng.parent.glob("virtme*")]:  # pip install virtme-ng, beside safeusb
+        (venv / "bin" / tool.name).symlink_to(tool)
     with vm_runner.slot():
         demo = subprocess.run([str(venv / "bin" / "safeusb"), "demo", "--keep"],
                               capture_output=True, text=True, env=env, cwd="/",
