@@ -36,8 +36,8 @@ def start(gated: bool, tmp: str) -> tuple[subprocess.Popen[bytes], socket.socket
                  "-chardev", f"socket,id=charmonitor,fd={fd},server=on,wait=off",
                  "-mon", "chardev=charmonitor,id=monitor,mode=control",
                  "-device", "qemu-xhci,id=usb"]
-    argv = ([sys.executable, "-m", "safeusb.gate.proxy", "--real-emulator", QEMU, "--", *qemu_args]
-            if gated else [QEMU, *qemu_args])
+    argv = ([sys.executable, "-m", "safeusb.gate.launcher", "--real-emulator", QEMU, "--",
+             *qemu_args] if gated else [QEMU, *qemu_args])
     proc = subprocess.Popen(argv, pass_fds=[fd], stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     listener.close()

@@ -51,8 +51,10 @@ def _report(lines: Sequence[str]) -> None:
         log.error("%s", line)
 
 
-def hook(argv: Sequence[str], xml: bytes, roots: Roots, policy_path: str = DEFAULT_PATH,
-         state_dir: str = DEFAULT_DIR) -> int:
+def handle(argv: Sequence[str], xml: bytes, roots: Roots, policy_path: str = DEFAULT_PATH,
+           state_dir: str = DEFAULT_DIR) -> int:
+    """One call of libvirt's hook (DOMAIN OPERATION SUB-OPERATION ...): the exit status
+    libvirt acts on."""
     if len(argv) < 3:
         print("safeusb: hook needs DOMAIN OPERATION SUB-OPERATION", file=sys.stderr)
         return 0
@@ -114,7 +116,7 @@ def main() -> int:
     usb = looks_usb(xml)
     preparing = sys.argv[2:4] == ["prepare", "begin"]
     try:
-        return hook(sys.argv[1:], xml, Roots.host())
+        return handle(sys.argv[1:], xml, Roots.host())
     except SafeUSBError as exc:
         if usb and preparing:
             return _refuse([str(exc)])

@@ -90,7 +90,7 @@ def gated(tmp_path: Path, decision: str | None = "tests.host.gate_decisions:refu
     fd = listener.fileno()
     os.set_inheritable(fd, True)
     log = tmp_path / "domain.log"
-    argv = [sys.executable, "-m", "safeusb.gate.proxy", "--real-emulator", QEMU,
+    argv = [sys.executable, "-m", "safeusb.gate.launcher", "--real-emulator", QEMU,
             *(("--decision", decision) if decision else ()), *extra, "--",
             "-name", "guest=gated,debug-threads=on", "-machine", "pc,accel=tcg",
             "-nodefaults", "-display", "none", "-S", "-m", "32",

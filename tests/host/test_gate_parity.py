@@ -37,7 +37,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safeusb.gate.proxy import CloseFds, Session, ToServer
 from safeusb.gate.qemu_usb_host import (
     UNSEEN_FD,
     RequestError,
@@ -46,6 +45,7 @@ from safeusb.gate.qemu_usb_host import (
 )
 from safeusb.gate.qemuparse import qemu_strtol10
 from safeusb.gate.qmp import send_with_fds
+from safeusb.gate.session import CloseFds, Session, ToServer
 from safeusb.host.usbfs import FDSET_PREFIX, FdIdentity
 
 QEMU = shutil.which("qemu-system-x86_64")

@@ -15,7 +15,7 @@ import pytest
 
 from safeusb import protect
 from safeusb.errors import UsageError
-from safeusb.gate.proxy import GATE_ROOT, launcher_path
+from safeusb.gate.launcher import GATE_ROOT, launcher_path
 from safeusb.handover.policy import Policy, PolicyError
 from safeusb.host.virt import Connection, Domain
 from safeusb.protect import is_protected, protect_all, protect_xml

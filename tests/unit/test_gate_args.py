@@ -8,7 +8,7 @@ import os
 import pytest
 
 from safeusb.errors import SafeUSBError
-from safeusb.gate.proxy import parse_gate_argv
+from safeusb.gate.launcher import parse_gate_argv
 from safeusb.gate.qemu_usb_host import RequestError, hmp_device_add, usb_host_request
 from safeusb.gate.qemuargs import MonitorArgsError, domain_name, find_monitor, with_monitor_fd
 from safeusb.host.usbfs import FdIdentity

@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safeusb.gate.proxy import Action, Ask, Session, ToClient
 from safeusb.gate.qemu_usb_host import RequestError, device_add_request
 from safeusb.gate.qemuparse import (
     hmp_device_add_text,
@@ -20,6 +19,7 @@ from safeusb.gate.qemuparse import (
     qemu_strtou64,
     qmp_opt_string,
 )
+from safeusb.gate.session import Action, Ask, Session, ToClient
 from safeusb.host.usbfs import FdIdentity
 
 STICK = FdIdentity("/dev/bus/usb/002/003", (189, 130))

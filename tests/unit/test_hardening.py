@@ -54,8 +54,8 @@ def test_hook_reads_past_4_mib_of_metadata(busy: FakeSystem, tmp_path: Path,
     monkeypatch.setattr(sys, "argv", ["-c", "big", "prepare", "begin", "-"])
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(xml)))
     monkeypatch.setattr(hookmod.Roots, "host", staticmethod(lambda: busy.roots))
-    monkeypatch.setattr(hookmod, "hook", functools.partial(
-        hookmod.hook, policy_path=str(tmp_path / "none.toml"),
+    monkeypatch.setattr(hookmod, "handle", functools.partial(
+        hookmod.handle, policy_path=str(tmp_path / "none.toml"),
         state_dir=str(tmp_path / "state")))
     (tmp_path / "none.toml").write_text("[defaults]\n")
     assert hookmod.main() == hookmod.EXIT_REFUSED
@@ -64,10 +64,10 @@ def test_hook_reads_past_4_mib_of_metadata(busy: FakeSystem, tmp_path: Path,
 
 def test_a_usb_domain_too_large_to_read_is_refused(busy: FakeSystem, tmp_path: Path) -> None:
     xml = _big_domain(hookmod.MAX_DOMAIN_XML_BYTES)
-    assert hookmod.hook(["big", "prepare", "begin", "-"], xml, busy.roots,
+    assert hookmod.handle(["big", "prepare", "begin", "-"], xml, busy.roots,
                         str(tmp_path / "p.toml"), str(tmp_path / "s")) == hookmod.EXIT_REFUSED
     plain = xml.replace(b"type='usb'", b"type='pci'")
-    assert hookmod.hook(["big", "prepare", "begin", "-"], plain, busy.roots,
+    assert hookmod.handle(["big", "prepare", "begin", "-"], plain, busy.roots,
                         str(tmp_path / "p.toml"), str(tmp_path / "s")) == 0
 
 
@@ -149,7 +149,7 @@ def test_release_end_without_the_device_in_the_xml_and_a_broken_policy(
     policy = tmp_path / "policy.toml"
     policy.write_text("[defaults]\nmount = 'nonsense'\n")
     xml = (DOMAINS / "none.xml").read_bytes()  # detached live: no longer listed
-    assert hookmod.hook(["g1", "release", "end", "-"], xml, busy.roots, str(policy),
+    assert hookmod.handle(["g1", "release", "end", "-"], xml, busy.roots, str(policy),
                         state.path) == 0
     assert not mine.exists()
     err = capsys.readouterr().err
@@ -370,7 +370,7 @@ def test_a_missing_usb_device_is_logged(busy: FakeSystem, tmp_path: Path,
     xml = (DOMAINS / "by-id.xml").read_bytes().replace(b"0x46f4", b"0x1111")
     policy = tmp_path / "p.toml"
     policy.write_text("[defaults]\n")
-    assert hookmod.hook(["g1", "prepare", "begin", "-"], xml, busy.roots, str(policy),
+    assert hookmod.handle(["g1", "prepare", "begin", "-"], xml, busy.roots, str(policy),
                         str(tmp_path / "s")) == 0
     assert "1111:0001 is not on the host" in caplog.text
 

@@ -10,7 +10,7 @@ import pytest
 
 from safeusb.domain import DomainInfo, policy_for_domain
 from safeusb.handover.policy import Policy, PolicyError
-from safeusb.hook import EXIT_REFUSED, hook
+from safeusb.hook import EXIT_REFUSED, handle
 from safeusb.install import install, render, uninstall
 from tests.unit.fakesys import FakeSystem
 
@@ -50,7 +50,7 @@ def _run_hook(fs: FakeSystem, tmp_path: Path, name: str, op: str = "prepare",
     policy_path = tmp_path / "policy.toml"
     if policy is not None:
         policy_path.write_text(policy)
-    return hook([name, op, sub, "-"], _xml(f"{name}.xml") if (DOMAINS / f"{name}.xml").exists()
+    return handle([name, op, sub, "-"], _xml(f"{name}.xml") if (DOMAINS / f"{name}.xml").exists()
                 else name.encode(), fs.roots, str(policy_path), str(tmp_path / "state"))
 
 
@@ -58,14 +58,14 @@ def test_refusal_names_the_mountpoint_and_dirty_data(
     busy: FakeSystem, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     xml = _xml("by-id.xml")
-    rc = hook(["g1", "prepare", "begin", "-"], xml, busy.roots, str(tmp_path / "none.toml"),
+    rc = handle(["g1", "prepare", "begin", "-"], xml, busy.roots, str(tmp_path / "none.toml"),
               str(tmp_path / "state"))
     err = capsys.readouterr().err
     assert rc == EXIT_REFUSED
     assert "no such file" in err  # an unreadable policy refuses a USB domain
     policy = tmp_path / "p.toml"
     policy.write_text("[defaults]\n")
-    rc = hook(["g1", "prepare", "begin", "-"], xml, busy.roots, str(policy),
+    rc = handle(["g1", "prepare", "begin", "-"], xml, busy.roots, str(policy),
               str(tmp_path / "state"))
     lines = capsys.readouterr().err.strip().splitlines()
     assert rc == EXIT_REFUSED
@@ -80,26 +80,26 @@ def test_domains_without_usb_pass_even_with_a_broken_policy(
     busy: FakeSystem, tmp_path: Path, name: str
 ) -> None:
     for op, sub in (("prepare", "begin"), ("release", "end"), ("start", "begin")):
-        assert hook(["d", op, sub, "-"], _xml(name), busy.roots, "/nonexistent.toml",
+        assert handle(["d", op, sub, "-"], _xml(name), busy.roots, "/nonexistent.toml",
                     str(tmp_path / "state")) == 0
 
 
 def test_other_operations_never_refuse(busy: FakeSystem, tmp_path: Path) -> None:
     for op, sub in (("reconnect", "begin"), ("started", "begin"), ("stopped", "end"),
                     ("prepare", "end"), ("attach", "begin")):
-        assert hook(["g1", op, sub, "-"], _xml("by-id.xml"), busy.roots, "/nonexistent.toml",
+        assert handle(["g1", op, sub, "-"], _xml("by-id.xml"), busy.roots, "/nonexistent.toml",
                     str(tmp_path / "state")) == 0
 
 
 @pytest.mark.hostile
 def test_unreadable_xml(busy: FakeSystem, tmp_path: Path) -> None:
     usb = b"<domain><devices><hostdev mode='subsystem' type='usb'><source>"
-    assert hook(["x", "prepare", "begin", "-"], usb, busy.roots, "/n", str(tmp_path)) == 3
+    assert handle(["x", "prepare", "begin", "-"], usb, busy.roots, "/n", str(tmp_path)) == 3
     evil = (b'<!DOCTYPE d [<!ENTITY x SYSTEM "file:///etc/shadow">]><domain><devices>'
             b"<hostdev mode='subsystem' type='usb'><source><vendor id='&x;'/></source>"
             b"</hostdev></devices></domain>")
-    assert hook(["x", "prepare", "begin", "-"], evil, busy.roots, "/n", str(tmp_path)) == 3
-    assert hook(["x", "prepare", "begin", "-"], b"<domain><devices>", busy.roots, "/n",
+    assert handle(["x", "prepare", "begin", "-"], evil, busy.roots, "/n", str(tmp_path)) == 3
+    assert handle(["x", "prepare", "begin", "-"], b"<domain><devices>", busy.roots, "/n",
                 str(tmp_path)) == 0
 
 
@@ -107,7 +107,7 @@ def test_missing_device_is_left_to_libvirt(busy: FakeSystem, tmp_path: Path) -> 
     policy = tmp_path / "p.toml"
     policy.write_text("[defaults]\n")
     xml = _xml("by-id.xml").replace(b"0x46f4", b"0x1111")
-    assert hook(["g1", "prepare", "begin", "-"], xml, busy.roots, str(policy),
+    assert handle(["g1", "prepare", "begin", "-"], xml, busy.roots, str(policy),
                 str(tmp_path / "state")) == 0
 
 
@@ -190,14 +190,14 @@ def test_hostile_domain_documents(busy: FakeSystem, tmp_path: Path) -> None:
     usb = b"<hostdev mode='subsystem' type='usb'><source><vendor id='0x46f4'/>" \
           b"<product id='0x0001'/></source></hostdev>"
     huge = b"<domain><name>x</name><devices>" + usb + b"<!--" + b"x" * (100 * 1024 * 1024)
-    assert hook(["x", "prepare", "begin", "-"], huge, busy.roots, "/n", str(tmp_path)) == 3
-    assert hook(["x", "prepare", "begin", "-"], huge.replace(b"type='usb'", b"type='pci'"),
+    assert handle(["x", "prepare", "begin", "-"], huge, busy.roots, "/n", str(tmp_path)) == 3
+    assert handle(["x", "prepare", "begin", "-"], huge.replace(b"type='usb'", b"type='pci'"),
                 busy.roots, "/n", str(tmp_path)) == 0
     bad_utf8 = b"<domain><name>\xff\xfe</name><devices>" + usb + b"</devices></domain>"
-    assert hook(["x", "prepare", "begin", "-"], bad_utf8, busy.roots, "/n", str(tmp_path)) == 3
+    assert handle(["x", "prepare", "begin", "-"], bad_utf8, busy.roots, "/n", str(tmp_path)) == 3
     negative = usb.replace(b"0x46f4", b"-1")
     doc = b"<domain><name>x</name><devices>" + negative + b"</devices></domain>"
-    assert hook(["x", "prepare", "begin", "-"], doc, busy.roots, "/n", str(tmp_path)) == 3
+    assert handle(["x", "prepare", "begin", "-"], doc, busy.roots, "/n", str(tmp_path)) == 3
 
 
 @pytest.mark.hostile
@@ -209,13 +209,13 @@ def test_thousands_of_hostdevs_and_duplicates(busy: FakeSystem, tmp_path: Path,
            b"</source></hostdev>")
     many = b"".join(one % i for i in range(1, 3001))
     doc = b"<domain><name>x</name><devices>" + many + b"</devices></domain>"
-    assert hook(["x", "prepare", "begin", "-"], doc, busy.roots, str(policy),
+    assert handle(["x", "prepare", "begin", "-"], doc, busy.roots, str(policy),
                 str(tmp_path / "s")) == 0  # none of them exists: libvirt reports that
     dup = _xml("by-id.xml").replace(b"</devices>",
                                     b"<hostdev mode='subsystem' type='usb'><source>"
                                     b"<vendor id='0x46f4'/><product id='0x0001'/></source>"
                                     b"</hostdev></devices>")
-    assert hook(["g1", "prepare", "begin", "-"], dup, busy.roots, str(policy),
+    assert handle(["g1", "prepare", "begin", "-"], dup, busy.roots, str(policy),
                 str(tmp_path / "s")) == 3
     assert "mounted at /srv/photos" in capsys.readouterr().err
 

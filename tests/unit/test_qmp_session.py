@@ -16,7 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safeusb.gate.proxy import (
+from safeusb.gate.qemu_usb_host import UsbHostRequest
+from safeusb.gate.qmp import error_reply
+from safeusb.gate.session import (
     FDSETS_ID,
     KEEPALIVE_FDNAME,
     Action,
@@ -27,8 +29,6 @@ from safeusb.gate.proxy import (
     ToClient,
     ToServer,
 )
-from safeusb.gate.qemu_usb_host import UsbHostRequest
-from safeusb.gate.qmp import error_reply
 from safeusb.host.usbfs import FdIdentity
 
 DATA = Path(__file__).parent / "data" / "qmp"

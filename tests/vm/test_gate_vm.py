@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import pytest
 
-from safeusb.gate.proxy import GATE_ROOT
+from safeusb.gate.launcher import GATE_ROOT
 from safeusb.install import render
 from safeusb.lab.harness import (
     MIB,
