@@ -6,7 +6,6 @@ step_from_json. Adding a kind of step is one class here.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -143,15 +142,7 @@ class DetachLoop(Step):
 
     def _bound_to(self, runner: Runner) -> str | None:
         """The backing file the loop device has now (None: not attached)."""
-        path = os.path.join(runner.sys_root, "block", os.path.basename(self.node), "loop",
-                            "backing_file")
-        try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                return f.read().strip()  # as the snapshot reads it (sysfs._read)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StepFailed(f"cannot read {path}: {exc.strerror or exc}") from None
+        return runner.loop_backing_file(self.node)
 
     def execute(self, runner: Runner) -> None:
         now = self._bound_to(runner)

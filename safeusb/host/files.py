@@ -1,18 +1,27 @@
 """Files safeusb installs on the host (the libvirt hook, its AppArmor rules, udev rules, the
 gate's launcher) and the commands that make their programs read them again: read without
 following a symlink, written whole through a new file beside them (never half a file,
-never through a symlink), each change logged."""
+never through a symlink), each change logged; and whether a program's socket is there."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import stat
 import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
 
 log = logging.getLogger("safeusb")
+
+
+def is_socket(path: str) -> bool:
+    """Whether a program listens at ``path`` (a UNIX socket is there)."""
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def read_text(path: str) -> str | None:

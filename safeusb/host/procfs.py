@@ -20,7 +20,7 @@ from safeusb.host.parsers import (
     parse_swaps,
 )
 from safeusb.host.recording import RecordedStat, Stater, is_recording
-from safeusb.host.roots import Roots
+from safeusb.host.roots import PROC, Roots
 
 _GONE = (errno.ENOENT, errno.ESRCH)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -504,3 +504,40 @@ def node_holders(roots: Roots, dev: str) -> list[tuple[int, str]]:
     return [(pid, read_comm(roots, pid)) for pid in pids
             if any(stat.S_ISCHR(st.st_mode) and st.st_rdev == want
                    for _, st in descriptor_stats(roots, pid))]
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def pidfd_pid(pidfd: int, proc: str = PROC) -> int | None:
+    """The pid a pidfd of this process refers to while that process lives; None once it
+    has exited."""
+    try:
+        with open(os.path.join(proc, "self", "fdinfo", str(pidfd)), encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Pid:"):
+                    pid = int(line.split()[1])
+                    return pid if pid > 0 else None
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def read_cgroup(pid: int, proc: str = PROC) -> str | None:
+    """/proc/PID/cgroup (at most 1 MiB of it); None once the process is gone."""
+    try:
+        with open(os.path.join(proc, str(pid), "cgroup"), encoding="utf-8") as f:
+            return f.read(1024 * 1024)
+    except OSError:
+        return None
+
+
+def process_start_ticks(pid: int, proc: str = PROC) -> int | None:
+    """/proc/PID/stat's starttime (clock ticks since boot), None once the process is gone."""
+    try:
+        with open(os.path.join(proc, str(pid), "stat"), encoding="utf-8",
+                  errors="replace") as f:
+            text = f.read()
+        return int(text.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None

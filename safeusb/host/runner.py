@@ -142,6 +142,19 @@ class Runner:
         """A runner acting on the system the roots describe."""
         return cls(debugfs=roots.debugfs, sys_root=roots.sys, **kwargs)
 
+    def loop_backing_file(self, node: str) -> str | None:
+        """The file loop device ``node`` is backed by now (None: not attached), as the
+        snapshot reads it (sysfs._read)."""
+        path = os.path.join(self.sys_root, "block", os.path.basename(node), "loop",
+                            "backing_file")
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StepFailed(f"cannot read {path}: {exc.strerror or exc}") from None
+
     @staticmethod
     def in_mount_namespace(pid: int, mnt_ns: int) -> bool:
         """Whether process ``pid`` is (still) in mount namespace ``mnt_ns``."""

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
 from safeusb.errors import LibvirtError
+from safeusb.host import defaults
 
 log = logging.getLogger("safeusb")
 
@@ -248,3 +251,28 @@ def domain_active(uri: str, name: str) -> bool | None:
             return conn.domain(name).active()
         except VirtError as exc:
             return False if exc.code == ERR_NO_DOMAIN else None
+
+
+def read_pid_file(path: str, owner: int = 0) -> int | None:
+    """The pid in a regular file of the owner that nobody else can write, or None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != owner or st.st_mode & 0o022:
+            return None
+        text = os.read(fd, 64).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
+    return int(text) if text.isdigit() and 0 < int(text) < 2**22 else None
+
+
+def qemu_pid(domain: str, pid_dir: str = defaults.LIBVIRT_QEMU_PIDS,
+             owner: int = 0) -> int | None:
+    """The pid libvirtd keeps for the domain's QEMU (a file only root can have written),
+    or None."""
+    if not domain or "/" in domain or domain in (".", ".."):
+        return None
+    return read_pid_file(os.path.join(pid_dir, f"{domain}.pid"), owner)

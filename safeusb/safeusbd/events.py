@@ -45,9 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -55,7 +53,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from safeusb.errors import SafeUSBError
-from safeusb.host import defaults, sysfs
+from safeusb.host import defaults, files, sysfs, virt
 from safeusb.host.journal import DeviceBusy, Record, StateDir, StateError
 from safeusb.host.procfs import node_holders
 from safeusb.host.roots import Roots
@@ -89,10 +87,7 @@ class EventSource(Protocol):
 
 def udevd_running(control: str = defaults.UDEV_CONTROL) -> bool:
     """udevd listens on its control socket while it runs."""
-    try:
-        return stat.S_ISSOCK(os.stat(control).st_mode)
-    except OSError:
-        return False
+    return files.is_socket(control)
 
 
 class PyudevSource:
@@ -124,11 +119,7 @@ class PyudevSource:
 
 def libvirt_qemu_pid(domain: str, pid_dir: str = defaults.LIBVIRT_QEMU_PIDS) -> int | None:
     """The pid libvirt keeps for the domain's QEMU (a root file), or None."""
-    from safeusb.safeusbd.peer import read_pid_file  # noqa: PLC0415
-
-    if not domain or "/" in domain or domain in (".", ".."):
-        return None
-    return read_pid_file(os.path.join(pid_dir, f"{domain}.pid"))
+    return virt.qemu_pid(domain, pid_dir)
 
 
 # --- following the records -----------------------------------------------------------------

@@ -9,15 +9,14 @@ only. Everyone else may ping and, unless the daemon was told otherwise, inspect.
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from safeusb.host import defaults, virt
+from safeusb.host.procfs import read_cgroup
 from safeusb.host.roots import PROC
 from safeusb.safeusbd.protocol import ACTING_OPS
 
@@ -201,32 +200,16 @@ class LibvirtResolver:
         """The name, when libvirt's QEMU process for that domain is in the scope."""
         if not name or "/" in name or name in (".", ".."):
             return None, f"libvirt names the domain {name!r}, which is no file name"
-        pid_file = os.path.join(self.pid_dir, f"{name}.pid")
-        pid = read_pid_file(pid_file, self.pid_owner)
+        pid = virt.qemu_pid(name, self.pid_dir, self.pid_owner)
         if pid is None:
-            return None, f"{pid_file} does not hold a pid that only root can have written"
-        try:
-            with open(os.path.join(self.proc, str(pid), "cgroup"), encoding="utf-8") as f:
-                theirs = machine_scope(f.read())
-        except OSError:
+            return None, (f"{self.pid_dir}/{name}.pid does not hold a pid that only root can "
+                          "have written")
+        cgroup = read_cgroup(pid, self.proc)
+        if cgroup is None:
             return None, f"the QEMU process of domain {name} (pid {pid}) is gone"
+        theirs = machine_scope(cgroup)
         if theirs is None or theirs.path != scope.path:
             return None, (f"the QEMU process of domain {name} (pid {pid}) is not in "
                           f"{scope.path}")
         return name, f"domain {name} (ID {scope.domain_id}, QEMU pid {pid})"
 
-
-def read_pid_file(path: str, owner: int = 0) -> int | None:
-    """The pid in a regular file of the owner that nobody else can write, or None."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != owner or st.st_mode & 0o022:
-            return None
-        text = os.read(fd, 64).decode("ascii", "replace").strip()
-    finally:
-        os.close(fd)
-    return int(text) if text.isdigit() and 0 < int(text) < 2**22 else None

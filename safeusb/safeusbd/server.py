@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from safeusb.errors import AmbiguousSelector, NoSuchDevice, SafeUSBError, SelectorError
 from safeusb.host import defaults
+from safeusb.host.procfs import CLOCK_TICKS, pidfd_pid, process_start_ticks, read_cgroup
 from safeusb.host.roots import PROC, Roots
 from safeusb.safeusbd import protocol as proto
 from safeusb.safeusbd.peer import Caller, DomainResolver, LibvirtResolver, Peer, classify, refusal
@@ -65,32 +66,13 @@ def peer_pidfd(conn: socket.socket, pid: int) -> int:
     return os.pidfd_open(pid)
 
 
-def pidfd_pid(pidfd: int, proc: str = PROC) -> int | None:
-    """The pid a pidfd refers to while that process lives; None once it has exited."""
-    try:
-        with open(os.path.join(proc, "self", "fdinfo", str(pidfd)), encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Pid:"):
-                    pid = int(line.split()[1])
-                    return pid if pid > 0 else None
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def identify(conn: socket.socket, resolve: DomainResolver, proc: str = PROC) -> Caller:
     """The caller on a connection just accepted. A peer whose pid was reused meanwhile
     (it exited before its identity was read) is nobody: ValueError."""
     peer = peer_credentials(conn)
     pidfd = peer_pidfd(conn, peer.pid)
     try:
-        cgroup: str | None
-        try:
-            with open(os.path.join(proc, str(peer.pid), "cgroup"), encoding="utf-8") as f:
-                cgroup = f.read(1024 * 1024)
-        except OSError:
-            cgroup = None
-        caller = classify(peer, cgroup, resolve)
+        caller = classify(peer, read_cgroup(peer.pid, proc), resolve)
         if pidfd_pid(pidfd, proc) != peer.pid:
             raise ValueError(f"peer pid {peer.pid} exited while it was being identified")
         return caller
@@ -658,20 +640,6 @@ def _guard_enabled() -> bool:
     return enabled()
 
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def process_start_ticks(pid: int, proc: str = PROC) -> int | None:
-    """/proc/PID/stat's starttime (clock ticks since boot), None once the process is gone."""
-    try:
-        with open(os.path.join(proc, str(pid), "stat"), encoding="utf-8",
-                  errors="replace") as f:
-            text = f.read()
-        return int(text.rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def refused_domain(pid: int, start_ns: int, resolve: DomainResolver,
                    proc: str = PROC) -> tuple[str | None, str]:
     """The libvirt domain whose QEMU the refused process is: its cgroup scope, confirmed
@@ -681,10 +649,8 @@ def refused_domain(pid: int, start_ns: int, resolve: DomainResolver,
     domain. Returns the name or None, and why."""
     from safeusb.safeusbd.peer import machine_scope  # noqa: PLC0415
 
-    try:
-        with open(os.path.join(proc, str(pid), "cgroup"), encoding="utf-8") as f:
-            cgroup = f.read(1024 * 1024)
-    except OSError:
+    cgroup = read_cgroup(pid, proc)
+    if cgroup is None:
         return None, f"pid {pid} has exited"
     if start_ns and process_start_ticks(pid, proc) != start_ns * CLOCK_TICKS // 10**9:
         return None, f"pid {pid} is no longer the process that was refused"
