@@ -25,7 +25,8 @@ from lxml import etree
 
 from safeusb import confinement, trust
 from safeusb.errors import EXIT_IN_USE, LibvirtError, SafeUSBError, UsageError
-from safeusb.gate.launcher import GATE_ROOT, PROG, is_gate_path, launcher_path
+from safeusb.gate.launcher import GATE_ROOT, is_gate_path, launcher_path
+from safeusb.gate.proxy import PROG
 from safeusb.host import files
 from safeusb.host.virt import Connection, Domain, VirtError
 from safeusb.hostdev import parse_xml

@@ -244,36 +244,28 @@ def _domains(uri: str | None) -> tuple[list[tuple[str, str, DomainInfo]], str,
     from safeusb.hostdev import parse_xml  # noqa: PLC0415
     from safeusb.protect import is_protected  # noqa: PLC0415
 
+    out = []
+    unprotected: list[str] = []
     try:
-        conn = Connection.open(uri, read_only=True)
+        with Connection.open(uri, read_only=True) as conn:
+            uri_text = conn.uri()
+            for dom in conn.domains():
+                try:  # a domain that cannot be read (or went away) is left out
+                    name = dom.name
+                    state = "running" if dom.active() else "defined"
+                    xml = dom.xml()
+                    info = DomainInfo.from_xml(xml, name)
+                    if dom.persistent():
+                        xml = dom.xml(inactive=True)
+                    if not is_protected(parse_xml(xml, name), name):
+                        unprotected.append(name)
+                except SafeUSBError:
+                    continue
+                out.append((name, state, info))
     except VirtMissing:
         return [], "libvirt-python is not installed: domains not shown", None
     except VirtError as exc:
         return [], f"not reachable ({exc}): domains not shown", None
-    out = []
-    unprotected: list[str] = []
-    with conn:
-        try:
-            domains = conn.domains()
-        except VirtError as exc:
-            return [], f"not reachable ({exc}): domains not shown", None
-        for dom in domains:
-            try:
-                name = dom.name
-                state = "running" if dom.active() else "defined"
-                xml = dom.xml()
-                info = DomainInfo.from_xml(xml, name)
-                if dom.persistent():
-                    xml = dom.xml(inactive=True)
-                if not is_protected(parse_xml(xml, name), name):
-                    unprotected.append(name)
-            except SafeUSBError:
-                continue
-            out.append((name, state, info))
-        try:
-            uri_text = conn.uri()
-        except VirtError as exc:
-            return [], f"not reachable ({exc}): domains not shown", None
     return out, f"connected to {uri_text}", tuple(sorted(unprotected))
 
 

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from safeusb.errors import EXIT_IN_USE, EXIT_USAGE, SafeUSBError, UsageError
-from safeusb.gate.proxy import run_proxy, say
+from safeusb.gate.proxy import PROG, run_proxy, say
 from safeusb.gate.qemu_usb_host import (
     Decide,
     prepare_decision,
@@ -46,7 +46,6 @@ from safeusb.gate.qemuargs import (
 )
 from safeusb.gate.session import DECISION_TIMEOUT
 
-PROG = "safeusb-qemu-gate"
 GATE_ROOT = "/usr/local/lib/safeusb/gate"
 
 # The executable

@@ -66,7 +66,7 @@ def _from_kdev(v: int) -> DevNum:
 
 def unavailable(roots: Roots) -> str | None:
     """Why the in-kernel scan cannot run for these roots, or None when it may."""
-    if not roots.live or is_recording(roots) or roots.proc != "/proc":
+    if not roots.own_kernel or is_recording(roots):
         return "not the live system's /proc (a recording is read through its own)"
     if os.geteuid() != 0:
         return "not root (BPF iterators need CAP_BPF and CAP_PERFMON)"

@@ -43,10 +43,10 @@ def read_comm(roots: Roots, pid: int) -> str:
 def any_running(roots: Roots, commands: tuple[str, ...]) -> bool:
     """Whether a process runs one of ``commands`` (by its comm)."""
     try:
-        pids = [p for p in os.listdir(roots.proc) if p.isdigit()]
+        pids = list_pids(roots)
     except OSError:
         return False
-    return any(read_comm(roots, int(p)) in commands for p in pids)
+    return any(read_comm(roots, pid) in commands for pid in pids)
 
 
 @dataclass(frozen=True)
@@ -498,7 +498,7 @@ def node_holders(roots: Roots, dev: str) -> list[tuple[int, str]]:
         return []
     want = os.makedev(major, minor)
     try:
-        pids = [int(p) for p in os.listdir(roots.proc) if p.isdigit()]
+        pids = list_pids(roots)
     except OSError:
         return []
     return [(pid, read_comm(roots, pid)) for pid in pids

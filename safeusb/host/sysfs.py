@@ -338,18 +338,12 @@ def device_now(roots: Roots, key: str) -> DeviceNow | None:
     if not is_usb_device_dir(port):
         return None
     real = os.path.realpath(port)
+    dev = _read(os.path.join(real, "dev"))
+    if dev is None:
+        return None
     try:
-        with open(os.path.join(real, "dev"), encoding="ascii") as f:
-            dev = f.read().strip()
         names = os.listdir(real)
     except OSError:
         return None
-    drivers: dict[str, str | None] = {}
-    for name in names:
-        if name.startswith(f"{key}:"):
-            try:
-                drivers[name] = os.path.basename(os.readlink(os.path.join(real, name,
-                                                                          "driver")))
-            except OSError:
-                drivers[name] = None
-    return DeviceNow(dev, drivers)
+    return DeviceNow(dev, {name: _link_name(os.path.join(real, name, "driver"))
+                           for name in names if name.startswith(f"{key}:")})

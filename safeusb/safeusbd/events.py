@@ -115,13 +115,6 @@ class PyudevSource:
         self.monitor = None
 
 
-# --- what the device is doing now ----------------------------------------------------------
-
-def libvirt_qemu_pid(domain: str, pid_dir: str = defaults.LIBVIRT_QEMU_PIDS) -> int | None:
-    """The pid libvirt keeps for the domain's QEMU (a root file), or None."""
-    return virt.qemu_pid(domain, pid_dir)
-
-
 # --- following the records -----------------------------------------------------------------
 
 HELD, WAITING = "held", "waiting"
@@ -162,7 +155,7 @@ class HandoverWatch:
         self.state = state
         self.give_back = give_back
         self.holders = holders or (lambda dev: node_holders(roots, dev))
-        self.domain_pid = domain_pid or libvirt_qemu_pid
+        self.domain_pid = domain_pid or virt.qemu_pid
         self.domain_active = domain_active or (lambda _name: None)
         self.tracked: dict[str, Tracked] = {}
         self.stopped: set[str] = set()  # domains libvirt said stopped, not yet handled

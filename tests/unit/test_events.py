@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from safeusb.host import virt
 from safeusb.host.journal import Record, StateDir, new_record
 from safeusb.host.procfs import node_holders
 from safeusb.host.roots import Roots
@@ -230,13 +231,13 @@ def test_without_a_domain_a_claim_takes_it_and_a_probe_does_not(host: Host) -> N
     assert host.given == [KEY]
 
 
-def test_libvirt_qemu_pid_reads_only_a_root_file(tmp_path: Path) -> None:
+def test_libvirts_qemu_pid_is_read_only_from_a_root_file(tmp_path: Path) -> None:
     (tmp_path / "g1.pid").write_text("4242\n")
     (tmp_path / "g1.pid").chmod(0o644)
     expected = 4242 if os.geteuid() == 0 else None  # read_pid_file wants root's file
-    assert events.libvirt_qemu_pid("g1", str(tmp_path)) == expected
-    assert events.libvirt_qemu_pid("none", str(tmp_path)) is None
-    assert events.libvirt_qemu_pid("../g1", str(tmp_path)) is None
+    assert virt.qemu_pid("g1", str(tmp_path)) == expected
+    assert virt.qemu_pid("none", str(tmp_path)) is None
+    assert virt.qemu_pid("../g1", str(tmp_path)) is None
 
 
 def test_device_gone_removes_its_record(host: Host, caplog: pytest.LogCaptureFixture) -> None:
