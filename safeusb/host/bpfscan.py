@@ -22,6 +22,7 @@ import logging
 import os
 import stat
 import struct
+import threading
 from typing import Any
 
 from safeusb.host.bpfload import BPFError, bpffs, libbpf
@@ -229,11 +230,39 @@ def read_records(devs: dict[int, int], obj_path: str = OBJECT,
                 key, val = ctypes.c_uint32(dev), ctypes.c_uint32(bits)
                 if lib.bpf_map_update_elem(mfd, ctypes.byref(key), ctypes.byref(val), 0):
                     raise Unavailable(str(libbpf().err("cannot fill the scan's device map")))
-            return b"".join(_run(pin_dir, name) for name in programs)
+            return _run_all(pin_dir, programs)
         finally:
             os.close(mfd)
     finally:
         os.close(dfd)  # and the lock with it
+
+
+def _run_all(pin_dir: str, programs: tuple[str, ...]) -> bytes:
+    """What the programs write out, in their order. The mappings' walk, the longest by
+    far (every mapping of every process), runs in a thread of its own beside the others:
+    a read of an iterator runs in the kernel, outside the interpreter's lock."""
+    if "scan_maps" not in programs or len(programs) == 1:
+        return b"".join(_run(pin_dir, name) for name in programs)
+    out: dict[str, bytes] = {}
+    failed: list[Unavailable] = []
+
+    def maps() -> None:
+        try:
+            out["scan_maps"] = _run(pin_dir, "scan_maps")
+        except Unavailable as exc:
+            failed.append(exc)
+
+    walker = threading.Thread(target=maps, name="safeusb-scan-maps", daemon=True)
+    walker.start()
+    try:
+        for name in programs:
+            if name != "scan_maps":
+                out[name] = _run(pin_dir, name)
+    finally:
+        walker.join()
+    if failed:
+        raise failed[0]
+    return b"".join(out[name] for name in programs)
 
 
 def _run(pin_dir: str, name: str) -> bytes:

@@ -115,7 +115,7 @@ def read_mount_namespaces(roots: Roots, pids: Iterable[int],
                 problems.append(Unreadable(f"mounts of namespace {inode} ({path})", str(exc)))
                 break
             try:
-                mounts = parse_mountinfo(text)
+                mounts = roots.memo.parse(("mountinfo", inode), text, parse_mountinfo)
             except ParseError as exc:
                 problems.append(Unreadable(f"mounts of namespace {inode} ({path})", str(exc)))
                 break
@@ -146,6 +146,7 @@ def read_mount_namespaces(roots: Roots, pids: Iterable[int],
         problems.append(
             Unreadable(f"the mount namespace of pids {sample}", "permission denied (run as root)")
         )
+    roots.memo.keep(("mountinfo", ns.inode) for ns in namespaces if ns.inode)
     # A namespace kept alive by a bind mount of its nsfs file has no process to read it from.
     known = {ns.inode for ns in namespaces} | set(members)
     for ns in namespaces:

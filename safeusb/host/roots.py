@@ -3,12 +3,45 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 SYS = "/sys"
 PROC = "/proc"
 DEV = "/dev"
 RUN = "/run"
+
+
+class ParseMemo:
+    """What a pure parser made of the text last read at a key (a namespace's mount table),
+    handed out again while the key's text is byte for byte the same: the text is read
+    every time, only its parse is spared. A long-lived reader (safeusbd) gains; what it
+    holds is bounded by the keys it still reads (``keep``)."""
+
+    def __init__(self) -> None:
+        self._last: dict[Any, tuple[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def parse(self, key: object, text: str, parser: Callable[[str], T]) -> T:
+        with self._lock:
+            last = self._last.get(key)
+        if last is not None and last[0] == text:
+            return last[1]  # type: ignore[no-any-return]
+        value = parser(text)
+        with self._lock:
+            self._last[key] = (text, value)
+        return value
+
+    def keep(self, keys: Iterable[object]) -> None:
+        """Forget every key but these."""
+        alive = set(keys)
+        with self._lock:
+            for key in [k for k in self._last if k not in alive]:
+                del self._last[key]
 
 
 @dataclass(frozen=True)
@@ -24,6 +57,8 @@ class Roots:
     dev: str = DEV
     debugfs: str = SYS + "/kernel/debug"
     live: bool = True
+    # parses kept between reads through these roots (never part of what they name)
+    memo: ParseMemo = field(default_factory=ParseMemo, compare=False, repr=False)
 
     @classmethod
     def host(cls) -> Roots:

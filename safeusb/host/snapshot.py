@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from typing import TYPE_CHECKING
 
 from safeusb.host import recording, sysfs
@@ -15,6 +16,7 @@ from safeusb.host.model import (
     DevNum,
     DirtyStat,
     MountNamespace,
+    Node,
     NodeKind,
     Snapshot,
     SwapEntry,
@@ -23,7 +25,7 @@ from safeusb.host.model import (
     fmt_devnum,
 )
 from safeusb.host.parsers import ParseError, parse_bdi_stats
-from safeusb.host.procfs import list_pids, read_mount_namespaces, read_swaps
+from safeusb.host.procfs import ProcessScan, list_pids, read_mount_namespaces, read_swaps
 from safeusb.host.roots import Roots
 from safeusb.host.usb_classes import read_classes
 
@@ -99,11 +101,15 @@ def _fs_devices(
     Most filesystems report the block device's own number; btrfs and others report an
     anonymous one, matched through the mount source."""
     fs = dict(blocks)
+    resolved: dict[str, DevNum | None] = {}  # namespaces repeat the same sources
     for ns in namespaces:
         for m in ns.mounts:
             if m.devnum in fs:
                 continue
-            src = names.resolve(m.source)
+            if m.source in resolved:
+                src = resolved[m.source]
+            else:
+                src = resolved[m.source] = names.resolve(m.source)
             if src is not None and src in blocks:
                 fs[m.devnum] = blocks[src]
     return fs
@@ -179,6 +185,53 @@ def _probe_exclusive(roots: Roots, names: list[str]) -> tuple[str, ...]:
     return tuple(busy)
 
 
+def _node_keys(nodes: tuple[Node, ...], members: set[str],
+               blocks: dict[str, BlockDevice]) -> frozenset[tuple[NodeKind, DevNum]]:
+    keys: set[tuple[NodeKind, DevNum]] = {(n.kind, n.devnum) for n in nodes}
+    keys |= {("block", blocks[n].devnum) for n in members}
+    return frozenset(keys)
+
+
+class _Ahead:
+    """The process scan, run in a thread for given nodes and filesystems."""
+
+    def __init__(self, nodes: frozenset[tuple[NodeKind, DevNum]],
+                 fs: frozenset[DevNum]) -> None:
+        self.nodes, self.fs = nodes, fs
+        self.found: ProcessScan | None = None
+        self.error: Exception | None = None
+        self.thread: threading.Thread | None = None
+
+    @classmethod
+    def start(cls, roots: Roots, pids: list[int], nodes: frozenset[tuple[NodeKind, DevNum]],
+              fs: frozenset[DevNum], skip: frozenset[int], kernel: bool) -> _Ahead | None:
+        """Started where the in-kernel scan runs (a /proc scan gains nothing in a thread:
+        it holds the interpreter), else None."""
+        if not kernel:
+            return None
+        ahead = cls(nodes, fs)
+
+        def run() -> None:
+            try:
+                ahead.found = scan_processes(roots, pids, nodes, fs, skip)[0]
+            except Exception as exc:  # raised again in the reader's thread
+                ahead.error = exc
+
+        ahead.thread = threading.Thread(target=run, name="safeusb-scan", daemon=True)
+        ahead.thread.start()
+        return ahead
+
+    def result(self, nodes: frozenset[tuple[NodeKind, DevNum]],
+               fs: frozenset[DevNum]) -> ProcessScan | None:
+        """The scan's findings when it was asked about these nodes and filesystems, else
+        None (scan again)."""
+        assert self.thread is not None
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.found if (nodes, fs) == (self.nodes, self.fs) else None
+
+
 def read_snapshot(
     roots: Roots, target: Target, net_match: NetMatch | None = None,
     skip_pids: frozenset[int] = frozenset(), kernel_scan: bool = True,
@@ -197,9 +250,19 @@ def read_snapshot(
         start.add(target.block)
     members = _closure(start, all_blocks)
 
-    pids = list_pids(roots)
-    ns_scan = read_mount_namespaces(roots, pids,
-                                    namespaces_of(roots) if kernel_scan else None)
+    ns_of = namespaces_of(roots) if kernel_scan else None
+    # The kernel's walk lists the processes as /proc does (the initial pid namespace's
+    # thread group leaders), without reading a directory of thousands of names.
+    pids = sorted(ns_of) if ns_of is not None else list_pids(roots)
+    skip = frozenset({os.getpid()}) | skip_pids if roots.live else frozenset()
+    # The kernel walks the processes while the mount tables are read and parsed here, for
+    # the nodes and filesystems the device has without them; the mounts can add
+    # filesystems (btrfs's anonymous numbers, loop devices backed on it), and then the
+    # walk runs again with them.
+    ahead = _Ahead.start(roots, pids, _node_keys(nodes, members, all_blocks),
+                         frozenset(all_blocks[n].devnum for n in members), skip,
+                         kernel_scan and ns_of is not None)
+    ns_scan = read_mount_namespaces(roots, pids, ns_of)
     namespaces = ns_scan.namespaces
     problems: list[Unreadable] = list(ns_scan.unreadable)
 
@@ -237,11 +300,11 @@ def read_snapshot(
             devnum = _fs_of(roots, filename, fs, mounts)
         swaps.append(SwapEntry(filename, kind, size, used, devnum))
 
-    node_keys: set[tuple[NodeKind, DevNum]] = {(n.kind, n.devnum) for n in nodes}
-    node_keys |= {("block", b.devnum) for b in blocks.values()}
-    skip = frozenset({os.getpid()}) | skip_pids if roots.live else frozenset()
-    proc_scan, _why = scan_processes(roots, pids, frozenset(node_keys), frozenset(fs), skip,
-                                     kernel=kernel_scan)
+    node_keys = _node_keys(nodes, members, all_blocks)
+    proc_scan = ahead.result(node_keys, frozenset(fs)) if ahead else None
+    if proc_scan is None:
+        proc_scan, _why = scan_processes(roots, pids, node_keys, frozenset(fs), skip,
+                                         kernel=kernel_scan)
     problems.extend(proc_scan.unreadable)
 
     bdis = sorted({_bdi_of(b, all_blocks) for b in blocks.values()})

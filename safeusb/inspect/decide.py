@@ -91,6 +91,8 @@ def inspect(snap: Snapshot) -> Findings:
     # and unmounting them is not safeusb's to decide (a tmpfs there holds data of its own).
     for ns in snap.namespaces:
         ours = {m.mount_id: m for m in ns.mounts if owner(m.devnum) is not None}
+        if not ours:
+            continue
         for m in ns.mounts:
             below = ours.get(m.parent_id)
             if below is None or m.mount_id in ours:

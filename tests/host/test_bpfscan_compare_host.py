@@ -293,3 +293,72 @@ def test_a_pin_directory_not_roots_own_is_never_used(held, tmp_path: Path) -> No
     finally:
         if os.path.islink(pin):
             os.unlink(pin)
+
+
+def _count_scans(monkeypatch: pytest.MonkeyPatch) -> list[frozenset[DevNum]]:
+    """The filesystems each process scan of read_snapshot was asked about."""
+    from safeusb.host import snapshot  # noqa: PLC0415
+
+    asked: list[frozenset[DevNum]] = []
+    real = snapshot.scan_processes
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        asked.append(args[3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(snapshot, "scan_processes", counted)
+    return asked
+
+
+def test_the_scan_ahead_of_the_mount_tables_serves(held, loop_ext4: Loop,  # type: ignore[no-untyped-def]
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-kernel scan runs while the mount tables are read, for the device's own
+    filesystem; the mounts add none here, so it is the one scan."""
+    from safeusb.host.selector import Selector, resolve  # noqa: PLC0415
+    from safeusb.host.snapshot import read_snapshot  # noqa: PLC0415
+
+    roots = Roots.host()
+    target = resolve(Selector.from_string(loop_ext4.node), roots)
+    asked = _count_scans(monkeypatch)
+    snap = read_snapshot(roots, target)
+    assert asked == [held[2]]
+    assert {u.pid for u in snap.uses} == set(held[0])
+
+
+def test_a_filesystem_the_mounts_add_is_scanned_again(loop_ext4: Loop, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop device backed by a file on the device's filesystem, with a filesystem of its
+    own mounted and a file on it held open: the scan run ahead of the mount tables did not
+    know that filesystem, so it runs again, and the holder is found as without the kernel
+    scan."""
+    if (why := bpfscan.unavailable(Roots.host())) is not None:
+        pytest.skip(f"BPF iterators cannot run here: {why}")
+    from safeusb.host.selector import Selector, resolve  # noqa: PLC0415
+    from safeusb.host.snapshot import read_snapshot  # noqa: PLC0415
+
+    with mounted(loop_ext4.node, tmp_path / "outer") as outer:
+        inner_img = outer / "inner.img"
+        with open(inner_img, "wb") as f:
+            f.truncate(16 * 1024 * 1024)
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(inner_img)], check=True)
+        inner = subprocess.run(["losetup", "--find", "--show", str(inner_img)], check=True,
+                               capture_output=True, text=True).stdout.strip()
+        try:
+            with mounted(inner, tmp_path / "inner") as mnt:
+                (mnt / "held").write_bytes(b"h")
+                with open(mnt / "held", "rb") as held_fd, \
+                        background(["sleep", "600"], stdin=held_fd) as p:
+                    roots = Roots.host()
+                    target = resolve(Selector.from_string(loop_ext4.node), roots)
+                    asked = _count_scans(monkeypatch)
+                    kernel = read_snapshot(roots, target)
+                    assert len(asked) == 2 and asked[0] < asked[1], asked
+                    inner_dev = _devnum(os.stat(inner).st_rdev)
+                    assert (p.pid, "fd", inner_dev) in {(u.pid, u.how, u.fs)
+                                                        for u in kernel.uses}
+                    monkeypatch.undo()
+                    proc = read_snapshot(roots, target, kernel_scan=False)
+                    assert [u for u in kernel.uses if u.pid == p.pid] == \
+                        [u for u in proc.uses if u.pid == p.pid]
+        finally:
+            subprocess.run(["losetup", "-d", inner], check=False)
