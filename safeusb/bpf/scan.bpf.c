@@ -15,9 +15,24 @@
  * vmlinux.h's preserve_access_index): the map program runs once per mapping of every
  * process, and a probe-read helper call per field costs more than the rest of it.
  */
+/* A vmlinux.h of Linux >= 6.7 has the open-coded iterator's struct; older ones do not.
+ * Its name is moved aside here and the struct declared below, the same either way. */
+#define bpf_iter_task_vma safeusb_vmlinux_bpf_iter_task_vma
 #include "vmlinux.h"
+#undef bpf_iter_task_vma
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
+
+/* The open-coded mapping iterator (kfuncs of Linux >= 6.7). On older kernels the object
+ * is loaded again without the programs that call them (bpfscan.py), and scan_maps walks
+ * the mappings instead. */
+struct bpf_iter_task_vma {
+	__u64 __opaque[1];
+} __attribute__((aligned(8)));
+extern int bpf_iter_task_vma_new(struct bpf_iter_task_vma *it, struct task_struct *task,
+				 __u64 addr) __weak __ksym;
+extern struct vm_area_struct *bpf_iter_task_vma_next(struct bpf_iter_task_vma *it) __weak __ksym;
+extern void bpf_iter_task_vma_destroy(struct bpf_iter_task_vma *it) __weak __ksym;
 
 #define S_IFMT 00170000
 #define S_IFBLK 0060000
@@ -37,6 +52,7 @@ enum rec_kind {
 	REC_ROOT = 3,
 	REC_MMAP = 4,
 	REC_MNTNS = 5,	/* every leader's mount namespace: ino is its inode number */
+	REC_MAPS_UNREAD = 6,	/* a leader whose mappings were not walked (its mm was busy) */
 };
 
 #define REC_STAT 1	/* flags: user space must stat it (st_dev may differ from s_dev) */
@@ -183,33 +199,84 @@ int scan_files(struct bpf_iter__task_file *ctx)
 	return 0;
 }
 
-SEC("iter/task_vma")
-int scan_maps(struct bpf_iter__task_vma *ctx)
+/* A mapping on the device: of a file on one of its filesystems (/proc/PID/maps prints
+ * the device of file_inode(vm_file), as this reads it), or of one of its nodes, which
+ * holds the device open on its own after its descriptor is closed (its mode and i_rdev
+ * tell it). */
+static __always_inline struct inode *mapped(struct vm_area_struct *vma)
 {
-	struct task_struct *task = ctx->task;
-	struct vm_area_struct *vma = ctx->vma;
-	struct file *file;
+	struct file *file = vma->vm_file;
 	struct inode *inode;
 	__u32 mode;
 
-	if (!task || !vma)
-		return 0;
-	/* /proc/PID/maps prints the device of file_inode(vm_file), as this reads it. A
-	 * mapping of one of the device's nodes holds the device open on its own, after its
-	 * descriptor is closed: it is written out too (its mode and i_rdev tell it). */
-	file = vma->vm_file;
 	if (!file)
-		return 0;
+		return NULL;
 	inode = file->f_inode;
 	mode = inode->i_mode & S_IFMT;
 	if (!(bits(inode->i_sb->s_dev) & DEV_FS)
 	    && !(mode == S_IFBLK && (bits(inode->i_rdev) & DEV_BLOCK))
 	    && !(mode == S_IFCHR && (bits(inode->i_rdev) & DEV_CHAR)))
+		return NULL;
+	return inode;
+}
+
+SEC("iter/task_vma")
+int scan_maps(struct bpf_iter__task_vma *ctx)
+{
+	struct task_struct *task = ctx->task;
+	struct vm_area_struct *vma = ctx->vma;
+	struct inode *inode;
+
+	if (!task || !vma)
 		return 0;
-	if (!leader(task))
+	inode = mapped(vma);
+	if (!inode || !leader(task))
 		return 0;
 	emit(ctx->meta->seq, REC_MMAP, task->tgid, -1, inode, vma->vm_start, 0);
 	return 0;
+}
+
+/* The same, walked per process by the open-coded iterator: two programs, each for half of
+ * the processes (by the parity of the pid), read side by side on two CPUs. The iterator
+ * only tries the mm's lock; a process whose mappings it could not walk is written out as
+ * REC_MAPS_UNREAD, and user space reads its /proc/PID/maps instead. */
+static __always_inline int maps_of(struct bpf_iter__task *ctx, __u32 half)
+{
+	struct task_struct *task = ctx->task;
+	struct bpf_iter_task_vma it;
+	struct vm_area_struct *vma;
+	struct inode *inode;
+	struct scan_rec r = {};
+	int err;
+
+	if (!task || !leader(task) || (task->tgid & 1) != half || !task->mm)
+		return 0;
+	err = bpf_iter_task_vma_new(&it, task, 0);
+	while (!err && (vma = bpf_iter_task_vma_next(&it))) {
+		inode = mapped(vma);
+		if (inode)
+			emit(ctx->meta->seq, REC_MMAP, task->tgid, -1, inode, vma->vm_start, 0);
+	}
+	bpf_iter_task_vma_destroy(&it);
+	if (err && err != -2 /* ENOENT: no mm (any more) */) {
+		r.kind = REC_MAPS_UNREAD;
+		r.tgid = task->tgid;
+		r.fd = -1;
+		bpf_seq_write(ctx->meta->seq, &r, sizeof(r));
+	}
+	return 0;
+}
+
+SEC("iter/task")
+int scan_maps_even(struct bpf_iter__task *ctx)
+{
+	return maps_of(ctx, 0);
+}
+
+SEC("iter/task")
+int scan_maps_odd(struct bpf_iter__task *ctx)
+{
+	return maps_of(ctx, 1);
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -36,6 +36,7 @@ class Libbpf:
             "bpf_object__find_map_by_name": (p, [p, s]),
             "bpf_program__attach": (p, [p]),
             "bpf_program__attach_iter": (p, [p, p]),
+            "bpf_program__set_autoload": (i, [p, ctypes.c_bool]),
             "bpf_link__pin": (i, [p, s]),
             "bpf_link__fd": (i, [p]),
             "bpf_link__destroy": (i, [p]),

@@ -26,7 +26,7 @@ import threading
 from typing import Any
 
 from safeusb.host.bpfload import BPFError, bpffs, libbpf
-from safeusb.host.model import DevNum, NodeKind, ProcessUse, UseKind
+from safeusb.host.model import DevNum, NodeKind, ProcessUse, Unreadable, UseKind
 from safeusb.host.parsers import parse_maps_devices, parse_maps_files
 from safeusb.host.procfs import ProcessScan, read_comm, scan_processes
 from safeusb.host.recording import is_recording
@@ -39,6 +39,8 @@ log = logging.getLogger("safeusb")
 OBJECT = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "bpf",
                       "scan.bpf.o")
 PROGRAMS = ("scan_dirs", "scan_files", "scan_maps")  # read for a device's uses
+# scan_maps in two halves, side by side (Linux >= 6.7), where they loaded
+HALVES = ("scan_maps_even", "scan_maps_odd")
 NS_PROGRAM = "scan_ns"  # every process's mount namespace
 ENV = "SAFEUSB_SCAN"
 PIN_ROOT = "/sys/fs/bpf"
@@ -46,7 +48,7 @@ PIN_PREFIX = "safeusb-scan-"
 
 # struct scan_rec in bpf/scan.bpf.c
 _REC = struct.Struct("<IIiIIIIIQQ")
-_FD, _CWD, _ROOT, _MMAP, _MNTNS = 1, 2, 3, 4, 5
+_FD, _CWD, _ROOT, _MMAP, _MNTNS, _MAPS_UNREAD = 1, 2, 3, 4, 5, 6
 _REC_STAT = 1
 _DEV_FS, _DEV_BLOCK, _DEV_CHAR = 1, 2, 4
 _KIND: dict[int, UseKind] = {_CWD: "cwd", _ROOT: "root"}
@@ -102,11 +104,22 @@ def _load(obj_path: str, pin_dir: str) -> None:
     _remove(tmp)  # left by a load that died, or made by someone else
     os.mkdir(tmp, 0o700)
     quiet = lib.libbpf_set_print(None)  # its log would go to our stderr
-    obj = lib.bpf_object__open_file(obj_path.encode(), None)
+    obj = None
     try:
-        if not obj:
-            raise Unavailable(str(libbpf().err(f"cannot open {obj_path}")))
-        rc = lib.bpf_object__load(obj)
+        # The halves' open-coded iterator needs Linux >= 6.7: without it, the rest.
+        for programs in ((*PROGRAMS, NS_PROGRAM, *HALVES), (*PROGRAMS, NS_PROGRAM)):
+            if obj:
+                lib.bpf_object__close(obj)
+            obj = lib.bpf_object__open_file(obj_path.encode(), None)
+            if not obj:
+                raise Unavailable(str(libbpf().err(f"cannot open {obj_path}")))
+            for name in HALVES:
+                if name not in programs:
+                    lib.bpf_program__set_autoload(
+                        lib.bpf_object__find_program_by_name(obj, name.encode()), False)
+            rc = lib.bpf_object__load(obj)
+            if not rc:
+                break
         if rc:
             raise Unavailable(str(libbpf().err(
                 "the kernel refused the iterator programs (BPF iterators need Linux >= 5.12 "
@@ -115,7 +128,7 @@ def _load(obj_path: str, pin_dir: str) -> None:
                               f"{tmp}/devs".encode())
         if rc:
             raise Unavailable(str(libbpf().err("cannot pin the scan's device map", rc)))
-        for name in (*PROGRAMS, NS_PROGRAM):
+        for name in programs:
             prog = lib.bpf_object__find_program_by_name(obj, name.encode())
             link = lib.bpf_program__attach_iter(prog, None) if prog else None
             if not link:
@@ -238,31 +251,37 @@ def read_records(devs: dict[int, int], obj_path: str = OBJECT,
 
 
 def _run_all(pin_dir: str, programs: tuple[str, ...]) -> bytes:
-    """What the programs write out, in their order. The mappings' walk, the longest by
-    far (every mapping of every process), runs in a thread of its own beside the others:
-    a read of an iterator runs in the kernel, outside the interpreter's lock."""
-    if "scan_maps" not in programs or len(programs) == 1:
+    """What the programs write out. The mappings' walk, the longest by far (every mapping
+    of every process), runs beside the others in threads of its own, in two halves where
+    the kernel has them: a read of an iterator runs in the kernel, outside the
+    interpreter's lock."""
+    if "scan_maps" not in programs:
         return b"".join(_run(pin_dir, name) for name in programs)
+    walks = HALVES if os.path.exists(f"{pin_dir}/{HALVES[0]}") else ("scan_maps",)
     out: dict[str, bytes] = {}
     failed: list[Unavailable] = []
 
-    def maps() -> None:
+    def walk(name: str) -> None:
         try:
-            out["scan_maps"] = _run(pin_dir, "scan_maps")
+            out[name] = _run(pin_dir, name)
         except Unavailable as exc:
             failed.append(exc)
 
-    walker = threading.Thread(target=maps, name="safeusb-scan-maps", daemon=True)
-    walker.start()
+    walkers = [threading.Thread(target=walk, args=(name,), name=f"safeusb-{name}",
+                                daemon=True) for name in walks]
+    for t in walkers:
+        t.start()
     try:
         for name in programs:
             if name != "scan_maps":
                 out[name] = _run(pin_dir, name)
     finally:
-        walker.join()
+        for t in walkers:
+            t.join()
     if failed:
         raise failed[0]
-    return b"".join(out[name] for name in programs)
+    return b"".join(out[name] for name in (*(n for n in programs if n != "scan_maps"),
+                                           *walks))
 
 
 def _run(pin_dir: str, name: str) -> bytes:
@@ -337,6 +356,7 @@ def scan_processes_kernel(
     dirs: dict[int, list[tuple[int, int, int]]] = {}
     maps: set[int] = set()
     mapped_nodes: dict[int, list[tuple[int, tuple[NodeKind, DevNum]]]] = {}
+    unread: set[int] = set()
     for kind, tgid, fd, mode, dev, rdev, flags, _pad, _ino, start in _REC.iter_unpack(data):
         if tgid not in wanted:
             continue
@@ -351,9 +371,21 @@ def scan_processes_kernel(
                 mapped_nodes.setdefault(tgid, []).append((start, ("char", _from_kdev(rdev))))
             else:
                 maps.add(tgid)
+        elif kind == _MAPS_UNREAD:
+            unread.add(tgid)
+    # Processes whose mappings the kernel did not walk: what /proc's scan finds in their
+    # maps stands in for it.
+    by_proc: dict[int, list[ProcessUse]] = {}
+    problems: tuple[Unreadable, ...] = ()
+    if unread:
+        read = scan_processes(roots, sorted(unread), nodes, fs_devnums, skip_pids)
+        problems = read.unreadable
+        for u in read.uses:
+            if u.how == "mmap":
+                by_proc.setdefault(u.pid, []).append(u)
     proc = roots.proc
     uses: list[ProcessUse] = []
-    for pid in sorted(set(fds) | set(dirs) | maps | set(mapped_nodes)):
+    for pid in sorted(set(fds) | set(dirs) | maps | set(mapped_nodes) | set(by_proc)):
         base = f"{proc}/{pid}"
         found: list[tuple[UseKind, str, tuple[NodeKind, DevNum] | None, DevNum | None]] = []
         for fd, mode, kdev, krdev, flags in sorted(fds.get(pid, ())):
@@ -417,11 +449,12 @@ def scan_processes_kernel(
                         found.append(("mmap", path, None, dev))
             if pid in mapped_nodes:
                 found.extend(_mapped_nodes(text, mapped_nodes[pid]))
+        found.extend((u.how, u.path, u.node, u.fs) for u in by_proc.get(pid, ()))
         if found:
             comm = read_comm(roots, pid)
             uses.extend(ProcessUse(pid, comm, how, path, node, fs)
                         for how, path, node, fs in found)
-    return ProcessScan(tuple(uses), ())
+    return ProcessScan(tuple(uses), problems)
 
 
 def _mapped_nodes(text: str, records: list[tuple[int, tuple[NodeKind, DevNum]]]

@@ -208,6 +208,56 @@ def test_comparison_tells_a_dropped_kind(held, monkeypatch: pytest.MonkeyPatch, 
     assert dropped in {u.how for u in proc.uses}
 
 
+def test_a_process_whose_mappings_were_not_walked_is_read_in_proc(  # type: ignore[no-untyped-def]
+        held, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The open-coded walk only tries a process's mm lock; a process it could not walk is
+    written out as unread, and its /proc/PID/maps stands in: its mapping is found as
+    the /proc scan finds it."""
+    ours, nodes, fs = held
+    mapper = ours[0]
+    real = bpfscan.read_records
+
+    def busy(devs: dict[int, int], **kw: Any) -> bytes:
+        data = real(devs, **kw)
+        size = bpfscan._REC.size
+        kept = [data[i:i + size] for i in range(0, len(data), size)
+                if bpfscan._REC.unpack_from(data, i)[:2] != (bpfscan._MMAP, mapper)]
+        assert len(kept) < len(data) // size  # its mapping was there
+        unread = bpfscan._REC.pack(bpfscan._MAPS_UNREAD, mapper, -1, 0, 0, 0, 0, 0, 0, 0)
+        return b"".join([*kept, unread])
+
+    monkeypatch.setattr(bpfscan, "read_records", busy)
+    kernel, proc = _both(sorted(ours), nodes, fs)
+    assert differences(kernel, proc) == []
+    assert (mapper, "mmap") in {(u.pid, u.how) for u in kernel.uses}
+
+
+def test_the_halves_find_what_the_whole_walk_finds(held) -> None:  # type: ignore[no-untyped-def]
+    """Where the kernel has the open-coded iterator, the mappings are walked in two
+    halves; the records are those of the one-pass walk (which older kernels use)."""
+    ours, nodes, fs = held
+    devs = {bpfscan._kdev(d): bpfscan._DEV_FS for d in fs}
+    for kind, d in nodes:
+        devs[bpfscan._kdev(d)] = devs.get(bpfscan._kdev(d), 0) | (
+            bpfscan._DEV_BLOCK if kind == "block" else bpfscan._DEV_CHAR)
+    bpfscan.read_records(devs, programs=("scan_files",))  # loaded, the map filled
+    pin_dir = bpfscan._ready(bpfscan.OBJECT)
+    if not os.path.exists(f"{pin_dir}/{bpfscan.HALVES[0]}"):
+        pytest.skip(f"this kernel ({os.uname().release}) has no open-coded mapping "
+                    "iterator (Linux >= 6.7): the one-pass walk runs alone")
+
+    def records(*names: str) -> set[tuple[int, ...]]:
+        data = b"".join(bpfscan._run(pin_dir, n) for n in names)
+        return {r for r in bpfscan._REC.iter_unpack(data) if r[0] == bpfscan._MMAP}
+
+    whole = records("scan_maps")
+    assert whole
+    assert {r[1] for r in whole} >= {ours[0]}
+    assert records(*bpfscan.HALVES) == whole
+    even, odd = records(bpfscan.HALVES[0]), records(bpfscan.HALVES[1])
+    assert all(r[1] % 2 == 0 for r in even) and all(r[1] % 2 == 1 for r in odd)
+
+
 def test_scan_falls_back_to_proc_with_the_reason(held, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
                                                  ) -> None:
     ours, nodes, fs = held
