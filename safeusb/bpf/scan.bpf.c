@@ -2,7 +2,9 @@
 /*
  * safeusb's in-kernel scan: BPF iterators that walk every process's working and root
  * directory (iter/task), open files (iter/task_file) and file-backed mappings
- * (iter/task_vma) in the kernel, and write out only those on the device being inspected:
+ * (iter/task_vma; on Linux >= 6.7, iter/task with the open-coded mapping iterator, in two
+ * halves read side by side) in the kernel, and write out only those on the device being
+ * inspected:
  * files whose filesystem (s_dev) or device node (i_rdev) is in the devs map, which
  * safeusb/host/bpfscan.py fills before it reads the iterators.
  *

@@ -3,9 +3,12 @@ pass (safeusb/bpf/scan.bpf.c), with the same findings as the /proc scan (procfs.
 
 The kernel walks every task's working and root directory, open files and file-backed
 mappings and writes out only those on the device's filesystems (by s_dev) and nodes (by
-i_rdev). Here only the matches are looked at: their names are read from /proc as the
-/proc scan reads them (the descriptor's link, the cwd and root links, the maps of a
-process that maps the device), so the two give the same findings.
+i_rdev). The mappings, the longest walk, are read in a thread of their own beside the
+rest; where the kernel has the open-coded mapping iterator (Linux >= 6.7), in two halves
+of the processes, each in its own thread. Here only the matches are looked at: their
+names are read from /proc as the /proc scan reads them (the descriptor's link, the cwd
+and root links, the maps of a process that maps the device), so the two give the same
+findings.
 
 Used where it can be (root, Linux >= 5.12 with BTF, libbpf1, the object built by
 scripts/build-bpf, the live system, the initial pid namespace); anywhere else, or when

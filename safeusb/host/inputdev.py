@@ -57,6 +57,16 @@ def _under(path: str, directory: str) -> bool:
     return path.startswith(directory.rstrip("/") + "/")
 
 
+def _class_link(real_base: str, name: str) -> str:
+    """Where a class directory's entry (a relative link into /sys/devices, whose
+    directories are no links) leads: one readlink, where realpath would lstat each part."""
+    path = os.path.join(real_base, name)
+    try:
+        return os.path.normpath(os.path.join(real_base, os.readlink(path)))
+    except OSError:
+        return os.path.realpath(path)
+
+
 def read_inputs(roots: Roots, target_syspath: str) -> InputScan:
     """Every input device with the capabilities of a keyboard or a pointing device; none
     when the target provides no input device (the others then decide nothing)."""
@@ -68,7 +78,8 @@ def read_inputs(roots: Roots, target_syspath: str) -> InputScan:
     except OSError as exc:
         return InputScan(unreadable=(Unreadable(base, exc.strerror or str(exc)),))
     target = os.path.realpath(target_syspath)
-    paths = {sysname: os.path.realpath(os.path.join(base, sysname)) for sysname in names}
+    real_base = os.path.realpath(base)
+    paths = {sysname: _class_link(real_base, sysname) for sysname in names}
     if not any(_under(path, target) for path in paths.values()):
         return InputScan()
     devices = []

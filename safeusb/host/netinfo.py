@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,14 +74,17 @@ def net_dirs(syspath: str) -> list[str]:
     return found
 
 
-def device_match(syspath: str, sysname: str | None) -> NetMatch:
+def device_match(syspath: str, sysname: str | None,
+                 dirs: Sequence[str] | None = None) -> NetMatch:
     """Interfaces of the device at a sysfs path.
 
     The kernel keeps a device's network interfaces in its "net" directory; entries in
     other namespaces are hidden, but the directory's link count still counts them (each
     interface is a subdirectory). Elsewhere they are found by rtnetlink's parent device
-    (IFLA_PARENT_DEV_NAME); here also by the names sysfs shows."""
-    dirs = net_dirs(syspath)
+    (IFLA_PARENT_DEV_NAME); here also by the names sysfs shows. ``dirs``: the device's
+    "net" directories, when a walk of it found them already (sysfs.walk_device)."""
+    if dirs is None:
+        dirs = net_dirs(syspath)
     expected = 0
     visible: dict[str, int] = {}
     for d in dirs:

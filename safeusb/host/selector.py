@@ -69,7 +69,7 @@ def resolve(selector: Selector, roots: Roots) -> Target:
     """The device a selector names, or a precise SelectorError."""
     if selector.path is not None:
         return _resolve_node(selector, roots)
-    devices = sysfs.list_usb_devices(roots)
+    devices = sysfs.list_usb_devices(roots, selector.sysname, selector.bus, selector.device)
     if not devices and not os.path.isdir(roots.sys_path("bus", "usb")):
         raise NoSuchDevice(selector.text, "this host has no USB subsystem (/sys/bus/usb)")
     matches = [

@@ -242,7 +242,8 @@ def read_snapshot(
     and ``skip_pids`` (the command that asked safeusbd), are not counted as users. Open
     files, mappings and mount namespaces are found by BPF iterators where they can run
     (bpfscan.py), else through /proc; ``kernel_scan=False`` reads /proc only."""
-    nodes = sysfs.nodes_under(target.syspath)
+    walked = sysfs.walk_device(target.syspath)
+    nodes = walked.nodes
     all_blocks = _read_all_blocks(roots)
     names = _Names(roots, all_blocks)
     start = {os.path.basename(n.devname) for n in nodes if n.kind == "block"}
@@ -324,5 +325,5 @@ def read_snapshot(
         loop_fs=loop_fs,
         unreadable=tuple(problems),
         counter_slack_bytes=sysfs.writeback_counter_slack(roots),
-        classes=read_classes(roots, target, pids, namespaces, net_match),
+        classes=read_classes(roots, target, pids, namespaces, net_match, walked.net),
     )

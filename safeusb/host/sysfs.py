@@ -145,8 +145,11 @@ def read_usb_device(path: str) -> UsbDevice:
     )
 
 
-def list_usb_devices(roots: Roots) -> tuple[UsbDevice, ...]:
-    """Every USB device on the system (root hubs included), by sysfs name."""
+def list_usb_devices(roots: Roots, sysname: str | None = None, bus: int | None = None,
+                     device: int | None = None) -> tuple[UsbDevice, ...]:
+    """Every USB device on the system (root hubs included), by sysfs name; only those of
+    the given sysfs name, bus and device number, when given (the others are not read
+    further than that)."""
     base = roots.sys_path("bus", "usb", "devices")
     try:
         names = sorted(os.listdir(base))
@@ -156,9 +159,12 @@ def list_usb_devices(roots: Roots) -> tuple[UsbDevice, ...]:
         raise SystemReadError(base, exc.strerror or str(exc)) from None
     devices = []
     for name in names:
-        if ":" in name:
+        if ":" in name or (sysname is not None and name != sysname):
             continue
         path = os.path.join(base, name)
+        if (bus is not None and _read_int(os.path.join(path, "busnum")) != bus) or \
+                (device is not None and _read_int(os.path.join(path, "devnum")) != device):
+            continue
         if is_usb_device_dir(path):
             try:
                 devices.append(read_usb_device(path))
@@ -178,25 +184,48 @@ def usb_ancestor(path: str, roots: Roots) -> str | None:
     return None
 
 
-def nodes_under(syspath: str) -> tuple[Node, ...]:
-    """Every device node provided below a sysfs device (block, sg, usb, tty, ...)."""
+# The block layer's own directories in a disk's or partition's: never a device below them.
+_BLOCK_INNER = frozenset({"power", "queue", "mq", "integrity", "trace", "holders", "slaves"})
+
+
+@dataclass(frozen=True)
+class DeviceDirs:
+    """What one walk of a sysfs device's directory finds below it."""
+
+    nodes: tuple[Node, ...]  # every device node (block, sg, usb, tty, ...)
+    net: tuple[str, ...]  # the "net" class directories (one per network function)
+
+
+def walk_device(syspath: str) -> DeviceDirs:
+    """Walk below a sysfs device once (never into links: subsystem, driver, port, ...)."""
     nodes = []
+    net = []
     for dirpath, dirnames, filenames in os.walk(syspath):
-        # Do not descend into links (subsystem, driver, port, ...): os.walk does not.
+        skip: frozenset[str] | tuple[str] = ("power",)
         if "dev" in filenames and "uevent" in filenames:
             ev = read_uevent(dirpath)
             devname = ev.get("DEVNAME")
             num_text = _read(os.path.join(dirpath, "dev"))
+            subsystem = _link_name(os.path.join(dirpath, "subsystem")) or ""
+            if subsystem == "block":
+                skip = _BLOCK_INNER
             if devname and num_text:
                 try:
                     num = parse_devnum(num_text)
                 except ParseError:
-                    continue
-                subsystem = _link_name(os.path.join(dirpath, "subsystem")) or ""
-                kind: NodeKind = "block" if subsystem == "block" else "char"
-                nodes.append(Node(kind, num, devname, subsystem))
-        dirnames[:] = [d for d in dirnames if d not in ("power",)]
-    return tuple(sorted(nodes, key=lambda n: (n.kind, n.devnum)))
+                    num = None
+                if num is not None:
+                    kind: NodeKind = "block" if subsystem == "block" else "char"
+                    nodes.append(Node(kind, num, devname, subsystem))
+        if "net" in dirnames:
+            net.append(os.path.join(dirpath, "net"))
+        dirnames[:] = [d for d in dirnames if d not in skip]
+    return DeviceDirs(tuple(sorted(nodes, key=lambda n: (n.kind, n.devnum))), tuple(net))
+
+
+def nodes_under(syspath: str) -> tuple[Node, ...]:
+    """Every device node provided below a sysfs device (block, sg, usb, tty, ...)."""
+    return walk_device(syspath).nodes
 
 
 def read_block_device(roots: Roots, name: str) -> BlockDevice | None:

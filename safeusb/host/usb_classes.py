@@ -3,7 +3,7 @@ names of character device nodes (serial ports, modems, cameras, sound, HID)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from safeusb.host.model import ClassSnapshot, MountNamespace, Node, Target
@@ -20,15 +20,18 @@ def read_classes(
     pids: Iterable[int],
     namespaces: Iterable[MountNamespace],
     net_match: NetMatch | None = None,
+    net_dirs: Sequence[str] | None = None,
 ) -> ClassSnapshot:
     """Read, once, what the per-class decisions need. ``net_match`` replaces the
-    device-to-interface mapping (tests name veth pairs with it)."""
+    device-to-interface mapping (tests name veth pairs with it); ``net_dirs`` are the
+    device's "net" directories when a walk of it found them already."""
     from safeusb.host.inputdev import read_inputs  # noqa: PLC0415
     from safeusb.host.modeswitch import SWITCH_DBS  # noqa: PLC0415
     from safeusb.host.netinfo import device_match, read_network  # noqa: PLC0415
 
     if net_match is None:
-        net_match = device_match(target.syspath, target.usb.sysname if target.usb else None)
+        net_match = device_match(target.syspath, target.usb.sysname if target.usb else None,
+                                 net_dirs)
     net = read_network(roots, pids, namespaces, net_match)
     inputs = read_inputs(roots, target.syspath)
     db = SWITCH_DBS.get() if target.usb is not None and roots.live else None
