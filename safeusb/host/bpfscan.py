@@ -261,6 +261,7 @@ def _run_all(pin_dir: str, programs: tuple[str, ...]) -> bytes:
     if "scan_maps" not in programs:
         return b"".join(_run(pin_dir, name) for name in programs)
     walks = HALVES if os.path.exists(f"{pin_dir}/{HALVES[0]}") else ("scan_maps",)
+    others = [name for name in programs if name != "scan_maps"]
     out: dict[str, bytes] = {}
     failed: list[Unavailable] = []
 
@@ -275,16 +276,14 @@ def _run_all(pin_dir: str, programs: tuple[str, ...]) -> bytes:
     for t in walkers:
         t.start()
     try:
-        for name in programs:
-            if name != "scan_maps":
-                out[name] = _run(pin_dir, name)
+        for name in others:
+            out[name] = _run(pin_dir, name)
     finally:
         for t in walkers:
             t.join()
     if failed:
         raise failed[0]
-    return b"".join(out[name] for name in (*(n for n in programs if n != "scan_maps"),
-                                           *walks))
+    return b"".join(out[name] for name in (*others, *walks))
 
 
 def _run(pin_dir: str, name: str) -> bytes:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from safeusb.host import sysfs
 from safeusb.host.model import (
     LinkId,
     MountNamespace,
@@ -64,16 +65,6 @@ def _under_usb(parent_dev: str, sysname: str) -> bool:
     return parent_dev == sysname or parent_dev.startswith((sysname + ":", sysname + "."))
 
 
-def net_dirs(syspath: str) -> list[str]:
-    """The "net" class directories below a sysfs device (one per network function)."""
-    found = []
-    for dirpath, dirnames, _ in os.walk(syspath):
-        if "net" in dirnames:
-            found.append(os.path.join(dirpath, "net"))
-        dirnames[:] = [d for d in dirnames if d not in ("net", "power")]
-    return found
-
-
 def device_match(syspath: str, sysname: str | None,
                  dirs: Sequence[str] | None = None) -> NetMatch:
     """Interfaces of the device at a sysfs path.
@@ -84,7 +75,7 @@ def device_match(syspath: str, sysname: str | None,
     (IFLA_PARENT_DEV_NAME); here also by the names sysfs shows. ``dirs``: the device's
     "net" directories, when a walk of it found them already (sysfs.walk_device)."""
     if dirs is None:
-        dirs = net_dirs(syspath)
+        dirs = sysfs.walk_device(syspath).net
     expected = 0
     visible: dict[str, int] = {}
     for d in dirs:

@@ -43,6 +43,7 @@ class _Names:
     def __init__(self, roots: Roots, blocks: dict[str, BlockDevice]) -> None:
         self.roots = roots
         self.by_path: dict[str, DevNum] = {}
+        self._seen: dict[str, DevNum | None] = {}
         for b in blocks.values():
             self.by_path["/dev/" + b.name] = b.devnum
             if b.dm_name:
@@ -53,6 +54,11 @@ class _Names:
                         self.by_path[f"/dev/{vg}/{lv}"] = b.devnum
 
     def resolve(self, path: str) -> DevNum | None:
+        if path not in self._seen:  # mount tables of many namespaces name the same ones
+            self._seen[path] = self._resolve(path)
+        return self._seen[path]
+
+    def _resolve(self, path: str) -> DevNum | None:
         if not path.startswith("/dev/"):
             return None
         found = self.by_path.get(os.path.normpath(path))
@@ -101,15 +107,11 @@ def _fs_devices(
     Most filesystems report the block device's own number; btrfs and others report an
     anonymous one, matched through the mount source."""
     fs = dict(blocks)
-    resolved: dict[str, DevNum | None] = {}  # namespaces repeat the same sources
     for ns in namespaces:
         for m in ns.mounts:
             if m.devnum in fs:
                 continue
-            if m.source in resolved:
-                src = resolved[m.source]
-            else:
-                src = resolved[m.source] = names.resolve(m.source)
+            src = names.resolve(m.source)
             if src is not None and src in blocks:
                 fs[m.devnum] = blocks[src]
     return fs
@@ -205,8 +207,9 @@ class _Ahead:
     @classmethod
     def start(cls, roots: Roots, pids: list[int], nodes: frozenset[tuple[NodeKind, DevNum]],
               fs: frozenset[DevNum], skip: frozenset[int], kernel: bool) -> _Ahead | None:
-        """Started where the in-kernel scan runs (a /proc scan gains nothing in a thread:
-        it holds the interpreter), else None."""
+        """Started where the in-kernel scan runs (``kernel``: it listed the mount
+        namespaces; a /proc scan gains nothing in a thread: it holds the interpreter),
+        else None."""
         if not kernel:
             return None
         ahead = cls(nodes, fs)
@@ -262,7 +265,7 @@ def read_snapshot(
     # walk runs again with them.
     ahead = _Ahead.start(roots, pids, _node_keys(nodes, members, all_blocks),
                          frozenset(all_blocks[n].devnum for n in members), skip,
-                         kernel_scan and ns_of is not None)
+                         ns_of is not None)
     ns_scan = read_mount_namespaces(roots, pids, ns_of)
     namespaces = ns_scan.namespaces
     problems: list[Unreadable] = list(ns_scan.unreadable)

@@ -184,8 +184,10 @@ def usb_ancestor(path: str, roots: Roots) -> str | None:
     return None
 
 
-# The block layer's own directories in a disk's or partition's: never a device below them.
-_BLOCK_INNER = frozenset({"power", "queue", "mq", "integrity", "trace", "holders", "slaves"})
+# Never a device below these: a device's power attributes, and the block layer's own
+# directories in a disk's or partition's.
+_NOT_DEVICES = frozenset({"power"})
+_BLOCK_INNER = _NOT_DEVICES | {"queue", "mq", "integrity", "trace", "holders", "slaves"}
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,7 @@ def walk_device(syspath: str) -> DeviceDirs:
     nodes = []
     net = []
     for dirpath, dirnames, filenames in os.walk(syspath):
-        skip: frozenset[str] | tuple[str] = ("power",)
+        skip = _NOT_DEVICES
         if "dev" in filenames and "uevent" in filenames:
             ev = read_uevent(dirpath)
             devname = ev.get("DEVNAME")
@@ -213,8 +215,8 @@ def walk_device(syspath: str) -> DeviceDirs:
                 try:
                     num = parse_devnum(num_text)
                 except ParseError:
-                    num = None
-                if num is not None:
+                    pass
+                else:
                     kind: NodeKind = "block" if subsystem == "block" else "char"
                     nodes.append(Node(kind, num, devname, subsystem))
         if "net" in dirnames:
