@@ -7,7 +7,6 @@ the device back to the host after libvirt has taken it from the guest.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from safeusb.errors import LibvirtError, Refused, SafeUSBError, XMLError
@@ -18,9 +17,10 @@ from safeusb.host.model import Target
 from safeusb.host.selector import Selector, resolve
 from safeusb.host.virt import Connection, Domain, VirtError
 from safeusb.hostdev import usb_hostdevs
+from safeusb.values import frozen
 
 
-@dataclass(frozen=True)
+@frozen
 class Flags:
     live: bool = False
     config: bool = False

@@ -14,13 +14,13 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from safeusb.errors import SafeUSBError
 from safeusb.host import files, sysfs
 from safeusb.host.defaults import SOCKET
 from safeusb.host.roots import Roots
 from safeusb.install import Installed, code_dirs
+from safeusb.values import frozen
 
 PROG = "safeusb-qemu-gate"
 APPARMOR_DIR = "etc/apparmor.d"
@@ -78,7 +78,7 @@ class ConfinementError(SafeUSBError):
     exit_code = 1
 
 
-@dataclass(frozen=True)
+@frozen
 class Paths:
     """Where this installation's gate, interpreter and code live."""
 

@@ -13,7 +13,7 @@ Each attribute overrides the setting the policy file gives this domain's devices
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from safeusb.errors import XMLError
 from safeusb.handover.policy import (
@@ -25,11 +25,12 @@ from safeusb.handover.policy import (
     check_timeout,
 )
 from safeusb.hostdev import MAX_XML_BYTES, UsbHostdev, _is_usb_hostdev, parse_xml
+from safeusb.values import frozen
 
 NS = "https://safeusb.invalid/xmlns/1"
 
 
-@dataclass(frozen=True)
+@frozen
 class DomainInfo:
     name: str
     hostdevs: tuple[UsbHostdev, ...]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from lxml import etree
 
 from safeusb.errors import XMLError
+from safeusb.values import frozen
 
 MAX_XML_BYTES = 4 * 1024 * 1024
 
@@ -56,7 +55,7 @@ def parse_xml(data: bytes, source: str, limit: int = MAX_XML_BYTES) -> etree._El
     return root
 
 
-@dataclass(frozen=True)
+@frozen
 class UsbHostdev:
     """A <hostdev mode='subsystem' type='usb'> source: vendor/product and/or bus/device."""
 

@@ -6,13 +6,13 @@ import importlib.util
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from safeusb import trust
 from safeusb.errors import SafeUSBError, UsageError
 from safeusb.host import files
 from safeusb.host.journal import DEFAULT_DIR as STATE_DIR
+from safeusb.values import frozen
 
 TEMPLATE = Path(__file__).resolve().parent / "libvirt_hook.in"
 HOOK_DIR = "etc/libvirt/hooks/qemu.d"
@@ -24,7 +24,7 @@ class InstallError(SafeUSBError):
     exit_code = 1
 
 
-@dataclass(frozen=True)
+@frozen
 class Installed:
     path: str
     changed: bool

@@ -14,8 +14,9 @@ import dataclasses
 import enum
 import typing
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
+
+from safeusb.values import frozen
 
 
 class ReasonKind(enum.StrEnum):
@@ -32,7 +33,7 @@ class ReasonKind(enum.StrEnum):
     MODE_SWITCH = "mode-switch"  # a warning, never a refusal
 
 
-@dataclass(frozen=True)
+@frozen
 class Details:
     """The details of one kind of reason. Each subclass names its KIND; its fields, in
     order, are the JSON fields after "kind" and "text"."""
@@ -43,7 +44,7 @@ class Details:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
-@dataclass(frozen=True)
+@frozen
 class Mount(Details):
     KIND = ReasonKind.MOUNT
     device: str
@@ -55,7 +56,7 @@ class Mount(Details):
     comm: str
 
 
-@dataclass(frozen=True)
+@frozen
 class Submount(Details):
     """A foreign mount stacked on one of the device's filesystems."""
 
@@ -68,14 +69,14 @@ class Submount(Details):
     pid: int
 
 
-@dataclass(frozen=True)
+@frozen
 class Swap(Details):
     KIND = ReasonKind.SWAP
     filename: str
     used_bytes: int
 
 
-@dataclass(frozen=True)
+@frozen
 class Holder(Details):
     """A block device built on one of the device's (dm-crypt, LVM, md, bcache, ...)."""
 
@@ -86,7 +87,7 @@ class Holder(Details):
     dm_name: str | None
 
 
-@dataclass(frozen=True)
+@frozen
 class LoopHolder(Details):
     """A loop device backed by a file on one of the device's filesystems."""
 
@@ -99,13 +100,13 @@ class LoopHolder(Details):
                 "backing_file": self.backing_file}
 
 
-@dataclass(frozen=True)
+@frozen
 class Use:
     how: str  # "fd", "cwd", "root", "exe", "mmap"
     path: str
 
 
-@dataclass(frozen=True)
+@frozen
 class Open(Details):
     """A process holds a node of the device open, or files on its filesystems (uses)."""
 
@@ -116,13 +117,13 @@ class Open(Details):
     uses: tuple[Use, ...]
 
 
-@dataclass(frozen=True)
+@frozen
 class Exclusive(Details):
     KIND = ReasonKind.EXCLUSIVE
     device: str
 
 
-@dataclass(frozen=True)
+@frozen
 class Dirty(Details):
     KIND = ReasonKind.DIRTY
     device: str
@@ -130,7 +131,7 @@ class Dirty(Details):
     writeback_bytes: int
 
 
-@dataclass(frozen=True)
+@frozen
 class Network(Details):
     """Something the host does with one of the device's network interfaces; a subclass
     per cause. JSON: interface, netns, netns_where, cause, then the subclass's fields."""
@@ -150,7 +151,7 @@ class Network(Details):
         return {**head, "cause": self.cause, **doc}
 
 
-@dataclass(frozen=True)
+@frozen
 class NetworkRoute(Network):
     destination: str  # "default" or "10.0.0.0/8"
     gateway: str | None
@@ -161,7 +162,7 @@ class NetworkRoute(Network):
         return "default-route" if self.destination == "default" else "route"
 
 
-@dataclass(frozen=True)
+@frozen
 class NetworkAddress(Network):
     address: str
 
@@ -170,7 +171,7 @@ class NetworkAddress(Network):
         return "address"
 
 
-@dataclass(frozen=True)
+@frozen
 class NetworkEnslaved(Network):
     master: str
     master_kind: str | None
@@ -180,7 +181,7 @@ class NetworkEnslaved(Network):
         return "enslaved"
 
 
-@dataclass(frozen=True)
+@frozen
 class NetworkStacked(Network):
     """An interface of the host stacked on the device's (VLAN, macvlan, ...)."""
 
@@ -192,7 +193,7 @@ class NetworkStacked(Network):
         return "stacked"
 
 
-@dataclass(frozen=True)
+@frozen
 class NetworkUp(Network):
     operstate: str
     rx_bytes: int | None
@@ -203,7 +204,7 @@ class NetworkUp(Network):
         return "up"
 
 
-@dataclass(frozen=True)
+@frozen
 class LastInput(Details):
     KIND = ReasonKind.LAST_INPUT
     input: str  # "keyboard" or "pointer"
@@ -212,7 +213,7 @@ class LastInput(Details):
     inhibited: tuple[str, ...]  # sysnames of the inhibited ones elsewhere
 
 
-@dataclass(frozen=True)
+@frozen
 class CannotRead(Details):
     """Something that could not be read: the device may be in use for all safeusb knows."""
 
@@ -221,7 +222,7 @@ class CannotRead(Details):
     error: str | None
 
 
-@dataclass(frozen=True)
+@frozen
 class ModeSwitch(Details):
     """A device that changes its vendor:product; a subclass per mode. JSON: vendor_id,
     product_id, mode, then the subclass's fields."""
@@ -240,7 +241,7 @@ class ModeSwitch(Details):
         return {**head, "mode": self.mode, **doc}
 
 
-@dataclass(frozen=True)
+@frozen
 class ModeSwitchStorage(ModeSwitch):
     """In its storage ("driver CD") mode, per the usb_modeswitch database."""
 
@@ -252,7 +253,7 @@ class ModeSwitchStorage(ModeSwitch):
         return "storage"
 
 
-@dataclass(frozen=True)
+@frozen
 class ModeSwitchSwitched(ModeSwitch):
     """Already switched: it comes back in storage mode after a reset."""
 
@@ -264,7 +265,7 @@ class ModeSwitchSwitched(ModeSwitch):
         return "switched"
 
 
-@dataclass(frozen=True)
+@frozen
 class ModeSwitchMaybe(ModeSwitch):
     """Only a CD-ROM drive, and no usb_modeswitch database to tell."""
 
@@ -276,7 +277,7 @@ class ModeSwitchMaybe(ModeSwitch):
         return {**super().as_json(), "database": []}
 
 
-@dataclass(frozen=True)
+@frozen
 class Reason:
     """One thing that keeps the device from being handed over now (or, among warnings,
     one worth knowing). Its kind is its details' kind."""

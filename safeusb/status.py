@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from safeusb.errors import SafeUSBError
@@ -22,6 +21,7 @@ from safeusb.reasons import (
     reason_from_json,
 )
 from safeusb.textout import human_bytes
+from safeusb.values import frozen
 
 if TYPE_CHECKING:
     from safeusb.domain import DomainInfo
@@ -70,7 +70,7 @@ def _short(r: Reason) -> str:
     return r.text
 
 
-@dataclass(frozen=True)
+@frozen
 class Answered:
     """safeusbd's findings for a device, from its inspect answer: what status shows of
     findings (free, and the reasons) and nothing more."""
@@ -105,7 +105,7 @@ def summary(f: Findings | Answered) -> str:
     return ", ".join(parts[:3]) + more
 
 
-@dataclass(frozen=True)
+@frozen
 class DeviceStatus:
     usb: UsbDevice
     hub: bool
@@ -133,7 +133,7 @@ class DeviceStatus:
         }
 
 
-@dataclass(frozen=True)
+@frozen
 class AttachRuleStatus:
     """A policy rule with attach_to: its domain, and the devices it matches now."""
 
@@ -154,7 +154,7 @@ class AttachRuleStatus:
                 f"({self.domain_state}): holds {holds}")
 
 
-@dataclass(frozen=True)
+@frozen
 class AttachStatus:
     policy: str  # the file, or why it cannot be used
     udev_rules: str  # "PATH: up to date" ...
@@ -174,7 +174,7 @@ class AttachStatus:
                           *(r.as_text() for r in self.rules)]) + "\n"
 
 
-@dataclass(frozen=True)
+@frozen
 class Status:
     usb_present: bool
     devices: tuple[DeviceStatus, ...]

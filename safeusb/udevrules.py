@@ -22,11 +22,11 @@ import contextlib
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
 
 from safeusb.errors import SafeUSBError
 from safeusb.handover.policy import Policy, Rule
 from safeusb.host import files
+from safeusb.values import frozen
 
 RULES_DIR = "/etc/udev/rules.d"
 RULES_NAME = "10-safeusb-attach.rules"
@@ -120,7 +120,7 @@ def rules_path(root: str = "/") -> str:
     return os.path.join(root, RULES_DIR.lstrip("/"), RULES_NAME)
 
 
-@dataclass(frozen=True)
+@frozen
 class Written:
     path: str
     changed: bool

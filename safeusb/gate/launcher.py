@@ -29,7 +29,6 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from safeusb.errors import EXIT_IN_USE, EXIT_USAGE, SafeUSBError, UsageError
 from safeusb.gate.proxy import PROG, run_proxy, say
@@ -45,13 +44,14 @@ from safeusb.gate.qemuargs import (
     with_monitor_fd,
 )
 from safeusb.gate.session import DECISION_TIMEOUT
+from safeusb.values import frozen
 
 GATE_ROOT = "/usr/local/lib/safeusb/gate"
 
 # The executable
 
 
-@dataclass(frozen=True)
+@frozen
 class GateArgs:
     real_emulator: str
     qemu_args: tuple[str, ...]

@@ -15,7 +15,6 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from safeusb.errors import SafeUSBError
@@ -34,6 +33,7 @@ from safeusb.host.usbfs import (
     through_proc,
     usbfs_busdev,
 )
+from safeusb.values import frozen
 
 
 class RequestError(SafeUSBError):
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from safeusb.host.selector import Selector
 
 
-@dataclass(frozen=True)
+@frozen
 class UsbHostRequest:
     """A usb-host device the guest is about to get. bus/addr are set when known exactly."""
 

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from safeusb.errors import SafeUSBError
 from safeusb.gate.qemu_usb_host import split_qemu_opts
+from safeusb.values import frozen
 
 
 class MonitorArgsError(SafeUSBError):
     """A monitor the gate cannot put itself in front of."""
 
 
-@dataclass(frozen=True)
+@frozen
 class MonitorSocket:
     """Where the monitor chardev listens: an inherited fd or a path."""
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from safeusb import strictjson
+from safeusb.values import frozen
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_FDS_PER_MESSAGE = 253  # SCM_MAX_FD
@@ -38,7 +39,7 @@ class Kind(enum.Enum):
     OVERSIZE = "oversize"  # a value larger than the limit; its bytes are not kept
 
 
-@dataclass(frozen=True)
+@frozen
 class Segment:
     kind: Kind
     raw: bytes

@@ -28,6 +28,7 @@ from safeusb.gate.qmp import (
     parse_message,
 )
 from safeusb.host.usbfs import FdIdentity, fd_identity
+from safeusb.values import frozen
 
 KEEPALIVE_FDNAME = "safeusb-keepalive"
 FDSETS_ID = "safeusb-fdsets"
@@ -36,30 +37,30 @@ DECISION_TIMEOUT = 30.0
 # What the session asks the I/O loop to do
 
 
-@dataclass(frozen=True)
+@frozen
 class ToServer:
     raw: bytes
     fds: tuple[int, ...] = ()
     owned: bool = True  # the gate's copies: closed once sent
 
 
-@dataclass(frozen=True)
+@frozen
 class ToClient:
     raw: bytes
 
 
-@dataclass(frozen=True)
+@frozen
 class Ask:
     token: int
     request: UsbHostRequest
 
 
-@dataclass(frozen=True)
+@frozen
 class CloseFds:
     fds: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@frozen
 class Log:
     text: str
 

@@ -5,7 +5,6 @@ functions from the findings and the policy's settings.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from safeusb.handover.policy import Settings
 from safeusb.handover.steps import (
@@ -37,12 +36,13 @@ from safeusb.host.sysfs import split_lvm_name
 from safeusb.inspect.decide import Findings
 from safeusb.reasons import Mount, NetworkStacked, Open, Reason, ReasonKind, with_details
 from safeusb.textout import human_bytes
+from safeusb.values import frozen
 
 STORAGE_DRIVERS = ("usb-storage", "uas")
 _DELETED = " (deleted)"  # how the kernel shows the path of a file no longer linked
 
 
-@dataclass(frozen=True)
+@frozen
 class Plan:
     settings: Settings
     rule: str

@@ -33,13 +33,14 @@ import math
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from typing import Any, Literal
 
 from safeusb import trust
 from safeusb.errors import SafeUSBError
 from safeusb.host import defaults
 from safeusb.host.model import UsbDevice
+from safeusb.values import frozen
 
 DEFAULT_PATH = defaults.POLICY
 MAX_TIMEOUT = 86400
@@ -87,7 +88,7 @@ def check_timeout(value: object) -> float:
     return number
 
 
-@dataclass(frozen=True)
+@frozen
 class Settings:
     mount: Action = "refuse"
     swap: Action = "refuse"
@@ -103,7 +104,7 @@ class Settings:
         return value
 
 
-@dataclass(frozen=True)
+@frozen
 class Rule:
     name: str
     settings: Settings
@@ -136,7 +137,7 @@ class Rule:
         return True
 
 
-@dataclass(frozen=True)
+@frozen
 class Policy:
     source: str = "built-in defaults"
     defaults: Settings = field(default_factory=Settings)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from safeusb.errors import SafeUSBError
 from safeusb.handover.policy import Policy
@@ -29,9 +28,10 @@ from safeusb.host.journal import StateDir
 from safeusb.host.model import Target, UsbDevice
 from safeusb.host.roots import Roots
 from safeusb.host.runner import Runner
+from safeusb.values import frozen
 
 
-@dataclass(frozen=True)
+@frozen
 class Taken:
     """Devices prepared by one prepare_all: what was handed over, and why the others
     were not (one line per reason, each naming its device)."""
@@ -40,7 +40,7 @@ class Taken:
     refusals: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@frozen
 class Handover:
     """Prepare and release on one host, under one policy file and one journal."""
 

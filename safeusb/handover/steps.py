@@ -6,15 +6,15 @@ step_from_json. Adding a kind of step is one class here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from safeusb.host.journal import StateError
 from safeusb.host.runner import Runner, StepFailed, log, tool
 from safeusb.textout import human_bytes
+from safeusb.values import frozen
 
 
-@dataclass(frozen=True)
+@frozen
 class Step:
     """One action on the host."""
 
@@ -46,7 +46,7 @@ class UndoImpossible(Exception):
     pass
 
 
-@dataclass(frozen=True)
+@frozen
 class Kill(Step):
     kind: ClassVar[str] = "kill"
     pid: int
@@ -59,7 +59,7 @@ class Kill(Step):
         runner.kill(self.pid, self.comm)
 
 
-@dataclass(frozen=True)
+@frozen
 class Flush(Step):
     kind: ClassVar[str] = "flush"
     device: str  # the device whose statistics account the data: "sda"
@@ -78,7 +78,7 @@ class Flush(Step):
         return None  # writing data back leaves nothing to undo
 
 
-@dataclass(frozen=True)
+@frozen
 class Unmount(Step):
     kind: ClassVar[str] = "unmount"
     device: str
@@ -101,7 +101,7 @@ class Unmount(Step):
                         self.options)
 
 
-@dataclass(frozen=True)
+@frozen
 class Swapoff(Step):
     kind: ClassVar[str] = "swapoff"
     path: str
@@ -116,7 +116,7 @@ class Swapoff(Step):
         runner.run([tool("swapon"), self.path])
 
 
-@dataclass(frozen=True)
+@frozen
 class DetachLoop(Step):
     """Detach a loop device backed by a file on the device, keeping how it was attached.
 
@@ -189,7 +189,7 @@ class DetachLoop(Step):
             runner.set_autoclear(self.node)
 
 
-@dataclass(frozen=True)
+@frozen
 class CloseCrypt(Step):
     kind: ClassVar[str] = "close-crypt"
     name: str
@@ -204,7 +204,7 @@ class CloseCrypt(Step):
         raise UndoImpossible(f"dm-crypt {self.name} needs its key to be opened again")
 
 
-@dataclass(frozen=True)
+@frozen
 class DeactivateLV(Step):
     kind: ClassVar[str] = "deactivate-lv"
     vg: str
@@ -220,7 +220,7 @@ class DeactivateLV(Step):
         runner.run([tool("lvchange"), "--activate", "y", f"{self.vg}/{self.lv}"])
 
 
-@dataclass(frozen=True)
+@frozen
 class StopMd(Step):
     kind: ClassVar[str] = "stop-md"
     node: str
@@ -236,7 +236,7 @@ class StopMd(Step):
         runner.assemble_md(self.node, self.members)
 
 
-@dataclass(frozen=True)
+@frozen
 class RemoveDm(Step):
     kind: ClassVar[str] = "remove-dm"
     name: str
@@ -248,7 +248,7 @@ class RemoveDm(Step):
         runner.run([tool("dmsetup"), "remove", self.name])
 
 
-@dataclass(frozen=True)
+@frozen
 class DownLink(Step):
     """Take a network interface of the device down, keeping what release needs to put
     it back: where it was (namespace, name, bridge), whether it was up, and what was
@@ -283,7 +283,7 @@ class DownLink(Step):
         runner.link_restore(self)
 
 
-@dataclass(frozen=True)
+@frozen
 class Handoff(Step):
     """Hold the device's partitions (or partitionless disks) with O_EXCL, so nothing can
     mount or claim them, while the mass-storage driver is unbound from the interfaces; the

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from safeusb.host.bpfload import SAMPLE_FN, BPFError, bpffs, libbpf, mount
+from safeusb.values import frozen
 
 log = logging.getLogger("safeusb")
 
@@ -72,7 +73,7 @@ GuardError = BPFError  # libbpf's failures are the guard's
 
 # --- the kernel's side -----------------------------------------------------------------
 
-@dataclass(frozen=True)
+@frozen
 class Availability:
     available: bool
     reasons: list[str]

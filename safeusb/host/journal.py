@@ -15,11 +15,11 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from safeusb.errors import SafeUSBError
 from safeusb.host import defaults
+from safeusb.values import frozen
 
 DEFAULT_DIR = defaults.STATE_DIR
 MAX_RECORD_BYTES = 1024 * 1024
@@ -35,7 +35,7 @@ class DeviceBusy(SafeUSBError):
     exit_code = 1
 
 
-@dataclass(frozen=True)
+@frozen
 class Record:
     key: str  # "2-1" (USB port path) or a block device name
     domain: str | None

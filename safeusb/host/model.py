@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Literal
+
+from safeusb.values import frozen
 
 DevNum = tuple[int, int]
 NodeKind = Literal["block", "char"]
@@ -21,14 +23,14 @@ def node(name: str) -> str:
     """The path of the node the kernel names ``name`` ("sda1", "bus/usb/002/003")."""
     return DEV + name
 
-@dataclass(frozen=True)
+@frozen
 class UsbInterface:
     name: str  # "2-1:1.0"
     interface_class: int
     driver: str | None
 
 
-@dataclass(frozen=True)
+@frozen
 class UsbDevice:
     sysname: str  # "2-1"
     syspath: str  # real path inside the sys root
@@ -56,7 +58,7 @@ class UsbDevice:
         return text + ")"
 
 
-@dataclass(frozen=True)
+@frozen
 class Node:
     """A device node provided by the device (block, sg, usb, tty, video, ...)."""
 
@@ -70,7 +72,7 @@ class Node:
         return node(self.devname)
 
 
-@dataclass(frozen=True)
+@frozen
 class LoopSetup:
     """How a loop device is attached (sysfs loop/ and queue/), to attach it again alike."""
 
@@ -83,7 +85,7 @@ class LoopSetup:
     sector_size: int = 512
 
 
-@dataclass(frozen=True)
+@frozen
 class BlockDevice:
     name: str  # kernel name: "sda1", "dm-0"
     devnum: DevNum
@@ -129,7 +131,7 @@ class BlockDevice:
         return self.name
 
 
-@dataclass(frozen=True)
+@frozen
 class MountEntry:
     mount_id: int
     parent_id: int
@@ -142,7 +144,7 @@ class MountEntry:
     super_options: str
 
 
-@dataclass(frozen=True)
+@frozen
 class MountNamespace:
     inode: int
     pid: int  # one process in the namespace
@@ -150,7 +152,7 @@ class MountNamespace:
     mounts: tuple[MountEntry, ...]
 
 
-@dataclass(frozen=True)
+@frozen
 class SwapEntry:
     filename: str
     swap_type: str  # "partition" or "file"
@@ -162,7 +164,7 @@ class SwapEntry:
 UseKind = Literal["fd", "cwd", "root", "exe", "mmap"]
 
 
-@dataclass(frozen=True)
+@frozen
 class ProcessUse:
     pid: int
     comm: str
@@ -172,7 +174,7 @@ class ProcessUse:
     fs: DevNum | None = None  # a file on this filesystem
 
 
-@dataclass(frozen=True)
+@frozen
 class DirtyStat:
     bdi: DevNum
     dirty_bytes: int | None
@@ -180,13 +182,13 @@ class DirtyStat:
     error: str | None = None
 
 
-@dataclass(frozen=True)
+@frozen
 class Unreadable:
     what: str
     error: str
 
 
-@dataclass(frozen=True)
+@frozen
 class Target:
     """What is to be handed over: a USB device, or (for tests) a plain block device."""
 
@@ -200,7 +202,7 @@ class Target:
         return f"{node(str(self.block))} (not a USB device)"
 
 
-@dataclass(frozen=True)
+@frozen
 class Snapshot:
     """Everything read from the system about one target, read once."""
 
@@ -232,7 +234,7 @@ RTPROT_KERNEL = 2  # rtnetlink route protocols: a connected route
 RTPROT_RA = 9  # learnt from a router advertisement
 
 
-@dataclass(frozen=True)
+@frozen
 class LinkId:
     """What identifies an interface, as a matcher sees it."""
 
@@ -245,7 +247,7 @@ class LinkId:
     perm_address: str | None = None
 
 
-@dataclass(frozen=True)
+@frozen
 class NetAddress:
     family: int  # 4 or 6
     address: str
@@ -257,7 +259,7 @@ class NetAddress:
         return f"{self.address}/{self.prefixlen}"
 
 
-@dataclass(frozen=True)
+@frozen
 class NetRoute:
     family: int  # 4 or 6
     dst: str  # "default" or "10.0.0.0/8"
@@ -276,7 +278,7 @@ class NetRoute:
         return self.protocol not in (RTPROT_KERNEL, RTPROT_RA)
 
 
-@dataclass(frozen=True)
+@frozen
 class NetInterface:
     link: LinkId
     kind: str | None  # rtnetlink link kind: "vlan", "bridge", ...; None for plain NICs
@@ -301,14 +303,14 @@ class NetInterface:
         return self.link.netns
 
 
-@dataclass(frozen=True)
+@frozen
 class NetNamespaceRef:
     inode: int
     where: str  # "pid 812 (dockerd)", "/run/netns/blue"
     path: str = ""  # a file that refers to it: "/proc/812/ns/net", "/run/netns/blue"
 
 
-@dataclass(frozen=True)
+@frozen
 class NetScan:
     """The device's interfaces (and those stacked on them) in every namespace reached."""
 
@@ -322,7 +324,7 @@ class NetScan:
         return next((n.where for n in self.namespaces if n.inode == inode), None)
 
 
-@dataclass(frozen=True)
+@frozen
 class InputDevice:
     sysname: str  # "input5"
     name: str  # what the device calls itself: "QEMU QEMU USB Keyboard"
@@ -334,7 +336,7 @@ class InputDevice:
     inhibited: bool = False
 
 
-@dataclass(frozen=True)
+@frozen
 class InputScan:
     devices: tuple[InputDevice, ...] = ()  # every keyboard and pointer, and the target's
     unreadable: tuple[Unreadable, ...] = ()
@@ -343,7 +345,7 @@ class InputScan:
 Id = tuple[int, int]  # vendor, product
 
 
-@dataclass(frozen=True)
+@frozen
 class SwitchDb:
     """Devices usb_modeswitch switches: their storage-mode ids and what they become."""
 
@@ -356,7 +358,7 @@ class SwitchDb:
         return tuple(sorted(k for k, v in self.switches_to.items() if switched in v))
 
 
-@dataclass(frozen=True)
+@frozen
 class ClassSnapshot:
     """What the per-class decisions (usb_classes.py) read of a target, read once."""
 

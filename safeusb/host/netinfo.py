@@ -39,6 +39,7 @@ from safeusb.reasons import (
     Reason,
 )
 from safeusb.textout import human_bytes
+from safeusb.values import frozen
 
 _CLONE_NEWNET = 0x40000000
 _IFF_UP = 0x1
@@ -48,7 +49,7 @@ UPPER_KINDS = frozenset({"vlan", "macvlan", "macvtap", "ipvlan", "ipvtap", "macs
 _SCOPES = {0: "global", 200: "site", 253: "link", 254: "host", 255: "nowhere"}
 
 
-@dataclass(frozen=True)
+@frozen
 class NetMatch:
     """Which interfaces belong to the device: injectable, so tests can name veth pairs."""
 
@@ -108,7 +109,7 @@ def device_match(syspath: str, sysname: str | None,
 # Finding every network namespace
 
 
-@dataclass(frozen=True)
+@frozen
 class _Source:
     inode: int
     path: str  # a file to open that refers to it

@@ -6,9 +6,9 @@ import errno
 import marshal
 import os
 import stat
+import struct
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 from safeusb.host.model import DevNum, MountNamespace, NodeKind, ProcessUse, Unreadable, UseKind
 from safeusb.host.parsers import (
@@ -21,6 +21,7 @@ from safeusb.host.parsers import (
 )
 from safeusb.host.recording import RecordedStat, Stater, is_recording
 from safeusb.host.roots import PROC, Roots
+from safeusb.values import frozen
 
 _GONE = (errno.ENOENT, errno.ESRCH)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -49,7 +50,7 @@ def any_running(roots: Roots, commands: tuple[str, ...]) -> bool:
     return any(read_comm(roots, pid) in commands for pid in pids)
 
 
-@dataclass(frozen=True)
+@frozen
 class NamespaceScan:
     namespaces: tuple[MountNamespace, ...]
     unreadable: tuple[Unreadable, ...]
@@ -184,7 +185,7 @@ def read_swaps(roots: Roots) -> tuple[tuple[str, str, int, int], ...]:
         return parse_swaps(f.read())
 
 
-@dataclass(frozen=True)
+@frozen
 class ProcessScan:
     uses: tuple[ProcessUse, ...]
     unreadable: tuple[Unreadable, ...]
@@ -210,7 +211,8 @@ def _read_bytes(path: str) -> bytes | None:
 
 
 
-SPLIT_ABOVE = 1500  # a forked reader costs a few ms: below 2 x this, one is as fast
+SHARE_FROM = 200  # processes: below, forking a reader costs more than it saves
+_CHUNK = struct.Struct("=I")
 
 
 def scan_processes(
@@ -219,31 +221,34 @@ def scan_processes(
     nodes: frozenset[tuple[NodeKind, DevNum]],
     fs_devnums: frozenset[DevNum],
     skip_pids: frozenset[int] = frozenset(),
-    split_above: int = SPLIT_ABOVE,
+    share_from: int | None = None,
 ) -> ProcessScan:
     """Find processes holding the given device nodes, or files on the given filesystems,
     through open descriptors, working directory, root directory or memory maps (which
-    include the executable). From 2 * ``split_above`` processes on, a single-threaded
-    caller with more than one CPU reads the second half in a forked child, side by side."""
+    include the executable). From ``share_from`` processes on, a single-threaded caller
+    with more than one CPU shares the reading with a forked child (SharedScan)."""
+    return start_scan(roots, pids, nodes, fs_devnums, skip_pids, share_from).result()
+
+
+def start_scan(
+    roots: Roots,
+    pids: Iterable[int],
+    nodes: frozenset[tuple[NodeKind, DevNum]],
+    fs_devnums: frozenset[DevNum],
+    skip_pids: frozenset[int] = frozenset(),
+    share_from: int | None = None,
+) -> SharedScan:
+    """scan_processes, begun: where the reading is shared, the child starts reading now
+    and this process joins in at result(); otherwise all of it is read at result().
+    ``share_from`` defaults to SHARE_FROM."""
     todo = [p for p in pids if p not in skip_pids]
     scanner = _Scanner(roots, nodes, fs_devnums)
-    if len(todo) >= 2 * split_above and scanner.recorded is None \
+    shared = SharedScan(scanner, todo)
+    if len(todo) >= (SHARE_FROM if share_from is None else share_from) \
+            and scanner.recorded is None \
             and threading.active_count() == 1 and _cpus() > 1:
-        _scan_halves(scanner, todo)
-    else:
-        scanner.scan(todo)
-    problems = list(scanner.problems)
-    if scanner.denied:
-        denied = sorted(scanner.denied)
-        sample = ", ".join(str(p) for p in denied[:5])
-        problems.append(
-            Unreadable(
-                f"open files of {len(denied)} processes (pids {sample})",
-                "permission denied (run as root)",
-            )
-        )
-    uses = sorted(scanner.uses, key=lambda u: u.pid)
-    return ProcessScan(tuple(uses), tuple(problems))
+        shared.fork()
+    return shared
 
 
 def _cpus() -> int:
@@ -253,70 +258,145 @@ def _cpus() -> int:
         return 1
 
 
-def _scan_halves(scanner: _Scanner, pids: list[int]) -> None:
-    """Read the first half of ``pids`` here and the second in a forked child, which sends
-    its findings back through a pipe (marshal: plain tuples); joined, they are what one
-    reader finds. The reads are system calls into procfs that keep one CPU busy each, and
-    threads would take turns at the interpreter's lock. A child that fails in any way has
-    its half read again here: nothing it did not report is taken as free. Only for a
-    single-threaded process (forking one with threads could copy a lock held)."""
-    half = len(pids) // 2
-    mine, theirs = pids[:half], pids[half:]
-    try:
-        r, w = os.pipe()
-    except OSError:
-        scanner.scan(pids)
-        return
-    try:
-        child = os.fork()
-    except OSError:
-        os.close(r)
-        os.close(w)
-        scanner.scan(pids)
-        return
-    if child == 0:  # pragma: no cover - the child's coverage is not collected
-        code = 1
+class SharedScan:
+    """A /proc scan shared by this process and a forked child. The processes are cut into
+    chunks whose numbers wait in a pipe; each reader takes the next number from it (a
+    4-byte read from a pipe is taken whole by one reader), so the child reads from the
+    moment it is forked and this process joins in once it has done its other work, and
+    neither waits for the other. The child sends back its findings and the chunks it read
+    (marshal: plain tuples); a chunk that neither reported is read here, so a child that
+    failed in any way leaves nothing taken as free. The reads are system calls into procfs
+    that keep one CPU busy each, and threads would take turns at the interpreter's lock.
+    Forked only from a single-threaded process (forking one with threads could copy a
+    lock held)."""
+
+    def __init__(self, scanner: _Scanner, pids: list[int]) -> None:
+        self.scanner = scanner
+        self.pids = pids
+        size = max(16, -(-len(pids) // 4096))
+        self.chunks = [pids[i:i + size] for i in range(0, len(pids), size)]
+        self.child = 0
+        self.queue = self.results = -1
+
+    def fork(self) -> None:
+        """Start the child; on any failure to, all is read here at result()."""
         try:
-            os.close(r)
-            scanner.skip = os.getpid()  # its fds are the parent's, already left out
-            scanner.scan(theirs)  # a copy: the parent's scanner has found nothing yet
-            data = marshal.dumps((
-                [(u.pid, u.comm, u.how, u.path, u.node, u.fs) for u in scanner.uses],
-                [(p.what, p.error) for p in scanner.problems], scanner.denied))
-            view = memoryview(data)
-            while view:
-                view = view[os.write(w, view):]
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    scanner.skip = child  # a pid of the list reused by the child: it holds our fds
-    try:
-        scanner.scan(mine)
-    finally:
-        chunks: list[bytes] = []
-        try:
-            while chunk := os.read(r, 1 << 20):
-                chunks.append(chunk)
+            queue_r, queue_w = os.pipe()
         except OSError:
-            chunks = []
+            return
+        try:
+            # All the numbers are written before anyone reads: at most 16 KiB, within a
+            # pipe's buffer; the writing end is closed, so an empty queue reads as EOF.
+            os.write(queue_w, b"".join(_CHUNK.pack(i) for i in range(len(self.chunks))))
+            results_r, results_w = os.pipe()
+        except OSError:
+            os.close(queue_r)
+            return
         finally:
-            os.close(r)
-        _pid, status = os.waitpid(child, 0)
-    if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
-        scanner.scan(theirs)
-        return
-    try:
-        # our own child's, through a pipe of our own
-        uses, problems, denied = marshal.loads(b"".join(chunks))  # noqa: S302
-        found = [ProcessUse(*u) for u in uses]
-        unread = [Unreadable(*p) for p in problems]
-    except (EOFError, ValueError, TypeError):
-        scanner.scan(theirs)
-        return
-    scanner.uses.extend(found)
-    scanner.problems.extend(unread)
-    scanner.denied.extend(denied)
+            os.close(queue_w)
+        try:
+            child = os.fork()
+        except OSError:
+            for fd in (queue_r, results_r, results_w):
+                os.close(fd)
+            return
+        if child == 0:  # pragma: no cover - the child's coverage is not collected
+            code = 1
+            try:
+                os.close(results_r)
+                scanner = self.scanner  # a copy: the parent's has found nothing yet
+                scanner.skip = os.getpid()  # its fds are the parent's, already left out
+                done = self._take(queue_r)
+                data = marshal.dumps((
+                    done,
+                    [(u.pid, u.comm, u.how, u.path, u.node, u.fs) for u in scanner.uses],
+                    [(p.what, p.error) for p in scanner.problems], scanner.denied))
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(results_w, view):]
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(results_w)
+        self.child, self.queue, self.results = child, queue_r, results_r
+        self.scanner.skip = child  # a pid of the list reused by the child: it holds our fds
+
+    def _take(self, queue: int) -> list[int]:
+        """Read chunks taken from the queue until it is empty; their numbers."""
+        done = []
+        while len(data := os.read(queue, _CHUNK.size)) == _CHUNK.size:
+            (i,) = _CHUNK.unpack(data)
+            self.scanner.scan(self.chunks[i])
+            done.append(i)
+        return done
+
+    def _join(self, take: bool) -> tuple[set[int], bytes, int]:
+        """Take the chunks left (or, not ``take``, drop them), then wait for the child:
+        the chunks read here, what the child sent, its exit status."""
+        mine: set[int] = set()
+        chunks: list[bytes] = []
+        status = -1
+        try:
+            if take:
+                mine = set(self._take(self.queue))
+            else:
+                while os.read(self.queue, 65536):
+                    pass
+        finally:
+            os.close(self.queue)
+            try:
+                while chunk := os.read(self.results, 1 << 20):
+                    chunks.append(chunk)
+            except OSError:
+                chunks = []
+            finally:
+                os.close(self.results)
+                _pid, status = os.waitpid(self.child, 0)
+                self.child = 0
+        return mine, b"".join(chunks), status
+
+    def result(self) -> ProcessScan:
+        """All the findings: this process's, the child's, and those of chunks read here
+        again because the child did not report them."""
+        scanner = self.scanner
+        if not self.child:
+            scanner.scan(self.pids)
+        else:
+            count = len(self.chunks)
+            mine, data, status = self._join(take=True)
+            theirs: list[int] = []
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+                try:
+                    # our own child's, through a pipe of our own
+                    done, uses, problems, denied = marshal.loads(data)  # noqa: S302
+                    found = [ProcessUse(*u) for u in uses]
+                    unread = [Unreadable(*p) for p in problems]
+                except (EOFError, ValueError, TypeError):
+                    pass
+                else:
+                    theirs = done
+                    scanner.uses.extend(found)
+                    scanner.problems.extend(unread)
+                    scanner.denied.extend(denied)
+            for i in sorted(set(range(count)) - mine - set(theirs)):
+                scanner.scan(self.chunks[i])
+        problems = list(scanner.problems)
+        if scanner.denied:
+            denied = sorted(scanner.denied)
+            sample = ", ".join(str(p) for p in denied[:5])
+            problems.append(
+                Unreadable(
+                    f"open files of {len(denied)} processes (pids {sample})",
+                    "permission denied (run as root)",
+                )
+            )
+        uses = sorted(scanner.uses, key=lambda u: u.pid)
+        return ProcessScan(tuple(uses), tuple(problems))
+
+    def discard(self) -> None:
+        """Stop sharing and wait for the child: its findings are not wanted."""
+        if self.child:
+            self._join(take=False)
 
 
 def _mapped_file(base: str, span: str, path: str, dev: int, ino: int) -> os.stat_result:

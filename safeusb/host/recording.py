@@ -11,14 +11,14 @@ from __future__ import annotations
 import functools
 import os
 import stat
-from dataclasses import dataclass
 
 from safeusb.host.model import DevNum, MountEntry
 from safeusb.host.parsers import ParseError, parse_devnum, parse_mountinfo
 from safeusb.host.roots import Roots
+from safeusb.values import frozen
 
 
-@dataclass(frozen=True)
+@frozen
 class RecordedStat:
     st_mode: int
     st_rdev: int

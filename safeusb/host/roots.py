@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, TypeVar
+
+from safeusb.values import frozen
 
 T = TypeVar("T")
 
@@ -44,7 +46,7 @@ class ParseMemo:
                 del self._last[key]
 
 
-@dataclass(frozen=True)
+@frozen
 class Roots:
     """Where sysfs, procfs, /dev and debugfs are.
 

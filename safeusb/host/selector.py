@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import re
 import stat
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from safeusb.errors import AmbiguousSelector, NoSuchDevice, SelectorError
 from safeusb.host import recording, sysfs
 from safeusb.host.model import Target, UsbDevice
 from safeusb.host.roots import Roots
+from safeusb.values import frozen
 
 if TYPE_CHECKING:
     from safeusb.hostdev import UsbHostdev
@@ -21,7 +21,7 @@ _BUSDEV = re.compile(r"^(\d{1,3}):(\d{1,3})$")
 _VIDPID = re.compile(r"^([0-9a-fA-F]{4}):([0-9a-fA-F]{4})$")
 
 
-@dataclass(frozen=True)
+@frozen
 class Selector:
     text: str
     sysname: str | None = None

@@ -25,7 +25,14 @@ from safeusb.host.model import (
     fmt_devnum,
 )
 from safeusb.host.parsers import ParseError, parse_bdi_stats
-from safeusb.host.procfs import ProcessScan, list_pids, read_mount_namespaces, read_swaps
+from safeusb.host.procfs import (
+    ProcessScan,
+    SharedScan,
+    list_pids,
+    read_mount_namespaces,
+    read_swaps,
+    start_scan,
+)
 from safeusb.host.roots import Roots
 from safeusb.host.usb_classes import read_classes
 
@@ -195,7 +202,10 @@ def _node_keys(nodes: tuple[Node, ...], members: set[str],
 
 
 class _Ahead:
-    """The process scan, run in a thread for given nodes and filesystems."""
+    """The process scan, begun before the mount tables are read for the nodes and
+    filesystems the device has without them: in a thread where the in-kernel scan runs
+    (the kernel walks while this thread parses), else shared with a forked child
+    (procfs.SharedScan: it reads /proc while this process parses)."""
 
     def __init__(self, nodes: frozenset[tuple[NodeKind, DevNum]],
                  fs: frozenset[DevNum]) -> None:
@@ -203,16 +213,21 @@ class _Ahead:
         self.found: ProcessScan | None = None
         self.error: Exception | None = None
         self.thread: threading.Thread | None = None
+        self.shared: SharedScan | None = None
 
     @classmethod
     def start(cls, roots: Roots, pids: list[int], nodes: frozenset[tuple[NodeKind, DevNum]],
               fs: frozenset[DevNum], skip: frozenset[int], kernel: bool) -> _Ahead | None:
-        """Started where the in-kernel scan runs (``kernel``: it listed the mount
-        namespaces; a /proc scan gains nothing in a thread: it holds the interpreter),
-        else None."""
-        if not kernel:
-            return None
+        """Started in a thread where the in-kernel scan runs (``kernel``: it listed the
+        mount namespaces), else where a child can share the /proc scan; else None (a /proc
+        scan gains nothing in a thread: it holds the interpreter)."""
         ahead = cls(nodes, fs)
+        if not kernel:
+            shared = start_scan(roots, pids, nodes, fs, skip)
+            if not shared.child:
+                return None
+            ahead.shared = shared
+            return ahead
 
         def run() -> None:
             try:
@@ -228,11 +243,22 @@ class _Ahead:
                fs: frozenset[DevNum]) -> ProcessScan | None:
         """The scan's findings when it was asked about these nodes and filesystems, else
         None (scan again)."""
+        same = (nodes, fs) == (self.nodes, self.fs)
+        if self.shared is not None:
+            if same:
+                return self.shared.result()
+            self.shared.discard()
+            return None
         assert self.thread is not None
         self.thread.join()
         if self.error is not None:
             raise self.error
-        return self.found if (nodes, fs) == (self.nodes, self.fs) else None
+        return self.found if same else None
+
+    def close(self) -> None:
+        """The findings are not wanted (the read failed): the child is waited for."""
+        if self.shared is not None:
+            self.shared.discard()
 
 
 def read_snapshot(
@@ -259,56 +285,61 @@ def read_snapshot(
     # thread group leaders), without reading a directory of thousands of names.
     pids = sorted(ns_of) if ns_of is not None else list_pids(roots)
     skip = frozenset({os.getpid()}) | skip_pids if roots.live else frozenset()
-    # The kernel walks the processes while the mount tables are read and parsed here, for
-    # the nodes and filesystems the device has without them; the mounts can add
-    # filesystems (btrfs's anonymous numbers, loop devices backed on it), and then the
-    # walk runs again with them.
+    # The kernel (or a forked child reading /proc) walks the processes while the mount
+    # tables are read and parsed here, for the nodes and filesystems the device has
+    # without them; the mounts can add filesystems (btrfs's anonymous numbers, loop
+    # devices backed on it), and then the walk runs again with them.
     ahead = _Ahead.start(roots, pids, _node_keys(nodes, members, all_blocks),
                          frozenset(all_blocks[n].devnum for n in members), skip,
                          ns_of is not None)
-    ns_scan = read_mount_namespaces(roots, pids, ns_of)
-    namespaces = ns_scan.namespaces
-    problems: list[Unreadable] = list(ns_scan.unreadable)
-
-    # Loop devices backed by files on these filesystems hold them too: grow to a fixed point.
-    loop_fs: dict[str, DevNum] = {}
-    while True:
-        fs_devices = _fs_devices(
-            namespaces, {all_blocks[n].devnum: n for n in members}, names
-        )
-        fs = set(fs_devices)
-        mounts = _mounts_of(namespaces, fs)
-        extra = {}
-        for b in all_blocks.values():
-            if b.loop_backing_file and b.name not in members:
-                on = _fs_of(roots, b.loop_backing_file, fs, mounts)
-                if on is not None:
-                    extra[b.name] = on
-        if not extra:
-            break
-        loop_fs.update(extra)
-        members = _closure(members | set(extra), all_blocks)
-
-    blocks = {n: all_blocks[n] for n in sorted(members)}
     try:
-        swap_rows = read_swaps(roots)
-    except (OSError, ParseError) as exc:
-        swap_rows = ()
-        problems.append(Unreadable("active swap (/proc/swaps)", str(exc)))
-    swaps = []
-    for filename, kind, size, used in swap_rows:
-        devnum: DevNum | None = None
-        if kind == "partition":
-            devnum = names.resolve(filename)
-        else:
-            devnum = _fs_of(roots, filename, fs, mounts)
-        swaps.append(SwapEntry(filename, kind, size, used, devnum))
+        ns_scan = read_mount_namespaces(roots, pids, ns_of)
+        namespaces = ns_scan.namespaces
+        problems: list[Unreadable] = list(ns_scan.unreadable)
 
-    node_keys = _node_keys(nodes, members, all_blocks)
-    proc_scan = ahead.result(node_keys, frozenset(fs)) if ahead else None
-    if proc_scan is None:
-        proc_scan, _why = scan_processes(roots, pids, node_keys, frozenset(fs), skip,
-                                         kernel=kernel_scan)
+        # Loop devices backed by files on these filesystems hold them too: grow to a fixed point.
+        loop_fs: dict[str, DevNum] = {}
+        while True:
+            fs_devices = _fs_devices(
+                namespaces, {all_blocks[n].devnum: n for n in members}, names
+            )
+            fs = set(fs_devices)
+            mounts = _mounts_of(namespaces, fs)
+            extra = {}
+            for b in all_blocks.values():
+                if b.loop_backing_file and b.name not in members:
+                    on = _fs_of(roots, b.loop_backing_file, fs, mounts)
+                    if on is not None:
+                        extra[b.name] = on
+            if not extra:
+                break
+            loop_fs.update(extra)
+            members = _closure(members | set(extra), all_blocks)
+
+        blocks = {n: all_blocks[n] for n in sorted(members)}
+        try:
+            swap_rows = read_swaps(roots)
+        except (OSError, ParseError) as exc:
+            swap_rows = ()
+            problems.append(Unreadable("active swap (/proc/swaps)", str(exc)))
+        swaps = []
+        for filename, kind, size, used in swap_rows:
+            devnum: DevNum | None = None
+            if kind == "partition":
+                devnum = names.resolve(filename)
+            else:
+                devnum = _fs_of(roots, filename, fs, mounts)
+            swaps.append(SwapEntry(filename, kind, size, used, devnum))
+
+        node_keys = _node_keys(nodes, members, all_blocks)
+        proc_scan = ahead.result(node_keys, frozenset(fs)) if ahead else None
+        if proc_scan is None:
+            proc_scan, _why = scan_processes(roots, pids, node_keys, frozenset(fs), skip,
+                                             kernel=kernel_scan)
+    except BaseException:
+        if ahead:
+            ahead.close()
+        raise
     problems.extend(proc_scan.unreadable)
 
     bdis = sorted({_bdi_of(b, all_blocks) for b in blocks.values()})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from safeusb.errors import SystemReadError
 from safeusb.host.model import (
@@ -17,6 +16,7 @@ from safeusb.host.model import (
 )
 from safeusb.host.parsers import ParseError, parse_devnum
 from safeusb.host.roots import Roots
+from safeusb.values import frozen
 
 USBFS = "usbfs"  # the driver usbfs binds to an interface claimed through the node
 
@@ -190,7 +190,7 @@ _NOT_DEVICES = frozenset({"power"})
 _BLOCK_INNER = _NOT_DEVICES | {"queue", "mq", "integrity", "trace", "holders", "slaves"}
 
 
-@dataclass(frozen=True)
+@frozen
 class DeviceDirs:
     """What one walk of a sysfs device's directory finds below it."""
 
@@ -350,7 +350,7 @@ def split_lvm_name(dm_name: str) -> tuple[str, str]:
     return "", ""
 
 
-@dataclass(frozen=True)
+@frozen
 class DeviceNow:
     """The USB device at a port now: its usbfs node's device number and each interface's
     driver (None: no driver)."""

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import re
 import stat
-from dataclasses import dataclass
+
+from safeusb.values import frozen
 
 USB_DEVICE_MAJOR = 189
 # QEMU's qemu_open() reads a path with this prefix as an fd set number, never as a file.
@@ -15,7 +16,7 @@ MAX_SYMLINKS = 40  # as the kernel's path walk (ELOOP after 40)
 _DEV_BUS_USB = re.compile(r"/dev/bus/usb/([0-9]{3})/([0-9]{3})")
 
 
-@dataclass(frozen=True)
+@frozen
 class FdIdentity:
     """What an fd passed to QEMU (add-fd, getfd) refers to."""
 

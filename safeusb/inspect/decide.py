@@ -5,8 +5,6 @@ Pure functions: no system access here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from safeusb.host.model import BlockDevice, DevNum, Snapshot, fmt_devnum, node
 from safeusb.host.usb_classes import class_reasons, class_warnings, node_label
 from safeusb.reasons import (
@@ -23,9 +21,10 @@ from safeusb.reasons import (
     Use,
 )
 from safeusb.textout import human_bytes
+from safeusb.values import frozen
 
 
-@dataclass(frozen=True)
+@frozen
 class Findings:
     snapshot: Snapshot
     reasons: tuple[Reason, ...]

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
+from safeusb.values import frozen
+
 #: The guest's driver, its helpers (lib.sh, libvirt-up.sh, stock-up.sh), the nested
 #: domain g1.xml, and the demo's scenarios.
 LAB_GUEST = Path(__file__).resolve().parent / "guest"
@@ -106,14 +108,14 @@ def fail(message: str) -> NoReturn:
 # --------------------------------------------------------------------------- devices
 
 
-@dataclass(frozen=True)
+@frozen
 class Partition:
     start_mib: int
     size_mib: int
     fs: Literal["ext4", "none"] = "ext4"
 
 
-@dataclass(frozen=True)
+@frozen
 class Image:
     """How a stick's image file is built outside the guest.
 
@@ -163,7 +165,7 @@ class Image:
                       str(path), f"{p.size_mib * 1024}k"])
 
 
-@dataclass(frozen=True)
+@frozen
 class Stick:
     """An emulated usb-storage stick backed by an image file built outside.
 
@@ -214,7 +216,7 @@ class Stick:
                 "serial": self.serial(index), "id": self.device_id(index)}
 
 
-@dataclass(frozen=True)
+@frozen
 class UsbDevice:
     """Any other emulated USB device (keyboard, serial adapter, network adapter...)."""
 
@@ -251,7 +253,7 @@ class UsbDevice:
 # --------------------------------------------------------------------------- plan
 
 
-@dataclass(frozen=True)
+@frozen
 class Scenario:
     """One guest script and what it needs; reported as its own test.
 
@@ -267,7 +269,7 @@ class Scenario:
     timeout: int = 300  # a hung scenario only; two boots share the cores (tests/vm/README)
 
 
-@dataclass(frozen=True)
+@frozen
 class Boot:
     name: str
     scenarios: tuple[Scenario, ...]
@@ -305,7 +307,7 @@ class Boot:
 # --------------------------------------------------------------------------- results
 
 
-@dataclass(frozen=True)
+@frozen
 class InspectRun:
     rc: int
     stdout: str
@@ -323,7 +325,7 @@ class InspectRun:
         return f"exit {self.rc}\nstdout: {self.stdout.strip()}\nstderr: {self.stderr.strip()}"
 
 
-@dataclass(frozen=True)
+@frozen
 class FileState:
     path: str
     status: Literal["ok", "missing", "short", "mismatch"]
@@ -331,7 +333,7 @@ class FileState:
     expected_size: int
 
 
-@dataclass(frozen=True)
+@frozen
 class ImageCheck:
     """What an image holds, read on this machine after the VM has gone."""
 

@@ -58,6 +58,7 @@ from safeusb.host.journal import DeviceBusy, Record, StateDir, StateError
 from safeusb.host.procfs import node_holders
 from safeusb.host.roots import Roots
 from safeusb.host.sysfs import DeviceNow, device_now
+from safeusb.values import frozen
 
 log = logging.getLogger("safeusb")
 
@@ -70,7 +71,7 @@ RECHECK_HELD = 15.0  # a held device is looked at again this often, events or no
 WATCH_NEW = 30.0
 
 
-@dataclass(frozen=True)
+@frozen
 class UEvent:
     """What the kernel (or udevd) said: action, the device's sysfs path, its driver."""
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from safeusb.host import defaults, virt
 from safeusb.host.procfs import read_cgroup
 from safeusb.host.roots import PROC
 from safeusb.safeusbd.protocol import ACTING_OPS
+from safeusb.values import frozen
 
 Role = Literal["root", "domain", "other"]
 
@@ -29,7 +29,7 @@ _CGROUPFS_SCOPE = re.compile(r"^qemu-(\d{1,9})-(.+)\.libvirt-qemu$")
 _ESCAPE = re.compile(r"\\x([0-9a-fA-F]{2})")
 
 
-@dataclass(frozen=True)
+@frozen
 class MachineScope:
     """The cgroup of a libvirt QEMU domain that a process lies in."""
 
@@ -78,14 +78,14 @@ def machine_scope(cgroup_text: str) -> MachineScope | None:
     return found.pop()
 
 
-@dataclass(frozen=True)
+@frozen
 class Peer:
     pid: int
     uid: int
     gid: int
 
 
-@dataclass(frozen=True)
+@frozen
 class Caller:
     """A peer, with what it is to the daemon and why."""
 

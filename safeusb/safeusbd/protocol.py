@@ -7,12 +7,12 @@ NaN or infinities, no duplicate keys, exact types, no unknown fields, bounded le
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 from safeusb import strictjson
 from safeusb.errors import SafeUSBError
 from safeusb.host import defaults
+from safeusb.values import frozen
 
 VERSION = 1
 DEFAULT_SOCKET = defaults.SOCKET
@@ -66,7 +66,7 @@ class ProtocolError(SafeUSBError):
         self.request_id = request_id
 
 
-@dataclass(frozen=True)
+@frozen
 class DeviceArgs:
     """The arguments of an op, checked: which device, for which domain."""
 
@@ -94,7 +94,7 @@ class DeviceArgs:
         return f"every device of domain {self.domain}"
 
 
-@dataclass(frozen=True)
+@frozen
 class Request:
     id: str | int
     op: str
@@ -218,7 +218,7 @@ def error_reply(request_id: str | int | None, kind: str, message: str,
     return encode({"version": VERSION, "id": request_id, "ok": False, "error": error})
 
 
-@dataclass(frozen=True)
+@frozen
 class Reply:
     id: str | int | None
     ok: bool

@@ -34,6 +34,7 @@ from safeusb.host.roots import PROC, Roots
 from safeusb.safeusbd import protocol as proto
 from safeusb.safeusbd.peer import Caller, DomainResolver, LibvirtResolver, Peer, classify, refusal
 from safeusb.safeusbd.protocol import DeviceArgs, ProtocolError, Request
+from safeusb.values import frozen
 
 if TYPE_CHECKING:
     from safeusb.host.guard import Refusal
@@ -85,7 +86,7 @@ Identify = Callable[[socket.socket], Caller]
 
 # --- what the daemon does -----------------------------------------------------------------
 
-@dataclass(frozen=True)
+@frozen
 class Done:
     """What prepare or release did: ok, the outcome (handover.Outcome.as_json), and when not
     ok, the error kind (refused or failed) and why."""

@@ -150,7 +150,7 @@ def test_no_import_circle_but_the_known_ones() -> None:
 
 # The floors of the package (safeusb/__init__.py): a module imports its own floor and the
 # ones below it, never one above. The shared vocabulary is the ground floor.
-VOCABULARY = {"errors", "reasons", "textout", "strictjson", "trust", "hostdev"}
+VOCABULARY = {"errors", "reasons", "textout", "strictjson", "trust", "hostdev", "values"}
 FLOORS = ("vocabulary", "host", "inspect", "handover", "front ends")
 
 

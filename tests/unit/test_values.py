@@ -1,0 +1,88 @@
+"""@frozen against @dataclass(frozen=True): the same classes, declared both ways, compare,
+hash and show alike, and refuse assignment alike."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from safeusb.values import frozen
+
+
+def _declare(deco: Any) -> tuple[type, type, type]:
+    @deco
+    class Base:
+        a: int
+        b: tuple[str, ...] = ()
+        note: str = field(default="", compare=False)
+        secret: str = field(default="", repr=False)
+        weight: float = field(default=0.0, hash=False)
+
+    @deco
+    class Sub(Base):
+        c: str | None = None
+
+    @deco
+    class Empty:
+        pass
+
+    return Base, Sub, Empty
+
+
+OURS = _declare(frozen)
+THEIRS = _declare(dataclass(frozen=True))
+ARGS: list[tuple[int, dict[str, Any]]] = [
+    (0, {}), (1, {"a": 1}), (1, {"a": 2}), (1, {"a": 1, "b": ("x",)}),
+    (1, {"a": 1, "note": "n"}), (1, {"a": 1, "secret": "s"}),
+    (1, {"a": 1, "weight": 1.5}), (1, {"a": 1, "weight": float("nan")}),
+    (2, {"a": 1, "c": "c"}), (2, {"a": 1}),
+]
+
+
+def _make(classes: tuple[type, type, type], which: int, kw: dict[str, Any]) -> Any:
+    cls = classes[2 if which == 0 else which - 1]
+    return cls() if which == 0 else cls(**kw)
+
+
+def test_equality_hash_and_repr_are_the_dataclasses() -> None:
+    for (w1, k1), (w2, k2) in itertools.product(ARGS, repeat=2):
+        ours = (_make(OURS, w1, k1), _make(OURS, w2, k2))
+        theirs = (_make(THEIRS, w1, k1), _make(THEIRS, w2, k2))
+        assert (ours[0] == ours[1]) == (theirs[0] == theirs[1]), (k1, k2)
+        assert (ours[0] != ours[1]) == (theirs[0] != theirs[1]), (k1, k2)
+        assert ours[0].__eq__(1) is NotImplemented
+    for which, kw in ARGS:
+        ours, theirs = _make(OURS, which, kw), _make(THEIRS, which, kw)
+        assert repr(ours) == repr(theirs)
+        if kw.get("weight") == kw.get("weight"):  # not NaN: hash is of the same tuple
+            assert hash(ours) == hash(theirs)
+    nan = _make(OURS, 1, {"a": 1, "weight": float("nan")})
+    assert nan == nan  # the same object: as a tuple of its fields compares
+
+
+def test_frozen_replace_and_fields_as_dataclasses() -> None:
+    base = OURS[0](1, ("x",))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        base.a = 2  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        del base.a  # type: ignore[misc]
+    assert dataclasses.replace(base, a=3) == OURS[0](3, ("x",))
+    assert [f.name for f in dataclasses.fields(OURS[1])] == \
+        [f.name for f in dataclasses.fields(THEIRS[1])]
+    assert {base: 1}[OURS[0](1, ("x",), note="other")] == 1
+
+
+def test_a_class_own_methods_are_kept() -> None:
+    @frozen
+    class Named:
+        name: str
+
+        def __repr__(self) -> str:
+            return f"<{self.name}>"
+
+    assert repr(Named("x")) == "<x>"
+    assert Named("x") == Named("x")
