@@ -331,6 +331,13 @@ def read_snapshot(
                 devnum = _fs_of(roots, filename, fs, mounts)
             swaps.append(SwapEntry(filename, kind, size, used, devnum))
 
+        # What does not wait for the processes is read while the scan ahead runs.
+        bdis = sorted({_bdi_of(b, all_blocks) for b in blocks.values()})
+        dirty = _read_dirty(roots, bdis)
+        exclusive = _probe_exclusive(roots, list(blocks))
+        classes = read_classes(roots, target, pids, namespaces, net_match, walked.net)
+        slack = sysfs.writeback_counter_slack(roots)
+
         node_keys = _node_keys(nodes, members, all_blocks)
         proc_scan = ahead.result(node_keys, frozenset(fs)) if ahead else None
         if proc_scan is None:
@@ -341,10 +348,6 @@ def read_snapshot(
             ahead.close()
         raise
     problems.extend(proc_scan.unreadable)
-
-    bdis = sorted({_bdi_of(b, all_blocks) for b in blocks.values()})
-    dirty = _read_dirty(roots, bdis)
-    exclusive = _probe_exclusive(roots, list(blocks))
     return Snapshot(
         target=target,
         nodes=nodes,
@@ -358,6 +361,6 @@ def read_snapshot(
         backed_loops=tuple(sorted(loop_fs)),
         loop_fs=loop_fs,
         unreadable=tuple(problems),
-        counter_slack_bytes=sysfs.writeback_counter_slack(roots),
-        classes=read_classes(roots, target, pids, namespaces, net_match, walked.net),
+        counter_slack_bytes=slack,
+        classes=classes,
     )
