@@ -11,7 +11,6 @@ import logging
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -633,11 +632,13 @@ class Runner:
             if step.up:
                 self._log(f"set {step.name} up")
                 _netlink(what, ipr.link, "set", index=index, state="up")
+            from socket import AF_INET, AF_INET6  # noqa: PLC0415 (only where routes are put back)
+
             for family, dst, gateway, table in step.routes:
                 self._log(f"add route {dst}{f' via {gateway}' if gateway else ''} "
                           f"dev {step.name} table {table}")
                 args: dict[str, Any] = {
-                    "family": socket.AF_INET6 if family == 6 else socket.AF_INET,
+                    "family": AF_INET6 if family == 6 else AF_INET,
                     "oif": index, "table": table}
                 if dst != "default":
                     args["dst"] = dst
