@@ -14,9 +14,10 @@ PID` for each namespace + `fuser -m`:
 - safeusbd asked by a running process (this one, over the same socket), as the hook and
   the gate ask it: the daemon's decision with no interpreter start-up on either side.
 Prints figures at several sizes, each path's cost per 1,000 processes (a least-squares
-slope over the sizes) and the load. The paths take turns within each repeat, so that a
-host still settling after it grew weighs on all of them alike. The package is compiled
-first, as an installed one is. Needs root.
+slope over the sizes) and the load. After the host grows it waits until it has settled
+(settle()); the paths then take turns within each repeat, so that what noise is left
+weighs on all of them. The package is compiled first, as an installed one is. Needs
+root.
 Run: sudo .venv/bin/python benchmarks/inspect_busy_host.py
 """
 
@@ -82,7 +83,7 @@ class BusyHost:
                     stderr=subprocess.DEVNULL, pass_fds=held))
         for fd in held:
             os.close(fd)
-        time.sleep(1.0)
+        settle()
 
     def close(self) -> None:
         for p in self.procs:
@@ -90,6 +91,19 @@ class BusyHost:
         for p in self.procs:
             p.wait()
         subprocess.run(["losetup", "-d", self.loop], check=False)
+
+
+def settle(timeout: float = 120.0) -> None:
+    """Wait until the processes just started have settled: a `sleep` whose exec returned
+    still loads its libraries, and thousands of them keep both CPUs busy for seconds. Done
+    when, ten samples in a row, at most two tasks are runnable (this one among them)."""
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    while quiet < 10 and time.monotonic() < deadline:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])
+        quiet = quiet + 1 if running <= 2 else 0
+        time.sleep(0.1)
 
 
 def timed(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
