@@ -11,6 +11,7 @@ import re
 import threading
 
 from safeusb.host.model import Id, Node, SwitchDb, UsbDevice
+from safeusb.host.roots import Roots
 from safeusb.reasons import ModeSwitchMaybe, ModeSwitchStorage, ModeSwitchSwitched, Reason
 
 # Where distributions ship the switch database: the configuration pack (Debian) or its
@@ -103,7 +104,14 @@ class SwitchDbCache:
         return db
 
 
-SWITCH_DBS = SwitchDbCache()
+def switch_db(roots: Roots, root: str = "/") -> SwitchDb | None:
+    """The database as it is now, kept in ``roots`` (Roots.kept) between reads: read again
+    only when one of its files changed."""
+    cache = roots.kept.get("modeswitch")
+    if cache is None:
+        cache = roots.kept.setdefault("modeswitch", SwitchDbCache())  # one wins a race
+    db: SwitchDb | None = cache.get(root)
+    return db
 
 
 def read_switch_db(root: str = "/") -> SwitchDb | None:

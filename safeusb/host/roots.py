@@ -61,6 +61,9 @@ class Roots:
     live: bool = True
     # parses kept between reads through these roots (never part of what they name)
     memo: ParseMemo = field(default_factory=ParseMemo, compare=False, repr=False)
+    # other readers' caches kept between reads through these roots, by the reader's name
+    # (modeswitch.switch_db's database); a long-lived reader keeps one Roots
+    kept: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def host(cls) -> Roots:

@@ -26,7 +26,7 @@ def read_classes(
     device-to-interface mapping (tests name veth pairs with it); ``net_dirs`` are the
     device's "net" directories when a walk of it found them already."""
     from safeusb.host.inputdev import read_inputs  # noqa: PLC0415
-    from safeusb.host.modeswitch import SWITCH_DBS  # noqa: PLC0415
+    from safeusb.host.modeswitch import switch_db  # noqa: PLC0415
     from safeusb.host.netinfo import device_match, read_network  # noqa: PLC0415
 
     if net_match is None:
@@ -34,7 +34,7 @@ def read_classes(
                                  net_dirs)
     net = read_network(roots, pids, namespaces, net_match)
     inputs = read_inputs(roots, target.syspath)
-    db = SWITCH_DBS.get() if target.usb is not None and roots.live else None
+    db = switch_db(roots) if target.usb is not None and roots.live else None
     return ClassSnapshot(net, inputs, db)
 
 

@@ -889,10 +889,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"safeusbd: {exc}", file=sys.stderr)
         return 1
     resolver = LibvirtResolver(uri=args.libvirt_uri)
+    actions = HostActions(Roots.host(), args.policy, args.state_dir)
     daemon = Daemon(
         listener=listener,
         identify=lambda conn: identify(conn, resolver),
-        actions=HostActions(Roots.host(), args.policy, args.state_dir),
+        actions=actions,
         limits=Limits(max_connections=args.max_connections,
                       request_timeout=args.request_timeout, idle_exit=idle),
         others_may_inspect=args.others == "inspect",
@@ -902,7 +903,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     watcher = _guard_watcher(daemon.actions, args.state_dir, resolver)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: _stop(daemon, watcher))
-    _preload()
+    _preload(actions.roots)
     log.info("safeusbd: listening on %s (policy %s, state %s)", where, args.policy,
              args.state_dir)
     try:
@@ -917,7 +918,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _preload() -> None:
+def _preload(roots: Roots) -> None:
     """Import and read what requests use now, so that no decision pays for it (a
     waiting caller is queued by the kernel meanwhile)."""
     import importlib  # noqa: PLC0415
@@ -930,9 +931,9 @@ def _preload() -> None:
     from safeusb.host import virt  # noqa: PLC0415
 
     virt.load()  # safeusbd runs without it (no libvirt events)
-    from safeusb.host.modeswitch import SWITCH_DBS  # noqa: PLC0415
+    from safeusb.host.modeswitch import switch_db  # noqa: PLC0415
 
-    SWITCH_DBS.get()  # read the mode-switch database now; again only when it changes
+    switch_db(roots)  # read the mode-switch database now; again only when it changes
 
 
 if __name__ == "__main__":

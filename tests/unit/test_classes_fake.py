@@ -491,3 +491,19 @@ def test_interface_found_again_by_its_usb_interface_when_its_address_changed() -
                 link(9, "usb2", "7e:01:02:03:04:06", "1-2:1.1"))
     assert _link_of(two, step) is None  # which one? not guessed
     assert _link_of(Links(link(8, "usb1", "aa:c8:ae:f9:31:39", "1-3:1.1")), step) is None
+
+
+def test_switch_db_is_kept_by_the_roots_it_is_read_through(tmp_path: Path) -> None:
+    """No module-level cache: each Roots keeps its own database; another Roots reads it
+    afresh."""
+    from safeusb.host.modeswitch import switch_db  # noqa: PLC0415
+    from safeusb.host.roots import Roots  # noqa: PLC0415
+
+    _switch_tree(tmp_path)
+    root = str(tmp_path)
+    one, two = Roots.host(), Roots.host()
+    first = switch_db(one, root)
+    assert first is not None and switch_db(one, root) is first
+    other = switch_db(two, root)
+    assert other == first and other is not first
+    assert "modeswitch" in one.kept and one.kept["modeswitch"] is not two.kept["modeswitch"]

@@ -437,15 +437,19 @@ def test_socket_activated_it_serves_the_socket_passed_and_exits_when_idle(
 
 def test_preload_imports_what_requests_use() -> None:
     """The names safeusbd imports before its first request are the package's modules (a
-    renamed module fails here instead of costing the first decision its import)."""
+    renamed module fails here instead of costing the first decision its import), and the
+    mode-switch database is read into the roots the requests are read through."""
     import sys  # noqa: PLC0415
 
+    from safeusb.host.roots import Roots  # noqa: PLC0415
     from safeusb.safeusbd import server as daemon  # noqa: PLC0415
 
-    daemon._preload()
+    roots = Roots.host()
+    daemon._preload(roots)
     for name in ("handover.transaction", "host.journal", "host.runner", "handover.service",
                  "handover.steps", "host.snapshot"):
         assert f"safeusb.{name}" in sys.modules
+    assert "modeswitch" in roots.kept
 
 
 def test_a_prepares_log_line_says_where_its_time_went() -> None:
