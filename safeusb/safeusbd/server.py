@@ -777,10 +777,12 @@ def protect_new_domains(policy_path: str) -> bool:
     return Policy.from_file(policy_path).protect_new_domains
 
 
-def start_following(daemon: Daemon, args: argparse.Namespace) -> list[Callable[[], None]]:
+def start_following(daemon: Daemon, args: argparse.Namespace,
+                    roots: Roots) -> list[Callable[[], None]]:
     """Follow uevents (devices handed over coming back or leaving: safeusb.safeusbd.events) and
     libvirt's domain events (new domains, stopped ones: safeusb.safeusbd.domains); the daemon then
-    stays up while there is something to follow. Returns how to stop each."""
+    stays up while there is something to follow. ``roots``: the requests' own, so that what
+    they keep between reads serves both. Returns how to stop each."""
     from safeusb.handover.policy import Policy  # noqa: PLC0415
     from safeusb.host.journal import StateDir  # noqa: PLC0415
     from safeusb.protect import change_on  # noqa: PLC0415
@@ -789,7 +791,6 @@ def start_following(daemon: Daemon, args: argparse.Namespace) -> list[Callable[[
     from safeusb.safeusbd.domains import DomainWatch, domain_active  # noqa: PLC0415
 
     stops: list[Callable[[], None]] = []
-    roots = Roots.host()
     state = StateDir(args.state_dir)
     def has_record(key: str) -> bool:
         """A record for the device; one that cannot be trusted counts (fail closed: the
@@ -899,7 +900,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         others_may_inspect=args.others == "inspect",
         stay=_guard_enabled,
     )
-    followers = None if args.no_events else start_following(daemon, args)
+    followers = None if args.no_events else start_following(daemon, args, actions.roots)
     watcher = _guard_watcher(daemon.actions, args.state_dir, resolver)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: _stop(daemon, watcher))
