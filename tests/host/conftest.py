@@ -106,3 +106,25 @@ def background(argv: list[str], **kwargs) -> Iterator[subprocess.Popen[bytes]]: 
     finally:
         proc.kill()
         proc.wait()
+
+
+@contextlib.contextmanager
+def held_on_inner_loop(outer_node: str, where: Path
+                       ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``outer_node`` mounted, a loop device backed by a file on it with a filesystem of its
+    own mounted, and a process holding a file on that open: (the inner loop's node, the
+    process)."""
+    with mounted(outer_node, where / "outer") as outer:
+        inner_img = outer / "inner.img"
+        with open(inner_img, "wb") as f:
+            f.truncate(16 * 1024 * 1024)
+        run("mkfs.ext4", "-q", "-F", str(inner_img))
+        inner = _attach(inner_img)
+        try:
+            with mounted(inner, where / "inner") as mnt:
+                (mnt / "held").write_bytes(b"h")
+                with open(mnt / "held", "rb") as held_fd, \
+                        background(["sleep", "600"], stdin=held_fd) as p:
+                    yield inner, p
+        finally:
+            run("losetup", "-d", inner, check=False)

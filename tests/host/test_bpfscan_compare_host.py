@@ -22,7 +22,7 @@ from safeusb.host import bpfscan, procfs
 from safeusb.host.model import DevNum, NodeKind, ProcessUse
 from safeusb.host.procfs import ProcessScan
 from safeusb.host.roots import Roots
-from tests.host.conftest import Loop, background, mounted, wait_for
+from tests.host.conftest import Loop, background, held_on_inner_loop, mounted, wait_for
 
 HOLD = """
 import mmap, os, sys, time
@@ -392,29 +392,15 @@ def test_a_filesystem_the_mounts_add_is_scanned_again(loop_ext4: Loop, tmp_path:
     from safeusb.host.selector import Selector, resolve  # noqa: PLC0415
     from safeusb.host.snapshot import read_snapshot  # noqa: PLC0415
 
-    with mounted(loop_ext4.node, tmp_path / "outer") as outer:
-        inner_img = outer / "inner.img"
-        with open(inner_img, "wb") as f:
-            f.truncate(16 * 1024 * 1024)
-        subprocess.run(["mkfs.ext4", "-q", "-F", str(inner_img)], check=True)
-        inner = subprocess.run(["losetup", "--find", "--show", str(inner_img)], check=True,
-                               capture_output=True, text=True).stdout.strip()
-        try:
-            with mounted(inner, tmp_path / "inner") as mnt:
-                (mnt / "held").write_bytes(b"h")
-                with open(mnt / "held", "rb") as held_fd, \
-                        background(["sleep", "600"], stdin=held_fd) as p:
-                    roots = Roots.host()
-                    target = resolve(Selector.from_string(loop_ext4.node), roots)
-                    asked = _count_scans(monkeypatch)
-                    kernel = read_snapshot(roots, target)
-                    assert len(asked) == 2 and asked[0] < asked[1], asked
-                    inner_dev = _devnum(os.stat(inner).st_rdev)
-                    assert (p.pid, "fd", inner_dev) in {(u.pid, u.how, u.fs)
-                                                        for u in kernel.uses}
-                    monkeypatch.undo()
-                    proc = read_snapshot(roots, target, kernel_scan=False)
-                    assert [u for u in kernel.uses if u.pid == p.pid] == \
-                        [u for u in proc.uses if u.pid == p.pid]
-        finally:
-            subprocess.run(["losetup", "-d", inner], check=False)
+    with held_on_inner_loop(loop_ext4.node, tmp_path) as (inner, p):
+        roots = Roots.host()
+        target = resolve(Selector.from_string(loop_ext4.node), roots)
+        asked = _count_scans(monkeypatch)
+        kernel = read_snapshot(roots, target)
+        assert len(asked) == 2 and asked[0] < asked[1], asked
+        inner_dev = _devnum(os.stat(inner).st_rdev)
+        assert (p.pid, "fd", inner_dev) in {(u.pid, u.how, u.fs) for u in kernel.uses}
+        monkeypatch.undo()
+        proc = read_snapshot(roots, target, kernel_scan=False)
+        assert [u for u in kernel.uses if u.pid == p.pid] == \
+            [u for u in proc.uses if u.pid == p.pid]

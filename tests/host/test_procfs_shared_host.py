@@ -6,7 +6,6 @@ filesystem. Needs root (every process's descriptors)."""
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from safeusb.host import procfs, snapshot
 from safeusb.host.model import DevNum, NodeKind
 from safeusb.host.roots import Roots
 from safeusb.host.selector import Selector, resolve
-from tests.host.conftest import Loop, background, mounted
+from tests.host.conftest import Loop, background, held_on_inner_loop, mounted
 
 
 @pytest.fixture(autouse=True)
@@ -130,27 +129,13 @@ def test_a_filesystem_the_mounts_add_is_read_again(
     mounted and a file on it held open: the shared scan started ahead did not know that
     filesystem, so it is dropped (its child waited for) and the processes are read again."""
     roots = Roots.host()
-    with mounted(loop_ext4.node, tmp_path / "outer") as outer:
-        inner_img = outer / "inner.img"
-        with open(inner_img, "wb") as f:
-            f.truncate(16 * 1024 * 1024)
-        subprocess.run(["mkfs.ext4", "-q", "-F", str(inner_img)], check=True)
-        inner = subprocess.run(["losetup", "--find", "--show", str(inner_img)], check=True,
-                               capture_output=True, text=True).stdout.strip()
-        try:
-            with mounted(inner, tmp_path / "inner") as mnt:
-                (mnt / "held").write_bytes(b"h")
-                with open(mnt / "held", "rb") as held_fd, \
-                        background(["sleep", "600"], stdin=held_fd) as p:
-                    target = resolve(Selector.from_string(loop_ext4.node), roots)
-                    ahead, again = _count(monkeypatch)
-                    snap = snapshot.read_snapshot(roots, target)
-                    inner_dev = _devnum(os.stat(inner).st_rdev)
-                    assert len(ahead) == 1 and ahead[0]
-                    assert len(again) == 1 and inner_dev in again[0], again
-                    assert (p.pid, "fd", inner_dev) in {(u.pid, u.how, u.fs)
-                                                        for u in snap.uses}
-                    with pytest.raises(ChildProcessError):  # the child was waited for
-                        os.waitpid(ahead[0], os.WNOHANG)
-        finally:
-            subprocess.run(["losetup", "-d", inner], check=False)
+    with held_on_inner_loop(loop_ext4.node, tmp_path) as (inner, p):
+        target = resolve(Selector.from_string(loop_ext4.node), roots)
+        ahead, again = _count(monkeypatch)
+        snap = snapshot.read_snapshot(roots, target)
+        inner_dev = _devnum(os.stat(inner).st_rdev)
+        assert len(ahead) == 1 and ahead[0]
+        assert len(again) == 1 and inner_dev in again[0], again
+        assert (p.pid, "fd", inner_dev) in {(u.pid, u.how, u.fs) for u in snap.uses}
+        with pytest.raises(ChildProcessError):  # the child was waited for
+            os.waitpid(ahead[0], os.WNOHANG)
