@@ -43,7 +43,12 @@ def frozen(cls: type[T]) -> type[T]:
         "__hash__": _hash,
         "__repr__": _repr,
     }
+    own = set(cls.__dict__)
+    if cls.__dict__.get("__hash__", 0) is None and "__eq__" in own:
+        # A class body that defines __eq__ gets __hash__ = None from Python itself: as
+        # dataclass does, that is not a hash of its own, and the fields' hash is set.
+        own.discard("__hash__")
     for name, value in attrs.items():
-        if name not in cls.__dict__:
+        if name not in own:
             setattr(cls, name, value)
     return cls

@@ -86,3 +86,29 @@ def test_a_class_own_methods_are_kept() -> None:
 
     assert repr(Named("x")) == "<x>"
     assert Named("x") == Named("x")
+
+
+def test_a_class_own_equality_keeps_the_dataclass_hash() -> None:
+    """A body defining __eq__ leaves Python's implicit __hash__ = None; dataclass still
+    hashes such a class on its fields, and so does @frozen."""
+    def declare(deco: Any) -> type:
+        @deco
+        class Key:
+            name: str
+
+            def __eq__(self, other: object) -> bool:
+                return isinstance(other, Key) and other.name.lower() == self.name.lower()
+
+        return Key
+
+    ours, theirs = declare(frozen), declare(dataclass(frozen=True))
+    assert hash(ours("a")) == hash(theirs("a")) == hash(("a",))
+    assert ours("a") == ours("A") and theirs("a") == theirs("A")
+
+    @frozen
+    class Unhashable:
+        name: str
+        __hash__ = None  # type: ignore[assignment]
+
+    with pytest.raises(TypeError):
+        hash(Unhashable("a"))
