@@ -279,6 +279,14 @@ def read_snapshot(
     if target.block:
         start.add(target.block)
     members = _closure(start, all_blocks)
+    # Every filesystem on a block device claims it exclusively, as dm, md, swap
+    # and btrfs do, and a directory, a file or a mapping is on the device only through a
+    # filesystem on it. Where none of its block devices is claimed, only its nodes can be
+    # in use: the process scan looks for those alone, and stats nothing on other
+    # filesystems (overlayfs and btrfs files, whose st_dev the kernel's walk cannot tell).
+    members_probed = set(members)
+    exclusive = _probe_exclusive(roots, sorted(members))
+    unclaimed = roots.live and not exclusive
 
     ns_of = namespaces_of(roots) if kernel_scan else None
     # The kernel's walk lists the processes as /proc does (the initial pid namespace's
@@ -290,7 +298,8 @@ def read_snapshot(
     # without them; the mounts can add filesystems (btrfs's anonymous numbers, loop
     # devices backed on it), and then the walk runs again with them.
     ahead = _Ahead.start(roots, pids, _node_keys(nodes, members, all_blocks),
-                         frozenset(all_blocks[n].devnum for n in members), skip,
+                         frozenset() if unclaimed
+                         else frozenset(all_blocks[n].devnum for n in members), skip,
                          ns_of is not None)
     try:
         ns_scan = read_mount_namespaces(roots, pids, ns_of)
@@ -334,14 +343,16 @@ def read_snapshot(
         # What does not wait for the processes is read while the scan ahead runs.
         bdis = sorted({_bdi_of(b, all_blocks) for b in blocks.values()})
         dirty = _read_dirty(roots, bdis)
-        exclusive = _probe_exclusive(roots, list(blocks))
+        if set(blocks) != members_probed:  # grown by loop devices backed on it
+            exclusive = _probe_exclusive(roots, list(blocks))
         classes = read_classes(roots, target, pids, namespaces, net_match, walked.net)
         slack = sysfs.writeback_counter_slack(roots)
 
         node_keys = _node_keys(nodes, members, all_blocks)
-        proc_scan = ahead.result(node_keys, frozenset(fs)) if ahead else None
+        scan_fs = frozenset() if unclaimed else frozenset(fs)
+        proc_scan = ahead.result(node_keys, scan_fs) if ahead else None
         if proc_scan is None:
-            proc_scan, _why = scan_processes(roots, pids, node_keys, frozenset(fs), skip,
+            proc_scan, _why = scan_processes(roots, pids, node_keys, scan_fs, skip,
                                              kernel=kernel_scan)
     except BaseException:
         if ahead:

@@ -126,6 +126,29 @@ def test_file_open_cwd_and_dirty_data(inspect, loop_ext4: Loop, tmp_path: Path) 
             Path(f"/proc/sys/vm/{k}").write_text(v)
 
 
+def test_lazily_unmounted_filesystem_still_used(inspect, loop_ext4: Loop,
+                                               tmp_path: Path) -> None:
+    """A filesystem detached with `umount -l` is named in no mount table, yet lives on while
+    a process works in it: its claim on the device sends the scan after the filesystem's
+    files and directories too (an unclaimed device is scanned for its nodes alone)."""
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    run("mount", loop_ext4.node, str(mnt))
+    try:
+        (mnt / "kept").write_bytes(b"x")
+        with background(["sleep", "600"], cwd=mnt) as proc:
+            run("umount", "-l", str(mnt))
+            r = inspect(loop_ext4.node, "--json")
+            assert r.code == 1, r.stdout
+            assert r.reasons("mount") == []
+            (use,) = [o for o in r.reasons("open") if o["pid"] == proc.pid]
+            assert [u["how"] for u in use["uses"]] == ["cwd"]
+        r = inspect(loop_ext4.node, "--json")
+        assert r.json["free"] is True, r.stdout
+    finally:
+        run("umount", str(mnt), check=False)
+
+
 def test_loop_backed_by_a_file_on_it(inspect, loop_ext4: Loop, tmp_path: Path) -> None:
     with mounted(loop_ext4.node, tmp_path / "m") as mnt:
         inner = mnt / "inner.img"
