@@ -46,6 +46,44 @@ class ParseMemo:
                 del self._last[key]
 
 
+class QuietMemo:
+    """Readings of the device tree kept while the kernel sends no uevent. Every device
+    added, removed, renamed, changed, bound to a driver or unbound counts one in
+    /sys/kernel/uevent_seqnum: while that count stands, the devices, their nodes and their
+    drivers stand. What sysfs can show without a uevent (a holder's link before its table
+    is live, a loop device's flags) is read afresh by the callers where it matters. Where
+    the count cannot be read (a recording), nothing is kept."""
+
+    def __init__(self) -> None:
+        self._count: int | None = None
+        self._values: dict[Any, Any] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def count(path: str) -> int | None:
+        try:
+            with open(path, "rb") as f:
+                return int(f.read())
+        except (OSError, ValueError):
+            return None
+
+    def read(self, count_path: str, key: object, reader: Callable[[], T]) -> tuple[T, bool]:
+        """reader()'s value for ``key``, and whether it was kept from an earlier read (no
+        uevent since; a value read while one came is not kept)."""
+        before = self.count(count_path)
+        if before is not None:
+            with self._lock:
+                if self._count == before and key in self._values:
+                    return self._values[key], True
+        value = reader()
+        if before is not None and self.count(count_path) == before:
+            with self._lock:
+                if self._count != before:
+                    self._count, self._values = before, {}
+                self._values[key] = value
+        return value, False
+
+
 @frozen
 class Roots:
     """Where sysfs, procfs, /dev and debugfs are.
@@ -64,6 +102,8 @@ class Roots:
     # other readers' caches kept between reads through these roots, by the reader's name
     # (modeswitch.switch_db's database); a long-lived reader keeps one Roots
     kept: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # sysfs readings kept until the kernel's next uevent
+    quiet: QuietMemo = field(default_factory=QuietMemo, compare=False, repr=False)
 
     @classmethod
     def host(cls) -> Roots:
@@ -86,6 +126,11 @@ class Roots:
         services answer (the kernel guard, BPF programs, safeusbd), and not a recording
         or a built tree."""
         return self.live and self.sys == SYS and self.proc == PROC
+
+    def read_quietly(self, key: object, reader: Callable[[], T]) -> tuple[T, bool]:
+        """reader()'s value, kept from an earlier read while no uevent came since
+        (QuietMemo); and whether it was."""
+        return self.quiet.read(self.sys_path("kernel", "uevent_seqnum"), key, reader)
 
     def sys_path(self, *parts: str) -> str:
         return os.path.join(self.sys, *parts)

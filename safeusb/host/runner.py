@@ -446,8 +446,23 @@ class Runner:
                                                   "unbind"), iface)
             if interfaces:
                 self._wait_gone(holds)
+                self._let_go_later()
         finally:
             self.release_holds()
+
+    def _let_go_later(self) -> None:
+        """Close the holds of disks that are gone, in a thread of their own: the last close
+        of each is the rest of the kernel's teardown of its disk (tens of milliseconds
+        under emulation), and nothing waits on it (nothing can open them any more)."""
+        held, self.held = self.held, {}
+
+        def close() -> None:
+            for path, fd in sorted(held.items()):
+                if fd >= 0:
+                    os.close(fd)
+                self._log(f"let go of {path}")
+
+        threading.Thread(target=close, name="safeusb-let-go").start()  # waited for at exit
 
     def _guard_handed_over(self, ports: set[str]) -> None:
         from safeusb.host.guard import GuardError, mark_handed_over  # noqa: PLC0415

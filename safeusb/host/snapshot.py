@@ -261,6 +261,29 @@ class _Ahead:
             self.shared.discard()
 
 
+def _device(roots: Roots, target: Target, kept: bool
+            ) -> tuple[sysfs.DeviceDirs, dict[str, BlockDevice], set[str], tuple[str, ...]]:
+    """The device's walk, every block device, the device's own (with partitions and
+    holders) and which of those are claimed exclusively. The walk and the block devices
+    are kept between reads while no uevent comes (Roots.read_quietly); a claimed device is
+    read afresh (a holder's link, a loop device's setup can change without a uevent)."""
+    def read() -> tuple[sysfs.DeviceDirs, dict[str, BlockDevice]]:
+        return sysfs.walk_device(target.syspath), _read_all_blocks(roots)
+
+    if kept:
+        (walked, all_blocks), was_kept = roots.read_quietly(("device", target.syspath), read)
+    else:
+        (walked, all_blocks), was_kept = read(), False
+    start = {os.path.basename(n.devname) for n in walked.nodes if n.kind == "block"}
+    if target.block:
+        start.add(target.block)
+    members = _closure(start, all_blocks)
+    exclusive = _probe_exclusive(roots, sorted(members))
+    if exclusive and was_kept:
+        return _device(roots, target, kept=False)
+    return walked, all_blocks, members, exclusive
+
+
 def read_snapshot(
     roots: Roots, target: Target, net_match: NetMatch | None = None,
     skip_pids: frozenset[int] = frozenset(), kernel_scan: bool = True,
@@ -271,21 +294,15 @@ def read_snapshot(
     and ``skip_pids`` (the command that asked safeusbd), are not counted as users. Open
     files, mappings and mount namespaces are found by BPF iterators where they can run
     (bpfscan.py), else through /proc; ``kernel_scan=False`` reads /proc only."""
-    walked = sysfs.walk_device(target.syspath)
+    walked, all_blocks, members, exclusive = _device(roots, target, kept=True)
     nodes = walked.nodes
-    all_blocks = _read_all_blocks(roots)
     names = _Names(roots, all_blocks)
-    start = {os.path.basename(n.devname) for n in nodes if n.kind == "block"}
-    if target.block:
-        start.add(target.block)
-    members = _closure(start, all_blocks)
+    members_probed = set(members)
     # Every filesystem on a block device claims it exclusively, as dm, md, swap
     # and btrfs do, and a directory, a file or a mapping is on the device only through a
     # filesystem on it. Where none of its block devices is claimed, only its nodes can be
     # in use: the process scan looks for those alone, and stats nothing on other
     # filesystems (overlayfs and btrfs files, whose st_dev the kernel's walk cannot tell).
-    members_probed = set(members)
-    exclusive = _probe_exclusive(roots, sorted(members))
     unclaimed = roots.live and not exclusive
 
     ns_of = namespaces_of(roots) if kernel_scan else None

@@ -121,12 +121,15 @@ class HostActions:
         from safeusb.host.selector import Selector, resolve  # noqa: PLC0415
 
         if args.selector is not None:
-            selector = Selector.from_string(args.selector)
-        else:
+            target = resolve(Selector.from_string(args.selector), self.roots)
+        else:  # the gate's and the kernel guard's question, by bus and address: the
+            # device read once and kept while no uevent comes (a device plugged, unplugged,
+            # bound or unbound is one)
             assert args.bus is not None and args.addr is not None
             selector = Selector(f"{args.bus:03d}:{args.addr:03d}", bus=args.bus,
                                 device=args.addr)
-        target = resolve(selector, self.roots)
+            target, _ = self.roots.read_quietly(("usb", args.bus, args.addr),
+                                                lambda: resolve(selector, self.roots))
         if args.bus is not None:
             usb = target.usb
             if usb is None or (usb.busnum, usb.devnum) != (args.bus, args.addr):
