@@ -127,6 +127,10 @@ class Roots:
         or a built tree."""
         return self.live and self.sys == SYS and self.proc == PROC
 
+    def uevent_count(self) -> int | None:
+        """How many uevents the kernel has sent (None where it cannot be read)."""
+        return QuietMemo.count(self.sys_path("kernel", "uevent_seqnum"))
+
     def read_quietly(self, key: object, reader: Callable[[], T]) -> tuple[T, bool]:
         """reader()'s value, kept from an earlier read while no uevent came since
         (QuietMemo); and whether it was."""

@@ -261,19 +261,29 @@ class _Ahead:
             self.shared.discard()
 
 
+def _read_device(roots: Roots, target: Target
+                 ) -> tuple[sysfs.DeviceDirs, dict[str, BlockDevice]]:
+    return sysfs.walk_device(target.syspath), _read_all_blocks(roots)  # never changed after
+
+
+def keep_device(roots: Roots, target: Target
+                ) -> tuple[tuple[sysfs.DeviceDirs, dict[str, BlockDevice]], bool]:
+    """The device's walk and every block device, as kept in ``roots`` while no uevent
+    comes (read now if they were not); and whether they were kept. safeusbd reads them
+    ahead of any request once the uevents settle, so that a decision finds them."""
+    return roots.read_quietly(("device", target.syspath), lambda: _read_device(roots, target))
+
+
 def _device(roots: Roots, target: Target, kept: bool
             ) -> tuple[sysfs.DeviceDirs, dict[str, BlockDevice], set[str], tuple[str, ...]]:
     """The device's walk, every block device, the device's own (with partitions and
     holders) and which of those are claimed exclusively. The walk and the block devices
     are kept between reads while no uevent comes (Roots.read_quietly); a claimed device is
     read afresh (a holder's link, a loop device's setup can change without a uevent)."""
-    def read() -> tuple[sysfs.DeviceDirs, dict[str, BlockDevice]]:
-        return sysfs.walk_device(target.syspath), _read_all_blocks(roots)
-
     if kept:
-        (walked, all_blocks), was_kept = roots.read_quietly(("device", target.syspath), read)
+        (walked, all_blocks), was_kept = keep_device(roots, target)
     else:
-        (walked, all_blocks), was_kept = read(), False
+        (walked, all_blocks), was_kept = _read_device(roots, target), False
     start = {os.path.basename(n.devname) for n in walked.nodes if n.kind == "block"}
     if target.block:
         start.add(target.block)

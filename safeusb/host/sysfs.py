@@ -82,6 +82,16 @@ def usb_port_names(roots: Roots) -> list[str]:
         return []
 
 
+def usb_device_address(roots: Roots, name: str) -> tuple[int, int] | None:
+    """The bus and device number of the USB device of that name under
+    /sys/bus/usb/devices; None for an interface, or one that left."""
+    if ":" in name:
+        return None
+    path = port_path(roots, name)
+    bus, dev = _read_int(os.path.join(path, "busnum")), _read_int(os.path.join(path, "devnum"))
+    return None if bus is None or dev is None else (bus, dev)
+
+
 def has_usb(roots: Roots) -> bool:
     """Whether the kernel has a USB subsystem."""
     return os.path.isdir(roots.sys_path("bus", "usb"))

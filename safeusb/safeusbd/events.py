@@ -321,8 +321,16 @@ class EventLoop:
 
     def __init__(self, watch: HandoverWatch, source: EventSource,
                  settle: float = SETTLE, follow_up: tuple[float, ...] = FOLLOW_UP,
-                 recheck: float = RECHECK_HELD, attach: Any = None) -> None:
+                 recheck: float = RECHECK_HELD, attach: Any = None,
+                 keep: Callable[[], None] | None = None) -> None:
         self.watch = watch
+        # run whenever the kernel's uevent count (every device's, not only USB's) has
+        # stood for ``settle`` seconds after it moved, and once at the start: what
+        # decisions read of the device tree is read then (server.keep_devices)
+        self.keep = keep
+        self._count: int | None = None
+        self._count_since = 0.0
+        self._kept = False
         self.attach = attach  # safeusb.safeusbd.autoattach.AutoAttach: devices plugged in
         self.source = source
         self.settle = settle
@@ -378,6 +386,8 @@ class EventLoop:
                 follow = 0
                 continue
             if due is None or now < due:
+                if item is None:
+                    self._keep_when_quiet(now)
                 continue
             first = None
             if self._scan() and follow < len(self.follow_up):
@@ -386,6 +396,19 @@ class EventLoop:
             else:
                 follow = 0
                 due = time.monotonic() + self.recheck if self.watch.watching() else None
+
+    def _keep_when_quiet(self, now: float) -> None:
+        if self.keep is None:
+            return
+        count = self.watch.roots.uevent_count()
+        if count != self._count:
+            self._count, self._count_since, self._kept = count, now, False
+        elif not self._kept and now - self._count_since >= self.settle:
+            self._kept = True
+            try:
+                self.keep()
+            except Exception:  # never ends the daemon; a decision reads for itself
+                log.exception("safeusbd: internal error reading the USB devices ahead")
 
     def _next(self, wait: float) -> UEvent | str | None:
         """A uevent, a poke, or None after ``wait`` seconds of neither."""
@@ -421,7 +444,8 @@ def host_give_back(roots: Roots, state: StateDir, policy_path: str) -> GiveBack:
 
 def start(roots: Roots, state_dir: str, policy_path: str,
           domain_active: Callable[[str], bool | None] | None = None,
-          source: Any = None, attach: Any = None) -> tuple[HandoverWatch, EventLoop] | None:
+          source: Any = None, attach: Any = None,
+          keep: Callable[[], None] | None = None) -> tuple[HandoverWatch, EventLoop] | None:
     """The watch and its running event thread, or None (logged) when uevents cannot be
     read here (no pyudev, no netlink). With ``attach`` (safeusb.safeusbd.autoattach.AutoAttach),
     USB devices that arrive are handed to it, and so are devices given back."""
@@ -444,7 +468,7 @@ def start(roots: Roots, state_dir: str, policy_path: str,
         return None
     log.info("safeusbd: following USB devices through %s uevents",
              getattr(src, "source", "the given"))
-    loop = EventLoop(watch, src, attach=attach)
+    loop = EventLoop(watch, src, attach=attach, keep=keep)
     if attach is not None:
         for name in sysfs.usb_port_names(roots):  # decided as if they arrived now
             attach.added(sysfs.port_path(roots, name))

@@ -108,6 +108,37 @@ class DeviceActions(Protocol):
     def release(self, args: DeviceArgs, only_domain: str | None) -> Done: ...
 
 
+def usb_at(roots: Roots, bus: int, addr: int) -> Any:
+    """The USB device at a bus and address, read once and kept while no uevent comes (a
+    device plugged, unplugged, bound or unbound is one: Roots.read_quietly)."""
+    from safeusb.host.selector import Selector, resolve  # noqa: PLC0415
+
+    selector = Selector(f"{bus:03d}:{addr:03d}", bus=bus, device=addr)
+    return roots.read_quietly(("usb", bus, addr), lambda: resolve(selector, roots))[0]
+
+
+def keep_devices(roots: Roots) -> None:
+    """Read ahead of any request what a decision reads of each USB device's tree (the
+    device, its walk, the block devices; hubs aside), kept until the next uevent: run once
+    the uevents settle (safeusb.safeusbd.events.EventLoop)."""
+    from safeusb.host import sysfs  # noqa: PLC0415
+    from safeusb.host.snapshot import keep_device  # noqa: PLC0415
+
+    for name in sysfs.usb_port_names(roots):
+        found = sysfs.usb_device_address(roots, name)
+        if found is None:
+            continue
+        try:
+            target = usb_at(roots, *found)
+        except SafeUSBError:
+            continue  # gone meanwhile
+        if target.usb is not None and target.usb.device_class != HUB_CLASS:
+            keep_device(roots, target)
+
+
+HUB_CLASS = 0x09
+
+
 class HostActions:
     """Prepare, release (service.Handover) and inspect on this host, with the daemon's
     policy and state."""
@@ -122,14 +153,9 @@ class HostActions:
 
         if args.selector is not None:
             target = resolve(Selector.from_string(args.selector), self.roots)
-        else:  # the gate's and the kernel guard's question, by bus and address: the
-            # device read once and kept while no uevent comes (a device plugged, unplugged,
-            # bound or unbound is one)
+        else:  # the gate's and the kernel guard's question
             assert args.bus is not None and args.addr is not None
-            selector = Selector(f"{args.bus:03d}:{args.addr:03d}", bus=args.bus,
-                                device=args.addr)
-            target, _ = self.roots.read_quietly(("usb", args.bus, args.addr),
-                                                lambda: resolve(selector, self.roots))
+            target = usb_at(self.roots, args.bus, args.addr)
         if args.bus is not None:
             usb = target.usb
             if usb is None or (usb.busnum, usb.devnum) != (args.bus, args.addr):
@@ -811,7 +837,8 @@ def start_following(daemon: Daemon, args: argparse.Namespace,
                         has_record=has_record)
     _check_udev_rules(args.policy)
     started = events.start(roots, args.state_dir, args.policy,
-                           domain_active=domain_active(args.libvirt_uri), attach=attach)
+                           domain_active=domain_active(args.libvirt_uri), attach=attach,
+                           keep=lambda: keep_devices(roots))
     watch = loop = None
     if started is not None:
         watch, loop = started

@@ -18,9 +18,11 @@ from safeusb.host import virt
 from safeusb.host.journal import Record, StateDir, new_record
 from safeusb.host.procfs import node_holders
 from safeusb.host.roots import Roots
+from safeusb.host.snapshot import keep_device
 from safeusb.host.sysfs import device_now
 from safeusb.safeusbd import events
 from safeusb.safeusbd.events import EventLoop, HandoverWatch, UEvent
+from safeusb.safeusbd.server import keep_devices, usb_at
 from tests.unit.fakesys import FakeSystem
 
 HANG = 10.0
@@ -563,3 +565,38 @@ def test_the_record_keeps_the_refusal_mark(tmp_path: Path) -> None:
     assert "after_refusal" not in new_record(KEY, None, [], True).as_json()
     with pytest.raises(ValueError, match="after_refusal"):
         Record.from_json({**doc, "after_refusal": "yes"})
+
+
+def test_the_device_tree_is_read_ahead_once_the_uevents_settle(host: Host) -> None:
+    """The keep callback (safeusbd: server.keep_devices) runs once the kernel's uevent
+    count has stood for a settle, at the start and after each change of it, whatever the
+    subsystem of the uevents (the count is the kernel's, not the USB monitor's)."""
+    count = host.fs.sys / "kernel" / "uevent_seqnum"
+    count.parent.mkdir(parents=True, exist_ok=True)
+    count.write_text("100\n")
+    kept: list[str] = []
+    lp = EventLoop(host.watch(), FakeSource(), settle=0.05, recheck=3600,
+                   keep=lambda: kept.append(count.read_text().strip()))
+    lp.start()
+    try:
+        until(lambda: kept == ["100"], "read ahead at the start")
+        time.sleep(0.2)
+        assert kept == ["100"]  # once while nothing happens
+        count.write_text("107\n")  # a disk came: block uevents, no USB one
+        until(lambda: kept == ["100", "107"], "read ahead again after the change")
+    finally:
+        lp.stop()
+
+
+def test_keep_devices_reads_what_a_decision_reads(host: Host) -> None:
+    count = host.fs.sys / "kernel" / "uevent_seqnum"
+    count.parent.mkdir(parents=True, exist_ok=True)
+    count.write_text("5\n")
+    roots = host.fs.roots
+    keep_devices(roots)
+    target = usb_at(roots, 2, 3)
+    assert target.syspath == str(host.path) and target.usb.sysname == KEY
+    assert roots.read_quietly(("usb", 2, 3), lambda: pytest.fail("read again"))[1]
+    assert keep_device(roots, target)[1]  # the walk and the block devices too
+    count.write_text("6\n")
+    assert not keep_device(roots, target)[1]
