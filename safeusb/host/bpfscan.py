@@ -176,8 +176,7 @@ def _ready(obj_path: str) -> str:
             except FileNotFoundError:
                 _load(obj_path, pin_dir)
                 continue
-            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() \
-                    and not st.st_mode & 0o077:
+            if _owned(st):
                 return pin_dir
             _remove(pin_dir)
             if os.path.lexists(pin_dir):
@@ -185,6 +184,27 @@ def _ready(obj_path: str) -> str:
     except (BPFError, OSError) as exc:
         raise Unavailable(str(exc)) from None
     raise Unavailable(f"{pin_dir} is not root's own, and cannot be removed")
+
+
+def _owned(st: os.stat_result) -> bool:
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
+
+
+def _pins(roots: Roots) -> str:
+    """The pinned directory of the scan's build, where the in-kernel scan may run (else
+    Unavailable). A long-lived reader (safeusbd) keeps it in ``roots`` and checks it again
+    with one lstat: a newer build's load removes it, and then everything is checked anew."""
+    kept = roots.kept.get("bpfscan")
+    if kept is not None:
+        with contextlib.suppress(OSError):
+            if _owned(os.lstat(kept)):
+                return str(kept)
+    why = unavailable(roots)
+    if why is not None:
+        raise Unavailable(why)
+    pin_dir = _ready(OBJECT)
+    roots.kept["bpfscan"] = pin_dir
+    return pin_dir
 
 
 def _remove(path: str) -> None:
@@ -219,13 +239,13 @@ def unload() -> bool:
 
 
 def read_records(devs: dict[int, int], obj_path: str = OBJECT,
-                 programs: tuple[str, ...] = PROGRAMS) -> bytes:
+                 programs: tuple[str, ...] = PROGRAMS, pin_dir: str | None = None) -> bytes:
     """Run the iterator programs for the device numbers (kernel encoding -> DEV_ bits)
     and read what each writes out. The programs are loaded once and stay pinned under
     /sys/fs/bpf (loading costs more than a scan); a scan holds an exclusive lock on their
     directory while it sets the device map. Raises Unavailable with the reason."""
     lib = _lib()
-    pin_dir = _ready(obj_path)
+    pin_dir = pin_dir or _ready(obj_path)
     try:
         dfd = os.open(pin_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as exc:
@@ -311,20 +331,20 @@ def _run(pin_dir: str, name: str) -> bytes:
     return b"".join(out)
 
 
-def mount_namespaces(obj_path: str = OBJECT) -> dict[int, int]:
+def mount_namespaces(obj_path: str = OBJECT, pin_dir: str | None = None) -> dict[int, int]:
     """Every process's mount namespace (pid -> inode number), as /proc/PID/ns/mnt names
     it, in one pass. Raises Unavailable."""
-    data = _run(_ready(obj_path), NS_PROGRAM)
+    data = _run(pin_dir or _ready(obj_path), NS_PROGRAM)
     return {r[1]: r[8] for r in _REC.iter_unpack(data) if r[0] == _MNTNS}
 
 
 def namespaces_of(roots: Roots) -> dict[int, int] | None:
     """mount_namespaces() where the in-kernel scan may run (as scan() decides), else None:
     the /proc scan reads each process's link."""
-    if os.environ.get(ENV, "") == "proc" or unavailable(roots) is not None:
+    if os.environ.get(ENV, "") == "proc":
         return None
     try:
-        return mount_namespaces()
+        return mount_namespaces(pin_dir=_pins(roots))
     except Unavailable as exc:
         log.debug("scan: mount namespaces from /proc, not BPF iterators: %s", exc)
         return None
@@ -338,9 +358,7 @@ def scan_processes_kernel(
     skip_pids: frozenset[int] = frozenset(),
 ) -> ProcessScan:
     """procfs.scan_processes's findings, by the BPF iterators. Raises Unavailable."""
-    why = unavailable(roots)
-    if why is not None:
-        raise Unavailable(why)
+    pin_dir = _pins(roots)
     devs: dict[int, int] = {}
     for d in fs_devnums:
         devs[_kdev(d)] = devs.get(_kdev(d), 0) | _DEV_FS
@@ -351,7 +369,8 @@ def scan_processes_kernel(
     blk = {d for k, d in nodes if k == "block"}
     chrs = {d for k, d in nodes if k == "char"}
     data = read_records(devs, programs=PROGRAMS if fs_devnums else ("scan_files",
-                                                                   "scan_maps"))
+                                                                   "scan_maps"),
+                        pin_dir=pin_dir)
     wanted = set(pids) - skip_pids
     # per process: descriptors, working and root directory, whether it maps the device
     fds: dict[int, list[tuple[int, int, int, int, int]]] = {}

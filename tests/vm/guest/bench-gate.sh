@@ -4,11 +4,19 @@
 . "$GUEST_LIB"
 . "$GUEST_DIR/gate-lib.sh"
 hostdev_xml "$IDLE_BUSDEV" >/tmp/idle-hostdev.xml
+# libvirt's own account of each monitor command (sent, reply received; its clock, in ms),
+# set at run time, qemu.conf and libvirtd.conf untouched: what the gate adds to an attach
+# is the difference of device_add's round trips, free of libvirt's other work.
+MONLOG=/var/log/libvirt/safeusb-bench-monitor.log
+virt-admin daemon-log-filters "1:qemu.qemu_monitor_json" >"$OUT/virt-admin.log" 2>&1
+virt-admin daemon-log-outputs "1:file:$MONLOG 3:stderr" >>"$OUT/virt-admin.log" 2>&1
 round() {  # LABEL
     for i in 1 2 3 4 5 6 7; do
         s=$(date +%s.%N)
         virsh attach-device g1 /tmp/idle-hostdev.xml --live >>"$OUT/$1.log" 2>&1 || echo "attach failed" >>"$OUT/$1.log"
-        echo "$1 $(echo "$(date +%s.%N) - $s" | bc)" >>"$OUT/times"
+        e=$(date +%s.%N)
+        echo "$1 $(echo "$e - $s" | bc)" >>"$OUT/times"
+        echo "$1 $s $e" >>"$OUT/spans"
         virsh detach-device g1 /tmp/idle-hostdev.xml --live >>"$OUT/$1.log" 2>&1
         sleep 1
         "$SAFEUSB" release "$IDLE_USB" >>"$OUT/$1.log" 2>&1
@@ -22,3 +30,4 @@ virsh start --paused g1 >>"$OUT/gate.log" 2>&1
 note emulator "$(emulator_of)"
 round gate
 gate_log >>"$OUT/gate.log"
+cp "$MONLOG" "$OUT/monitor.log" 2>/dev/null || true
