@@ -352,6 +352,8 @@ def read_snapshot(
             loop_fs.update(extra)
             members = _closure(members | set(extra), all_blocks)
 
+        if mounts:  # mounted since the probe: its filesystems are looked for too
+            unclaimed = False
         blocks = {n: all_blocks[n] for n in sorted(members)}
         try:
             swap_rows = read_swaps(roots)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from safeusb.host import snapshot
 from safeusb.host.roots import Roots
 from safeusb.host.selector import Selector, resolve
 from safeusb.host.snapshot import read_snapshot
@@ -65,3 +66,16 @@ def test_a_uevent_drops_what_was_kept(tmp_path: Path) -> None:
         assert size() == 32 << 20
     finally:
         run("losetup", "-d", node, check=False)
+
+
+def test_mounted_after_the_probe_is_still_looked_at_whole(
+        loop_ext4: Loop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The claim is probed before the mount tables are read: a filesystem mounted in
+    between shows in them, and then its files and directories are looked for too."""
+    roots = Roots.host()
+    target = resolve(Selector.from_string(loop_ext4.node), roots)
+    with mounted(loop_ext4.node, tmp_path / "m") as mnt, \
+            background(["sleep", "600"], cwd=mnt) as proc:
+        monkeypatch.setattr(snapshot, "_probe_exclusive", lambda roots, names: ())
+        snap = read_snapshot(roots, target)
+        assert ("cwd", str(mnt)) in {(u.how, u.path) for u in snap.uses if u.pid == proc.pid}
