@@ -27,32 +27,35 @@ sys.path.insert(0, str(ROOT))
 from safeusb.lab import harness  # noqa: E402
 from tests.vm import GUEST_DIR  # noqa: E402
 
-_MON = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})\+0000: (\d+): \w+ : "
-                  r"qemuMonitorJSONCommandWithFd:\d+ : (Send command '(.*)' for write|"
-                  r"Receive command reply)")
+_MON = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})\+0000: \d+: \w+ : \w+:\d+ : "
+                  r"QEMU_MONITOR_(SEND_MSG|RECV_REPLY): mon=\S+ (?:msg|reply)=(.*)$")
+_ID = re.compile(r'"id": ?"([^"]+)"')
 
 
 def monitor_round_trips(log: str, spans: str) -> dict[str, tuple[list[float], list[float]]]:
-    """From libvirt's qemu.qemu_monitor_json debug log, per round label (``spans``: label,
-    start and end of each attach, epoch seconds): each attach's usb-host device_add round
-    trip, and the sum of its other commands' round trips, in seconds."""
+    """From libvirt's qemu.qemu_monitor log (its QEMU_MONITOR_SEND_MSG and _RECV_REPLY
+    lines), per round label (``spans``: label, start and end of each attach, epoch
+    seconds): each attach's usb-host device_add round trip, and the sum of its other
+    commands' round trips, in seconds. Commands and replies are paired by QMP id."""
     rounds = [(label, float(a), float(b)) for label, a, b in
               (line.split() for line in spans.splitlines() if line.strip())]
-    sent: dict[str, tuple[float, str]] = {}  # libvirt's thread -> (when, command)
+    sent: dict[str, tuple[float, str]] = {}  # QMP id -> (when, command)
     adds: dict[int, float] = {}
     others: dict[int, float] = {}
     for line in log.splitlines():
         m = _MON.match(line)
-        if not m:
+        ids = _ID.findall(m.group(3)) if m else []
+        if m is None or not ids:
             continue
+        ident = ids[-1]  # the command's own, after any in its arguments
         when = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").replace(
             tzinfo=datetime.UTC).timestamp()
-        if m.group(4) is not None:
-            sent[m.group(2)] = (when, m.group(4))
+        if m.group(2) == "SEND_MSG":
+            sent[ident] = (when, m.group(3))
             continue
-        if m.group(2) not in sent:
+        if ident not in sent:
             continue
-        began, command = sent.pop(m.group(2))
+        began, command = sent.pop(ident)
         for i, (_label, a, b) in enumerate(rounds):
             if a <= began <= b:
                 if '"device_add"' in command and '"usb-host"' in command:
@@ -120,7 +123,7 @@ def main() -> int:
             print(f"    {what[:38]:<38} {statistics.median(secs):>9.3f}  {samples}")
         trips = monitor_round_trips(sc.file("monitor.log"), sc.file("spans"))
         if trips:
-            print("as libvirt timed its monitor commands (sent to reply; its log, in ms):")
+            print("as libvirt timed its monitor commands (sent to reply; its log, to the ms):")
             med: dict[str, float] = {}
             for label, key in (("device_add, without the gate", "direct"),
                                ("device_add, through the gate", "gate")):

@@ -7,8 +7,8 @@ hostdev_xml "$IDLE_BUSDEV" >/tmp/idle-hostdev.xml
 # libvirt's own account of each monitor command (sent, reply received; its clock, in ms),
 # set at run time, qemu.conf and libvirtd.conf untouched: what the gate adds to an attach
 # is the difference of device_add's round trips, free of libvirt's other work.
-MONLOG=/var/log/libvirt/safeusb-bench-monitor.log
-virt-admin daemon-log-filters "1:qemu.qemu_monitor_json" >"$OUT/virt-admin.log" 2>&1
+MONLOG=/run/libvirt/safeusb-bench-monitor.log
+virt-admin daemon-log-filters "1:qemu.qemu_monitor" >"$OUT/virt-admin.log" 2>&1
 virt-admin daemon-log-outputs "1:file:$MONLOG 3:stderr" >>"$OUT/virt-admin.log" 2>&1
 round() {  # LABEL
     for i in 1 2 3 4 5 6 7; do
