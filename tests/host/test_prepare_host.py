@@ -286,10 +286,23 @@ def test_mount_attempts_during_prepare_fail(loop_ext4: Loop, tmp_path: Path) -> 
                     held_from = len(successes) or -1
                 return busy
 
+            # The hold ends where the handoff lets go of it (a loop device stays on the
+            # host): mounts from then on are the racer's right.
+            released = runner.release_holds
+            held_until: int | None = None
+
+            def release_holds():  # type: ignore[no-untyped-def]
+                nonlocal held_until
+                if held_until is None:
+                    held_until = len(successes)
+                released()
+
             runner.hold = hold  # type: ignore[method-assign]
+            runner.release_holds = release_holds  # type: ignore[method-assign]
             outcome = prepare(roots, target, Policy.from_text(UNMOUNT), runner,
                               StateDir(str(tmp_path / "state")))
-            after_hold = len(successes) - max(held_from, 0)
+            ended = len(successes) if held_until is None else held_until
+            after_hold = ended - max(held_from, 0)
             stop.set()
         finally:
             stop.set()
