@@ -106,7 +106,10 @@ def main() -> int:
                 ("safeusbd's prepare", r"prepare .*: done \(handed over\) in (\d+) ms",
                  (res.share / "out" / "safeusbd.log").read_text(errors="replace")),
                 ("  its CPU time (its own thread)",
-                 r"prepare .*: done \(handed over\) in \d+ ms \(CPU (\d+) ms\)",
+                 r"prepare .*: done \(handed over\) in \d+ ms \(CPU (\d+) ms",
+                 (res.share / "out" / "safeusbd.log").read_text(errors="replace")),
+                ("  before it: the caller identified",
+                 r"prepare .*: done \(handed over\) .* identified in (\d+) ms\)",
                  (res.share / "out" / "safeusbd.log").read_text(errors="replace"))):
             ms = [float(m) / 1000 for m in re.findall(pattern, text)]
             if ms:
@@ -114,7 +117,8 @@ def main() -> int:
                 print(f"  {label:<40} {statistics.median(ms):>9.3f}  {samples}")
         # where safeusbd's prepare went: reading the host and deciding, then each step
         parts: dict[str, list[float]] = {}
-        for m in re.finditer(r"prepare .*: done \(handed over\) in \d+ ms \(CPU \d+ ms\): (.*)",
+        done_line = r"prepare .*: done \(handed over\) in \d+ ms \(CPU \d+ ms[^)]*\): (.*)"
+        for m in re.finditer(done_line,
                              (res.share / "out" / "safeusbd.log").read_text(errors="replace")):
             for what, ms in re.findall(r"(.+?) (\d+) ms(?:; |$)", m.group(1)):
                 parts.setdefault(what, []).append(float(ms) / 1000)
