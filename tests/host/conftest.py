@@ -60,6 +60,19 @@ def _attach(image: Path) -> str:
     return run("losetup", "--find", "--show", str(image)).stdout.strip()
 
 
+@contextlib.contextmanager
+def blank_loop(image: Path, size: int) -> Iterator[str]:
+    """A loop device on a new sparse file of ``size`` bytes, detached afterwards."""
+    require_root()
+    with open(image, "wb") as f:
+        f.truncate(size)
+    node = _attach(image)
+    try:
+        yield node
+    finally:
+        run("losetup", "-d", node, check=False)
+
+
 @pytest.fixture
 def loop_ext4(tmp_path: Path) -> Iterator[Loop]:
     require_root()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_root
-from tests.host.conftest import Loop, background, mounted, run, wait_for
+from tests.host.conftest import Loop, background, blank_loop, mounted, run, wait_for
 
 pytestmark = pytest.mark.host
 
@@ -52,12 +52,7 @@ def test_mounted_only_in_private_namespace(inspect, loop_ext4: Loop, tmp_path: P
 
 
 def test_swap_on_loop_device(inspect, tmp_path: Path) -> None:
-    require_root()
-    image = tmp_path / "swap.img"
-    with open(image, "wb") as f:
-        f.truncate(32 * 1024 * 1024)
-    node = run("losetup", "--find", "--show", str(image)).stdout.strip()
-    try:
+    with blank_loop(tmp_path / "swap.img", 32 * 1024 * 1024) as node:
         run("mkswap", node)
         run("swapon", node)
         try:
@@ -68,8 +63,6 @@ def test_swap_on_loop_device(inspect, tmp_path: Path) -> None:
             assert "active swap" in inspect(node).stdout
         finally:
             run("swapoff", node)
-    finally:
-        run("losetup", "-d", node, check=False)
 
 
 def test_process_holding_the_node(inspect, loop_ext4: Loop) -> None:

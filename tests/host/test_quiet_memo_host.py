@@ -14,8 +14,7 @@ from safeusb.host import snapshot
 from safeusb.host.roots import Roots
 from safeusb.host.selector import Selector, resolve
 from safeusb.host.snapshot import read_snapshot
-from tests.conftest import require_root
-from tests.host.conftest import Loop, background, mounted, run
+from tests.host.conftest import Loop, background, blank_loop, mounted, run
 
 pytestmark = pytest.mark.host
 
@@ -44,12 +43,8 @@ def test_kept_between_snapshots_yet_every_use_is_seen(loop_ext4: Loop, tmp_path:
 
 
 def test_a_uevent_drops_what_was_kept(tmp_path: Path) -> None:
-    require_root()
     image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(16 * 1024 * 1024)
-    node = run("losetup", "--find", "--show", str(image)).stdout.strip()
-    try:
+    with blank_loop(image, 16 << 20) as node:
         roots = Roots.host()
         target = resolve(Selector.from_string(node), roots)
         name = os.path.basename(node)
@@ -64,8 +59,6 @@ def test_a_uevent_drops_what_was_kept(tmp_path: Path) -> None:
         assert _kept(roots, target.syspath)
         run("losetup", "--set-capacity", node)  # the kernel tells: a change uevent
         assert size() == 32 << 20
-    finally:
-        run("losetup", "-d", node, check=False)
 
 
 def test_mounted_after_the_probe_is_still_looked_at_whole(
