@@ -6,8 +6,7 @@ import errno
 import os
 import stat
 import threading
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING
 
 from safeusb.host import recording, sysfs
 from safeusb.host.bpfscan import namespaces_of
@@ -39,8 +38,6 @@ from safeusb.host.usb_classes import read_classes
 
 if TYPE_CHECKING:
     from safeusb.host.netinfo import NetMatch
-
-T = TypeVar("T")
 
 
 def _under(path: str, directory: str) -> bool:
@@ -264,31 +261,6 @@ class _Ahead:
             self.shared.discard()
 
 
-class _Beside(Generic[T]):
-    """A read in a thread of its own, beside the rest: its system calls wait outside the
-    interpreter's lock (the mode-switch database's files lie on the root filesystem, which
-    can be slow to stat: network roots, a disk woken up)."""
-
-    def __init__(self, read: Callable[[], T]) -> None:
-        self._read = read
-        self._value: T | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="safeusb-beside", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._value = self._read()
-        except BaseException as exc:  # raised again in the reader's thread
-            self._error = exc
-
-    def result(self) -> T:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value  # type: ignore[return-value]
-
-
 def _read_device(roots: Roots, target: Target
                  ) -> tuple[sysfs.DeviceDirs, dict[str, BlockDevice]]:
     return sysfs.walk_device(target.syspath), _read_all_blocks(roots)  # never changed after
@@ -332,11 +304,6 @@ def read_snapshot(
     and ``skip_pids`` (the command that asked safeusbd), are not counted as users. Open
     files, mappings and mount namespaces are found by BPF iterators where they can run
     (bpfscan.py), else through /proc; ``kernel_scan=False`` reads /proc only."""
-    db = None
-    if target.usb is not None and roots.live:  # a mode switch is told for USB devices
-        from safeusb.host.modeswitch import switch_db  # noqa: PLC0415
-
-        db = _Beside(lambda: switch_db(roots))
     walked, all_blocks, members, exclusive = _device(roots, target, kept=True)
     nodes = walked.nodes
     names = _Names(roots, all_blocks)
@@ -407,8 +374,7 @@ def read_snapshot(
         dirty = _read_dirty(roots, bdis)
         if set(blocks) != members_probed:  # grown by loop devices backed on it
             exclusive = _probe_exclusive(roots, list(blocks))
-        classes = read_classes(roots, target, pids, namespaces, net_match, walked.net,
-                               db.result if db else None)
+        classes = read_classes(roots, target, pids, namespaces, net_match, walked.net)
         slack = sysfs.writeback_counter_slack(roots)
 
         node_keys = _node_keys(nodes, members, all_blocks)

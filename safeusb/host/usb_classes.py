@@ -3,10 +3,10 @@ names of character device nodes (serial ports, modems, cameras, sound, HID)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from safeusb.host.model import ClassSnapshot, MountNamespace, Node, SwitchDb, Target
+from safeusb.host.model import ClassSnapshot, MountNamespace, Node, Target
 from safeusb.host.roots import Roots
 
 if TYPE_CHECKING:  # each class's module is imported where it is used: start-up stays short
@@ -21,12 +21,10 @@ def read_classes(
     namespaces: Iterable[MountNamespace],
     net_match: NetMatch | None = None,
     net_dirs: Sequence[str] | None = None,
-    switch_db_read: Callable[[], SwitchDb | None] | None = None,
 ) -> ClassSnapshot:
     """Read, once, what the per-class decisions need. ``net_match`` replaces the
     device-to-interface mapping (tests name veth pairs with it); ``net_dirs`` are the
-    device's "net" directories when a walk of it found them already; ``switch_db_read``
-    gives the mode-switch database when it was read already (beside the rest)."""
+    device's "net" directories when a walk of it found them already."""
     from safeusb.host.inputdev import read_inputs  # noqa: PLC0415
     from safeusb.host.modeswitch import switch_db  # noqa: PLC0415
     from safeusb.host.netinfo import device_match, read_network  # noqa: PLC0415
@@ -36,9 +34,7 @@ def read_classes(
                                  net_dirs)
     net = read_network(roots, pids, namespaces, net_match)
     inputs = read_inputs(roots, target.syspath)
-    db = None
-    if target.usb is not None and roots.live:
-        db = switch_db_read() if switch_db_read is not None else switch_db(roots)
+    db = switch_db(roots) if target.usb is not None and roots.live else None
     return ClassSnapshot(net, inputs, db)
 
 

@@ -38,6 +38,7 @@ from safeusb.values import frozen
 
 if TYPE_CHECKING:
     from safeusb.host.guard import Refusal
+    from safeusb.host.model import Target
 
 log = logging.getLogger("safeusb")
 
@@ -108,7 +109,10 @@ class DeviceActions(Protocol):
     def release(self, args: DeviceArgs, only_domain: str | None) -> Done: ...
 
 
-def usb_at(roots: Roots, bus: int, addr: int) -> Any:
+HUB_CLASS = 0x09  # USB hubs: nothing of theirs is handed over
+
+
+def usb_at(roots: Roots, bus: int, addr: int) -> Target:
     """The USB device at a bus and address, read once and kept while no uevent comes (a
     device plugged, unplugged, bound or unbound is one: Roots.read_quietly)."""
     from safeusb.host.selector import Selector, resolve  # noqa: PLC0415
@@ -134,9 +138,6 @@ def keep_devices(roots: Roots) -> None:
             continue  # gone meanwhile
         if target.usb is not None and target.usb.device_class != HUB_CLASS:
             keep_device(roots, target)
-
-
-HUB_CLASS = 0x09
 
 
 class HostActions:
