@@ -269,16 +269,19 @@ def _read_device(roots: Roots, target: Target
 def keep_device(roots: Roots, target: Target
                 ) -> tuple[tuple[sysfs.DeviceDirs, dict[str, BlockDevice]], bool]:
     """The device's walk and every block device, as kept in ``roots`` while no uevent
-    comes (read now if they were not); and whether they were kept. safeusbd reads them
+    comes (read now if they were not); and whether both were kept. safeusbd reads them
     ahead of any request once the uevents settle, so that a decision finds them."""
-    return roots.read_quietly(("device", target.syspath), lambda: _read_device(roots, target))
+    walked, walk_kept = roots.read_quietly(("walk", target.syspath),
+                                           lambda: sysfs.walk_device(target.syspath))
+    blocks, blocks_kept = roots.read_quietly(("blocks",), lambda: _read_all_blocks(roots))
+    return (walked, blocks), walk_kept and blocks_kept
 
 
 def _device(roots: Roots, target: Target, kept: bool
             ) -> tuple[sysfs.DeviceDirs, dict[str, BlockDevice], set[str], tuple[str, ...]]:
     """The device's walk, every block device, the device's own (with partitions and
     holders) and which of those are claimed exclusively. The walk and the block devices
-    are kept between reads while no uevent comes (Roots.read_quietly); a claimed device is
+    are kept between reads while no uevent comes (keep_device); a claimed device is
     read afresh (a holder's link, a loop device's setup can change without a uevent)."""
     if kept:
         (walked, all_blocks), was_kept = keep_device(roots, target)
