@@ -422,11 +422,14 @@ class Runner:
         return busy
 
     def release_holds(self) -> None:
-        for path, fd in sorted(self.held.items()):
+        held, self.held = self.held, {}
+        self._let_go(held)
+
+    def _let_go(self, held: dict[str, int]) -> None:
+        for path, fd in sorted(held.items()):
             if fd >= 0:
                 os.close(fd)
             self._log(f"let go of {path}")
-        self.held.clear()
 
     def handoff(self, holds: Sequence[str], interfaces: Sequence[tuple[str, str]]) -> None:
         busy = self.hold(holds)
@@ -455,14 +458,8 @@ class Runner:
         of each is the rest of the kernel's teardown of its disk (tens of milliseconds
         under emulation), and nothing waits on it (nothing can open them any more)."""
         held, self.held = self.held, {}
-
-        def close() -> None:
-            for path, fd in sorted(held.items()):
-                if fd >= 0:
-                    os.close(fd)
-                self._log(f"let go of {path}")
-
-        threading.Thread(target=close, name="safeusb-let-go").start()  # waited for at exit
+        threading.Thread(target=self._let_go, args=(held,),
+                         name="safeusb-let-go").start()  # waited for at exit
 
     def _guard_handed_over(self, ports: set[str]) -> None:
         from safeusb.host.guard import GuardError, mark_handed_over  # noqa: PLC0415

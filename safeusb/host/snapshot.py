@@ -261,11 +261,6 @@ class _Ahead:
             self.shared.discard()
 
 
-def _read_device(roots: Roots, target: Target
-                 ) -> tuple[sysfs.DeviceDirs, dict[str, BlockDevice]]:
-    return sysfs.walk_device(target.syspath), _read_all_blocks(roots)  # never changed after
-
-
 def keep_device(roots: Roots, target: Target
                 ) -> tuple[tuple[sysfs.DeviceDirs, dict[str, BlockDevice]], bool]:
     """The device's walk and every block device, as kept in ``roots`` while no uevent
@@ -286,7 +281,8 @@ def _device(roots: Roots, target: Target, kept: bool
     if kept:
         (walked, all_blocks), was_kept = keep_device(roots, target)
     else:
-        (walked, all_blocks), was_kept = _read_device(roots, target), False
+        walked, all_blocks = sysfs.walk_device(target.syspath), _read_all_blocks(roots)
+        was_kept = False
     start = {os.path.basename(n.devname) for n in walked.nodes if n.kind == "block"}
     if target.block:
         start.add(target.block)
@@ -310,7 +306,6 @@ def read_snapshot(
     walked, all_blocks, members, exclusive = _device(roots, target, kept=True)
     nodes = walked.nodes
     names = _Names(roots, all_blocks)
-    members_probed = set(members)
     # Every filesystem on a block device claims it exclusively, as dm, md, swap
     # and btrfs do, and a directory, a file or a mapping is on the device only through a
     # filesystem on it. Where none of its block devices is claimed, only its nodes can be
@@ -375,7 +370,7 @@ def read_snapshot(
         # What does not wait for the processes is read while the scan ahead runs.
         bdis = sorted({_bdi_of(b, all_blocks) for b in blocks.values()})
         dirty = _read_dirty(roots, bdis)
-        if set(blocks) != members_probed:  # grown by loop devices backed on it
+        if loop_fs:  # grown by loop devices backed on it: probed again
             exclusive = _probe_exclusive(roots, list(blocks))
         classes = read_classes(roots, target, pids, namespaces, net_match, walked.net)
         slack = sysfs.writeback_counter_slack(roots)
