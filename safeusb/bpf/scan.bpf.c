@@ -24,6 +24,7 @@
 #undef bpf_iter_task_vma
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
 
 /* The open-coded mapping iterator (kfuncs of Linux >= 6.7). On older kernels the object
  * is loaded again without the programs that call them (bpfscan.py), and scan_maps walks
@@ -238,6 +239,98 @@ int scan_maps(struct bpf_iter__task_vma *ctx)
 	return 0;
 }
 
+/* What a process maps, kept from one scan to the next (the open-coded walk only): a
+ * process whose mappings have not changed since they were last walked, and which then
+ * mapped nothing on the filesystems and nodes now looked for, is not walked again.
+ *
+ * Whether they changed is told by the mm's mm_lock_seq (Linux >= 6.4, CONFIG_PER_VMA_LOCK,
+ * which x86 and arm64 select): every change to a process's mappings is made under its
+ * mmap write lock, and the sequence moves on at every write unlock (an int up to 6.12; a
+ * seqcount from 6.13, odd while a writer holds the lock). The kernel's own lock-free
+ * readers (per-mapping locks, speculative lookups) rely on the same. A summary is kept
+ * only for a walk during which the sequence stood, and used only for the same process
+ * (pid, start time), the same program image (exec count: every exec brings a new mm) and
+ * the same mm at the same sequence; anything else, and the process is walked. */
+struct mm_struct___seqcount {
+	seqcount_t mm_lock_seq;
+} __attribute__((preserve_access_index));
+
+struct mm_struct___int {
+	int mm_lock_seq;
+} __attribute__((preserve_access_index));
+
+/* The sequence of the mm's write lock; 0 where the kernel has none, or a writer holds it
+ * (a seqcount that is odd): then nothing is kept or trusted. */
+static __always_inline int lock_seq(struct mm_struct *mm, __u32 *seq)
+{
+	if (bpf_core_field_exists(struct mm_struct___seqcount, mm_lock_seq)) {
+		*seq = BPF_CORE_READ((struct mm_struct___seqcount *)mm, mm_lock_seq.sequence);
+		return !(*seq & 1);
+	}
+	if (bpf_core_field_exists(struct mm_struct___int, mm_lock_seq)) {
+		*seq = BPF_CORE_READ((struct mm_struct___int *)mm, mm_lock_seq);
+		return 1;
+	}
+	return 0;
+}
+
+#define MAPS_BLOCK 1	/* the process maps a block device node */
+#define MAPS_CHAR 2	/* ... a character device node */
+
+struct mm_seen {
+	__u64 mm;	/* the mm walked (its address, compared only) */
+	__u64 start;	/* the process's start time */
+	__u64 exec;	/* its exec count */
+	__u64 fs;	/* the filesystems of its file mappings: bit (s_dev hash) set for each */
+	__u32 seq;	/* mm_lock_seq during the walk */
+	__u32 nodes;	/* MAPS_ bits */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 32768);
+	__type(key, __u32);	/* tgid */
+	__type(value, struct mm_seen);
+} seen SEC(".maps");
+
+/* What is looked for, in the summaries' terms; user space sets it with devs. */
+struct want {
+	__u64 fs;	/* the bits of the filesystems with DEV_FS */
+	__u32 nodes;	/* MAPS_BLOCK where there are block nodes, MAPS_CHAR char nodes */
+	__u32 set;	/* 1 once set: until then every process is walked */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct want);
+} wants SEC(".maps");
+
+/* The bit of a filesystem in a summary (bpfscan.py computes the same). */
+static __always_inline __u64 fs_bit(__u32 dev)
+{
+	return 1ULL << ((__u32)(dev * 2654435761U) >> 26);
+}
+
+/* Whether the process's mappings, as last walked, are known to hold nothing looked for. */
+static __always_inline int known_clear(struct task_struct *task, struct mm_struct *mm)
+{
+	__u32 tgid = task->tgid, zero = 0, seq;
+	struct mm_seen *s = bpf_map_lookup_elem(&seen, &tgid);
+	struct want *w;
+
+	if (!s || !lock_seq(mm, &seq))
+		return 0;
+	if (s->seq != seq || s->mm != (__u64)mm || s->start != task->start_time
+	    || s->exec != task->self_exec_id || task->mm != mm)
+		return 0;
+	w = bpf_map_lookup_elem(&wants, &zero);
+	if (!w || w->set != 1)
+		return 0;
+	return !(s->fs & w->fs) && !(s->nodes & w->nodes);
+}
+
 /* The same, walked per process by the open-coded iterator: two programs, each for half of
  * the processes (by the parity of the pid), read side by side on two CPUs. The iterator
  * only tries the mm's lock; a process whose mappings it could not walk is written out as
@@ -247,14 +340,33 @@ static __always_inline int maps_of(struct bpf_iter__task *ctx, __u32 half)
 	struct task_struct *task = ctx->task;
 	struct bpf_iter_task_vma it;
 	struct vm_area_struct *vma;
+	struct mm_struct *mm;
 	struct inode *inode;
 	struct scan_rec r = {};
-	int err;
+	struct mm_seen s = {};
+	__u32 seq_before = 0, seq_after = 0;
+	int err, keep;
 
-	if (!task || !leader(task) || (task->tgid & 1) != half || !task->mm)
+	if (!task || !leader(task) || (task->tgid & 1) != half)
 		return 0;
+	mm = task->mm;
+	if (!mm || known_clear(task, mm))
+		return 0;
+	keep = lock_seq(mm, &seq_before);
 	err = bpf_iter_task_vma_new(&it, task, 0);
 	while (!err && (vma = bpf_iter_task_vma_next(&it))) {
+		struct file *file = vma->vm_file;
+		__u32 mode;
+
+		if (!file)
+			continue;
+		inode = file->f_inode;
+		s.fs |= fs_bit(inode->i_sb->s_dev);
+		mode = inode->i_mode & S_IFMT;
+		if (mode == S_IFBLK)
+			s.nodes |= MAPS_BLOCK;
+		else if (mode == S_IFCHR)
+			s.nodes |= MAPS_CHAR;
 		inode = mapped(vma);
 		if (inode)
 			emit(ctx->meta->seq, REC_MMAP, task->tgid, -1, inode, vma->vm_start, 0);
@@ -265,6 +377,18 @@ static __always_inline int maps_of(struct bpf_iter__task *ctx, __u32 half)
 		r.tgid = task->tgid;
 		r.fd = -1;
 		bpf_seq_write(ctx->meta->seq, &r, sizeof(r));
+		return 0;
+	}
+	/* Kept only when the walk was whole and nothing changed the mappings meanwhile. */
+	if (!err && keep && lock_seq(mm, &seq_after) && seq_after == seq_before
+	    && task->mm == mm) {
+		__u32 tgid = task->tgid;
+
+		s.mm = (__u64)mm;
+		s.start = task->start_time;
+		s.exec = task->self_exec_id;
+		s.seq = seq_before;
+		bpf_map_update_elem(&seen, &tgid, &s, BPF_ANY);
 	}
 	return 0;
 }

@@ -45,6 +45,9 @@ PROGRAMS = ("scan_dirs", "scan_files", "scan_maps")  # read for a device's uses
 # scan_maps in two halves, side by side (Linux >= 6.7), where they loaded
 HALVES = ("scan_maps_even", "scan_maps_odd")
 NS_PROGRAM = "scan_ns"  # every process's mount namespace
+# what is looked for: device numbers (devs), and in the terms of the halves' summaries of
+# what each process maps (wants)
+MAPS = ("devs", "wants")
 ENV = "SAFEUSB_SCAN"
 PIN_ROOT = "/sys/fs/bpf"
 PIN_PREFIX = "safeusb-scan-"
@@ -54,6 +57,8 @@ _REC = struct.Struct("<IIiIIIIIQQ")
 _FD, _CWD, _ROOT, _MMAP, _MNTNS, _MAPS_UNREAD = 1, 2, 3, 4, 5, 6
 _REC_STAT = 1
 _DEV_FS, _DEV_BLOCK, _DEV_CHAR = 1, 2, 4
+_MAPS_BLOCK, _MAPS_CHAR = 1, 2
+_WANT = struct.Struct("<QII")  # struct want: fs bits, MAPS_ bits, set
 _KIND: dict[int, UseKind] = {_CWD: "cwd", _ROOT: "root"}
 
 
@@ -68,6 +73,25 @@ def _kdev(d: DevNum) -> int:
 
 def _from_kdev(v: int) -> DevNum:
     return v >> 20, v & 0xFFFFF
+
+
+def _fs_bit(kdev: int) -> int:
+    """A filesystem's bit in the halves' summaries (fs_bit() in scan.bpf.c)."""
+    return 1 << (((kdev * 2654435761) & 0xFFFFFFFF) >> 26)
+
+
+def _want(devs: dict[int, int]) -> bytes:
+    """struct want for the device numbers: what a process's summary must show for its
+    mappings to be walked again."""
+    fs = nodes = 0
+    for dev, bits in devs.items():
+        if bits & _DEV_FS:
+            fs |= _fs_bit(dev)
+        if bits & _DEV_BLOCK:
+            nodes |= _MAPS_BLOCK
+        if bits & _DEV_CHAR:
+            nodes |= _MAPS_CHAR
+    return _WANT.pack(fs, nodes, 1)
 
 
 def unavailable(roots: Roots) -> str | None:
@@ -127,10 +151,11 @@ def _load(obj_path: str, pin_dir: str) -> None:
             raise Unavailable(str(libbpf().err(
                 "the kernel refused the iterator programs (BPF iterators need Linux >= 5.12 "
                 "with BTF)", rc)))
-        rc = lib.bpf_map__pin(lib.bpf_object__find_map_by_name(obj, b"devs"),
-                              f"{tmp}/devs".encode())
-        if rc:
-            raise Unavailable(str(libbpf().err("cannot pin the scan's device map", rc)))
+        for name in MAPS:
+            rc = lib.bpf_map__pin(lib.bpf_object__find_map_by_name(obj, name.encode()),
+                                  f"{tmp}/{name}".encode())
+            if rc:
+                raise Unavailable(str(libbpf().err(f"cannot pin the scan's map {name}", rc)))
         for name in programs:
             prog = lib.bpf_object__find_program_by_name(obj, name.encode())
             link = lib.bpf_program__attach_iter(prog, None) if prog else None
@@ -252,11 +277,12 @@ def read_records(devs: dict[int, int], obj_path: str = OBJECT,
         raise Unavailable(str(exc)) from None
     try:
         fcntl.flock(dfd, fcntl.LOCK_EX)
-        mfd = lib.bpf_obj_get(f"{pin_dir}/devs".encode())
-        if mfd < 0:
-            why = str(libbpf().err(f"cannot open {pin_dir}/devs", mfd))
-            _remove(pin_dir)  # broken: the next scan loads it again
-            raise Unavailable(why)
+        mfd = _map(pin_dir, "devs")
+        try:
+            wfd = _map(pin_dir, "wants")
+        except Unavailable:
+            os.close(mfd)
+            raise
         try:
             key, nxt = ctypes.c_uint32(0), ctypes.c_uint32(0)
             while lib.bpf_map_get_next_key(mfd, None, ctypes.byref(nxt)) == 0:
@@ -266,11 +292,25 @@ def read_records(devs: dict[int, int], obj_path: str = OBJECT,
                 key, val = ctypes.c_uint32(dev), ctypes.c_uint32(bits)
                 if lib.bpf_map_update_elem(mfd, ctypes.byref(key), ctypes.byref(val), 0):
                     raise Unavailable(str(libbpf().err("cannot fill the scan's device map")))
+            want = ctypes.create_string_buffer(_want(devs), _WANT.size)
+            if lib.bpf_map_update_elem(wfd, ctypes.byref(ctypes.c_uint32(0)), want, 0):
+                raise Unavailable(str(libbpf().err("cannot set what the scan looks for")))
             return _run_all(pin_dir, programs)
         finally:
             os.close(mfd)
+            os.close(wfd)
     finally:
         os.close(dfd)  # and the lock with it
+
+
+def _map(pin_dir: str, name: str) -> int:
+    """A descriptor of one of the scan's pinned maps."""
+    fd: int = libbpf().lib.bpf_obj_get(f"{pin_dir}/{name}".encode())
+    if fd < 0:
+        why = str(libbpf().err(f"cannot open {pin_dir}/{name}", fd))
+        _remove(pin_dir)  # broken: the next scan loads it again
+        raise Unavailable(why)
+    return fd
 
 
 def _run_all(pin_dir: str, programs: tuple[str, ...]) -> bytes:

@@ -404,3 +404,66 @@ def test_a_filesystem_the_mounts_add_is_scanned_again(loop_ext4: Loop, tmp_path:
         proc = read_snapshot(roots, target, kernel_scan=False)
         assert [u for u in kernel.uses if u.pid == p.pid] == \
             [u for u in proc.uses if u.pid == p.pid]
+
+
+CHANGES = """
+import mmap, os, sys
+path = sys.argv[1]
+m = None
+print("ready", flush=True)
+for line in sys.stdin:
+    if line.strip() == "map":
+        with open(path, "r+b") as f:
+            m = mmap.mmap(f.fileno(), 0)
+    elif line.strip() == "unmap":
+        m.close()
+    elif line.strip() == "exec":
+        os.execv(sys.executable, [sys.executable, "-c", sys.argv[2], path])
+    print("done", flush=True)
+"""
+
+MAP_AFTER_EXEC = """
+import mmap, sys, time
+with open(sys.argv[1], "r+b") as f:
+    m = mmap.mmap(f.fileno(), 0)
+print("done", flush=True)
+time.sleep(600)
+"""
+
+
+def test_kept_summaries_follow_what_processes_map(loop_ext4: Loop, tmp_path: Path) -> None:
+    """A process walked once is not walked again while its mappings stand (scan.bpf.c's
+    summaries, Linux >= 6.7). A mapping it adds, removes, or a new image (exec) after a
+    scan is found, and gone, on the next scan, as /proc finds it."""
+    if (why := bpfscan.unavailable(Roots.host())) is not None:
+        pytest.skip(f"BPF iterators cannot run here: {why}")
+    dev = _devnum(os.stat(loop_ext4.node).st_rdev)
+    nodes: frozenset[tuple[NodeKind, DevNum]] = frozenset({("block", dev)})
+    fs = frozenset({dev})
+    with mounted(loop_ext4.node, tmp_path / "m") as mnt:
+        target = mnt / "mapped"
+        target.write_bytes(b"m" * 4096)
+        with background([sys.executable, "-c", CHANGES, str(target), MAP_AFTER_EXEC],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE) as p:
+            assert p.stdin is not None and p.stdout is not None
+            assert p.stdout.readline().strip() == b"ready"
+
+            def step(command: str) -> None:
+                assert p.stdin is not None and p.stdout is not None
+                p.stdin.write(command.encode() + b"\n")
+                p.stdin.flush()
+                assert p.stdout.readline().strip() == b"done"
+
+            def mapped() -> bool:
+                kernel, proc = _both([p.pid], nodes, fs)
+                assert differences(kernel, proc) == []
+                return (p.pid, "mmap") in {(u.pid, u.how) for u in kernel.uses}
+
+            # Walked twice with nothing on the device: the second may rest on the first.
+            assert not mapped() and not mapped()
+            step("map")
+            assert mapped() and mapped()
+            step("unmap")
+            assert not mapped() and not mapped()
+            step("exec")
+            assert mapped()
