@@ -112,3 +112,51 @@ def test_a_class_own_equality_keeps_the_dataclass_hash() -> None:
 
     with pytest.raises(TypeError):
         hash(Unhashable("a"))
+
+
+def test_the_constructor_is_the_dataclasses() -> None:
+    """The __init__ compiled at the first instance takes what dataclass's takes, fills
+    what it fills, calls __post_init__, and refuses what it refuses."""
+    def declare(deco: Any) -> type:
+        @deco
+        class Many:
+            a: int
+            b: list[int] = field(default_factory=list)
+            c: str = "c"
+            d: int = field(default=4, init=False)
+            e: list[str] = field(default_factory=lambda: ["e"], init=False)
+            f: int = field(default=6, kw_only=True)
+            g: int = field(kw_only=True, default_factory=lambda: 7)
+            seen: list[str] = field(default_factory=list, compare=False)
+
+            def __post_init__(self) -> None:
+                self.seen.append(f"post {self.a}")
+
+        return Many
+
+    ours, theirs = declare(frozen), declare(dataclass(frozen=True))
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
+        ((1,), {}), ((1, [2]), {}), ((1, [2], "x"), {"f": 9}), ((), {"a": 1, "g": 0}),
+        ((1, [2], "x", 4), {}), ((), {}), ((1,), {"d": 1}), ((1,), {"zz": 1}),
+        ((1,), {"a": 2}), ((1,), {"f": 1, "g": 2, "c": "y", "b": []}),
+    ]
+    for args, kw in calls:
+        try:
+            expected: Any = theirs(*args, **kw)
+        except (TypeError, AttributeError) as exc:
+            with pytest.raises(type(exc)):
+                ours(*args, **kw)
+            continue
+        got = ours(*args, **kw)
+        assert dataclasses.asdict(got) == dataclasses.asdict(expected), (args, kw)
+        assert repr(got).replace(ours.__qualname__, "X") == \
+            repr(expected).replace(theirs.__qualname__, "X")
+    one, two = ours(1), ours(1)
+    assert one.b is not two.b and one.e is not two.e  # a factory per instance
+    assert one.seen == ["post 1"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        one.d = 5
+    with pytest.raises(TypeError):
+        @frozen
+        class WithInitVar:
+            a: dataclasses.InitVar[int]
