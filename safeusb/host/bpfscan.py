@@ -5,7 +5,10 @@ The kernel walks every task's working and root directory, open files and file-ba
 mappings and writes out only those on the device's filesystems (by s_dev) and nodes (by
 i_rdev). The mappings, the longest walk, are read in a thread of their own beside the
 rest; where the kernel has the open-coded mapping iterator (Linux >= 6.7), in two halves
-of the processes, each in its own thread. Here only the matches are looked at: their
+of the processes, each in its own thread, and a process whose mappings have not changed
+since they were last walked, and held nothing looked for, is passed over (the summaries
+scan.bpf.c keeps; _want() says what is looked for in their terms). Here only the matches
+are looked at: their
 names are read from /proc as the /proc scan reads them (the descriptor's link, the cwd
 and root links, the maps of a process that maps the device), so the two give the same
 findings.
