@@ -8,10 +8,9 @@ rest; where the kernel has the open-coded mapping iterator (Linux >= 6.7), in tw
 of the processes, each in its own thread, and a process whose mappings have not changed
 since they were last walked, and held nothing looked for, is passed over (the summaries
 scan.bpf.c keeps; _want() says what is looked for in their terms). Here only the matches
-are looked at: their
-names are read from /proc as the /proc scan reads them (the descriptor's link, the cwd
-and root links, the maps of a process that maps the device), so the two give the same
-findings.
+are looked at: their names are read from /proc as the /proc scan reads them (the
+descriptor's link, the cwd and root links, the maps of a process that maps the device),
+so the two give the same findings.
 
 Used where it can be (root, Linux >= 5.12 with BTF, libbpf1, the object built by
 scripts/build-bpf, the live system, the initial pid namespace); anywhere else, or when
