@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
@@ -421,6 +421,7 @@ class BootResult:
     error: str | None
     timings: dict[str, float]
     payload_sums: dict[str, dict[str, tuple[str, int]]]
+    retried: str | None = None  # why the boot was made again (see run_boot)
 
     @property
     def share(self) -> Path:
@@ -710,9 +711,36 @@ def vng_command(boot: Boot, workdir: Path) -> list[str]:
     ]
 
 
-def run_boot(boot: Boot, scenario_dir: Path, workroot: Path | None = None) -> BootResult:
+#: Seconds from QEMU's start until the guest driver's first mark: a boot takes about 60 (2
+#: cores, TCG), two side by side about twice that. A kernel that has not started the driver
+#: by then has stopped in its own boot (seen: at 1.27 s of uptime, after "Switched to
+#: clocksource hpet"), before anything of safeusb ran.
+READY_WITHIN = 420
+
+
+def run_boot(boot: Boot, scenario_dir: Path, workroot: Path | None = None,
+             ready_within: float = READY_WITHIN) -> BootResult:
     """Build images and payloads, boot, run every scenario (its script from
-    ``scenario_dir``), return once the VM is gone."""
+    ``scenario_dir``), return once the VM is gone. A guest whose kernel never started
+    the driver within ``ready_within`` seconds is killed and booted once more, afresh
+    (``retried`` says so, with the first console's last lines); nothing of a boot that
+    reached the driver is ever made again."""
+    first = _boot_once(boot, scenario_dir, workroot, ready_within)
+    if first.error is None or "driver_start" in first.timings:
+        return first
+    tail = " | ".join(first.console.splitlines()[-3:])
+    why = f"{first.error}; its console ended: {tail}"
+    if os.environ.get("SAFEUSB_VM_KEEP") != "1":
+        shutil.rmtree(first.workdir, ignore_errors=True)
+    else:
+        why += f" (kept in {first.workdir})"
+    print(f"[vm boot {boot.name}] booting again: {why}", file=sys.stderr, flush=True)
+    return replace(_boot_once(boot, scenario_dir, workroot, ready_within),
+                               retried=why)
+
+
+def _boot_once(boot: Boot, scenario_dir: Path, workroot: Path | None,
+               ready_within: float) -> BootResult:
     names = [s.name for s in boot.sticks]
     if len(set(names)) != len(names):
         raise ValueError("stick names must be unique within a boot")
@@ -739,14 +767,23 @@ def run_boot(boot: Boot, scenario_dir: Path, workroot: Path | None = None) -> Bo
                                 start_new_session=True)
         pulls.start()
         plugs.start()
+        rc: int | None = None
         try:
-            rc: int | None = proc.wait(timeout=boot.timeout)
-        except subprocess.TimeoutExpired:
-            _show_blocked_tasks(workdir / "qmp.sock")
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = None
-            error = f"the VM did not finish within {boot.timeout} s"
+            while rc is None:
+                try:
+                    rc = proc.wait(timeout=1)
+                except subprocess.TimeoutExpired:
+                    waited = time.monotonic() - start
+                    if waited > boot.timeout:
+                        error = f"the VM did not finish within {boot.timeout} s"
+                    elif waited > ready_within and not (share / "out" / "timings").exists():
+                        error = f"the guest did not start the driver within {ready_within:.0f} s"
+                    else:
+                        continue
+                    _show_blocked_tasks(workdir / "qmp.sock")
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    break
         finally:
             pulls.stop()
             plugs.stop()
@@ -988,6 +1025,8 @@ class Runner:
                 head += f", nested domain in {t['domain_started'] - t['libvirtd_up']:.1f} s"
             if res.error:
                 head += f" [{res.error}]"
+            if res.retried:
+                head += f" [booted again: {res.retried}]"
             lines.append(head)
             for sc in res.boot.scenarios:
                 a, b = t.get(f"scenario_start:{sc.name}"), t.get(f"scenario_end:{sc.name}")

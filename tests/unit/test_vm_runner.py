@@ -71,3 +71,42 @@ def test_alone_boots_never_share_the_machine(monkeypatch: pytest.MonkeyPatch,
     together = [s for s in overlaps if len(s) > 1]
     assert together, "no two boots ever ran at once"
     assert not [s for s in together if s & {"b2", "b5"}], overlaps
+
+
+def test_a_guest_that_never_started_the_driver_is_booted_again(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Only a kernel that stopped before the driver's first mark is booted again, once;
+    a boot that reached the driver keeps its result, failed or not."""
+    outcomes: list[tuple[str | None, dict[str, float]]] = []
+    calls: list[str] = []
+    made = iter(range(100))
+
+    def fake_once(boot: Boot, scenario_dir: Path, workroot: Path | None,
+                  ready_within: float) -> BootResult:
+        error, timings = outcomes.pop(0)
+        calls.append(boot.name)
+        work = tmp_path / f"w{next(made)}"
+        work.mkdir()
+        (work / "console.log").write_text("[    1.27] Switched to clocksource hpet\n")
+        return BootResult(boot=boot, workdir=work, rc=None, wall_seconds=1.0, error=error,
+                          timings=timings, payload_sums={})
+
+    monkeypatch.setattr(harness, "_boot_once", fake_once)
+    monkeypatch.delenv("SAFEUSB_VM_KEEP", raising=False)
+    boot = Boot(name="b", scenarios=())
+    stuck = "the guest did not start the driver within 420 s"
+    outcomes[:] = [(stuck, {}), (None, {"driver_start": 20.0})]
+    res = harness.run_boot(boot, Path("/scenarios"))
+    assert calls == ["b", "b"] and res.error is None
+    assert res.retried is not None and "clocksource hpet" in res.retried
+    assert not (tmp_path / "w0").exists() and (tmp_path / "w1").exists()
+    # Failed after the driver started: the failure stands, nothing is booted again.
+    calls.clear()
+    outcomes[:] = [("the VM did not finish within 900 s", {"driver_start": 20.0})]
+    res = harness.run_boot(boot, Path("/scenarios"))
+    assert calls == ["b"] and res.error and res.retried is None
+    # Stuck twice: the second result, with its error, is the boot's.
+    calls.clear()
+    outcomes[:] = [(stuck, {}), (stuck, {})]
+    res = harness.run_boot(boot, Path("/scenarios"))
+    assert calls == ["b", "b"] and res.error == stuck and res.retried

@@ -62,3 +62,22 @@ def test_live_attach_of_dirty_mounted_stick_loses_data(vm: BootResult) -> None:
     r.expect(not check.intact,
              "the loss did not reproduce: a live attach of a mounted stick with 4 MiB dirty "
              "left an intact image, so this tier can no longer show loss\n" + check.summary())
+
+
+def test_a_guest_that_does_not_start_the_driver_is_killed_and_booted_again(
+        vm_runner: Runner) -> None:
+    """The harness's guard against a kernel that stops in its own boot: given two seconds
+    to start the driver (a boot takes about sixty), the real VM is killed, booted once
+    more, killed again, and the boot's result says both, long before its timeout."""
+    from safeusb.lab import harness  # noqa: PLC0415
+
+    boot = Boot(name="never-ready", scenarios=())
+    with vm_runner.slot():
+        res = harness.run_boot(boot, vm_runner.scenario_dir, ready_within=2)
+    try:
+        assert res.error == "the guest did not start the driver within 2 s", res.error
+        assert res.retried and "did not start the driver" in res.retried
+        assert "driver_start" not in res.timings
+        assert res.wall_seconds < 60, res.wall_seconds
+    finally:
+        harness.shutil.rmtree(res.workdir, ignore_errors=True)
