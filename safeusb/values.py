@@ -104,6 +104,15 @@ def frozen(cls: type[T]) -> type[T]:
               if f not in fields]
     if any("InitVar" in str(f.type) for f in pseudo):  # ClassVar are the others
         raise TypeError(f"{cls.__qualname__}: InitVar fields are not supported by @frozen")
+    defaulted = ""
+    for f in fields:  # what dataclass refuses when it compiles __init__, refused here too
+        if not f.init or f.kw_only is True:
+            continue
+        if f.default is not dataclasses.MISSING \
+                or f.default_factory is not dataclasses.MISSING:
+            defaulted = f.name
+        elif defaulted:
+            raise TypeError(f"non-default argument {f.name!r} follows default argument")
     attrs: dict[str, Any] = {
         "__values_frozen__": True,
         "__values_fields__": frozenset(f.name for f in fields),

@@ -735,8 +735,8 @@ def run_boot(boot: Boot, scenario_dir: Path, workroot: Path | None = None,
     else:
         why += f" (kept in {first.workdir})"
     print(f"[vm boot {boot.name}] booting again: {why}", file=sys.stderr, flush=True)
-    return replace(_boot_once(boot, scenario_dir, workroot, ready_within),
-                               retried=why)
+    again = _boot_once(boot, scenario_dir, workroot, ready_within)
+    return replace(again, retried=why)
 
 
 def _boot_once(boot: Boot, scenario_dir: Path, workroot: Path | None,

@@ -160,3 +160,16 @@ def test_the_constructor_is_the_dataclasses() -> None:
         @frozen
         class WithInitVar:
             a: dataclasses.InitVar[int]
+    for deco in (frozen, dataclass(frozen=True)):
+        with pytest.raises(TypeError, match="non-default argument 'b' follows default"):
+            @deco
+            class Misordered:
+                a: int = 0
+                b: int  # type: ignore[misc]
+
+        @deco
+        class KeywordAfter:
+            a: int = 0
+            b: int = field(kw_only=True)
+
+        assert KeywordAfter(b=1).b == 1
