@@ -112,19 +112,21 @@ static __always_inline void emit(struct seq_file *seq, __u32 kind, __u32 tgid, _
 }
 
 /* An inode found as a file, working or root directory: on the device? */
+/* An inode on the device: a file on one of its filesystems, or one of its nodes. */
+static __always_inline int on_device(struct inode *inode)
+{
+	__u32 mode = inode->i_mode & S_IFMT;
+
+	return (mode == S_IFBLK && (bits(inode->i_rdev) & DEV_BLOCK))
+	    || (mode == S_IFCHR && (bits(inode->i_rdev) & DEV_CHAR))
+	    || (bits(inode->i_sb->s_dev) & DEV_FS);
+}
+
 static __always_inline __u32 wanted(struct inode *inode)
 {
-	struct super_block *sb = inode->i_sb;
-	__u32 mode = inode->i_mode & S_IFMT;
-	__u32 dev = sb->s_dev;
-
-	if (mode == S_IFBLK && (bits(inode->i_rdev) & DEV_BLOCK))
+	if (on_device(inode))
 		return 1;
-	if (mode == S_IFCHR && (bits(inode->i_rdev) & DEV_CHAR))
-		return 1;
-	if (bits(dev) & DEV_FS)
-		return 1;
-	if (special(sb))
+	if (special(inode->i_sb))
 		return 1 | (REC_STAT << 8);
 	return 0;
 }
@@ -209,18 +211,10 @@ int scan_files(struct bpf_iter__task_file *ctx)
 static __always_inline struct inode *mapped(struct vm_area_struct *vma)
 {
 	struct file *file = vma->vm_file;
-	struct inode *inode;
-	__u32 mode;
 
-	if (!file)
+	if (!file || !on_device(file->f_inode))
 		return NULL;
-	inode = file->f_inode;
-	mode = inode->i_mode & S_IFMT;
-	if (!(bits(inode->i_sb->s_dev) & DEV_FS)
-	    && !(mode == S_IFBLK && (bits(inode->i_rdev) & DEV_BLOCK))
-	    && !(mode == S_IFCHR && (bits(inode->i_rdev) & DEV_CHAR)))
-		return NULL;
-	return inode;
+	return file->f_inode;
 }
 
 SEC("iter/task_vma")
@@ -367,8 +361,7 @@ static __always_inline int maps_of(struct bpf_iter__task *ctx, __u32 half)
 			s.nodes |= MAPS_BLOCK;
 		else if (mode == S_IFCHR)
 			s.nodes |= MAPS_CHAR;
-		inode = mapped(vma);
-		if (inode)
+		if (on_device(inode))
 			emit(ctx->meta->seq, REC_MMAP, task->tgid, -1, inode, vma->vm_start, 0);
 	}
 	bpf_iter_task_vma_destroy(&it);

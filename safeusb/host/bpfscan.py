@@ -279,9 +279,9 @@ def read_records(devs: dict[int, int], obj_path: str = OBJECT,
         raise Unavailable(str(exc)) from None
     try:
         fcntl.flock(dfd, fcntl.LOCK_EX)
-        mfd = _map(pin_dir, "devs")
+        mfd = _pinned(pin_dir, "devs")
         try:
-            wfd = _map(pin_dir, "wants")
+            wfd = _pinned(pin_dir, "wants")
         except Unavailable:
             os.close(mfd)
             raise
@@ -305,8 +305,8 @@ def read_records(devs: dict[int, int], obj_path: str = OBJECT,
         os.close(dfd)  # and the lock with it
 
 
-def _map(pin_dir: str, name: str) -> int:
-    """A descriptor of one of the scan's pinned maps."""
+def _pinned(pin_dir: str, name: str) -> int:
+    """A descriptor of one of the scan's pinned maps or iterator links."""
     fd: int = libbpf().lib.bpf_obj_get(f"{pin_dir}/{name}".encode())
     if fd < 0:
         why = str(libbpf().err(f"cannot open {pin_dir}/{name}", fd))
@@ -351,11 +351,7 @@ def _run_all(pin_dir: str, programs: tuple[str, ...]) -> bytes:
 def _run(pin_dir: str, name: str) -> bytes:
     """Everything one pinned iterator writes out."""
     lib = libbpf().lib
-    lfd = lib.bpf_obj_get(f"{pin_dir}/{name}".encode())
-    if lfd < 0:
-        why = str(libbpf().err(f"cannot open {pin_dir}/{name}", lfd))
-        _remove(pin_dir)  # broken: the next scan loads it again
-        raise Unavailable(why)
+    lfd = _pinned(pin_dir, name)
     try:
         fd = lib.bpf_iter_create(lfd)
     finally:

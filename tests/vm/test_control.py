@@ -67,8 +67,9 @@ def test_live_attach_of_dirty_mounted_stick_loses_data(vm: BootResult) -> None:
 def test_a_guest_that_does_not_start_the_driver_is_killed_and_booted_again(
         vm_runner: Runner) -> None:
     """The harness's guard against a kernel that stops in its own boot: given two seconds
-    to start the driver (a boot takes about sixty), the real VM is killed, booted once
-    more, killed again, and the boot's result says both, long before its timeout."""
+    to start the driver (a guest is ready at about twelve), the real VM is killed, booted
+    once more, killed again, and the boot's result says both: the guard's error, not the
+    boot timeout's."""
     from safeusb.lab import harness  # noqa: PLC0415
 
     boot = Boot(name="never-ready", scenarios=())
@@ -78,6 +79,5 @@ def test_a_guest_that_does_not_start_the_driver_is_killed_and_booted_again(
         assert res.error == "the guest did not start the driver within 2 s", res.error
         assert res.retried and "did not start the driver" in res.retried
         assert "driver_start" not in res.timings
-        assert res.wall_seconds < 60, res.wall_seconds
     finally:
         harness.shutil.rmtree(res.workdir, ignore_errors=True)
