@@ -98,6 +98,10 @@ def _lazy_init(cls: type) -> Any:
 def frozen(cls: type[T]) -> type[T]:
     """``@dataclass(frozen=True)``, with the shared equality, hash, repr, assignment and
     deletion, and an ``__init__`` compiled at the first instance."""
+    if not cls.__doc__:
+        # dataclass would make one of the class's signature, which inspect builds from
+        # object.__init__'s text signature: the most that defining a class costs here.
+        cls.__doc__ = cls.__name__
     cls = dataclasses.dataclass(init=False, eq=False, repr=False)(cls)
     fields = dataclasses.fields(cls)  # type: ignore[arg-type]
     pseudo = [f for f in cls.__dataclass_fields__.values()  # type: ignore[attr-defined]

@@ -269,6 +269,13 @@ class Scenario:
     timeout: int = 300  # a hung scenario only; two boots share the cores (tests/vm/README)
 
 
+#: The VM tier's kernel series: Debian 12's own (linux-image-amd64). A boot may ask for
+#: another series installed beside it (Boot.kernel): setup-vm-tier installs Debian 12's
+#: linux-image-6.12-amd64 too, the series of Debian 13 and RHEL 10.
+STOCK_KERNEL = "6.1"
+KERNEL_PACKAGES = {"6.1": "linux-image-amd64", "6.12": "linux-image-6.12-amd64"}
+
+
 @frozen
 class Boot:
     name: str
@@ -296,6 +303,8 @@ class Boot:
     # races a step of prepare against a program in a window of its own: runs with no
     # other boot beside it (a second VM on the same cores makes the window miss)
     alone: bool = False
+    # the guest's kernel series (find_kernel): Debian 12's unless a boot says why
+    kernel: str = STOCK_KERNEL
 
     def stick(self, name: str) -> Stick:
         for s in self.sticks:
@@ -551,14 +560,20 @@ def _run(argv: Sequence[str], stdin: str | None = None) -> str:
     return proc.stdout
 
 
-def find_kernel() -> Path | None:
-    """Newest Debian kernel image whose modules are installed."""
+def find_kernel(series: str = STOCK_KERNEL, boot: str = "/boot",
+                modules: str = "/lib/modules") -> Path | None:
+    """Newest Debian kernel image of a series ("6.1": 6.1.*, not 6.12.*) whose modules
+    are installed."""
     found = []
-    for k in glob.glob("/boot/vmlinuz-*"):
-        ver = k.removeprefix("/boot/vmlinuz-")
-        if Path(f"/lib/modules/{ver}/kernel").is_dir():
+    for k in glob.glob(f"{glob.escape(boot)}/vmlinuz-{glob.escape(series)}.*"):
+        ver = k.removeprefix(f"{boot}/vmlinuz-")
+        if Path(f"{modules}/{ver}/kernel").is_dir():
             found.append(Path(k))
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def _kernel_package(series: str) -> str:
+    return KERNEL_PACKAGES.get(series, f"linux-image-{series}-amd64")
 
 
 def tool_dirs() -> list[str]:
@@ -590,8 +605,8 @@ def missing_prerequisites() -> list[str]:
     if os.geteuid() != 0:
         missing.append("not running as root (loop devices, mounts)")
     if find_kernel() is None:
-        missing.append("no Debian kernel in /boot with modules in /lib/modules "
-                       "(Debian package linux-image-amd64)")
+        missing.append(f"no Debian {STOCK_KERNEL} kernel in /boot with modules in "
+                       f"/lib/modules (Debian package {_kernel_package(STOCK_KERNEL)})")
     path = tool_path()
     for tool, source in TOOLS.items():
         if shutil.which(tool, path=path) is None:
@@ -685,9 +700,11 @@ def _read_timings(share: Path) -> dict[str, float]:
 
 
 def vng_command(boot: Boot, workdir: Path) -> list[str]:
-    kernel = find_kernel()
+    kernel = find_kernel(boot.kernel)
     if kernel is None:
-        raise VmUnavailable("no Debian kernel in /boot")
+        raise VmUnavailable(f"no Debian {boot.kernel} kernel in /boot with modules in "
+                            f"/lib/modules (Debian package {_kernel_package(boot.kernel)}; "
+                            f"scripts/setup-vm-tier installs it)")
     ports = max(4, len(boot.sticks) + len(boot.devices))
     qemu: list[str] = ["-device", f"qemu-xhci,id=xhci,p2={min(ports, 15)},p3={min(ports, 15)}"]
     for i, s in enumerate(boot.sticks):

@@ -8,6 +8,7 @@ one kind of finding is told apart."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 
 from safeusb.host import bpfscan, procfs
 from safeusb.host.model import DevNum, NodeKind, ProcessUse
+from safeusb.host.parsers import parse_maps_devices
 from safeusb.host.procfs import ProcessScan
 from safeusb.host.roots import Roots
 from tests.host.conftest import Loop, background, held_on_inner_loop, mounted, wait_for
@@ -413,8 +415,8 @@ m = None
 print("ready", flush=True)
 for line in sys.stdin:
     if line.strip() == "map":
-        with open(path, "r+b") as f:
-            m = mmap.mmap(f.fileno(), 0)
+        with open(path, "rb") as f:
+            m = mmap.mmap(f.fileno(), 4096, access=mmap.ACCESS_READ)
     elif line.strip() == "unmap":
         m.close()
     elif line.strip() == "exec":
@@ -424,46 +426,101 @@ for line in sys.stdin:
 
 MAP_AFTER_EXEC = """
 import mmap, sys, time
-with open(sys.argv[1], "r+b") as f:
-    m = mmap.mmap(f.fileno(), 0)
+with open(sys.argv[1], "rb") as f:
+    m = mmap.mmap(f.fileno(), 4096, access=mmap.ACCESS_READ)
 print("done", flush=True)
 time.sleep(600)
 """
 
 
+def _summary_bits(pid: int) -> int:
+    """The filesystem bits of a process's summary (scan.bpf.c: fs_bit), from its maps."""
+    with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
+        devs = parse_maps_devices(f.read())
+    bits = 0
+    for d in devs:
+        bits |= bpfscan._fs_bit(bpfscan._kdev(d))
+    return bits
+
+
+@contextlib.contextmanager
+def _loop_of_its_own(loop: Loop, pid: int) -> Iterator[str]:
+    """``loop``'s image on a loop device whose filesystem bit no filesystem that ``pid``
+    maps has (the summaries are a 64-bit set of hashed device numbers: where the device's
+    bit is already set by, say, the root filesystem's, the summary never lets the process
+    be passed over, and a summary kept too long would go unseen). Further loop devices
+    are attached to the image until one has such a bit."""
+    taken = _summary_bits(pid)
+    extra: list[str] = []
+    node = loop.node
+    try:
+        while bpfscan._fs_bit(bpfscan._kdev(_devnum(os.stat(node).st_rdev))) & taken:
+            assert len(extra) < 64, "no loop device with a bit of its own"
+            node = subprocess.run(["losetup", "--find", "--show", str(loop.image)],
+                                  capture_output=True, text=True,
+                                  check=True).stdout.strip()
+            extra.append(node)
+        yield node
+    finally:
+        for n in extra:
+            subprocess.run(["losetup", "-d", n], check=False)
+
+
+def _follow_changes(p: subprocess.Popen[bytes], nodes: frozenset[tuple[NodeKind, DevNum]],
+                    fs: frozenset[DevNum]) -> None:
+    """Scans between a process's changes: walked twice with nothing of the device (the
+    second rests on the summary of the first), then after it maps, unmaps, and execs
+    into an image that maps, each scan finds what /proc finds."""
+    assert p.stdin is not None and p.stdout is not None
+
+    def step(command: str) -> None:
+        assert p.stdin is not None and p.stdout is not None
+        p.stdin.write(command.encode() + b"\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == b"done"
+
+    def mapped() -> bool:
+        kernel, proc = _both([p.pid], nodes, fs)
+        assert differences(kernel, proc) == []
+        return (p.pid, "mmap") in {(u.pid, u.how) for u in kernel.uses}
+
+    assert not mapped() and not mapped()
+    step("map")
+    assert mapped() and mapped()
+    step("unmap")
+    assert not mapped() and not mapped()
+    step("exec")
+    assert mapped()
+
+
 def test_kept_summaries_follow_what_processes_map(loop_ext4: Loop, tmp_path: Path) -> None:
     """A process walked once is not walked again while its mappings stand (scan.bpf.c's
-    summaries, Linux >= 6.7). A mapping it adds, removes, or a new image (exec) after a
-    scan is found, and gone, on the next scan, as /proc finds it."""
+    summaries, Linux >= 6.7). A mapping of a file on the device's filesystem it adds,
+    removes, or a new image (exec) after a scan is found, and gone, on the next scan, as
+    /proc finds it."""
+    if (why := bpfscan.unavailable(Roots.host())) is not None:
+        pytest.skip(f"BPF iterators cannot run here: {why}")
+    target = tmp_path / "m" / "mapped"
+    with background([sys.executable, "-c", CHANGES, str(target), MAP_AFTER_EXEC],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE) as p:
+        assert p.stdout is not None
+        assert p.stdout.readline().strip() == b"ready"
+        with _loop_of_its_own(loop_ext4, p.pid) as node, \
+                mounted(node, tmp_path / "m"):
+            target.write_bytes(b"m" * 4096)
+            dev = _devnum(os.stat(node).st_rdev)
+            _follow_changes(p, frozenset({("block", dev)}), frozenset({dev}))
+
+
+def test_kept_summaries_follow_what_processes_map_of_a_node(loop_ext4: Loop) -> None:
+    """The same for a mapping of the device's block node, looked for alone (no
+    filesystem): the summary's node bits, not the filesystems', let the process be passed
+    over, then a mapping of the node is found on the next scan."""
     if (why := bpfscan.unavailable(Roots.host())) is not None:
         pytest.skip(f"BPF iterators cannot run here: {why}")
     dev = _devnum(os.stat(loop_ext4.node).st_rdev)
-    nodes: frozenset[tuple[NodeKind, DevNum]] = frozenset({("block", dev)})
-    fs = frozenset({dev})
-    with mounted(loop_ext4.node, tmp_path / "m") as mnt:
-        target = mnt / "mapped"
-        target.write_bytes(b"m" * 4096)
-        with background([sys.executable, "-c", CHANGES, str(target), MAP_AFTER_EXEC],
-                        stdin=subprocess.PIPE, stdout=subprocess.PIPE) as p:
-            assert p.stdin is not None and p.stdout is not None
-            assert p.stdout.readline().strip() == b"ready"
-
-            def step(command: str) -> None:
-                assert p.stdin is not None and p.stdout is not None
-                p.stdin.write(command.encode() + b"\n")
-                p.stdin.flush()
-                assert p.stdout.readline().strip() == b"done"
-
-            def mapped() -> bool:
-                kernel, proc = _both([p.pid], nodes, fs)
-                assert differences(kernel, proc) == []
-                return (p.pid, "mmap") in {(u.pid, u.how) for u in kernel.uses}
-
-            # Walked twice with nothing on the device: the second may rest on the first.
-            assert not mapped() and not mapped()
-            step("map")
-            assert mapped() and mapped()
-            step("unmap")
-            assert not mapped() and not mapped()
-            step("exec")
-            assert mapped()
+    with background([sys.executable, "-c", CHANGES, loop_ext4.node, MAP_AFTER_EXEC],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE) as p:
+        assert p.stdout is not None
+        assert p.stdout.readline().strip() == b"ready"
+        _follow_changes(p, frozenset({("block", dev)}), frozenset())

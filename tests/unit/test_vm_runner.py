@@ -4,6 +4,7 @@ plan runs at once."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -110,3 +111,22 @@ def test_a_guest_that_never_started_the_driver_is_booted_again(
     outcomes[:] = [(stuck, {}), (stuck, {})]
     res = harness.run_boot(boot, Path("/scenarios"))
     assert calls == ["b", "b"] and res.error == stuck and res.retried
+
+
+def test_a_boot_gets_the_newest_kernel_of_its_series_with_modules(tmp_path: Path) -> None:
+    """Debian 12's 6.1 by default, never a 6.12 installed beside it (and the other way
+    round); within a series the newest image whose modules are installed."""
+    boot, modules = tmp_path / "boot", tmp_path / "modules"
+    boot.mkdir()
+    for i, ver in enumerate(("6.1.0-47-amd64", "6.1.0-56-amd64", "6.1.0-60-amd64",
+                             "6.12.117+deb12-amd64")):
+        image = boot / f"vmlinuz-{ver}"
+        image.write_bytes(b"")
+        os.utime(image, (1000 + i, 1000 + i))
+        if ver != "6.1.0-60-amd64":  # an image without its modules is not bootable here
+            (modules / ver / "kernel").mkdir(parents=True)
+    assert harness.find_kernel(boot=str(boot), modules=str(modules)) == \
+        boot / "vmlinuz-6.1.0-56-amd64"
+    assert harness.find_kernel("6.12", str(boot), str(modules)) == \
+        boot / "vmlinuz-6.12.117+deb12-amd64"
+    assert harness.find_kernel("6.6", str(boot), str(modules)) is None
