@@ -507,9 +507,13 @@ def test_kept_summaries_follow_what_processes_map(loop_ext4: Loop, tmp_path: Pat
         assert p.stdout.readline().strip() == b"ready"
         with _loop_of_its_own(loop_ext4, p.pid) as node, \
                 mounted(node, tmp_path / "m"):
-            target.write_bytes(b"m" * 4096)
-            dev = _devnum(os.stat(node).st_rdev)
-            _follow_changes(p, frozenset({("block", dev)}), frozenset({dev}))
+            try:
+                target.write_bytes(b"m" * 4096)
+                dev = _devnum(os.stat(node).st_rdev)
+                _follow_changes(p, frozenset({("block", dev)}), frozenset({dev}))
+            finally:
+                p.kill()  # its mapping would keep the filesystem from being unmounted
+                p.wait()
 
 
 def test_kept_summaries_follow_what_processes_map_of_a_node(loop_ext4: Loop) -> None:
