@@ -111,7 +111,6 @@ static __always_inline void emit(struct seq_file *seq, __u32 kind, __u32 tgid, _
 	bpf_seq_write(seq, &r, sizeof(r));
 }
 
-/* An inode found as a file, working or root directory: on the device? */
 /* An inode on the device: a file on one of its filesystems, or one of its nodes. */
 static __always_inline int on_device(struct inode *inode)
 {
@@ -122,6 +121,8 @@ static __always_inline int on_device(struct inode *inode)
 	    || (bits(inode->i_sb->s_dev) & DEV_FS);
 }
 
+/* An inode found as a file, working or root directory: on the device, or to be stat()ed
+ * from user space (REC_STAT) to tell. */
 static __always_inline __u32 wanted(struct inode *inode)
 {
 	if (on_device(inode))

@@ -24,7 +24,15 @@ from safeusb.host.model import DevNum, NodeKind, ProcessUse
 from safeusb.host.parsers import parse_maps_devices
 from safeusb.host.procfs import ProcessScan
 from safeusb.host.roots import Roots
-from tests.host.conftest import Loop, background, held_on_inner_loop, mounted, wait_for
+from tests.host.conftest import (
+    Loop,
+    _attach,
+    background,
+    held_on_inner_loop,
+    mounted,
+    run,
+    wait_for,
+)
 
 HOLD = """
 import mmap, os, sys, time
@@ -456,14 +464,12 @@ def _loop_of_its_own(loop: Loop, pid: int) -> Iterator[str]:
     try:
         while bpfscan._fs_bit(bpfscan._kdev(_devnum(os.stat(node).st_rdev))) & taken:
             assert len(extra) < 64, "no loop device with a bit of its own"
-            node = subprocess.run(["losetup", "--find", "--show", str(loop.image)],
-                                  capture_output=True, text=True,
-                                  check=True).stdout.strip()
+            node = _attach(loop.image)
             extra.append(node)
         yield node
     finally:
         for n in extra:
-            subprocess.run(["losetup", "-d", n], check=False)
+            run("losetup", "-d", n, check=False)
 
 
 def _follow_changes(p: subprocess.Popen[bytes], nodes: frozenset[tuple[NodeKind, DevNum]],
@@ -471,7 +477,6 @@ def _follow_changes(p: subprocess.Popen[bytes], nodes: frozenset[tuple[NodeKind,
     """Scans between a process's changes: walked twice with nothing of the device (the
     second rests on the summary of the first), then after it maps, unmaps, and execs
     into an image that maps, each scan finds what /proc finds."""
-    assert p.stdin is not None and p.stdout is not None
 
     def step(command: str) -> None:
         assert p.stdin is not None and p.stdout is not None
